@@ -1,0 +1,79 @@
+"""The shared configuration: paper defaults, validation, files plus dotted CLI overrides."""
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from vopd.cli import CliError, parse_dotted_overrides
+from vopd.config import PAPER_HINT, EvalConfig, InspectConfig, TrainConfig, config_to_cli, load_config
+
+
+def test_paper_defaults() -> None:
+    config = TrainConfig(model="m", dataset="d", steps=1)
+    assert config.divergence.alpha == 0.5
+    assert config.divergence.topk == 100 and config.divergence.add_tail
+    assert config.divergence.mode == "full_logits" and config.divergence.is_clip == 2.0
+    assert config.teacher.mode == "ema" and config.teacher.ema_rate == 0.05
+    assert config.views.hint == PAPER_HINT and config.views.draw_box and config.views.upscale == 2.0
+    assert config.views.padding == 0.0
+    assert config.lr == 2e-6 and config.weight_decay == 0.01 and config.grad_clip == 1.0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"divergence": {"alpha": 1.5}},
+        {"divergence": {"topk": -1}},
+        {"teacher": {"mode": "frozen"}},
+        {"rollout": {"num_rollouts": 0}},
+        {"lr": 0},
+        {"unknown_knob": 1},
+        {"divergence": {"alfa": 0.3}},
+        {"views": {"min_crop_side": 100, "max_crop_side": 50}},
+    ],
+)
+def test_invalid_values_are_refused(bad: dict) -> None:
+    with pytest.raises(ValidationError):
+        TrainConfig.model_validate({"model": "m", "dataset": "d", "steps": 1, **bad})
+
+
+def test_steps_or_epochs() -> None:
+    with pytest.raises(ValidationError, match="steps or epochs"):
+        TrainConfig(model="m", dataset="d")
+    with pytest.raises(ValidationError, match="not both"):
+        TrainConfig(model="m", dataset="d", steps=3, epochs=1)
+
+
+def test_file_then_overrides(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model: a\ndataset: b\nsteps: 10\ndivergence:\n  alpha: 0.2\n  topk: 5\n")
+    config = load_config(TrainConfig, path, {"divergence.alpha": 0.9, "teacher.mode": "fixed", "steps": 3})
+    assert config.divergence.alpha == 0.9 and config.divergence.topk == 5
+    assert config.teacher.mode == "fixed" and config.steps == 3
+    json_path = tmp_path / "run.json"
+    json_path.write_text(json.dumps({"model": "a", "dataset": "b", "epochs": 1.5}))
+    assert load_config(TrainConfig, json_path).epochs == 1.5
+    assert load_config(TrainConfig, json_path, {"divergence.is_clip": None}).divergence.is_clip is None
+
+
+def test_cli_override_parsing() -> None:
+    parsed = parse_dotted_overrides(["--divergence.alpha", "0.3", "--lora.enabled=true", "--views.hint", "", "--x"])
+    assert parsed == {"divergence.alpha": 0.3, "lora.enabled": True, "views.hint": "", "x": True}
+    with pytest.raises(CliError):
+        parse_dotted_overrides(["stray"])
+
+
+def test_config_round_trips_through_cli_string() -> None:
+    config = TrainConfig(model="m", dataset="d", steps=4, divergence={"alpha": 0.25})
+    command = config_to_cli(config, "train")
+    assert "--divergence.alpha 0.25" in command and "--steps 4" in command
+    tokens = command.split()[2:]
+    rebuilt = load_config(TrainConfig, None, parse_dotted_overrides(tokens))
+    assert rebuilt == config
+
+
+def test_eval_and_inspect_configs() -> None:
+    assert EvalConfig(model="m", dataset="d").full_view == "student"
+    with pytest.raises(ValidationError, match="x1 > x0"):
+        InspectConfig(model="m", question="q", bbox=(10, 10, 5, 20))
