@@ -1,0 +1,44 @@
+"""Shared test fixtures. Each block is self-contained so engineers can append their own."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+# ---------------------------------------------------------------- offline, single-threaded (vopd.models owner)
+
+_OFFLINE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+}
+# Also at import time: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
+os.environ.update(_OFFLINE_ENVIRONMENT)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_single_thread() -> Iterator[None]:
+    """Two CPU cores are shared by everyone; no test may touch the network."""
+    os.environ.update(_OFFLINE_ENVIRONMENT)
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight 5M Qwen2-VL folder, built once per session (about half a second). Treat it as read-only."""
+    from vopd.models import build_tiny_qwen2vl
+
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-qwen2vl"), size="5m", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight 0.5M LLaVA folder (CLIP tower + Llama), built once per session. Treat it as read-only."""
+    from vopd.models import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)

@@ -1,0 +1,823 @@
+"""Load any image-text-to-text model from a local folder, and build tiny random ones for tests.
+
+Every model-family quirk of the project lives in this module, so that the trainer, the evaluator and the
+inspector can treat Qwen2-VL, LLaVA, Idefics3... alike:
+
+* which sub-module is the vision tower (it is frozen while the language model learns);
+* which special tokens must never be sampled (an untrained model that emits ``<|image_pad|>`` makes the next
+  forward fail with "Image features and image tokens do not match");
+* which processors carry a ``video_processor`` slot that transformers 5 cannot fill without torchvision (we only
+  ever feed images, so we load an image-only subclass instead);
+* how a chat with images becomes a left-padded batch.
+
+Everything loads with ``local_files_only=True``: the project never downloads weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    BatchFeature,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+
+from vopd.config import PAPER_HINT, LoraConfig, RuntimeConfig
+
+__all__ = [
+    "LoadedModel",
+    "ModelLoadError",
+    "apply_lora",
+    "build_tiny_llava",
+    "build_tiny_qwen2vl",
+    "default_tokenizer_corpus",
+    "encode_prompts",
+    "load_model_and_processor",
+    "parameter_count",
+    "register_image_only_processors",
+    "resolve_device",
+    "resolve_dtype",
+    "suppressed_token_ids",
+    "unwrap_model",
+    "vision_tower_parameters",
+]
+
+
+class ModelLoadError(ValueError):
+    """A folder that cannot be loaded as an image-text-to-text model; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything the loops need to sample from it and score it."""
+
+    model: PreTrainedModel  # possibly a peft.PeftModel
+    processor: ProcessorMixin  # has .tokenizer and .image_processor
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+    suppressed_token_ids: list[int]  # never to be sampled (image/video/vision special tokens, unused vocab rows)
+    eos_token_ids: list[int]
+    pad_token_id: int
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn a RuntimeConfig device name into a device, failing early when the accelerator is absent.
+
+    "auto" picks CUDA when present and the CPU otherwise; MPS is only used when asked for, because several
+    vision-tower kernels are still missing there.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU; use device 'auto' or 'cpu'")
+        return torch.device("cuda")
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' was requested but this torch has no usable MPS backend; use 'cpu'")
+        return torch.device("mps")
+    raise ValueError(f"unknown device {name!r}: expected one of auto, cpu, cuda, mps")
+
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU (the paper's setting), float32 elsewhere: CPU half precision is slow and lossy."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected one of auto, float32, bfloat16, float16")
+    return _DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Processors
+
+
+@functools.cache
+def _image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """A subclass of ``processor_class`` without its ``video_processor`` slot.
+
+    transformers 5 loads sub-processors by the names ``get_attributes()`` returns; the video processor of
+    Qwen2/2.5/3-VL needs torchvision, which cannot be installed beside our torch. We never feed videos, so we drop
+    the slot instead of the whole processor (which would otherwise degrade silently to a bare tokenizer).
+    """
+    attributes = [name for name in processor_class.get_attributes() if name != "video_processor"]
+    if len(attributes) == len(processor_class.get_attributes()):
+        return processor_class
+
+    def get_attributes(cls: type) -> list[str]:
+        return list(attributes)
+
+    return type(
+        f"{processor_class.__name__}ImageOnly",
+        (processor_class,),
+        {
+            "get_attributes": classmethod(get_attributes),
+            "__module__": __name__,
+            "__doc__": f"{processor_class.__name__} for images only (no video processor, so no torchvision).",
+        },
+    )
+
+
+_IMAGE_ONLY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+@functools.cache
+def register_image_only_processors() -> None:
+    """Make ``AutoProcessor`` return an image-only processor for the Qwen2/2.5/3-VL families.
+
+    Idempotent (cached). ``load_model_and_processor`` does not depend on it, but anyone else calling
+    ``AutoProcessor.from_pretrained`` on such a folder does: without it they get a bare tokenizer.
+    """
+    for model_type in _IMAGE_ONLY_FAMILIES:
+        try:
+            config_class = CONFIG_MAPPING[model_type]
+            processor_class = PROCESSOR_MAPPING[config_class]
+        except (KeyError, ValueError):  # a transformers release without this family
+            continue
+        AutoProcessor.register(config_class, _image_only_processor_class(processor_class), exist_ok=True)
+
+
+def _load_processor(folder: Path, config: PretrainedConfig) -> ProcessorMixin:
+    """The model family decides the processor class (image-only where needed); AutoProcessor for the rest."""
+    register_image_only_processors()
+    try:
+        processor_class = PROCESSOR_MAPPING[type(config)]
+    except KeyError:
+        processor_class = None
+    try:
+        if processor_class is not None:
+            processor = _image_only_processor_class(processor_class).from_pretrained(folder, local_files_only=True)
+        else:
+            processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelLoadError(f"{folder}: cannot load the processor ({error})") from error
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise ModelLoadError(
+            f"{folder}: the processor loaded as {type(processor).__name__}, which lacks an image processor or a "
+            "tokenizer. The folder needs preprocessor_config.json (or processor_config.json) and tokenizer files "
+            "next to the weights; save them with processor.save_pretrained(folder)."
+        )
+    # Batches are always left-padded: prompts then end at the same column, so rollouts append in lockstep.
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Special tokens
+
+
+# Added tokens whose text names a modality are placeholders or delimiters for pixels, never words.
+_VISION_TOKEN_PATTERN = re.compile(r"image|video|vision|img|audio|<row_\d+_col_\d+>|fake_token", re.IGNORECASE)
+# Processor/tokenizer attributes that name such tokens in one family or another.
+_VISION_TOKEN_ATTRIBUTES = (
+    "image_token",
+    "video_token",
+    "vision_start_token",
+    "vision_end_token",
+    "boi_token",
+    "eoi_token",
+    "fake_image_token",
+    "global_image_token",
+    "image_start_token",
+    "image_end_token",
+)
+_VISION_CONFIG_KEY = re.compile(r"(image|video|vision|boi|eoi|audio).*_token_(id|index)$")
+
+
+def suppressed_token_ids(processor: ProcessorMixin, config: PretrainedConfig) -> list[int]:
+    """Token ids a policy must never sample: image/video/vision specials and embedding rows without a token.
+
+    Three sources, because families spread this knowledge around: the config's ``*_token_id`` fields for
+    modalities, the processor's ``image_token`` style attributes, and the tokenizer's added tokens whose text
+    names a modality. Rows of the embedding past the tokenizer's length (padding to a multiple of 64 or 128 in
+    real checkpoints) decode to nothing and are suppressed too.
+    """
+    tokenizer = processor.tokenizer
+    ids: set[int] = set()
+    for key, value in config.to_dict().items():
+        if _VISION_CONFIG_KEY.match(key) and isinstance(value, int) and value >= 0:
+            ids.add(value)
+    vocabulary = tokenizer.get_vocab()  # built afresh on every call: 150k entries in real checkpoints
+    for owner in (processor, tokenizer):
+        for attribute in _VISION_TOKEN_ATTRIBUTES:
+            token = getattr(owner, attribute, None)
+            if isinstance(token, str) and token in vocabulary:
+                ids.add(vocabulary[token])
+    for token_id, added in tokenizer.added_tokens_decoder.items():
+        if _VISION_TOKEN_PATTERN.search(str(added)):
+            ids.add(int(token_id))
+    vocab_rows = config.get_text_config().vocab_size
+    ids.update(range(len(tokenizer), vocab_rows))
+    return sorted(token_id for token_id in ids if token_id < vocab_rows)
+
+
+def _eos_and_pad(model: PreTrainedModel, tokenizer: Any) -> tuple[list[int], int]:
+    """Every id that ends a turn (chat models stop on ``<|im_end|>`` and on ``<|endoftext|>``) and the pad id."""
+    eos: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config.get_text_config(), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        for token_id in [value] if isinstance(value, int) else (value or []):
+            if token_id not in eos:
+                eos.append(int(token_id))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(int(tokenizer.eos_token_id))
+    if not eos:
+        raise ModelLoadError("the model defines no end-of-sequence token (eos_token_id): generation could not stop")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        generation_pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+        pad = generation_pad if isinstance(generation_pad, int) else eos[0]
+    return eos, int(pad)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vision tower and LoRA
+
+
+# Attribute names under which families keep their vision encoder (Qwen2/2.5/3-VL, LLaVA*, Idefics3/SmolVLM,
+# InternVL, MiniCPM-V...). The shallowest match wins, so a CLIP wrapper's inner `vision_model` is not mistaken.
+_VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder", "image_encoder", "vpm")
+
+
+def unwrap_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model under a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model  # type: ignore[return-value]
+
+
+def _vision_tower_name(model: nn.Module) -> str:
+    candidates = [
+        name
+        for name, _ in unwrap_model(model).named_modules()
+        if name and name.rsplit(".", 1)[-1] in _VISION_TOWER_NAMES
+    ]
+    if not candidates:
+        raise ValueError(
+            f"cannot find the vision tower of {type(unwrap_model(model)).__name__}: none of its sub-modules is "
+            f"named {', '.join(_VISION_TOWER_NAMES)}; add the family's name to vopd.models._VISION_TOWER_NAMES"
+        )
+    return min(candidates, key=lambda name: name.count("."))
+
+
+def vision_tower_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the vision encoder (for Qwen2-VL this includes its patch merger, which lives inside it)."""
+    base = unwrap_model(model)
+    return list(base.get_submodule(_vision_tower_name(base)).parameters())
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, *, include_vision_tower: bool = False) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters on the language model's projections; only the adapters train.
+
+    Target names are matched against the last component of each module name and then passed to peft as full
+    names: CLIP-style vision towers also call their projections ``q_proj``, and the paper trains the language
+    model, so the vision tower is left out unless ``include_vision_tower``.
+    """
+    excluded = "" if include_vision_tower else _vision_tower_name(model) + "."
+    wanted = set(lora.target_modules)
+    targets = sorted(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and name.rsplit(".", 1)[-1] in wanted
+        and not (excluded and name.startswith(excluded))
+    )
+    if not targets:
+        raise ValueError(
+            f"LoRA target_modules {lora.target_modules} match no linear layer of {type(model).__name__}'s "
+            "language model; list its projection names (e.g. q_proj, v_proj)"
+        )
+    peft_config = PeftLoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none"
+    )
+    return get_peft_model(model, peft_config)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check_model_folder(folder: Path) -> None:
+    if not folder.exists():
+        raise ModelLoadError(f"model folder {folder} does not exist (models are loaded from local folders only)")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder} is a file; give the folder that holds config.json and the weights")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"{folder} is not a Hugging Face model folder: config.json is missing. Point to a folder written by "
+            "save_pretrained (vopd.models.build_tiny_qwen2vl writes a tiny one)."
+        )
+
+
+def load_model_and_processor(
+    path: str | Path,
+    runtime: RuntimeConfig | None = None,
+    *,
+    lora: LoraConfig | None = None,
+    freeze_vision_tower: bool = True,
+    trainable: bool = False,
+) -> LoadedModel:
+    """Load a model and its processor from a local folder, ready for sampling (default) or for training.
+
+    ``path`` is either a full model folder or a peft adapter folder (adapter_config.json) whose base model is a
+    local folder; an adapter folder's processor files win over the base's. With ``trainable`` the model is in
+    train mode, the vision tower frozen when ``freeze_vision_tower``, and with an enabled ``lora`` only fresh
+    adapters train (an adapter folder keeps training its own adapter). Without it every parameter is frozen and
+    the model is in eval mode. Generation defaults are set so that a plain ``generate()`` never samples the
+    suppressed tokens and stops on every end-of-turn token.
+    """
+    runtime = runtime or RuntimeConfig()
+    # Absolute, so that name_or_path (which peft writes into saved adapters) stays valid from any directory.
+    folder = Path(path).expanduser().resolve()
+    adapter_folder: Path | None = None
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        adapter_folder = folder
+        base_name = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base_name:
+            raise ModelLoadError(f"{folder}: adapter_config.json names no base_model_name_or_path")
+        folder = Path(base_name).expanduser()
+        if not folder.is_absolute() and not folder.exists():
+            folder = adapter_folder / folder
+        folder = folder.resolve()
+    _check_model_folder(folder)
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{folder}: config.json is not a model config transformers knows ({error})") from error
+    processor_folder = adapter_folder if adapter_folder and _has_processor_files(adapter_folder) else folder
+    processor = _load_processor(processor_folder, config)
+
+    device = resolve_device(runtime.device)
+    dtype = resolve_dtype(runtime.dtype, device)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except ValueError as error:
+        raise ModelLoadError(
+            f"{folder}: a {config.model_type!r} model is not an image-text-to-text model transformers can load "
+            f"with AutoModelForImageTextToText ({error})"
+        ) from error
+    model.to(device)
+
+    suppressed = suppressed_token_ids(processor, model.config)
+    eos_ids, pad_id = _eos_and_pad(model, processor.tokenizer)
+    model.generation_config.suppress_tokens = suppressed or None
+    model.generation_config.eos_token_id = eos_ids
+    model.generation_config.pad_token_id = pad_id
+
+    if adapter_folder is not None:
+        model = PeftModel.from_pretrained(model, adapter_folder, is_trainable=trainable)
+    elif trainable and lora is not None and lora.enabled:
+        model = apply_lora(model, lora, include_vision_tower=not freeze_vision_tower)
+
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    else:
+        model.train()
+        if not isinstance(model, PeftModel):  # peft already froze everything but the adapters
+            model.requires_grad_(True)
+            if freeze_vision_tower:
+                for parameter in vision_tower_parameters(model):
+                    parameter.requires_grad_(False)
+
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        path=adapter_folder or folder,
+        device=device,
+        dtype=dtype,
+        suppressed_token_ids=suppressed,
+        eos_token_ids=eos_ids,
+        pad_token_id=pad_id,
+    )
+
+
+def _has_processor_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def _images_in_order(conversation: Sequence[dict[str, Any]], index: int) -> list[Image.Image]:
+    images: list[Image.Image] = []
+    for message in conversation:
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        for item in content or []:
+            if item.get("type") != "image":
+                continue
+            image = item.get("image")
+            if not isinstance(image, Image.Image):
+                raise TypeError(
+                    f"conversation {index}: an image item must carry a PIL.Image under 'image', got "
+                    f"{type(image).__name__}"
+                )
+            images.append(image)
+    return images
+
+
+def encode_prompts(
+    processor: ProcessorMixin,
+    conversations: list[list[dict[str, Any]]],
+    *,
+    add_generation_prompt: bool = True,
+) -> BatchFeature:
+    """Tokenize a batch of chats with their images into one left-padded model input.
+
+    Returns what the family's forward takes: ``input_ids`` and ``attention_mask`` (B, T), ``pixel_values``, and
+    family extras such as Qwen2-VL's ``image_grid_thw`` (N_images, 3) and ``mm_token_type_ids`` (B, T). Images
+    may differ in size from row to row: each one expands to as many placeholder tokens as its size needs.
+    """
+    if not conversations:
+        raise ValueError("encode_prompts needs at least one conversation")
+    texts: list[str] = []
+    images: list[Image.Image] = []
+    for index, conversation in enumerate(conversations):
+        if not conversation:
+            raise ValueError(f"conversation {index} is empty")
+        images.extend(_images_in_order(conversation, index))
+        texts.append(
+            processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+        )
+    return processor(
+        text=texts,
+        images=images or None,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiny random models for tests and for the offline demo
+
+
+_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray", "cyan")
+_SHAPES = ("circle", "square", "triangle", "star", "rectangle", "diamond", "hexagon", "cross", "ring", "dot")
+_PLACES = ("top left", "top right", "bottom left", "bottom right", "centre", "left", "right", "top", "bottom")
+
+
+def default_tokenizer_corpus() -> Iterator[str]:
+    """A small, deterministic English corpus in the style of the synthetic fine-detail benchmark.
+
+    Colours, shapes, boxes, places, digits, multiple-choice options and "Answer: X" lines, so that the tiny
+    tokenizer's merges cover the words the benchmark and the chat template actually use.
+    """
+    letters = "ABCD"
+    yield PAPER_HINT
+    yield "You are a helpful assistant."
+    yield "Answer with the option's letter from the given choices directly."
+    for round_index, (colour, shape, place) in enumerate(itertools.product(_COLOURS, _SHAPES, _PLACES)):
+        options = [_COLOURS[(_COLOURS.index(colour) + shift * 5) % len(_COLOURS)] for shift in range(4)]
+        answer = letters[round_index % 4]
+        options[round_index % 4], options[0] = options[0], options[round_index % 4]
+        yield f"What colour is the {shape} inside the red box?"
+        yield "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options, strict=True))
+        yield f"Answer: {answer}"
+        yield f"The {colour} {shape} is in the {place} of the image."
+        yield f"Which shape is in the {place} corner of the box? The answer is {answer}."
+        yield f"How many {shape}s are there? There are {round_index % 10} {shape}s, {round_index % 7} {colour} ones."
+        yield f"The box [{round_index % 97}, {round_index % 53}, {round_index % 89 + 10}, {round_index % 61 + 10}]"
+
+
+# Qwen2-VL-Instruct's own chat template: the tiny model speaks the same dialect as the real one.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2-VL's special tokens, in Qwen's order (they follow the ordinary vocabulary there too).
+QWEN2_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# A LLaVA-1.5-style "USER: <image>\n... ASSISTANT:" dialect.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set prefix = '' %}{% else %}"
+    "{% set prefix = message['role'] | upper ~ ': ' %}{% endif %}{{ prefix }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %}{{ '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+LLAVA_SPECIAL_TOKENS = ("</s>", "<pad>", "<image>")
+
+
+def _train_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int,
+    special_tokens: Sequence[str],
+    *,
+    eos_token: str,
+    pad_token: str,
+    chat_template: str,
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on ``corpus`` (deterministic), with the special tokens appended after the merges.
+
+    Byte-level means any text (any language, any symbol) still encodes: unseen words fall back to bytes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(special_tokens) + 1:
+        raise ValueError(f"vocab_size must exceed the 256 byte tokens plus {len(special_tokens)} special tokens")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(special_tokens),
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer=trainer)
+    backend.add_special_tokens(list(special_tokens))  # ids in the given order, right after the merges
+    eos_and_pad = {eos_token, pad_token}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=eos_token,
+        pad_token=pad_token,
+        extra_special_tokens=[token for token in special_tokens if token not in eos_and_pad],
+        chat_template=chat_template,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+    )
+
+
+@dataclass(frozen=True)
+class _TinyQwen2VLShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vision_embed: int
+    vision_depth: int
+    vision_heads: int
+    # Rotary frequencies split over (time, height, width); must sum to head_dim / 2 (Qwen: [16, 24, 24] for 128).
+    mrope_section: tuple[int, int, int] = (8, 12, 12)
+
+
+_QWEN2VL_SIZES: dict[str, _TinyQwen2VLShape] = {
+    "5m": _TinyQwen2VLShape(
+        hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, vision_embed=128, vision_depth=4, vision_heads=4
+    ),
+    "20m": _TinyQwen2VLShape(
+        hidden=512, layers=6, heads=8, kv_heads=4, intermediate=1280, vision_embed=192, vision_depth=4, vision_heads=4
+    ),
+}
+
+# Small pixel budget for tiny models: 224 px -> 64 image tokens, at most 256 tokens (448 x 448 px).
+TINY_MIN_PIXELS = 4 * 28 * 28
+TINY_MAX_PIXELS = 256 * 28 * 28
+
+
+def _seeded_init(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """Initialise under a private RNG state so building a model never shifts the caller's random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config)
+
+
+def build_tiny_qwen2vl(
+    output_dir: str | Path,
+    *,
+    size: Literal["5m", "20m"] = "5m",
+    seed: int = 0,
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 512,
+) -> Path:
+    """Write a random-weight Qwen2-VL (model, tokenizer, image processor, chat template) to ``output_dir``.
+
+    The folder is a standard Hugging Face one: ``load_model_and_processor`` (or AutoModelForImageTextToText plus
+    AutoProcessor after ``register_image_only_processors()``) loads it offline. Same arguments, same files:
+    weights come from ``seed`` and the BPE merges from ``corpus`` only. The model's vocabulary is exactly the
+    tokenizer's (``vocab_size`` is an upper bound a small corpus may not reach). Parameter counts: about 4.6M
+    for "5m" and 20M for "20m".
+    """
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    if size not in _QWEN2VL_SIZES:
+        raise ValueError(f"unknown tiny size {size!r}: expected one of {', '.join(_QWEN2VL_SIZES)}")
+    shape = _QWEN2VL_SIZES[size]
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _train_tokenizer(
+        default_tokenizer_corpus() if corpus is None else corpus,
+        vocab_size,
+        QWEN2_VL_SPECIAL_TOKENS,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    )
+    token_id = tokenizer.convert_tokens_to_ids
+    endoftext, im_end = token_id("<|endoftext|>"), token_id("<|im_end|>")
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": shape.hidden,
+            "intermediate_size": shape.intermediate,
+            "num_hidden_layers": shape.layers,
+            "num_attention_heads": shape.heads,
+            "num_key_value_heads": shape.kv_heads,
+            "max_position_embeddings": 4096,
+            "max_window_layers": shape.layers,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1_000_000.0,
+                "mrope_section": list(shape.mrope_section),
+            },
+            "bos_token_id": endoftext,
+            "eos_token_id": im_end,
+            "pad_token_id": endoftext,
+            "tie_word_embeddings": False,
+        },
+        vision_config={
+            "depth": shape.vision_depth,
+            "embed_dim": shape.vision_embed,
+            "num_heads": shape.vision_heads,
+            "hidden_size": shape.hidden,  # the patch merger's output width = the language model's width
+            "mlp_ratio": 4,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=token_id("<|image_pad|>"),
+        video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    model = _seeded_init(Qwen2VLForConditionalGeneration, config, seed)
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    processor = _image_only_processor_class(Qwen2VLProcessor)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE
+    )
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+def build_tiny_llava(output_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a random-weight LLaVA (CLIP vision tower, Llama text model, 112 px images -> 64 image tokens).
+
+    A second architecture with different conventions (a fixed image size, ``image_token_index``, a separate
+    projector, a CLIP tower whose projections share names with the language model's) that must go through the
+    same loading, prompting, LoRA and generation code as Qwen2-VL.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(
+        default_tokenizer_corpus(),
+        384,
+        LLAVA_SPECIAL_TOKENS,
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    eos, pad = tokenizer.convert_tokens_to_ids("</s>"), tokenizer.convert_tokens_to_ids("<pad>")
+    image_side, patch = 112, 14
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_side,
+            patch_size=patch,
+            projection_dim=64,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_side // patch) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = _seeded_init(LlavaForConditionalGeneration, config, seed)
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
+    image_processor = CLIPImageProcessorPil(
+        size={"height": image_side, "width": image_side},
+        crop_size={"height": image_side, "width": image_side},
+        do_center_crop=False,  # a centre crop would cut evidence boxes near the border out of the image
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+def parameter_count(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen or (trainable_only and not parameter.requires_grad):
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+    return total
