@@ -1,0 +1,569 @@
+"""Per-token divergences between the student's and the teacher's next-token distributions.
+
+Vision-OPD (arXiv 2605.18740) scores every position of the student's own rollout with a divergence between the
+student (full image) and the teacher (crop) distributions. Conventions, following TRL's generalized JSD:
+
+* ``0 < alpha < 1``: with the mixture M = (1 - alpha) S + alpha T,
+  D = (1 - alpha) KL(S || M) + alpha KL(T || M)  (alpha = 0.5 is the symmetric JSD of the paper).
+* ``alpha = 0``: forward KL(T || S); ``alpha = 1``: reverse KL(S || T). These end points are special cases, not
+  limits of the mixture formula (which tends to 0 at both ends), exactly as in TRL.
+* ``topk > 0``: both distributions are compared on the *student's* top-k tokens (chosen without gradient). With
+  ``add_tail`` one more bucket holds the mass outside those k tokens, for each side, so both remain proper
+  distributions over k + 1 buckets (the paper's choice). Without the tail, each side's k gathered log-probs are
+  renormalised over the k entries: otherwise the "distributions" would not sum to one and KL could go negative.
+  ``topk = 0`` or ``topk >= vocab`` means the full vocabulary.
+
+Memory: the logits of a long rollout are [B, T, V] with V up to ~150k, so one fp32 log-softmax copy of them can
+be larger than the model. Every function here walks positions in chunks of ``chunk_size`` rows and works in fp32
+(fp64 for fp64 input) per chunk only. A plain autograd graph through the chunks would still keep each chunk's
+log-softmax output (saved by its backward) alive until ``backward()``, i.e. a full fp32 copy in total. So the
+differentiable entry points run through ``_ChunkedRows``: the forward keeps nothing but the inputs and the top-k
+indices (O(tokens x k)), and the backward recomputes one chunk at a time and writes its gradient straight into the
+logits' gradient. Extra memory is thus the gradient itself (which autograd needs anyway) plus one chunk.
+
+Numerics: entries with zero probability (``-inf`` logits, underflow of near-one-hot rows) contribute 0 to a KL
+(0 log 0 = 0) and are guarded with "safe" substitutions so that no NaN appears in values *or* gradients; the tail
+bucket is the log-sum-exp of the log-probs outside the top-k (exact even when it holds 1e-30 of the mass, where
+``log1p(-exp(logsumexp(top)))`` would round to -inf or to noise); the result is clamped at 0 against rounding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from vopd.config import DivergenceConfig
+
+NEG_INF = float("-inf")
+
+__all__ = [
+    "distillation_loss",
+    "distribution_stats",
+    "gather_token_logprobs",
+    "masked_token_mean",
+    "per_token_details",
+    "sampled_token_loss",
+    "token_divergence",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row chunking without copies
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types (their exp/log lose too much), fp64 kept so gradcheck sees double precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _viewable_rows(tensor: Tensor, depth: int) -> bool:
+    """Whether ``tensor[i0, ..., i_{depth-1}]`` can be seen as [rows, V] without a copy."""
+    sub = tensor[(0,) * depth]
+    try:
+        sub.view(-1, tensor.shape[-1])
+    except RuntimeError:
+        return False
+    return True
+
+
+def _row_chunks(big: Sequence[Tensor], chunk_size: int) -> Iterator[tuple[int, int, list[Tensor]]]:
+    """Yield ``(start, end, [chunk of each tensor as [end - start, V] views])`` over flattened leading positions.
+
+    ``reshape(-1, V)`` of a slice such as ``logits[:, -R:]`` would silently copy the whole [B, R, V] tensor, so the
+    leading dimensions are split at the shallowest depth where every tensor is row-viewable and chunks are taken
+    inside each group. ``start``/``end`` index the row-major flattening of the leading dimensions.
+    """
+    leading = big[0].shape[:-1]
+    vocab = big[0].shape[-1]
+    if math.prod(leading) == 0:
+        return
+    depth = next(d for d in range(len(leading) + 1) if all(_viewable_rows(t, d) for t in big))
+    group_rows = math.prod(leading[depth:])
+    for group, index in enumerate(itertools.product(*(range(n) for n in leading[:depth]))):
+        rows = [t[index].view(-1, vocab) for t in big]
+        offset = group * group_rows
+        for start in range(0, group_rows, chunk_size):
+            end = min(start + chunk_size, group_rows)
+            yield offset + start, offset + end, [r[start:end] for r in rows]
+
+
+# RowFn(student_rows (n, V), teacher_rows (n, V) | None, aux_rows (n, ...) | None) -> values (n,)
+RowFn = Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
+
+
+class _ChunkedRows(torch.autograd.Function):
+    """Apply a row-wise function chunk by chunk, differentiable w.r.t. the student rows only.
+
+    Each output value depends on one row of the student logits only, so the gradient of a chunk's rows is that
+    chunk's vector-Jacobian product: the backward recomputes chunk by chunk instead of storing every chunk's
+    intermediates, which is what keeps the memory O(chunk x V) on top of the gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        row_fn: RowFn,
+        chunk_size: int,
+        student: Tensor,
+        teacher: Tensor | None,
+        aux: Tensor | None,
+    ) -> Tensor:
+        leading = student.shape[:-1]
+        values = torch.empty(math.prod(leading), dtype=_compute_dtype(student.dtype), device=student.device)
+        big = [student] if teacher is None else [student, teacher]
+        for start, end, rows in _row_chunks(big, chunk_size):
+            teacher_rows = rows[1] if teacher is not None else None
+            aux_rows = aux[start:end] if aux is not None else None
+            values[start:end] = row_fn(rows[0], teacher_rows, aux_rows)
+        ctx.row_fn = row_fn
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(student, teacher, aux)
+        return values.view(leading)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_values: Tensor) -> tuple[None, None, Tensor, None, None]:  # type: ignore[override]
+        student, teacher, aux = ctx.saved_tensors
+        grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        grad_rows = grad_student.view(-1, student.shape[-1])  # (N, V), contiguous by construction
+        grad_flat = grad_values.reshape(-1)  # (N,)
+        big = [student] if teacher is None else [student, teacher]
+        for start, end, rows in _row_chunks(big, ctx.chunk_size):
+            leaf = rows[0].detach().requires_grad_(True)
+            with torch.enable_grad():
+                values = ctx.row_fn(
+                    leaf, rows[1] if teacher is not None else None, aux[start:end] if aux is not None else None
+                )
+            (grad_chunk,) = torch.autograd.grad(values, leaf, grad_outputs=grad_flat[start:end].to(values.dtype))
+            grad_rows[start:end] = grad_chunk
+        return None, None, grad_student, None, None
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    if student_logits.dim() < 1 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student and teacher logits must have the same shape [..., vocab], got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}; align the last R response positions "
+            "of both (teacher and student prompts differ in length) before calling"
+        )
+
+
+def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
+    """Log-probabilities of one chunk in the compute dtype.  # (n, V) -> (n, V)"""
+    return torch.log_softmax(logits.to(_compute_dtype(logits.dtype)) / temperature, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Divergences on log-probability buckets (pure functions on [n, m] log-probs that each sum to one)
+
+
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(P || Q) over the last dimension, with 0 log 0 = 0 and no NaN gradient from zero-probability entries.
+
+    Both branches of a ``torch.where`` are differentiated, so -inf is replaced *before* the arithmetic: otherwise
+    0 * (-inf) in the unused branch turns into a NaN gradient.
+    """
+    support = logp != NEG_INF  # NaN stays in the support so that it propagates instead of hiding
+    logp_safe = torch.where(support, logp, 0.0)
+    logq_safe = torch.where(support, logq, 0.0)
+    terms = torch.where(support, logp_safe.exp() * (logp_safe - logq_safe), 0.0)
+    return terms.sum(-1)
+
+
+def _mixture_logprobs(student: Tensor, teacher: Tensor, alpha: float) -> Tensor:
+    """log((1 - alpha) S + alpha T), computed with logaddexp; entries where both are 0 are never read."""
+    both_empty = (student == NEG_INF) & (teacher == NEG_INF)
+    # logaddexp(-inf, -inf) has a NaN gradient; give those (unused) entries a finite dummy instead.
+    student_in = student.masked_fill(both_empty, 0.0)
+    teacher_in = teacher.masked_fill(both_empty, 0.0)
+    return torch.logaddexp(student_in + math.log1p(-alpha), teacher_in + math.log(alpha))
+
+
+def _divergence_from_logprobs(student: Tensor, teacher: Tensor, alpha: float) -> Tensor:
+    """Generalized JSD / KL between two bucket distributions given as log-probs.  # (n, m), (n, m) -> (n,)"""
+    if alpha == 0.0:
+        divergence = _kl(teacher, student)
+    elif alpha == 1.0:
+        divergence = _kl(student, teacher)
+    else:
+        mixture = _mixture_logprobs(student, teacher, alpha)
+        divergence = (1.0 - alpha) * _kl(student, mixture) + alpha * _kl(teacher, mixture)
+    # A divergence is >= 0; rounding of distributions that agree can give -1e-8. The gradient there is ~0 anyway.
+    return divergence.clamp_min(0.0)
+
+
+def _complement_logsumexp(logprobs: Tensor, topk_ids: Tensor) -> Tensor:
+    """log of the probability mass outside ``topk_ids``; -inf when nothing outside has mass.  # (n, V) -> (n,)"""
+    rest = logprobs.scatter(-1, topk_ids, NEG_INF)  # (n, V)
+    has_rest = (rest != NEG_INF).any(-1)  # (n,)
+    if bool(has_rest.all()):
+        return rest.logsumexp(-1)
+    # logsumexp of an all -inf row has a NaN gradient: feed it zeros and put -inf back afterwards.
+    safe = torch.where(has_rest[:, None], rest, 0.0)
+    return torch.where(has_rest, safe.logsumexp(-1), NEG_INF)
+
+
+def _bucket_logprobs(logits: Tensor, topk_ids: Tensor | None, temperature: float, add_tail: bool) -> Tensor:
+    """The distribution compared by the divergence, as log-probs.  # (n, V) -> (n, V) | (n, k) | (n, k + 1)"""
+    logprobs = _log_softmax(logits, temperature)  # (n, V)
+    if topk_ids is None:
+        return logprobs
+    top = logprobs.gather(-1, topk_ids)  # (n, k)
+    if add_tail:
+        tail = _complement_logsumexp(logprobs, topk_ids)  # (n,)
+        return torch.cat([top, tail[:, None]], dim=-1)  # (n, k + 1)
+    norm = top.logsumexp(-1, keepdim=True)  # (n, 1)
+    # A teacher with no mass at all on the student's top-k cannot be renormalised: leave it at -inf (zero mass).
+    return top - norm.masked_fill(norm == NEG_INF, 0.0)
+
+
+def _divergence_rows(alpha: float, add_tail: bool, temperature: float) -> RowFn:
+    def row_fn(student_rows: Tensor, teacher_rows: Tensor | None, topk_ids: Tensor | None) -> Tensor:
+        assert teacher_rows is not None
+        student = _bucket_logprobs(student_rows, topk_ids, temperature, add_tail)
+        teacher = _bucket_logprobs(teacher_rows, topk_ids, temperature, add_tail)
+        return _divergence_from_logprobs(student, teacher, alpha)
+
+    return row_fn
+
+
+def _student_topk_ids(student_logits: Tensor, k: int, chunk_size: int) -> Tensor:
+    """Indices of the student's top-k tokens per position, flattened to (N, k); never differentiated.
+
+    Top-k of the raw logits equals top-k of the tempered log-probs (a per-row increasing map), so no float copy
+    is needed. The indices are fixed here once, so the backward recomputation compares the very same buckets.
+    """
+    leading = student_logits.shape[:-1]
+    topk_ids = torch.empty(math.prod(leading), k, dtype=torch.long, device=student_logits.device)
+    with torch.no_grad():
+        for start, end, (rows,) in _row_chunks([student_logits], chunk_size):
+            topk_ids[start:end] = rows.topk(k, dim=-1).indices
+    return topk_ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    alpha: float = 0.5,
+    topk: int = 100,
+    add_tail: bool = True,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Per-position divergence between student and teacher.  # (..., V), (..., V) -> (...)
+
+    Unreduced and differentiable w.r.t. the student only (the teacher is detached here: it is a target, never
+    trained through this loss). Values are in fp32 (fp64 for fp64 input) whatever the logits' dtype. With
+    ``alpha = 0`` a teacher with mass where the student has a -inf logit gives +inf, which is the true KL.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {alpha}")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0 (0 = full vocabulary), got {topk}")
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    _check_pair(student_logits, teacher_logits)
+    vocab = student_logits.shape[-1]
+    topk_ids = None if topk == 0 or topk >= vocab else _student_topk_ids(student_logits, topk, chunk_size)
+    row_fn = _divergence_rows(float(alpha), add_tail, float(temperature))
+    return _ChunkedRows.apply(row_fn, chunk_size, student_logits, teacher_logits.detach(), topk_ids)
+
+
+def _token_logprob_rows(temperature: float) -> RowFn:
+    def row_fn(logit_rows: Tensor, _unused: Tensor | None, token_ids: Tensor | None) -> Tensor:
+        assert token_ids is not None
+        scaled = logit_rows.to(_compute_dtype(logit_rows.dtype)) / temperature  # (n, V)
+        return scaled.gather(-1, token_ids[:, None]).squeeze(-1) - scaled.logsumexp(-1)  # (n,)
+
+    return row_fn
+
+
+def gather_token_logprobs(
+    logits: Tensor, token_ids: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024
+) -> Tensor:
+    """log p(token) at each position, chunked so no full log-softmax copy is made.  # (..., V), (...) -> (...)"""
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    if logits.dim() < 1 or token_ids.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"token_ids must have the logits' leading shape {tuple(logits.shape[:-1])}, got {tuple(token_ids.shape)}"
+        )
+    if token_ids.is_floating_point() or token_ids.is_complex():
+        raise ValueError(f"token_ids must be integer token ids, got dtype {token_ids.dtype}")
+    flat_ids = token_ids.reshape(-1).long()
+    if flat_ids.numel() and (int(flat_ids.min()) < 0 or int(flat_ids.max()) >= logits.shape[-1]):
+        raise ValueError(
+            f"token ids must lie in [0, {logits.shape[-1]}), got [{int(flat_ids.min())}, {int(flat_ids.max())}]"
+        )
+    return _ChunkedRows.apply(_token_logprob_rows(float(temperature)), chunk_size, logits, None, flat_ids)
+
+
+def masked_token_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over the positions where ``mask`` is set (token-mean); 0 when no position is.
+
+    Masked-out values may be NaN or inf (padding rows): they are selected away, not multiplied by zero.
+    """
+    if values.shape != mask.shape:
+        raise ValueError(f"values and mask must have the same shape, got {tuple(values.shape)} and {tuple(mask.shape)}")
+    keep = mask.bool()
+    total = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    return total / keep.sum().clamp_min(1).to(values.dtype)
+
+
+def _clipped_importance_weight(current_logprobs: Tensor, behaviour_logprobs: Tensor, is_clip: float) -> Tensor:
+    """min(p_current / p_behaviour, is_clip), detached: a sampling correction, not part of the objective."""
+    if current_logprobs.shape != behaviour_logprobs.shape:
+        raise ValueError(
+            f"behaviour_logprobs must have shape {tuple(current_logprobs.shape)}, got {tuple(behaviour_logprobs.shape)}"
+        )
+    log_ratio = current_logprobs.detach() - behaviour_logprobs.detach().to(current_logprobs.dtype)
+    return log_ratio.exp().clamp_max(is_clip)
+
+
+def sampled_token_loss(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    behaviour_logprobs: Tensor | None = None,
+    is_clip: float | None = 2.0,
+) -> Tensor:
+    """Policy-gradient loss with the per-token advantage A = log p_T(y) - log p_S(y) (stop-gradient).
+
+    The token-mean of -A * log p_S(y): its gradient is the single-sample estimate of the reverse-KL gradient,
+    using only the sampled tokens' log-probs (no V-sized teacher/student comparison). When ``behaviour_logprobs``
+    (the log-probs of the policy that sampled y, at the same temperature) is given and ``is_clip`` is not None,
+    each token is weighted by the detached, clipped importance ratio min(p_S / p_behaviour, is_clip) (truncated
+    importance sampling); ``is_clip=None`` disables the weight, as in ``distillation_loss``. All inputs (...).
+    """
+    if not (student_logprobs.shape == teacher_logprobs.shape == mask.shape):
+        raise ValueError(
+            "student_logprobs, teacher_logprobs and mask must have the same shape, got "
+            f"{tuple(student_logprobs.shape)}, {tuple(teacher_logprobs.shape)}, {tuple(mask.shape)}"
+        )
+    keep = mask.bool()
+    # Zero the advantage off the mask *before* multiplying: -inf log-probs on padding would make 0 * inf = NaN grads.
+    advantage = torch.where(keep, teacher_logprobs.detach() - student_logprobs.detach(), 0.0)
+    per_token = -advantage * student_logprobs
+    if behaviour_logprobs is not None and is_clip is not None:
+        weight = _clipped_importance_weight(student_logprobs, behaviour_logprobs, is_clip)
+        per_token = per_token * torch.where(keep, weight, 0.0)
+    return masked_token_mean(per_token, keep)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    response_mask: Tensor,
+    config: DivergenceConfig,
+    *,
+    response_ids: Tensor | None = None,
+    behaviour_logprobs: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The Vision-OPD loss over response positions, dispatched on ``config.mode``.
+
+    Inputs: logits (B, R, V) of both models on the *same* response positions, ``response_mask`` (B, R), the sampled
+    ``response_ids`` (B, R) (needed by sampled_token mode and by importance weighting) and, for tokens sampled by
+    an older policy, their ``behaviour_logprobs`` (B, R) at ``config.temperature``.
+
+    Returns (scalar loss, per-token divergence (B, R) detached for metrics, 0 off the mask). In sampled_token mode
+    the per-token value is the reverse-KL single-sample estimate log p_S(y) - log p_T(y).
+
+    Importance weighting in full_logits mode: the objective is an expectation over the *current* student's
+    rollouts. When rollouts are reused (gradient accumulation, several epochs per batch) they come from an older
+    policy, so each token's divergence is weighted by min(p_S(y) / p_behaviour(y), is_clip): a detached
+    per-token correction of the visited-prefix distribution (truncated importance sampling), clipped so a few
+    tokens that became much likelier cannot dominate the batch. It is detached because it corrects *where* we
+    measure the divergence, not *what* we minimise.
+    """
+    _check_pair(student_logits, teacher_logits)
+    if response_mask.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"response_mask must have shape {tuple(student_logits.shape[:-1])} (the logits' leading dims), "
+            f"got {tuple(response_mask.shape)}"
+        )
+    keep = response_mask.bool()
+    needs_ids = config.mode == "sampled_token" or (behaviour_logprobs is not None and config.is_clip is not None)
+    if needs_ids and response_ids is None:
+        raise ValueError(
+            "response_ids (the sampled tokens) are required in sampled_token mode and for importance weighting "
+            "with behaviour_logprobs"
+        )
+
+    if config.mode == "sampled_token":
+        assert response_ids is not None
+        student_logprobs = gather_token_logprobs(student_logits, response_ids, temperature=config.temperature)
+        with torch.no_grad():
+            teacher_logprobs = gather_token_logprobs(
+                teacher_logits.detach(), response_ids, temperature=config.temperature
+            )
+        loss = sampled_token_loss(
+            student_logprobs, teacher_logprobs, keep, behaviour_logprobs=behaviour_logprobs, is_clip=config.is_clip
+        )
+        per_token = torch.where(keep, student_logprobs.detach() - teacher_logprobs, 0.0)
+        return loss, per_token
+
+    divergence = token_divergence(
+        student_logits,
+        teacher_logits,
+        alpha=config.alpha,
+        topk=config.topk,
+        add_tail=config.add_tail,
+        temperature=config.temperature,
+    )
+    weighted = divergence
+    if behaviour_logprobs is not None and config.is_clip is not None:
+        assert response_ids is not None
+        with torch.no_grad():
+            current_logprobs = gather_token_logprobs(
+                student_logits.detach(), response_ids, temperature=config.temperature
+            )
+        weight = _clipped_importance_weight(current_logprobs, behaviour_logprobs, config.is_clip)
+        weighted = divergence * torch.where(keep, weight, 0.0)
+    loss = masked_token_mean(weighted, keep)
+    return loss, torch.where(keep, divergence.detach(), 0.0)
+
+
+def _entropy(logprobs: Tensor) -> Tensor:
+    """Shannon entropy in nats with 0 log 0 = 0.  # (n, V) -> (n,)"""
+    return -torch.where(logprobs != NEG_INF, logprobs.exp() * logprobs, 0.0).sum(-1)
+
+
+@torch.no_grad()
+def distribution_stats(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    topk: int = 100,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Means over the masked positions of how the two distributions relate (for the trainer's metrics).
+
+    student_topk_mass: student mass on its own top-k (how much the top-k divergence sees); teacher_topk_mass: the
+    teacher's mass on the student's top-k; topk_overlap: |top-k(S) ∩ top-k(T)| / k; argmax_agreement; entropies in
+    nats. ``topk = 0`` or ``>= vocab`` means the full vocabulary (masses and overlap are then 1). All 0 without
+    any masked position.
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    if mask.shape != student_logits.shape[:-1]:
+        raise ValueError(f"mask must have shape {tuple(student_logits.shape[:-1])}, got {tuple(mask.shape)}")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0 (0 = full vocabulary), got {topk}")
+    vocab = student_logits.shape[-1]
+    k = vocab if topk == 0 else min(topk, vocab)
+    keep = mask.reshape(-1).bool()
+    names = (
+        "student_topk_mass",
+        "teacher_topk_mass",
+        "topk_overlap",
+        "argmax_agreement",
+        "student_entropy",
+        "teacher_entropy",
+    )
+    totals = torch.zeros(len(names), dtype=torch.float64, device=student_logits.device)
+    for start, end, (student_rows, teacher_rows) in _row_chunks([student_logits, teacher_logits], chunk_size):
+        student = _log_softmax(student_rows, temperature)  # (n, V)
+        teacher = _log_softmax(teacher_rows.detach(), temperature)  # (n, V)
+        agreement = (student.argmax(-1) == teacher.argmax(-1)).to(student.dtype)  # (n,)
+        if k == vocab:  # full vocabulary: nothing outside the "top-k", skip sorting V entries per row
+            ones = torch.ones_like(agreement)
+            student_mass, teacher_mass, overlap = ones, ones, ones
+        else:
+            student_ids = student.topk(k, dim=-1).indices  # (n, k)
+            teacher_ids = teacher.topk(k, dim=-1).indices  # (n, k)
+            in_student_topk = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, student_ids, True)  # (n, V)
+            student_mass = student.gather(-1, student_ids).exp().sum(-1)
+            teacher_mass = teacher.gather(-1, student_ids).exp().sum(-1)
+            overlap = in_student_topk.gather(-1, teacher_ids).sum(-1).to(student.dtype) / k
+        rows = torch.stack(
+            [
+                student_mass,
+                teacher_mass,
+                overlap,
+                agreement,
+                _entropy(student),
+                _entropy(teacher),
+            ],
+            dim=-1,
+        )  # (n, 6)
+        rows_kept = keep[start:end, None]
+        totals += torch.where(rows_kept, rows, 0.0).sum(0).double()
+    means = totals / max(int(keep.sum()), 1)
+    return {name: float(value) for name, value in zip(names, means, strict=True)}
+
+
+@torch.no_grad()
+def per_token_details(
+    student_logits: Tensor, teacher_logits: Tensor, *, k: int = 10, temperature: float = 1.0, chunk_size: int = 1024
+) -> dict[str, Tensor]:
+    """Per-position top-k of each side and summary numbers, for the inspector.  # (T, V), (T, V) -> {...}
+
+    Keys (shapes for [T, V] input; any [..., V] works and keeps the leading shape):
+    student_topk_ids / student_topk_probs (T, k), teacher_topk_ids / teacher_topk_probs (T, k),
+    teacher_probs_at_student_topk (T, k), student_entropy / teacher_entropy (T,) in nats, argmax_agreement (T,) bool,
+    student_tail_mass (T,): student mass outside its top-k; teacher_tail_mass (T,): teacher mass outside the
+    *student's* top-k, i.e. the teacher's tail bucket in the top-k divergence.
+    """
+    _check_pair(student_logits, teacher_logits)
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    leading = student_logits.shape[:-1]
+    k = min(k, student_logits.shape[-1])
+    total = math.prod(leading)
+    device = student_logits.device
+    out_dtype = _compute_dtype(student_logits.dtype)
+    details = {
+        "student_topk_ids": torch.empty(total, k, dtype=torch.long, device=device),
+        "student_topk_probs": torch.empty(total, k, dtype=out_dtype, device=device),
+        "teacher_topk_ids": torch.empty(total, k, dtype=torch.long, device=device),
+        "teacher_topk_probs": torch.empty(total, k, dtype=out_dtype, device=device),
+        "teacher_probs_at_student_topk": torch.empty(total, k, dtype=out_dtype, device=device),
+        "student_entropy": torch.empty(total, dtype=out_dtype, device=device),
+        "teacher_entropy": torch.empty(total, dtype=out_dtype, device=device),
+        "argmax_agreement": torch.empty(total, dtype=torch.bool, device=device),
+        "student_tail_mass": torch.empty(total, dtype=out_dtype, device=device),
+        "teacher_tail_mass": torch.empty(total, dtype=out_dtype, device=device),
+    }
+    for start, end, (student_rows, teacher_rows) in _row_chunks([student_logits, teacher_logits], chunk_size):
+        student = _log_softmax(student_rows, temperature)  # (n, V)
+        teacher = _log_softmax(teacher_rows, temperature)  # (n, V)
+        student_top = student.topk(k, dim=-1)
+        teacher_top = teacher.topk(k, dim=-1)
+        rows = slice(start, end)
+        details["student_topk_ids"][rows] = student_top.indices
+        details["student_topk_probs"][rows] = student_top.values.exp()
+        details["teacher_topk_ids"][rows] = teacher_top.indices
+        details["teacher_topk_probs"][rows] = teacher_top.values.exp()
+        details["teacher_probs_at_student_topk"][rows] = teacher.gather(-1, student_top.indices).exp()
+        details["student_entropy"][rows] = _entropy(student)
+        details["teacher_entropy"][rows] = _entropy(teacher)
+        details["argmax_agreement"][rows] = student_top.indices[:, 0] == teacher_top.indices[:, 0]
+        details["student_tail_mass"][rows] = _complement_logsumexp(student, student_top.indices).exp()
+        details["teacher_tail_mass"][rows] = _complement_logsumexp(teacher, student_top.indices).exp()
+    return {name: value.view(*leading, *value.shape[1:]) for name, value in details.items()}
