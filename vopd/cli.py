@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from vopd.callbacks import ProgressCallback
 from vopd.config import parse_override_value
 
 Handler = Callable[[argparse.Namespace, dict[str, Any]], int | None]
@@ -57,9 +61,276 @@ def _run_views(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- progress
+class TqdmProgress(ProgressCallback):
+    """Shows a library job's progress as a tqdm bar with ETA and the latest headline metrics."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.bar: tqdm | None = None
+
+    def on_start(self, *, total: int, start: int, unit: str) -> None:
+        self.bar = tqdm(total=total, initial=start, unit=unit, desc=self.description, dynamic_ncols=True)
+
+    def on_progress(self, *, done: int, total: int, metrics: dict[str, Any] | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(done - self.bar.n)
+        if metrics:
+            shown = {k: metrics[k] for k in ("loss", "argmax_agreement", "response_length") if k in metrics}
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+
+    def on_log(self, message: str, *, level: str = "info") -> None:
+        (self.bar.write if self.bar else print)(f"[{level}] {message}")
+
+    def on_end(self, *, status: str, result: dict[str, Any] | None = None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- train
+_RUN_FLAGS = ("model", "dataset", "output", "steps", "epochs", "seed", "lr", "batch_size")
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML/JSON TrainConfig; flags below and --group.field overrides win")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    parser.add_argument("--model", help="model folder (any AutoModelForImageTextToText)")
+    parser.add_argument("--dataset", help="JSONL or parquet dataset (answers are never read)")
+    parser.add_argument("--output", help="run folder: checkpoints/step-N/, final/, metrics.jsonl")
+    parser.add_argument("--steps", type=int, help="total optimizer steps (also the target when resuming)")
+    parser.add_argument("--epochs", type=float, help="passes over the dataset instead of --steps")
+    parser.add_argument("--seed", type=int, help="run seed (data order, rollouts)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (paper 2e-6; tiny models ~1e-4)")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, help="prompts per micro-batch")
+    parser.epilog = (
+        "Any other TrainConfig field by its dotted name, e.g. --divergence.alpha 0.3 --teacher.mode fixed "
+        "--rollout.num_rollouts 2 --lora.enabled true --runtime.dtype bfloat16."
+    )
+
+
+def _flag_overrides(args: argparse.Namespace, names: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    merged.update(overrides)
+    return merged
+
+
+def _run_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from vopd.config import TrainConfig, load_config
+    from vopd.trainer import train
+
+    config = load_config(TrainConfig, args.config, _flag_overrides(args, _RUN_FLAGS, overrides))
+    if config.output is None:
+        raise CliError("--output is required (the run folder)")
+    result = train(config, callbacks=[TqdmProgress("train")], resume=args.resume)
+    if result.stopped:
+        print(f"stopped at step {result.step}/{result.total_steps}; resume with --resume")
+        return 1
+    print(f"final model: {result.final_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+def _add_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML/JSON EvalConfig")
+    parser.add_argument("--model", help="model folder")
+    parser.add_argument("--dataset", help="JSONL or parquet dataset with answers")
+    parser.add_argument("--output", help="per-item JSONL records")
+    parser.add_argument("--limit", type=int, help="only the first N samples")
+    parser.epilog = "Other EvalConfig fields by dotted name, e.g. --full_view plain --views.upscale 3."
+
+
+def _run_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    import json
+
+    from vopd.config import EvalConfig, load_config
+    from vopd.evaluate import evaluate
+
+    flags = _flag_overrides(args, ("model", "dataset", "output", "limit"), overrides)
+    config = load_config(EvalConfig, args.config, flags)
+    result = evaluate(config, callbacks=[TqdmProgress("eval")])
+    print(json.dumps(result.summary))
+    return 0
+
+
+# --------------------------------------------------------------------------- inspect
+def _add_inspect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder or checkpoint")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--question", required=True)
+    parser.add_argument("--options", help="comma-separated options, e.g. red,green,blue,yellow")
+    parser.add_argument("--bbox", required=True, help="x0,y0,x1,y1 in pixels")
+    parser.add_argument("--json", action="store_true", help="print the full records as JSON instead of a table")
+    parser.epilog = "Also --alpha, --greedy false, --max_new_tokens N, --show_topk K, --views.upscale 3 ..."
+
+
+def _run_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from vopd.config import InspectConfig, load_config
+    from vopd.data import decode_image
+
+    try:
+        bbox = [float(v) for v in args.bbox.split(",")]
+    except ValueError as error:
+        raise CliError(f"--bbox must be four numbers x0,y0,x1,y1, got {args.bbox!r}") from error
+    if "alpha" in overrides:
+        overrides["divergence.alpha"] = overrides.pop("alpha")
+    values: dict[str, Any] = {"model": args.model, "question": args.question, "bbox": bbox}
+    if args.options:
+        values["options"] = [o.strip() for o in args.options.split(",") if o.strip()]
+    config = load_config(InspectConfig, None, {**values, **overrides})
+    from vopd.inspect import inspect_sample
+
+    result = inspect_sample(config, decode_image(Path(args.image)))
+    if args.json:
+        print(result.model_dump_json(indent=2))
+        return 0
+    print(format_inspect_table(result))
+    return 0
+
+
+def format_inspect_table(result: Any) -> str:
+    """A per-token table for a terminal: the divergence column is what the UI colours."""
+    lines = [
+        f"student: {result.student_text!r} (choice {result.student_choice})",
+        f"teacher: {result.teacher_answer!r} (choice {result.teacher_choice})",
+        f"alpha={result.alpha}  mean divergence={result.mean_divergence:.4f}",
+        "",
+        f"{'pos':>3}  {'token':<12} {'p_S':>6} {'p_T':>6} {'div':>7} {'H_S':>5} {'H_T':>5} agree  "
+        "student top-3 | teacher top-3",
+    ]
+    for record in result.tokens:
+        top_s = " ".join(f"{t.token!r}:{t.prob:.2f}" for t in record.student_top[:3])
+        top_t = " ".join(f"{t.token!r}:{t.prob:.2f}" for t in record.teacher_top[:3])
+        lines.append(
+            f"{record.position:>3}  {record.token!r:<12} {record.student_prob:6.3f} {record.teacher_prob:6.3f} "
+            f"{record.divergence:7.4f} {record.student_entropy:5.2f} {record.teacher_entropy:5.2f} "
+            f"{'yes' if record.argmax_agree else 'NO ':<5}  {top_s} | {top_t}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- synth
+def _add_synth(parser: argparse.ArgumentParser) -> None:
+    # Optional knobs default to None so SynthConfig's defaults stay the single source of truth.
+    parser.add_argument("--output", required=True, help="folder for data.jsonl, images/ and README.md")
+    parser.add_argument("--n", type=int, required=True, help="number of items")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical dataset")
+    parser.add_argument("--size", type=int, default=None, help="canvas side in px (default 112)")
+    parser.add_argument("--box-size", type=int, default=None, help="evidence box side in px (default 24)")
+    parser.add_argument("--distractors", default=None, metavar="MIN,MAX", help="distractor count (default 12,20)")
+    parser.add_argument("--target-size", default=None, metavar="MIN,MAX", help="target radius in px (default 5,7)")
+    parser.add_argument("--backgrounds", default=None, metavar="DIR", help="folder of photos to draw on")
+    parser.add_argument("--question", choices=["color", "shape", "both"], default=None, help="default color")
+    parser.add_argument("--id-prefix", default=None, help="item ids are PREFIX-00001... (default syn)")
+
+
+def _run_synth(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    import json
+
+    from pydantic import ValidationError
+
+    from vopd.synth import SynthConfig, answer_summary, format_validation_error, generate_dataset
+
+    fields = ("n", "seed", "size", "box_size", "distractors", "target_size", "backgrounds", "question", "id_prefix")
+    try:
+        config = SynthConfig(**{name: getattr(args, name) for name in fields if getattr(args, name) is not None})
+    except ValidationError as error:
+        raise CliError(format_validation_error(error)) from error
+    data_path = generate_dataset(args.output, config, progress=sys.stderr.isatty())
+    with data_path.open(encoding="utf-8") as lines:
+        summary = answer_summary(json.loads(line) for line in lines)
+    print(data_path)
+    print(summary)
+    return 0
+
+
+# --------------------------------------------------------------------------- tiny (vopd.tiny)
+def _add_tiny(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="tiny_action", metavar="ACTION", required=True)
+    build = actions.add_parser("build", help="write a random-weight tiny Qwen2-VL with the benchmark's tokenizer")
+    build.add_argument("--output", required=True, help="model folder to write")
+    build.add_argument("--size", choices=["5m", "20m"], default="5m", help="about 4.7M or 20M parameters")
+    build.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    pretrain = actions.add_parser("pretrain", help="deterministic supervised pretraining of the tiny base model")
+    pretrain.add_argument("--output", required=True, help="run folder; the fp16 base model lands in OUTPUT/model")
+    pretrain.add_argument("--seed", type=int, default=0, help="weights and data seed (0 rebuilds the shipped base)")
+    pretrain.add_argument("--eval-items", type=int, default=400, help="held-out items evaluated after each stage")
+    pretrain.add_argument("--stop-after", default=None, help="stop after this stage (crops, mixed, polish)")
+    parser.epilog = "A rerun of pretrain with the same --output skips the stages already finished."
+
+
+def _run_tiny(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    import json
+
+    from vopd.tiny import build_tiny, pretrain
+
+    if args.tiny_action == "build":
+        print(build_tiny(args.output, size=args.size, seed=args.seed))
+        return 0
+    result = pretrain(
+        args.output,
+        seed=args.seed,
+        eval_items=args.eval_items,
+        stop_after=args.stop_after,
+        callbacks=[TqdmProgress("pretrain")],
+    )
+    for stage, summary in result.evaluations.items():
+        print(json.dumps({"stage": stage, **{k: summary[k] for k in ("full_accuracy", "crop_accuracy", "gap")}}))
+    print(f"model: {result.model_dir} ({result.seconds / 60:.1f} min)")
+    return 0
+
+
+# --------------------------------------------------------------------------- service (app/, worker/)
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--no-worker", dest="worker", action="store_false", help="do not start a local worker")
+    parser.add_argument("--no-ui", dest="ui", action="store_false", help="API only, no Gradio UI at /ui")
+    parser.epilog = "State lives in VOPD_HOME (default ~/.vopd); DATABASE_URL and REDIS_URL point elsewhere."
+
+
+def _run_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from app.serve import serve
+
+    return serve(args.host, args.port, start_worker=args.worker, ui=args.ui)
+
+
+def _add_worker(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queue", help="queue to consume (default VOPD_QUEUE or 'vopd'; one per GPU type)")
+    parser.add_argument("--loglevel", default="INFO", help="Celery log level")
+
+
+def _run_worker(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from worker.main import run_worker
+
+    return run_worker(args.queue, args.loglevel)
+
+
+def _add_apikey(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["create"], help="create: make a new key and print it (last line)")
+    parser.add_argument("--name", default="user", help="who the key is for; jobs and datasets belong to the key")
+
+
+def _run_apikey(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from app.serve import create_key
+
+    key = create_key(args.name)
+    print(f"API key for {args.name!r} (shown once; send as 'Authorization: Bearer <key>'):")
+    print(key)
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler, bool]] = {
     # name: (help, add_arguments, run, accepts dotted config overrides)
     "views": ("write each sample's student and teacher views as PNG", _add_views, _run_views, True),
+    "train": ("train a model with Vision-OPD (label-free)", _add_train, _run_train, True),
+    "eval": ("full-image vs crop accuracy and the gap", _add_eval, _run_eval, True),
+    "inspect": ("per-token student vs teacher divergence on one image", _add_inspect, _run_inspect, True),
+    "synth": ("generate the synthetic fine-detail benchmark (deterministic by seed)", _add_synth, _run_synth, False),
+    "tiny": ("build or pretrain the tiny offline VLM (tiny build / tiny pretrain)", _add_tiny, _run_tiny, False),
+    "serve": ("API + UI + a local worker on embedded defaults", _add_serve, _run_serve, False),
+    "worker": ("a Celery worker for queued jobs (one at a time)", _add_worker, _run_worker, False),
+    "apikey": ("create an API key (printed as the last line)", _add_apikey, _run_apikey, False),
 }
 
 

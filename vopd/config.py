@@ -125,6 +125,22 @@ class LoraConfig(_Strict):
     )
 
 
+class CollapseGuardConfig(_Strict):
+    """A probe set answered every N steps to catch letter collapse and teacher drift (see vopd.guard)."""
+
+    enabled: bool = Field(True, description="Probe the student and the teacher during training.")
+    every: int = Field(25, ge=1, description="Probe every N optimizer steps (and at the start, for the baseline).")
+    probe_size: int = Field(16, ge=1, le=512, description="The first N multiple-choice samples of the dataset.")
+    max_new_tokens: int = Field(8, ge=1, le=256, description="Greedy answer length on the probe.")
+    min_letter_entropy: float = Field(
+        0.5, ge=0.0, le=1.0, description="Warn when the student's normalised answer-letter entropy falls below this."
+    )
+    min_teacher_stability: float = Field(
+        0.7, ge=0.0, le=1.0, description="Warn when a smaller share of the teacher's probe answers match its first ones."
+    )
+    stop_on_collapse: bool = Field(False, description="Checkpoint and stop the run when a warning fires.")
+
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
@@ -164,6 +180,7 @@ class TrainConfig(_Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    collapse_guard: CollapseGuardConfig = Field(default_factory=CollapseGuardConfig)
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -183,6 +200,13 @@ class EvalConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="Prompts decoded together.")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Greedy decoding length for the answer.")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N samples.")
+    full_view: Literal["student", "plain"] = Field(
+        "student",
+        description=(
+            "Full-image condition: 'student' = the training view (red box + hint, needed when the question "
+            "refers to the box); 'plain' = the bare image and question, as on V* at inference."
+        ),
+    )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     views: ViewConfig = Field(default_factory=ViewConfig)
 
@@ -240,6 +264,8 @@ def set_dotted(target: dict[str, Any], dotted_key: str, value: Any) -> None:
 
 def parse_override_value(raw: str) -> Any:
     """Interpret a command-line value as YAML so ``0.3``, ``true``, ``null`` and ``[1,2]`` get their types."""
+    if raw == "":
+        return ""
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -254,8 +280,7 @@ def load_config(
     """Build a config from an optional file plus dotted overrides, which win over the file."""
     data: dict[str, Any] = read_config_file(path) if path else {}
     for key, value in (overrides or {}).items():
-        if value is not None:
-            set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return config_cls.model_validate(data)
 
 

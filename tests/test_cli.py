@@ -1,0 +1,42 @@
+"""The `vopd` command: help, train with resume, clean one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.test_trainer import write_dataset
+from vopd.cli import main
+
+
+def test_help_lists_the_subcommands() -> None:
+    out = subprocess.run([sys.executable, "-m", "vopd.cli", "--help"], capture_output=True, text=True, check=True)
+    for name in ("views", "train", "eval", "inspect", "synth"):
+        assert name in out.stdout
+
+
+def test_train_then_resume_to_more_steps(tiny_model_dir, tmp_path, capsys) -> None:
+    data = write_dataset(tmp_path / "data", count=4)
+    run = tmp_path / "run"
+    common = ["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output", str(run), "--seed", "1",
+              "--lr", "1e-3", "--batch-size", "2", "--rollout.num_rollouts", "1", "--rollout.max_new_tokens", "4",
+              "--divergence.topk", "8"]
+    assert main([*common, "--steps", "1"]) == 0
+    assert (run / "final" / "config.json").exists() and (run / "checkpoints" / "step-1").is_dir()
+    assert main([*common, "--steps", "2", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert json.loads((run / "config.json").read_text())["steps"] == 2
+    assert "final model" in capsys.readouterr().out
+
+
+def test_bad_settings_are_one_line_errors(tiny_model_dir, tmp_path, capsys) -> None:
+    data = write_dataset(tmp_path / "data", count=2)
+    code = main(["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output", str(tmp_path / "r"),
+                 "--steps", "1", "--divergence.alpha", "3"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "alpha" in err and "Traceback" not in err
+    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(tmp_path / "missing.jsonl"),
+                 "--output", str(tmp_path / "r2"), "--steps", "1"]) == 2

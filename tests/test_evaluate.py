@@ -1,0 +1,99 @@
+"""Evaluation: answer parsing, accuracies and records on known cases, and the CLI's JSON line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vopd.cli import main
+from vopd.config import EvalConfig
+from vopd.data import Sample
+from vopd.evaluate import Answer, _is_correct, evaluate, normalize_answer, parse_choice, summarize
+
+OPTIONS = ["red", "green", "blue", "yellow"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("B", 1),
+        ("Answer: C", 2),
+        ("answer: d", 3),
+        ("The answer is (A).", 0),
+        ("(D) yellow", 3),
+        ("C. blue", 2),
+        ("It is green.", 1),
+        ("blue", 2),
+        ("Answer: E", None),  # out of range
+        ("red or blue", None),  # names two options
+        ("I cannot tell", None),
+        ("", None),
+        ("A dog is green", 1),  # an article 'A' is not an answer when an option is named
+    ],
+)
+def test_parse_choice(text: str, expected: int | None) -> None:
+    assert parse_choice(text, OPTIONS) == expected
+
+
+def test_free_form_normalisation() -> None:
+    assert normalize_answer("The  Red car!") == normalize_answer("red car") == "red car"
+    assert normalize_answer("a, b") == "b"
+
+
+def test_correctness_and_summary_on_a_hand_built_case() -> None:
+    image = b"unused"  # Sample checks consistency, not decodability
+    samples = [
+        Sample(id=str(i), question="q", options=OPTIONS, answer=OPTIONS[i % 4], bbox=(0, 0, 4, 4), image_bytes=image)
+        for i in range(4)
+    ]
+    full = [Answer("Answer: A", 0, [0.7, 0.1, 0.1, 0.1])] * 4  # right only for sample 0
+    crop = [Answer(f"Answer: {'ABCD'[i]}", i, None) for i in range(4)]  # always right
+    records = []
+    for sample, f, c in zip(samples, full, crop, strict=True):
+        records.append(
+            {
+                "id": sample.id,
+                "full_correct": _is_correct(sample, f),
+                "full_choice": "A",
+                "full_p_correct": f.option_probs[sample.answer_index],
+                "crop_correct": _is_correct(sample, c),
+                "crop_choice": "ABCD"[c.choice],
+                "crop_p_correct": None,
+            }
+        )
+    summary = summarize(records)
+    assert summary["full_accuracy"] == 0.25 and summary["crop_accuracy"] == 1.0 and summary["gap"] == 0.75
+    assert summary["n"] == 4 and summary["full_letters"] == {"A": 4}
+    assert summary["full_p_correct"] == pytest.approx((0.7 + 0.1 * 3) / 4)
+    free = Sample(id="f", question="q", answer="Red car", bbox=(0, 0, 4, 4), image_bytes=image)
+    assert _is_correct(free, Answer("a red car.", None, None))
+    assert not _is_correct(free, Answer("blue car", None, None))
+
+
+def test_evaluate_on_the_tiny_model_is_self_consistent(tiny_model_dir, tmp_path) -> None:
+    from tests.test_trainer import write_dataset
+
+    data = write_dataset(tmp_path / "data", count=5)
+    out = tmp_path / "records.jsonl"
+    result = evaluate(EvalConfig(model=str(tiny_model_dir), dataset=str(data), output=str(out), batch_size=3,
+                                 max_new_tokens=4))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert result.n == len(records) == 5
+    assert result.full_accuracy == sum(r["full_correct"] for r in records) / 5
+    assert result.crop_accuracy == sum(r["crop_correct"] for r in records) / 5
+    assert result.gap == pytest.approx(result.crop_accuracy - result.full_accuracy)
+    for record in records:
+        assert record["full_correct"] == (record["full_choice"] is not None
+                                          and "ABCD".index(record["full_choice"]) == OPTIONS.index(record["answer"]))
+
+
+def test_eval_cli_ends_with_one_json_line(tiny_model_dir, tmp_path, capsys) -> None:
+    from tests.test_trainer import write_dataset
+
+    data = write_dataset(tmp_path / "data", count=3)
+    code = main(["eval", "--model", str(tiny_model_dir), "--dataset", str(data), "--max_new_tokens", "3"])
+    assert code == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert {"full_accuracy", "crop_accuracy", "gap", "n"} <= summary.keys() and summary["n"] == 3

@@ -1,0 +1,93 @@
+"""Inspection records are consistent with the rollout, the divergence module and the CLI table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from vopd.cli import main
+from vopd.config import InspectConfig
+from vopd.inspect import inspect_sample
+from vopd.models import load_model_and_processor
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model_and_processor(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def image() -> Image.Image:
+    picture = Image.new("RGB", (112, 112), (230, 230, 230))
+    ImageDraw.Draw(picture).ellipse([40, 40, 52, 52], fill=(30, 170, 60))
+    return picture
+
+
+def config(tiny_model_dir, **overrides) -> InspectConfig:
+    values = {
+        "model": str(tiny_model_dir), "question": "What color is the shape inside the box?",
+        "options": ["red", "green", "blue", "yellow"], "bbox": (34, 34, 58, 58), "max_new_tokens": 6, "show_topk": 5,
+        "divergence": {"alpha": 0.3, "topk": 0},
+    }
+    values.update(overrides)
+    return InspectConfig.model_validate(values)
+
+
+def test_records_are_consistent(tiny_model_dir, loaded, image) -> None:
+    result = inspect_sample(config(tiny_model_dir), image, loaded=loaded)
+    assert result.tokens and result.alpha == 0.3
+    assert "red bounding box" in result.student_prompt and result.student_prompt == result.teacher_prompt
+    for record in result.tokens:
+        # greedy: the chosen token is the student's argmax, so it heads the student's top-k
+        assert record.student_in_topk and record.student_top[0].token_id == record.token_id
+        assert record.student_top[0].prob == pytest.approx(record.student_prob, rel=1e-5)
+        assert record.argmax_agree == (record.student_top[0].token_id == record.teacher_top[0].token_id)
+        assert [t.rank for t in record.student_top] == list(range(1, 6))
+        probs = [t.prob for t in record.student_top]
+        assert probs == sorted(probs, reverse=True)
+        assert record.student_tail_mass == pytest.approx(1 - sum(probs), abs=1e-5)
+        assert record.divergence >= 0 and record.forward_kl >= 0 and record.reverse_kl >= 0
+        assert 0 <= record.jsd <= torch.log(torch.tensor(2.0)).item() + 1e-6
+    mean = sum(r.divergence for r in result.tokens) / len(result.tokens)
+    assert result.mean_divergence == pytest.approx(mean, rel=1e-5)
+
+
+def test_divergences_match_the_divergence_module(tiny_model_dir, loaded, image) -> None:
+    """Recompute the student and teacher logits independently and compare per-token values."""
+    from vopd.data import Sample
+    from vopd.divergence import token_divergence
+    from vopd.inspect import _png_bytes
+    from vopd.models import encode_prompts
+    from vopd.rollout import RolloutBatch, response_logits
+    from vopd.views import student_view, teacher_view, to_messages
+
+    cfg = config(tiny_model_dir)
+    result = inspect_sample(cfg, image, loaded=loaded)
+    sample = Sample(id="s", question=cfg.question, options=cfg.options, bbox=cfg.bbox, image_bytes=_png_bytes(image))
+    ids = torch.tensor([[r.token_id for r in result.tokens]])
+    batch = RolloutBatch(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(ids.shape), torch.tensor([False]))
+    logits = []
+    for view in (student_view(sample, cfg.views), teacher_view(sample, cfg.views)):
+        prompts = encode_prompts(loaded.processor, [to_messages(view)])
+        with torch.no_grad():
+            logits.append(response_logits(loaded.model, prompts, batch)[0])
+    expected = token_divergence(logits[0], logits[1], alpha=0.3, topk=0)
+    got = torch.tensor([r.divergence for r in result.tokens])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_box_outside_the_image_is_refused(tiny_model_dir, loaded, image) -> None:
+    with pytest.raises(ValueError, match="outside"):
+        inspect_sample(config(tiny_model_dir, bbox=(100, 100, 130, 130)), image, loaded=loaded)
+
+
+def test_inspect_cli_prints_a_table(tiny_model_dir, image, tmp_path, capsys) -> None:
+    path = tmp_path / "img.png"
+    image.save(path)
+    code = main(["inspect", "--model", str(tiny_model_dir), "--image", str(path), "--question", "Which color?",
+                 "--options", "red,green,blue,yellow", "--bbox", "34,34,58,58", "--max_new_tokens", "4"])
+    out = capsys.readouterr().out
+    assert code == 0 and "student:" in out and "teacher:" in out and "p_S" in out
+    assert main(["inspect", "--model", str(tiny_model_dir), "--image", str(path), "--question", "q",
+                 "--bbox", "1,2,3"]) == 2

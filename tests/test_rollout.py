@@ -1,0 +1,89 @@
+"""Student rollouts: masks after the end token, suppressed tokens, behaviour log-probs, determinism."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from vopd.config import ViewConfig
+from vopd.data import Sample
+from vopd.models import encode_prompts, load_model_and_processor
+from vopd.rollout import _mask_after_end, response_logits, sample_rollouts
+from vopd.views import student_view, to_messages
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model_and_processor(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(loaded):
+    samples = [
+        Sample(id=str(i), question="What color is the shape?", options=["red", "blue"], bbox=(10, 10, 40, 40),
+               image_bytes=_png_bytes(Image.new("RGB", (112 + 28 * i, 112), (200, 40 * i, 90))))
+        for i in range(3)
+    ]
+    return encode_prompts(loaded.processor, [to_messages(student_view(s, ViewConfig())) for s in samples])
+
+
+def test_mask_after_end_keeps_the_end_token_and_pads_the_rest() -> None:
+    ids = torch.tensor([[5, 9, 7, 7], [5, 6, 6, 6], [9, 1, 9, 2]])
+    batch = _mask_after_end(ids, torch.full((3, 4), -0.5), eos_token_ids=[9], pad_token_id=0)
+    assert batch.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert batch.response_ids.tolist() == [[5, 9, 0, 0], [5, 6, 6, 6], [9, 0, 0, 0]]
+    assert batch.truncated.tolist() == [False, True, False]
+    assert batch.behaviour_logprobs[0, 2] == 0 and batch.lengths.tolist() == [2, 4, 1]
+
+
+def rollout(loaded, prompts, **overrides):
+    kwargs = {
+        "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "eos_token_ids": loaded.eos_token_ids,
+        "pad_token_id": loaded.pad_token_id, "suppressed_token_ids": loaded.suppressed_token_ids, "seed": 3,
+    }
+    kwargs.update(overrides)
+    return sample_rollouts(loaded.model, prompts, **kwargs)
+
+
+def test_behaviour_logprobs_match_a_scoring_forward_pass(loaded, prompts) -> None:
+    batch = rollout(loaded, prompts)
+    logits = response_logits(loaded.model, prompts, batch)  # (N, R, V)
+    logits[..., loaded.suppressed_token_ids] = float("-inf")
+    scored = torch.log_softmax(logits.float(), -1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    mask = batch.response_mask
+    torch.testing.assert_close(scored[mask], batch.behaviour_logprobs[mask], atol=2e-4, rtol=1e-4)
+
+
+def test_temperature_enters_the_behaviour_distribution(loaded, prompts) -> None:
+    hot = rollout(loaded, prompts, temperature=2.0)
+    logits = response_logits(loaded.model, prompts, hot)
+    logits[..., loaded.suppressed_token_ids] = float("-inf")
+    scored = torch.log_softmax(logits.float() / 2.0, -1).gather(-1, hot.response_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(scored[hot.response_mask], hot.behaviour_logprobs[hot.response_mask], atol=2e-4,
+                               rtol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible_and_never_emits_suppressed_tokens(loaded, prompts) -> None:
+    first, second = rollout(loaded, prompts, seed=11), rollout(loaded, prompts, seed=11)
+    assert torch.equal(first.response_ids, second.response_ids)
+    others = [rollout(loaded, prompts, seed=s).response_ids for s in range(12, 16)]
+    assert any(not torch.equal(first.response_ids, other) for other in others)
+    emitted = torch.cat([first.response_ids.flatten()] + [o.flatten() for o in others])
+    assert not torch.isin(emitted, torch.tensor(loaded.suppressed_token_ids)).any()
+
+
+def test_greedy_is_argmax(loaded, prompts) -> None:
+    batch = rollout(loaded, prompts, temperature=0.0, max_new_tokens=4)
+    logits = response_logits(loaded.model, prompts, batch)
+    logits[..., loaded.suppressed_token_ids] = float("-inf")
+    argmax = logits.argmax(-1)
+    assert torch.equal(argmax[batch.response_mask], batch.response_ids[batch.response_mask])

@@ -1,0 +1,199 @@
+"""The OPD loop end to end on the tiny random Qwen2-VL: updates, EMA teacher, learning, exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from vopd.config import TrainConfig
+from vopd.trainer import OPDTrainer, latest_checkpoint, train
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (230, 200, 30)}
+
+
+def write_dataset(folder: Path, count: int = 6, *, with_answers: bool = True) -> Path:
+    """A handful of 112 px items: one small coloured disc inside the evidence box."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    names = list(COLORS)
+    lines = []
+    for index in range(count):
+        image = Image.new("RGB", (112, 112), (235, 235, 235))
+        draw = ImageDraw.Draw(image)
+        x0, y0 = 10 + 13 * index % 70, 20 + 7 * index % 60
+        colour = names[index % 4]
+        draw.ellipse([x0 + 6, y0 + 6, x0 + 18, y0 + 18], fill=COLORS[colour])
+        image.save(folder / "images" / f"{index}.png")
+        record = {
+            "id": f"item-{index}",
+            "image": f"images/{index}.png",
+            "question": "What color is the shape inside the box?",
+            "options": names,
+            "bbox": [x0, y0, x0 + 24, y0 + 24],
+        }
+        if with_answers:
+            record["answer"] = colour
+        lines.append(json.dumps(record))
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+def make_config(model: Path, dataset: Path, output: Path, **overrides) -> TrainConfig:
+    values = {
+        "model": str(model),
+        "dataset": str(dataset),
+        "output": str(output),
+        "steps": 2,
+        "seed": 0,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "save_every": 100,
+        "rollout": {"num_rollouts": 2, "max_new_tokens": 6},
+        "divergence": {"topk": 20},
+    }
+    values.update(overrides)
+    return TrainConfig.model_validate(values)
+
+
+def trainable_snapshot(trainer: OPDTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.student.named_parameters() if p.requires_grad}
+
+
+def test_training_updates_weights_and_ema_teacher_moves_by_the_rate(tiny_model_dir, dataset, tmp_path) -> None:
+    config = make_config(tiny_model_dir, dataset, tmp_path / "run", steps=1)
+    trainer = OPDTrainer(config)
+    before = trainable_snapshot(trainer)
+    metrics = trainer.train_step()
+    after = trainable_snapshot(trainer)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert metrics["loss"] > 0 and metrics["response_length"] >= 1
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed, "no trainable weight moved"
+    rate = config.teacher.ema_rate
+    teacher = trainer.teacher.state_dict()
+    for name in changed[:20]:
+        expected = (1 - rate) * before[name] + rate * after[name]
+        torch.testing.assert_close(teacher[name], expected, rtol=1e-5, atol=1e-7)
+    for key in ("divergence_mean", "divergence_max", "argmax_agreement", "topk_overlap", "grad_norm", "lr",
+                "tokens_per_second", "step_time", "truncated_fraction", "student_topk_mass", "teacher_topk_mass"):
+        assert key in metrics, key
+
+
+def test_vision_tower_stays_frozen(tiny_model_dir, dataset, tmp_path) -> None:
+    trainer = OPDTrainer(make_config(tiny_model_dir, dataset, tmp_path / "run", steps=1))
+    frozen = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if "visual" in n}
+    assert frozen and not any(p.requires_grad for n, p in trainer.student.named_parameters() if "visual" in n)
+    trainer.train_step()
+    for name, param in trainer.student.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name])
+
+
+def test_divergence_falls_against_a_fixed_teacher(tiny_model_dir, tmp_path) -> None:
+    """The learning test: one prompt, a frozen teacher, plain gradient steps -> the divergence shrinks."""
+    one = write_dataset(tmp_path / "one", count=1)
+    config = make_config(
+        tiny_model_dir, one, tmp_path / "run", steps=12, batch_size=1, lr=3e-3,
+        teacher={"mode": "fixed"}, rollout={"num_rollouts": 4, "max_new_tokens": 4}, divergence={"topk": 0},
+    )
+    trainer = OPDTrainer(config)
+    losses = [trainer.train_step()["divergence_mean"] for _ in range(config.steps)]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.7 * first, losses
+
+
+def test_resume_is_exact_and_extends_a_finished_run(tiny_model_dir, dataset, tmp_path) -> None:
+    straight = train(make_config(tiny_model_dir, dataset, tmp_path / "straight", steps=4))
+    split_config = make_config(tiny_model_dir, dataset, tmp_path / "split", steps=2)
+    first = train(split_config)
+    assert first.step == 2 and latest_checkpoint(tmp_path / "split").name == "step-2"
+    resumed = train(split_config.model_copy(update={"steps": 4}), resume=True)
+    assert resumed.step == 4
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(tmp_path / "split")) == 4
+    for a, b in zip(losses(tmp_path / "straight"), losses(tmp_path / "split"), strict=True):
+        assert abs(a - b) <= 1e-6
+    weights_a = load_file(straight.final_dir / "model.safetensors")
+    weights_b = load_file(resumed.final_dir / "model.safetensors")
+    for name, tensor in weights_a.items():
+        torch.testing.assert_close(tensor, weights_b[name], rtol=0, atol=1e-6)
+
+
+def test_training_never_reads_answers(tiny_model_dir, tmp_path) -> None:
+    labelled = write_dataset(tmp_path / "labelled", with_answers=True)
+    unlabelled = write_dataset(tmp_path / "unlabelled", with_answers=False)
+    runs = []
+    for name, data in (("a", labelled), ("b", unlabelled)):
+        trainer = OPDTrainer(make_config(tiny_model_dir, data, tmp_path / name, steps=2))
+        losses = [trainer.train_step()["loss"] for _ in range(2)]
+        runs.append((losses, trainable_snapshot(trainer)))
+    assert runs[0][0] == runs[1][0]
+    for name, tensor in runs[0][1].items():
+        assert torch.equal(tensor, runs[1][1][name])
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tiny_model_dir, dataset, tmp_path) -> None:
+    config = make_config(tiny_model_dir, dataset, tmp_path / "run", steps=1)
+    train(config)
+    with pytest.raises(ValueError, match="--resume"):
+        OPDTrainer(config)
+
+
+def test_lora_with_ema_adapter_and_fixed_teacher(tiny_model_dir, dataset, tmp_path) -> None:
+    for mode in ("ema", "fixed", "current"):
+        config = make_config(
+            tiny_model_dir, dataset, tmp_path / mode, steps=1, lora={"enabled": True, "rank": 4},
+            teacher={"mode": mode},
+        )
+        trainer = OPDTrainer(config)
+        adapter_before = trainable_snapshot(trainer)
+        assert adapter_before and all("lora_" in name for name in adapter_before)
+        metrics = trainer.train_step()
+        assert torch.isfinite(torch.tensor(metrics["loss"]))
+        if mode == "ema":
+            rate = config.teacher.ema_rate
+            after = trainable_snapshot(trainer)
+            for name, tensor in trainer.teacher.state_dict().items():
+                torch.testing.assert_close(tensor, (1 - rate) * adapter_before[name] + rate * after[name])
+    result = train(make_config(tiny_model_dir, dataset, tmp_path / "export", steps=1, lora={"enabled": True}))
+    from transformers import AutoModelForImageTextToText
+
+    merged = AutoModelForImageTextToText.from_pretrained(result.final_dir)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_cancellation_checkpoints_and_stops(tiny_model_dir, dataset, tmp_path) -> None:
+    from vopd.callbacks import ProgressCallback
+
+    class StopAfterOne(ProgressCallback):
+        def __init__(self) -> None:
+            self.done = 0
+            self.checkpoints: list[int] = []
+
+        def on_progress(self, *, done, total, metrics=None) -> None:  # noqa: ANN001
+            self.done = done
+
+        def on_checkpoint(self, *, step, path) -> None:  # noqa: ANN001
+            self.checkpoints.append(step)
+
+        def should_stop(self) -> bool:
+            return self.done >= 1
+
+    callback = StopAfterOne()
+    result = train(make_config(tiny_model_dir, dataset, tmp_path / "run", steps=3), callbacks=[callback])
+    assert result.stopped and result.step == 1 and callback.checkpoints == [1]
+    assert result.final_dir is None

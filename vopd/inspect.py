@@ -1,0 +1,169 @@
+"""Per-token inspection: where, along its own answer, does the full-image student disagree with the crop teacher?
+
+For one (image, question, options, box) the student answers on its view (full image, red box, hint); the same
+model then scores those very tokens on the teacher view (the crop). Each position gets both top-k lists, both
+entropies, the divergence under the chosen alpha (plus forward KL, reverse KL and JSD for comparison) and whether
+the two argmaxes agree. The teacher's own answer on the crop stands beside the student's.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image
+from pydantic import BaseModel
+
+from vopd.config import InspectConfig
+from vopd.data import Sample, option_letter
+from vopd.divergence import per_token_details, token_divergence
+from vopd.evaluate import generate_answers, parse_choice
+from vopd.models import LoadedModel, encode_prompts, load_model_and_processor
+from vopd.rollout import response_logits, sample_rollouts
+from vopd.views import student_view, teacher_view, to_messages
+
+
+class TopToken(BaseModel):
+    token: str
+    token_id: int
+    prob: float
+    rank: int
+
+
+class TokenRecord(BaseModel):
+    position: int
+    token: str
+    token_id: int
+    student_prob: float
+    teacher_prob: float
+    divergence: float
+    forward_kl: float
+    reverse_kl: float
+    jsd: float
+    student_entropy: float
+    teacher_entropy: float
+    argmax_agree: bool
+    student_in_topk: bool
+    student_top: list[TopToken]
+    teacher_top: list[TopToken]
+    student_tail_mass: float
+    teacher_tail_mass: float
+
+
+class InspectResult(BaseModel):
+    model: str
+    student_text: str
+    student_choice: str | None
+    teacher_answer: str
+    teacher_choice: str | None
+    student_prompt: str
+    teacher_prompt: str
+    alpha: float
+    mean_divergence: float
+    tokens: list[TokenRecord]
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _top_tokens(tokenizer, ids: torch.Tensor, probs: torch.Tensor) -> list[TopToken]:  # noqa: ANN001
+    return [
+        TopToken(token=tokenizer.decode([token_id]), token_id=token_id, prob=prob, rank=rank + 1)
+        for rank, (token_id, prob) in enumerate(zip(ids.tolist(), probs.tolist(), strict=True))
+    ]
+
+
+@torch.no_grad()
+def inspect_sample(config: InspectConfig, image: Image.Image, *, loaded: LoadedModel | None = None) -> InspectResult:
+    """Run the student's rollout on the full image and compare it token by token with the crop teacher."""
+    loaded = loaded or load_model_and_processor(config.model, config.runtime)
+    width, height = image.size
+    x0, y0, x1, y1 = config.bbox
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        raise ValueError(f"bbox {list(config.bbox)} lies outside the {width}x{height} image")
+    sample = Sample(
+        id="inspect", question=config.question, options=config.options, bbox=config.bbox, image_bytes=_png_bytes(image)
+    )
+    student = student_view(sample, config.views)
+    teacher = teacher_view(sample, config.views)
+
+    def encode(view):  # noqa: ANN001, ANN202
+        batch = encode_prompts(loaded.processor, [to_messages(view)]).to(loaded.device)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(loaded.dtype)
+        return batch
+
+    student_prompts, teacher_prompts = encode(student), encode(teacher)
+    rollout = sample_rollouts(
+        loaded.model,
+        student_prompts,
+        max_new_tokens=config.max_new_tokens,
+        temperature=0.0 if config.greedy else config.temperature,
+        top_p=config.top_p,
+        eos_token_ids=loaded.eos_token_ids,
+        pad_token_id=loaded.pad_token_id,
+        suppressed_token_ids=loaded.suppressed_token_ids,
+        seed=config.seed,
+    )
+    length = int(rollout.response_mask[0].sum())
+    student_logits = response_logits(loaded.model, student_prompts, rollout)[0, :length].float()  # (R, V)
+    teacher_logits = response_logits(loaded.model, teacher_prompts, rollout)[0, :length].float()  # (R, V)
+    response_ids = rollout.response_ids[0, :length]
+
+    div = config.divergence
+    common = {"topk": div.topk, "add_tail": div.add_tail, "temperature": div.temperature}
+    chosen = token_divergence(student_logits, teacher_logits, alpha=div.alpha, **common)
+    forward = token_divergence(student_logits, teacher_logits, alpha=0.0, **common)
+    reverse = token_divergence(student_logits, teacher_logits, alpha=1.0, **common)
+    jsd = token_divergence(student_logits, teacher_logits, alpha=0.5, **common)
+    details = per_token_details(student_logits, teacher_logits, k=config.show_topk, temperature=div.temperature)
+    student_logprobs = torch.log_softmax(student_logits / div.temperature, dim=-1)
+    teacher_logprobs = torch.log_softmax(teacher_logits / div.temperature, dim=-1)
+
+    tokenizer = loaded.processor.tokenizer
+    records = []
+    for position in range(length):
+        token_id = int(response_ids[position])
+        student_top_ids = details["student_topk_ids"][position]
+        records.append(
+            TokenRecord(
+                position=position,
+                token=tokenizer.decode([token_id]),
+                token_id=token_id,
+                student_prob=float(student_logprobs[position, token_id].exp()),
+                teacher_prob=float(teacher_logprobs[position, token_id].exp()),
+                divergence=float(chosen[position]),
+                forward_kl=float(forward[position]),
+                reverse_kl=float(reverse[position]),
+                jsd=float(jsd[position]),
+                student_entropy=float(details["student_entropy"][position]),
+                teacher_entropy=float(details["teacher_entropy"][position]),
+                argmax_agree=bool(details["argmax_agreement"][position]),
+                student_in_topk=token_id in student_top_ids.tolist(),
+                student_top=_top_tokens(tokenizer, student_top_ids, details["student_topk_probs"][position]),
+                teacher_top=_top_tokens(
+                    tokenizer, details["teacher_topk_ids"][position], details["teacher_topk_probs"][position]
+                ),
+                student_tail_mass=float(details["student_tail_mass"][position]),
+                teacher_tail_mass=float(details["teacher_tail_mass"][position]),
+            )
+        )
+    student_text = tokenizer.decode(response_ids.tolist(), skip_special_tokens=True).strip()
+    options = config.options or []
+    student_choice = parse_choice(student_text, options) if options else None
+    teacher_answer = generate_answers(loaded, [teacher], [config.options], max_new_tokens=config.max_new_tokens)[0]
+    return InspectResult(
+        model=config.model,
+        student_text=student_text,
+        student_choice=option_letter(student_choice) if student_choice is not None else None,
+        teacher_answer=teacher_answer.text,
+        teacher_choice=option_letter(teacher_answer.choice) if teacher_answer.choice is not None else None,
+        student_prompt=student.text,
+        teacher_prompt=teacher.text,
+        alpha=div.alpha,
+        mean_divergence=float(chosen.mean()) if length else 0.0,
+        tokens=records,
+    )

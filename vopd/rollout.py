@@ -1,0 +1,151 @@
+"""Student rollouts: batched sampling with the KV cache through ``generate``.
+
+The student samples on its own (full-image) view; those very tokens are later scored by the teacher on
+the crop view. We keep the behaviour log-probabilities of every sampled token, read from the processed
+scores while generating (O(N) memory per step, never the [N, R, V] score history).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import BatchFeature, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.logits_process import (
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclass
+class RolloutBatch:
+    """The student's sampled responses, right-padded, aligned row by row with the prompts that made them."""
+
+    response_ids: torch.Tensor  # (N, R) long, pad after the end
+    response_mask: torch.Tensor  # (N, R) bool: real response tokens, EOS included
+    behaviour_logprobs: torch.Tensor  # (N, R) float32: log-prob of each token under the sampling distribution
+    truncated: torch.Tensor  # (N,) bool: hit max_new_tokens without an end token
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(dim=1)
+
+
+class _RecordProcessedScores(LogitsProcessor):
+    """Last in the processor chain: keeps the step's final log-distribution (one [N, V] at a time)."""
+
+    def __init__(self) -> None:
+        self.last_logprobs: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.last_logprobs = torch.log_softmax(scores.float(), dim=-1)  # (N, V)
+        return scores
+
+
+class _GatherSampledLogprob(StoppingCriteria):
+    """Runs after the new token is appended: reads its log-prob from the recorded distribution; never stops."""
+
+    def __init__(self, recorder: _RecordProcessedScores) -> None:
+        self.recorder = recorder
+        self.logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: object, **kwargs: object) -> torch.BoolTensor:
+        assert self.recorder.last_logprobs is not None
+        self.logprobs.append(self.recorder.last_logprobs.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@torch.no_grad()
+def sample_rollouts(
+    model: torch.nn.Module,
+    prompts: BatchFeature,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    suppressed_token_ids: list[int],
+    seed: int | None = None,
+) -> RolloutBatch:
+    """Sample one response per prompt row (repeat rows beforehand for several rollouts per prompt).
+
+    ``temperature == 0`` means greedy. A ``seed`` makes the sample depend only on it and the weights,
+    which is what makes resumed training bit-identical to an uninterrupted run. Temperature, top-p and
+    token suppression are applied by our own processor chain (with generate's own warpers switched
+    off), so the recorded behaviour log-probs are those of the distribution each token was drawn from,
+    whatever defaults a model's generation_config.json carries.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    greedy = temperature == 0.0
+    processors = LogitsProcessorList()
+    if suppressed_token_ids:
+        processors.append(SuppressTokensLogitsProcessor(suppressed_token_ids, device=prompts["input_ids"].device))
+    if not greedy and temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if not greedy and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    recorder = _RecordProcessedScores()
+    processors.append(recorder)
+    gatherer = _GatherSampledLogprob(recorder)
+    was_training = model.training
+    model.eval()
+    try:
+        sequences = model.generate(
+            **prompts,
+            do_sample=not greedy,
+            **({} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}),
+            repetition_penalty=1.0,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_ids,
+            pad_token_id=pad_token_id,
+            logits_processor=processors,
+            stopping_criteria=StoppingCriteriaList([gatherer]),
+            use_cache=True,
+        )
+    finally:
+        model.train(was_training)
+    response_ids = sequences[:, prompts["input_ids"].shape[1] :]  # (N, R)
+    behaviour = torch.stack(gatherer.logprobs, dim=1)  # (N, R)
+    return _mask_after_end(response_ids, behaviour, eos_token_ids, pad_token_id)
+
+
+def _mask_after_end(
+    response_ids: torch.Tensor, behaviour: torch.Tensor, eos_token_ids: list[int], pad_token_id: int
+) -> RolloutBatch:
+    """Keep tokens up to and including the first end token; everything after it is padding."""
+    is_end = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device))
+    ended_before = (is_end.long().cumsum(dim=1) - is_end.long()) > 0  # (N, R) an end token came earlier
+    response_mask = ~ended_before
+    truncated = ~is_end.any(dim=1)
+    response_ids = response_ids.masked_fill(~response_mask, pad_token_id)
+    behaviour = behaviour.masked_fill(~response_mask, 0.0)
+    return RolloutBatch(response_ids, response_mask, behaviour, truncated)
+
+
+def append_response(prompts: BatchFeature, rollout: RolloutBatch) -> BatchFeature:
+    """Prompt (left-padded) + response (right-padded) as one model input, for scoring with a forward pass.
+
+    Both views put their prompt on the left and the same response on the right, so the last R positions
+    line up between student and teacher although their prompts differ in length.
+    """
+    prompt_shape = prompts["input_ids"].shape
+    inputs = dict(prompts)
+    for key, value in prompts.items():  # per-token side tensors (e.g. mm_token_type_ids): responses are text (0)
+        if key not in ("input_ids", "attention_mask") and torch.is_tensor(value) and value.shape == prompt_shape:
+            inputs[key] = torch.cat([value, value.new_zeros(rollout.response_ids.shape)], dim=1)
+    inputs["input_ids"] = torch.cat([prompts["input_ids"], rollout.response_ids], dim=1)
+    inputs["attention_mask"] = torch.cat(
+        [prompts["attention_mask"], rollout.response_mask.to(prompts["attention_mask"].dtype)], dim=1
+    )
+    return BatchFeature(inputs)
+
+
+def response_logits(model: torch.nn.Module, prompts: BatchFeature, rollout: RolloutBatch) -> torch.Tensor:
+    """Logits that predict each response token: ``(N, R, V)``, computing the LM head only where needed."""
+    response_length = rollout.response_ids.shape[1]
+    inputs = append_response(prompts, rollout)
+    output = model(**inputs, logits_to_keep=response_length + 1, use_cache=False)
+    return output.logits[:, :-1, :]  # position P-1+j predicts response token j

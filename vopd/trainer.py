@@ -1,0 +1,409 @@
+"""The Vision-OPD loop: student rollout on the full image -> teacher scores it on the crop -> divergence -> step.
+
+One explicit loop that reads top to bottom. Everything the loop depends on is either in the config or in
+the checkpoint (weights, optimizer, scheduler, teacher, RNG, step), and both the data order and the
+rollout seeds are pure functions of (seed, step), so a resumed run is bit-identical to an uninterrupted
+one and ``--resume --steps N`` can extend a finished run. The trainer never reads answers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vopd.callbacks import CallbackList, ProgressCallback
+from vopd.config import TrainConfig
+from vopd.data import Sample, load_dataset
+from vopd.divergence import distillation_loss, distribution_stats
+from vopd.guard import CollapseGuard
+from vopd.models import LoadedModel, encode_prompts, load_model_and_processor
+from vopd.rollout import response_logits, sample_rollouts
+from vopd.teacher import Teacher, trainable_parameters
+from vopd.views import student_view, teacher_view, to_messages
+
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_dir: Path | None
+    step: int
+    total_steps: int
+    stopped: bool
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A deterministic seed for (run seed, step, micro-batch, ...): the same wherever the run was resumed."""
+    value = seed
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) % (2**62)
+    return value
+
+
+class DataOrder:
+    """An endless, reshuffled-per-epoch stream of sample indices; position g is a pure function of (seed, g)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self._permutations: dict[int, list[int]] = {}
+
+    def index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        if epoch not in self._permutations:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, 7, epoch))
+            if len(self._permutations) > 2:  # only the current and next epoch are ever needed together
+                self._permutations.clear()
+            self._permutations[epoch] = torch.randperm(self.size, generator=generator).tolist()
+        return self._permutations[epoch][offset]
+
+
+def total_steps_for(config: TrainConfig, dataset_size: int) -> int:
+    if config.steps is not None:
+        return config.steps
+    assert config.epochs is not None
+    return max(1, math.ceil(config.epochs * dataset_size / (config.batch_size * config.grad_accum)))
+
+
+def warmup_then_constant(warmup_steps: int):
+    """Linear warm-up then constant: a schedule that never needs the total step count (extendable runs)."""
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / (warmup_steps + 1)) if warmup_steps else 1.0
+
+    return factor
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    folder = output_dir / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return None
+    steps = [
+        (int(path.name.split("-")[1]), path)
+        for path in folder.glob("step-*")
+        if path.name.split("-")[1].isdigit() and (path / STATE_FILE).exists()
+    ]
+    return max(steps)[1] if steps else None
+
+
+def _to_device(batch: Any, loaded: LoadedModel) -> Any:
+    batch = batch.to(loaded.device)
+    if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
+        batch["pixel_values"] = batch["pixel_values"].to(loaded.dtype)
+    return batch
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class OPDTrainer:
+    """Holds the loop state (model, teacher, optimizer, scheduler, step) so that it can be checkpointed whole."""
+
+    def __init__(self, config: TrainConfig, *, callbacks: Sequence[ProgressCallback] = (), resume: bool = False):
+        if config.output is None:
+            raise ValueError("TrainConfig.output must name the run folder")
+        self.config = config
+        self.output_dir = Path(config.output)
+        self.callbacks = CallbackList(callbacks)
+        self.samples: list[Sample] = load_dataset(config.dataset)
+        if not self.samples:
+            raise ValueError(f"{config.dataset}: the dataset is empty")
+        self.order = DataOrder(len(self.samples), config.seed)
+        self.total_steps = total_steps_for(config, len(self.samples))
+        checkpoint = latest_checkpoint(self.output_dir) if resume else None
+        if resume and checkpoint is None:
+            self.callbacks.on_log(f"no checkpoint in {self.output_dir}; starting from step 0", level="warning")
+        if not resume and checkpoint is None and latest_checkpoint(self.output_dir) is not None:
+            raise ValueError(f"{self.output_dir} already holds checkpoints: pass --resume or choose another --output")
+
+        torch.manual_seed(config.seed)
+        self.loaded = self._load_student(checkpoint)
+        self.student: nn.Module = self.loaded.model
+        self.teacher = Teacher(self.student, config.teacher)
+        self.guard = CollapseGuard(config.collapse_guard, self.samples, config.views)
+        params = list(trainable_parameters(self.student).values())
+        if not params:
+            raise ValueError("no trainable parameters: check lora/freeze settings")
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_constant(config.warmup_steps))
+        self.step = 0
+        if checkpoint is not None:
+            self._load_state(checkpoint)
+            self.callbacks.on_log(f"resumed from {checkpoint} at step {self.step}")
+
+    # ------------------------------------------------------------------ setup
+    def _load_student(self, checkpoint: Path | None) -> LoadedModel:
+        config = self.config
+        if checkpoint is not None and not config.lora.enabled:
+            return load_model_and_processor(
+                checkpoint, config.runtime, freeze_vision_tower=config.freeze_vision_tower, trainable=True
+            )
+        loaded = load_model_and_processor(
+            config.model,
+            config.runtime,
+            lora=config.lora,
+            freeze_vision_tower=config.freeze_vision_tower,
+            trainable=True,
+        )
+        if checkpoint is not None:  # LoRA: base weights from the model, adapter from the checkpoint
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(loaded.model, load_file(checkpoint / "adapter_model.safetensors"))
+        return loaded
+
+    def _load_state(self, checkpoint: Path) -> None:
+        state = torch.load(checkpoint / STATE_FILE, map_location=self.loaded.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.teacher.load_state_dict(state["teacher"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> TrainResult:
+        config = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.json").write_text(config.model_dump_json(indent=2))
+        metrics_log = self._open_metrics_log()
+        self.callbacks.on_start(total=self.total_steps, start=self.step, unit="step")
+        last_metrics: dict[str, float] = {}
+        stopped = False
+        if self.guard.active and self.step < self.total_steps:
+            baseline, _ = self._guard_check()  # the teacher's starting answers, against which drift is measured
+            rounded = {key: round(value, 3) for key, value in baseline.items()}
+            self.callbacks.on_log(f"collapse guard baseline at step {self.step}: {json.dumps(rounded)}")
+        try:
+            while self.step < self.total_steps:
+                if self.callbacks.should_stop():
+                    stopped = True
+                    break
+                last_metrics = self.train_step()
+                self.step += 1
+                if self.guard.due(self.step):
+                    guard_metrics, collapse_stop = self._guard_check()
+                    last_metrics.update(guard_metrics)
+                    stopped = collapse_stop
+                metrics_log.write(json.dumps({"step": self.step, **last_metrics}) + "\n")
+                metrics_log.flush()
+                self.callbacks.on_progress(done=self.step, total=self.total_steps, metrics=last_metrics)
+                if self.step % config.save_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if stopped:
+                    break
+        finally:
+            metrics_log.close()
+        if stopped:
+            if latest_checkpoint(self.output_dir) != self._checkpoint_dir(self.step) and self.step > 0:
+                self.save_checkpoint()
+            self.callbacks.on_log(f"stopped at step {self.step} of {self.total_steps}")
+            self.callbacks.on_end(status="stopped", result={"step": self.step})
+            return TrainResult(self.output_dir, None, self.step, self.total_steps, True, last_metrics)
+        final_dir = self.export_final()
+        self.callbacks.on_end(status="succeeded", result={"step": self.step, "final_dir": str(final_dir)})
+        return TrainResult(self.output_dir, final_dir, self.step, self.total_steps, False, last_metrics)
+
+    def _guard_check(self) -> tuple[dict[str, float], bool]:
+        """Probe for letter collapse and teacher drift (vopd.guard); the metrics and whether to stop the run."""
+        with self.teacher.scoring() as teacher_module:
+            metrics, warnings = self.guard.check(self.loaded, teacher_module)
+        for warning in warnings:
+            self.callbacks.on_log(warning, level="warning")
+        return metrics, bool(warnings) and self.config.collapse_guard.stop_on_collapse
+
+    def _samples_for(self, micro_batch: int) -> list[Sample]:
+        start = micro_batch * self.config.batch_size
+        return [self.samples[self.order.index(start + i)] for i in range(self.config.batch_size)]
+
+    def _encode(self, samples: list[Sample], view_fn) -> Any:  # noqa: ANN001 - student_view or teacher_view
+        repeats = self.config.rollout.num_rollouts
+        conversations = [to_messages(view_fn(sample, self.config.views)) for sample in samples for _ in range(repeats)]
+        return _to_device(encode_prompts(self.loaded.processor, conversations), self.loaded)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
+        config = self.config
+        started = time.perf_counter()
+        timings = {"rollout_time": 0.0, "teacher_time": 0.0, "student_time": 0.0}
+        self.student.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        divergence_max = 0.0
+        response_tokens = 0
+        rows = 0
+        truncated = 0
+        for micro in range(config.grad_accum):
+            samples = self._samples_for(self.step * config.grad_accum + micro)
+            student_prompts = self._encode(samples, student_view)
+            teacher_prompts = self._encode(samples, teacher_view)
+
+            tick = time.perf_counter()
+            rollout = sample_rollouts(
+                self.student,
+                student_prompts,
+                max_new_tokens=config.rollout.max_new_tokens,
+                temperature=config.rollout.temperature,
+                top_p=config.rollout.top_p,
+                eos_token_ids=self.loaded.eos_token_ids,
+                pad_token_id=self.loaded.pad_token_id,
+                suppressed_token_ids=self.loaded.suppressed_token_ids,
+                seed=derive_seed(config.seed, self.step, micro),
+            )
+            timings["rollout_time"] += time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            with self.teacher.scoring() as teacher_module:
+                teacher_logits = response_logits(teacher_module, teacher_prompts, rollout)  # (N, R, V)
+            timings["teacher_time"] += time.perf_counter() - tick
+
+            tick = time.perf_counter()
+            student_logits = response_logits(self.student, student_prompts, rollout)  # (N, R, V)
+            loss, per_token = distillation_loss(
+                student_logits,
+                teacher_logits,
+                rollout.response_mask,
+                config.divergence,
+                response_ids=rollout.response_ids,
+                behaviour_logprobs=rollout.behaviour_logprobs,
+            )
+            (loss / config.grad_accum).backward()
+            timings["student_time"] += time.perf_counter() - tick
+
+            self._accumulate(totals, "loss", loss.item() / config.grad_accum)
+            mask = rollout.response_mask
+            tokens = int(mask.sum())
+            if tokens:
+                divergence_max = max(divergence_max, float(per_token[mask].max()))
+                self._accumulate(totals, "divergence_mean", float(per_token[mask].mean()) / config.grad_accum)
+            stats = distribution_stats(
+                student_logits.detach(), teacher_logits, mask, topk=config.divergence.topk or 100,
+                temperature=config.divergence.temperature,
+            )
+            for key, value in stats.items():
+                self._accumulate(totals, key, value / config.grad_accum)
+            response_tokens += tokens
+            rows += mask.shape[0]
+            truncated += int(rollout.truncated.sum())
+            del student_logits, teacher_logits, rollout
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.student.parameters() if p.requires_grad], config.grad_clip
+        )
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.teacher.update()
+        step_time = time.perf_counter() - started
+        return {
+            **totals,
+            "divergence_max": divergence_max,
+            "response_length": response_tokens / max(rows, 1),
+            "truncated_fraction": truncated / max(rows, 1),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "tokens_per_second": response_tokens / step_time,
+            "step_time": step_time,
+            **timings,
+        }
+
+    @staticmethod
+    def _accumulate(totals: dict[str, float], key: str, value: float) -> None:
+        totals[key] = totals.get(key, 0.0) + value
+
+    # ------------------------------------------------------------------ files
+    def _open_metrics_log(self):  # noqa: ANN202
+        """Append to metrics.jsonl, first dropping records past the resumed step (they will be redone)."""
+        path = self.output_dir / METRICS_FILE
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in kept))
+        return path.open("a", encoding="utf-8")
+
+    def _checkpoint_dir(self, step: int) -> Path:
+        return self.output_dir / CHECKPOINTS_DIR / f"step-{step}"
+
+    def save_checkpoint(self) -> Path:
+        """Write into a temporary folder, then rename: a crash never leaves a half checkpoint behind."""
+        final = self._checkpoint_dir(self.step)
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        self.student.save_pretrained(partial)
+        self.loaded.processor.save_pretrained(partial)
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "rng": _rng_state(),
+            "config": self.config.model_dump(mode="json"),
+        }
+        torch.save(state, partial / STATE_FILE)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        self._prune_checkpoints()
+        self.callbacks.on_checkpoint(step=self.step, path=final)
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        folder = self.output_dir / CHECKPOINTS_DIR
+        steps = sorted(
+            (int(path.name.split("-")[1]), path)
+            for path in folder.glob("step-*")
+            if path.name.split("-")[1].isdigit()
+        )
+        for _, path in steps[: -self.config.keep_checkpoints]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def export_final(self) -> Path:
+        """The trained model as a standard folder: LoRA merged into the weights, loadable with from_pretrained."""
+        final = self.output_dir / FINAL_DIR
+        partial = final.with_name(FINAL_DIR + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model = self.student
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.save_pretrained(partial)
+        self.loaded.processor.save_pretrained(partial)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        return final
+
+
+def train(
+    config: TrainConfig, *, callbacks: Sequence[ProgressCallback] = (), resume: bool = False
+) -> TrainResult:
+    """Run (or resume, or extend) a Vision-OPD training run described by ``config``."""
+    return OPDTrainer(config, callbacks=callbacks, resume=resume).train()
