@@ -55,7 +55,8 @@ def main() -> None:
     trainer = OPDTrainer(config)
     loaded = trainer.loaded
     eos = loaded.eos_token_ids
-    trainer.loaded.eos_token_ids = [-1]  # never stop early: fixed response length for a fair comparison
+    never = [loaded.suppressed_token_ids[0]]  # a suppressed id as "end": full-length responses, a fair comparison
+    trainer.loaded.eos_token_ids = never
     samples = trainer._samples_for(0)
     student_prompts = trainer._encode(samples, student_view)
     teacher_prompts = trainer._encode(samples, teacher_view)
@@ -63,7 +64,7 @@ def main() -> None:
     def generate():  # noqa: ANN202
         return sample_rollouts(
             trainer.student, student_prompts, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0,
-            eos_token_ids=[-1], pad_token_id=loaded.pad_token_id,
+            eos_token_ids=never, pad_token_id=loaded.pad_token_id,
             suppressed_token_ids=loaded.suppressed_token_ids, seed=derive_seed(0, 0, 0),
         )
 

@@ -158,6 +158,12 @@ class OPDTrainer:
             raise ValueError("no trainable parameters: check lora/freeze settings")
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_constant(config.warmup_steps))
+        # Importance weights p_S/p_behaviour only mean something when both are the same distribution family:
+        # sampling at the divergence's temperature without top-p truncation. (Rollouts here are always fresh,
+        # so the weight is ~1 then; with other sampling settings it would be a bias, not a correction.)
+        self._behaviour_comparable = (
+            config.rollout.temperature == config.divergence.temperature and config.rollout.top_p == 1.0
+        )
         self.step = 0
         if checkpoint is not None:
             self._load_state(checkpoint)
@@ -296,7 +302,7 @@ class OPDTrainer:
                 rollout.response_mask,
                 config.divergence,
                 response_ids=rollout.response_ids,
-                behaviour_logprobs=rollout.behaviour_logprobs,
+                behaviour_logprobs=rollout.behaviour_logprobs if self._behaviour_comparable else None,
             )
             (loss / config.grad_accum).backward()
             timings["student_time"] += time.perf_counter() - tick
