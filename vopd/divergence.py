@@ -17,9 +17,13 @@ Memory: the logits of a long rollout are [B, T, V] with V up to ~150k, so one fp
 be larger than the model. Every function here walks positions in chunks of ``chunk_size`` rows and works in fp32
 (fp64 for fp64 input) per chunk only. A plain autograd graph through the chunks would still keep each chunk's
 log-softmax output (saved by its backward) alive until ``backward()``, i.e. a full fp32 copy in total. So the
-differentiable entry points run through ``_ChunkedRows``: the forward keeps nothing but the inputs and the top-k
-indices (O(tokens x k)), and the backward recomputes one chunk at a time and writes its gradient straight into the
-logits' gradient. Extra memory is thus the gradient itself (which autograd needs anyway) plus one chunk.
+differentiable entry points run through ``_ChunkedRows``: the forward keeps nothing but references to the inputs
+(in top-k mode not even the teacher's: its O(tokens x k) bucket log-probs and the top-k ids are kept instead), and
+the backward recomputes one chunk at a time and writes its gradient straight into the logits' gradient, with
+closed-form gradients so that a chunk needs only a few [chunk, V] temporaries (autograd through a chunk would keep
+~14). Extra memory is thus the gradient itself (which autograd needs anyway) plus a few chunks: 1.3-1.4x the
+logits in all at V=32k, 256 rows per chunk, against 12x for the naive version (``bench/divergence_memory.py``). With
+V ~ 150k, prefer ``chunk_size`` 256 over the default 1024 (a [1024, 150k] fp32 temporary is 0.6 GB).
 
 Numerics: entries with zero probability (``-inf`` logits, underflow of near-one-hot rows) contribute 0 to a KL
 (0 log 0 = 0) and are guarded with "safe" substitutions so that no NaN appears in values *or* gradients; the tail
@@ -31,7 +35,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -92,56 +98,65 @@ def _row_chunks(big: Sequence[Tensor], chunk_size: int) -> Iterator[tuple[int, i
             yield offset + start, offset + end, [r[start:end] for r in rows]
 
 
-# RowFn(student_rows (n, V), teacher_rows (n, V) | None, aux_rows (n, ...) | None) -> values (n,)
-RowFn = Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
+class _RowOp(Protocol):
+    """A per-position quantity of one row of student logits, optionally with teacher logits and row-aligned aux data.
+
+    ``grads`` returns the vector-Jacobian product for one chunk in closed form: recomputing the chunk through
+    autograd instead would keep ~14 chunk-sized fp32 intermediates alive during its backward, against ~4 here.
+    """
+
+    def values(self, student_rows: Tensor, teacher_rows: Tensor | None, aux_rows: tuple[Tensor, ...]) -> Tensor:
+        """(n, V), (n, V) | None, ((n, ...), ...) -> (n,) in the compute dtype."""
+        ...
+
+    def grads(
+        self, student_rows: Tensor, teacher_rows: Tensor | None, aux_rows: tuple[Tensor, ...], grad_values: Tensor
+    ) -> Tensor:
+        """d(sum(grad_values * values)) / d student_rows.  # -> (n, V) in the compute dtype"""
+        ...
 
 
 class _ChunkedRows(torch.autograd.Function):
-    """Apply a row-wise function chunk by chunk, differentiable w.r.t. the student rows only.
+    """Apply a row-wise op chunk by chunk, differentiable w.r.t. the student rows only.
 
-    Each output value depends on one row of the student logits only, so the gradient of a chunk's rows is that
-    chunk's vector-Jacobian product: the backward recomputes chunk by chunk instead of storing every chunk's
-    intermediates, which is what keeps the memory O(chunk x V) on top of the gradient.
+    Each output value depends on one row of the student logits only, so a chunk's gradient is that chunk's
+    vector-Jacobian product: the backward recomputes chunk by chunk (nothing but the inputs is saved) and writes
+    into the gradient tensor, which is what keeps the memory O(chunk x V) on top of the gradient itself.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
-        row_fn: RowFn,
+        op: _RowOp,
         chunk_size: int,
         student: Tensor,
         teacher: Tensor | None,
-        aux: Tensor | None,
+        *aux: Tensor,
     ) -> Tensor:
         leading = student.shape[:-1]
         values = torch.empty(math.prod(leading), dtype=_compute_dtype(student.dtype), device=student.device)
         big = [student] if teacher is None else [student, teacher]
         for start, end, rows in _row_chunks(big, chunk_size):
             teacher_rows = rows[1] if teacher is not None else None
-            aux_rows = aux[start:end] if aux is not None else None
-            values[start:end] = row_fn(rows[0], teacher_rows, aux_rows)
-        ctx.row_fn = row_fn
+            values[start:end] = op.values(rows[0], teacher_rows, tuple(a[start:end] for a in aux))
+        ctx.op = op
         ctx.chunk_size = chunk_size
-        ctx.save_for_backward(student, teacher, aux)
+        ctx.save_for_backward(student, teacher, *aux)
         return values.view(leading)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_values: Tensor) -> tuple[None, None, Tensor, None, None]:  # type: ignore[override]
-        student, teacher, aux = ctx.saved_tensors
+    def backward(ctx, grad_values: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        student, teacher, *aux = ctx.saved_tensors
         grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
         grad_rows = grad_student.view(-1, student.shape[-1])  # (N, V), contiguous by construction
-        grad_flat = grad_values.reshape(-1)  # (N,)
+        grad_flat = grad_values.reshape(-1).to(_compute_dtype(student.dtype))  # (N,)
         big = [student] if teacher is None else [student, teacher]
         for start, end, rows in _row_chunks(big, ctx.chunk_size):
-            leaf = rows[0].detach().requires_grad_(True)
-            with torch.enable_grad():
-                values = ctx.row_fn(
-                    leaf, rows[1] if teacher is not None else None, aux[start:end] if aux is not None else None
-                )
-            (grad_chunk,) = torch.autograd.grad(values, leaf, grad_outputs=grad_flat[start:end].to(values.dtype))
-            grad_rows[start:end] = grad_chunk
-        return None, None, grad_student, None, None
+            teacher_rows = rows[1] if teacher is not None else None
+            aux_rows = tuple(a[start:end] for a in aux)
+            grad_rows[start:end] = ctx.op.grads(rows[0], teacher_rows, aux_rows, grad_flat[start:end])
+        return (None, None, grad_student, None, *(None for _ in aux))
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -165,7 +180,10 @@ def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
 
 def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
     """Log-probabilities of one chunk in the compute dtype.  # (n, V) -> (n, V)"""
-    return torch.log_softmax(logits.to(_compute_dtype(logits.dtype)) / temperature, dim=-1)
+    scaled = logits.to(_compute_dtype(logits.dtype))
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    return torch.log_softmax(scaled, dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,10 +191,10 @@ def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
 
 
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
-    """KL(P || Q) over the last dimension, with 0 log 0 = 0 and no NaN gradient from zero-probability entries.
+    """KL(P || Q) over the last dimension, with 0 log 0 = 0.
 
-    Both branches of a ``torch.where`` are differentiated, so -inf is replaced *before* the arithmetic: otherwise
-    0 * (-inf) in the unused branch turns into a NaN gradient.
+    -inf is replaced *before* the arithmetic rather than only masked after it, so that the function also stays
+    NaN-free under autograd (both branches of a ``torch.where`` are differentiated there).
     """
     support = logp != NEG_INF  # NaN stays in the support so that it propagates instead of hiding
     logp_safe = torch.where(support, logp, 0.0)
@@ -188,10 +206,10 @@ def _kl(logp: Tensor, logq: Tensor) -> Tensor:
 def _mixture_logprobs(student: Tensor, teacher: Tensor, alpha: float) -> Tensor:
     """log((1 - alpha) S + alpha T), computed with logaddexp; entries where both are 0 are never read."""
     both_empty = (student == NEG_INF) & (teacher == NEG_INF)
-    # logaddexp(-inf, -inf) has a NaN gradient; give those (unused) entries a finite dummy instead.
-    student_in = student.masked_fill(both_empty, 0.0)
-    teacher_in = teacher.masked_fill(both_empty, 0.0)
-    return torch.logaddexp(student_in + math.log1p(-alpha), teacher_in + math.log(alpha))
+    # logaddexp(-inf, -inf) is NaN (and has a NaN gradient): give those unused entries a finite dummy instead.
+    mixture = student.masked_fill(both_empty, 0.0).add_(math.log1p(-alpha))
+    weighted_teacher = teacher.masked_fill(both_empty, 0.0).add_(math.log(alpha))
+    return torch.logaddexp(mixture, weighted_teacher, out=mixture)  # in place: one [n, m] temporary less
 
 
 def _divergence_from_logprobs(student: Tensor, teacher: Tensor, alpha: float) -> Tensor:
@@ -220,7 +238,11 @@ def _complement_logsumexp(logprobs: Tensor, topk_ids: Tensor) -> Tensor:
 
 def _bucket_logprobs(logits: Tensor, topk_ids: Tensor | None, temperature: float, add_tail: bool) -> Tensor:
     """The distribution compared by the divergence, as log-probs.  # (n, V) -> (n, V) | (n, k) | (n, k + 1)"""
-    logprobs = _log_softmax(logits, temperature)  # (n, V)
+    return _bucket_logprobs_from(_log_softmax(logits, temperature), topk_ids, add_tail)
+
+
+def _bucket_logprobs_from(logprobs: Tensor, topk_ids: Tensor | None, add_tail: bool) -> Tensor:
+    """Buckets from full-vocabulary log-probs (returned as is for the full vocabulary).  # (n, V) -> (n, m)"""
     if topk_ids is None:
         return logprobs
     top = logprobs.gather(-1, topk_ids)  # (n, k)
@@ -232,28 +254,102 @@ def _bucket_logprobs(logits: Tensor, topk_ids: Tensor | None, temperature: float
     return top - norm.masked_fill(norm == NEG_INF, 0.0)
 
 
-def _divergence_rows(alpha: float, add_tail: bool, temperature: float) -> RowFn:
-    def row_fn(student_rows: Tensor, teacher_rows: Tensor | None, topk_ids: Tensor | None) -> Tensor:
-        assert teacher_rows is not None
-        student = _bucket_logprobs(student_rows, topk_ids, temperature, add_tail)
-        teacher = _bucket_logprobs(teacher_rows, topk_ids, temperature, add_tail)
-        return _divergence_from_logprobs(student, teacher, alpha)
+def _divergence_bucket_grad(student: Tensor, teacher: Tensor, alpha: float) -> Tensor:
+    """dD/d(student bucket log-probs), in closed form.  # (n, m), (n, m) -> (n, m)
 
-    return row_fn
-
-
-def _student_topk_ids(student_logits: Tensor, k: int, chunk_size: int) -> Tensor:
-    """Indices of the student's top-k tokens per position, flattened to (N, k); never differentiated.
-
-    Top-k of the raw logits equals top-k of the tempered log-probs (a per-row increasing map), so no float copy
-    is needed. The indices are fixed here once, so the backward recomputation compares the very same buckets.
+    With p = exp(student), q = exp(teacher): reverse KL gives p (log p - log q + 1); forward KL gives -q; the
+    mixture form gives (1 - alpha) p (log p - log M), because the terms from M's own dependence on p sum to
+    (1 - alpha) p (1 - M / M) = 0. Zero-probability buckets get 0 rather than 0 * inf.
     """
-    leading = student_logits.shape[:-1]
-    topk_ids = torch.empty(math.prod(leading), k, dtype=torch.long, device=student_logits.device)
-    with torch.no_grad():
-        for start, end, (rows,) in _row_chunks([student_logits], chunk_size):
-            topk_ids[start:end] = rows.topk(k, dim=-1).indices
-    return topk_ids
+    if alpha == 0.0:
+        return -teacher.exp()
+    if alpha == 1.0:
+        other, scale = teacher - 1.0, 1.0
+    else:
+        other, scale = _mixture_logprobs(student, teacher, alpha), 1.0 - alpha
+    outside = student == NEG_INF
+    student_safe = student.masked_fill(outside, 0.0)
+    difference = other.masked_fill_(outside, 0.0).neg_().add_(student_safe)  # log p - other, 0 off the support
+    return student_safe.exp_().mul_(difference).mul_(scale)  # in place: at most 3 [n, m] temporaries here
+
+
+@dataclass(frozen=True)
+class _DivergenceOp:
+    """``token_divergence`` on one chunk.
+
+    Full vocabulary: the teacher rows are given. Top-k: ``aux`` = (student top-k ids (n, k), teacher bucket
+    log-probs (n, m)), both computed once up front, so the teacher's [N, V] logits need not outlive the forward.
+    """
+
+    alpha: float
+    add_tail: bool
+    temperature: float
+
+    def _teacher_buckets(self, teacher_rows: Tensor | None, aux: tuple[Tensor, ...]) -> Tensor:
+        if aux:
+            return aux[1]
+        assert teacher_rows is not None
+        return _log_softmax(teacher_rows, self.temperature)
+
+    def values(self, student_rows: Tensor, teacher_rows: Tensor | None, aux: tuple[Tensor, ...]) -> Tensor:
+        topk_ids = aux[0] if aux else None
+        student = _bucket_logprobs(student_rows, topk_ids, self.temperature, self.add_tail)
+        return _divergence_from_logprobs(student, self._teacher_buckets(teacher_rows, aux), self.alpha)
+
+    def grads(
+        self, student_rows: Tensor, teacher_rows: Tensor | None, aux: tuple[Tensor, ...], grad_values: Tensor
+    ) -> Tensor:
+        """Chain rule by hand: buckets -> student log-probs -> log-softmax -> logits / temperature.
+
+        The clamp at 0 in ``values`` only hides rounding, so its (zero-measure) effect on the gradient is ignored.
+        """
+        topk_ids = aux[0] if aux else None
+        logprobs = _log_softmax(student_rows, self.temperature)  # (n, V)
+        student = _bucket_logprobs_from(logprobs, topk_ids, self.add_tail)  # (n, m)
+        teacher = self._teacher_buckets(teacher_rows, aux)  # (n, m)
+        grad_buckets = _divergence_bucket_grad(student, teacher, self.alpha).mul_(grad_values[:, None])  # (n, m)
+        del teacher
+        if topk_ids is None:
+            grad_logprobs = grad_buckets  # (n, V)
+        elif self.add_tail:
+            k = topk_ids.shape[-1]
+            tail, grad_tail = student[:, k], grad_buckets[:, k]  # (n,)
+            has_tail = tail != NEG_INF
+            # d tail / d logprob_i = exp(logprob_i - tail) outside the top-k: a ratio <= 1, never exp(-tail).
+            tail_safe = torch.where(has_tail, tail, 0.0)
+            grad_tail = torch.where(has_tail, grad_tail, 0.0)
+            grad_logprobs = (logprobs - tail_safe[:, None]).exp_().mul_(grad_tail[:, None])  # (n, V)
+            grad_logprobs.scatter_(-1, topk_ids, grad_buckets[:, :k])
+        else:
+            # Renormalisation over the k entries: d b_j / d s_i = [i == j] - exp(b_i).
+            grad_top = grad_buckets - student.exp() * grad_buckets.sum(-1, keepdim=True)  # (n, k)
+            grad_logprobs = torch.zeros_like(logprobs).scatter_(-1, topk_ids, grad_top)  # (n, V)
+        # Through the log-softmax: d s_j / d z_i = [i == j] - p_i; then z = logits / temperature.
+        row_sums = grad_logprobs.sum(-1, keepdim=True)  # (n, 1)
+        grad_logits = grad_logprobs.sub_(logprobs.exp_().mul_(row_sums))
+        return grad_logits.div_(self.temperature)
+
+
+@torch.no_grad()
+def _topk_buckets(
+    student_logits: Tensor, teacher_logits: Tensor, k: int, temperature: float, add_tail: bool, chunk_size: int
+) -> tuple[Tensor, Tensor]:
+    """The student's top-k ids (N, k) and the teacher's bucket log-probs on them (N, k [+ 1]); no gradient.
+
+    Top-k of the raw logits equals top-k of the tempered log-probs (a per-row increasing map), so no float copy is
+    needed to choose them. Fixing the ids once makes the backward compare the very same buckets, and keeping only
+    the teacher's O(tokens x k) buckets lets the caller free the teacher logits before ``backward()``.
+    """
+    total = math.prod(student_logits.shape[:-1])
+    device = student_logits.device
+    topk_ids = torch.empty(total, k, dtype=torch.long, device=device)
+    width = k + 1 if add_tail else k
+    teacher_buckets = torch.empty(total, width, dtype=_compute_dtype(teacher_logits.dtype), device=device)
+    for start, end, (student_rows, teacher_rows) in _row_chunks([student_logits, teacher_logits], chunk_size):
+        ids = student_rows.topk(k, dim=-1).indices  # (n, k)
+        topk_ids[start:end] = ids
+        teacher_buckets[start:end] = _bucket_logprobs(teacher_rows, ids, temperature, add_tail)
+    return topk_ids, teacher_buckets
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,7 +364,7 @@ def token_divergence(
     topk: int = 100,
     add_tail: bool = True,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> Tensor:
     """Per-position divergence between student and teacher.  # (..., V), (..., V) -> (...)
 
@@ -284,22 +380,36 @@ def token_divergence(
     _check_chunk_size(chunk_size)
     _check_pair(student_logits, teacher_logits)
     vocab = student_logits.shape[-1]
-    topk_ids = None if topk == 0 or topk >= vocab else _student_topk_ids(student_logits, topk, chunk_size)
-    row_fn = _divergence_rows(float(alpha), add_tail, float(temperature))
-    return _ChunkedRows.apply(row_fn, chunk_size, student_logits, teacher_logits.detach(), topk_ids)
+    op = _DivergenceOp(alpha=float(alpha), add_tail=add_tail, temperature=float(temperature))
+    teacher_logits = teacher_logits.detach()
+    if topk == 0 or topk >= vocab:
+        return _ChunkedRows.apply(op, chunk_size, student_logits, teacher_logits)
+    aux = _topk_buckets(student_logits, teacher_logits, topk, float(temperature), add_tail, chunk_size)
+    return _ChunkedRows.apply(op, chunk_size, student_logits, None, *aux)
 
 
-def _token_logprob_rows(temperature: float) -> RowFn:
-    def row_fn(logit_rows: Tensor, _unused: Tensor | None, token_ids: Tensor | None) -> Tensor:
-        assert token_ids is not None
-        scaled = logit_rows.to(_compute_dtype(logit_rows.dtype)) / temperature  # (n, V)
+@dataclass(frozen=True)
+class _TokenLogprobOp:
+    """``gather_token_logprobs`` on one chunk; ``aux`` = (token ids (n,),)."""
+
+    temperature: float
+
+    def values(self, logit_rows: Tensor, _unused: Tensor | None, aux: tuple[Tensor, ...]) -> Tensor:
+        (token_ids,) = aux
+        scaled = logit_rows.to(_compute_dtype(logit_rows.dtype)) / self.temperature  # (n, V)
         return scaled.gather(-1, token_ids[:, None]).squeeze(-1) - scaled.logsumexp(-1)  # (n,)
 
-    return row_fn
+    def grads(self, logit_rows: Tensor, _unused: Tensor | None, aux: tuple[Tensor, ...], grad_values: Tensor) -> Tensor:
+        """d log softmax(z / t)[y] / dz = (onehot(y) - softmax(z / t)) / t."""
+        (token_ids,) = aux
+        probs = _log_softmax(logit_rows, self.temperature).exp_()  # (n, V)
+        grad = probs.mul_(-grad_values[:, None])
+        grad.scatter_add_(-1, token_ids[:, None], grad_values[:, None].to(grad.dtype))
+        return grad.div_(self.temperature)
 
 
 def gather_token_logprobs(
-    logits: Tensor, token_ids: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024
+    logits: Tensor, token_ids: Tensor, *, temperature: float = 1.0, chunk_size: int = 256
 ) -> Tensor:
     """log p(token) at each position, chunked so no full log-softmax copy is made.  # (..., V), (...) -> (...)"""
     _check_temperature(temperature)
@@ -315,7 +425,7 @@ def gather_token_logprobs(
         raise ValueError(
             f"token ids must lie in [0, {logits.shape[-1]}), got [{int(flat_ids.min())}, {int(flat_ids.max())}]"
         )
-    return _ChunkedRows.apply(_token_logprob_rows(float(temperature)), chunk_size, logits, None, flat_ids)
+    return _ChunkedRows.apply(_TokenLogprobOp(float(temperature)), chunk_size, logits, None, flat_ids)
 
 
 def masked_token_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -379,12 +489,14 @@ def distillation_loss(
     *,
     response_ids: Tensor | None = None,
     behaviour_logprobs: Tensor | None = None,
+    chunk_size: int = 256,
 ) -> tuple[Tensor, Tensor]:
     """The Vision-OPD loss over response positions, dispatched on ``config.mode``.
 
     Inputs: logits (B, R, V) of both models on the *same* response positions, ``response_mask`` (B, R), the sampled
     ``response_ids`` (B, R) (needed by sampled_token mode and by importance weighting) and, for tokens sampled by
-    an older policy, their ``behaviour_logprobs`` (B, R) at ``config.temperature``.
+    an older policy, their ``behaviour_logprobs`` (B, R) at ``config.temperature``. ``chunk_size`` is passed on
+    (positions per chunk; lower it for very large vocabularies).
 
     Returns (scalar loss, per-token divergence (B, R) detached for metrics, 0 off the mask). In sampled_token mode
     the per-token value is the reverse-KL single-sample estimate log p_S(y) - log p_T(y).
@@ -412,10 +524,12 @@ def distillation_loss(
 
     if config.mode == "sampled_token":
         assert response_ids is not None
-        student_logprobs = gather_token_logprobs(student_logits, response_ids, temperature=config.temperature)
+        student_logprobs = gather_token_logprobs(
+            student_logits, response_ids, temperature=config.temperature, chunk_size=chunk_size
+        )
         with torch.no_grad():
             teacher_logprobs = gather_token_logprobs(
-                teacher_logits.detach(), response_ids, temperature=config.temperature
+                teacher_logits.detach(), response_ids, temperature=config.temperature, chunk_size=chunk_size
             )
         loss = sampled_token_loss(
             student_logprobs, teacher_logprobs, keep, behaviour_logprobs=behaviour_logprobs, is_clip=config.is_clip
@@ -430,13 +544,14 @@ def distillation_loss(
         topk=config.topk,
         add_tail=config.add_tail,
         temperature=config.temperature,
+        chunk_size=chunk_size,
     )
     weighted = divergence
     if behaviour_logprobs is not None and config.is_clip is not None:
         assert response_ids is not None
         with torch.no_grad():
             current_logprobs = gather_token_logprobs(
-                student_logits.detach(), response_ids, temperature=config.temperature
+                student_logits.detach(), response_ids, temperature=config.temperature, chunk_size=chunk_size
             )
         weight = _clipped_importance_weight(current_logprobs, behaviour_logprobs, config.is_clip)
         weighted = divergence * torch.where(keep, weight, 0.0)
@@ -457,7 +572,7 @@ def distribution_stats(
     *,
     topk: int = 100,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> dict[str, float]:
     """Means over the masked positions of how the two distributions relate (for the trainer's metrics).
 
@@ -518,7 +633,7 @@ def distribution_stats(
 
 @torch.no_grad()
 def per_token_details(
-    student_logits: Tensor, teacher_logits: Tensor, *, k: int = 10, temperature: float = 1.0, chunk_size: int = 1024
+    student_logits: Tensor, teacher_logits: Tensor, *, k: int = 10, temperature: float = 1.0, chunk_size: int = 256
 ) -> dict[str, Tensor]:
     """Per-position top-k of each side and summary numbers, for the inspector.  # (T, V), (T, V) -> {...}
 
