@@ -22,8 +22,8 @@ differentiable entry points run through ``_ChunkedRows``: the forward keeps noth
 the backward recomputes one chunk at a time and writes its gradient straight into the logits' gradient, with
 closed-form gradients so that a chunk needs only a few [chunk, V] temporaries (autograd through a chunk would keep
 ~14). Extra memory is thus the gradient itself (which autograd needs anyway) plus a few chunks: 1.3-1.4x the
-logits in all at V=32k, 256 rows per chunk, against 12x for the naive version (``bench/divergence_memory.py``). With
-V ~ 150k, prefer ``chunk_size`` 256 over the default 1024 (a [1024, 150k] fp32 temporary is 0.6 GB).
+logits in all at V=32k, 256 rows per chunk, against 12x for the naive version (``bench/divergence_memory.py``). The
+default is 256 rows: with V ~ 150k a [1024, V] fp32 temporary would already be 0.6 GB.
 
 Numerics: entries with zero probability (``-inf`` logits, underflow of near-one-hot rows) contribute 0 to a KL
 (0 log 0 = 0) and are guarded with "safe" substitutions so that no NaN appears in values *or* gradients; the tail
