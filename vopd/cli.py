@@ -276,7 +276,48 @@ def _run_tiny(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     )
     for stage, summary in result.evaluations.items():
         print(json.dumps({"stage": stage, **{k: summary[k] for k in ("full_accuracy", "crop_accuracy", "gap")}}))
-    print(f"model: {result.model_dir} ({result.seconds / 60:.1f} min)")
+    if (result.model_dir / "config.json").is_file():
+        print(f"model: {result.model_dir} ({result.seconds / 60:.1f} min)")
+    return 0
+
+
+# --------------------------------------------------------------------------- reproduce (vopd.reproduce)
+def _add_reproduce(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", required=True, help="experiment folder (a rerun finishes what is missing)")
+    parser.add_argument("--quick", action="store_true", help="reduced run for CI: one seed, 60 steps, 200 eval items")
+    parser.add_argument(
+        "--arms", default="default", help="default (opd, sft, no_privilege), all, or a comma-separated list"
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="training seeds per arm (default 3; quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per arm (default 300; quick 60)")
+    parser.add_argument("--eval-items", type=int, default=None, help="items per evaluation set (default 400)")
+    parser.add_argument("--train-items", type=int, default=None, help="items in the unlabelled training split")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel arms, one thread each (default: CPU count)")
+    parser.add_argument("--base", default=None, help="base model folder (default: the shipped tiny base)")
+
+
+def _run_reproduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    import dataclasses
+    import json
+
+    from vopd.reproduce import ALL_ARMS, DEFAULT_ARMS, ReproduceSettings, default_jobs, reproduce
+
+    settings = ReproduceSettings.quick() if args.quick else ReproduceSettings()
+    arms = {"default": DEFAULT_ARMS, "all": ALL_ARMS}.get(args.arms) or tuple(
+        arm.strip() for arm in args.arms.split(",") if arm.strip()
+    )
+    changes: dict[str, Any] = {"arms": arms, "jobs": args.jobs or default_jobs()}
+    for name in ("seeds", "steps", "eval_items", "train_items"):
+        if getattr(args, name) is not None:
+            if getattr(args, name) < 1:
+                raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+            changes[name] = getattr(args, name)
+    settings = dataclasses.replace(settings, **changes)
+    if settings.train_items < settings.steps * 8 and args.train_items is None:
+        settings = dataclasses.replace(settings, train_items=settings.steps * 8)
+    result = reproduce(args.output, settings, base=args.base, callbacks=[TqdmProgress("reproduce")])
+    print(result.table)
+    print(json.dumps(result.headline))
     return 0
 
 
@@ -328,6 +369,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "inspect": ("per-token student vs teacher divergence on one image", _add_inspect, _run_inspect, True),
     "synth": ("generate the synthetic fine-detail benchmark (deterministic by seed)", _add_synth, _run_synth, False),
     "tiny": ("build or pretrain the tiny offline VLM (tiny build / tiny pretrain)", _add_tiny, _run_tiny, False),
+    "reproduce": ("the toy-scale Vision-OPD experiment: arms x seeds", _add_reproduce, _run_reproduce, False),
     "serve": ("API + UI + a local worker on embedded defaults", _add_serve, _run_serve, False),
     "worker": ("a Celery worker for queued jobs (one at a time)", _add_worker, _run_worker, False),
     "apikey": ("create an API key (printed as the last line)", _add_apikey, _run_apikey, False),

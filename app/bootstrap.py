@@ -1,0 +1,103 @@
+"""First start on embedded defaults: a model and a dataset a newcomer can train on at once, and a local key.
+
+Everything is idempotent (safe on every start) and written atomically (build in a temporary folder, then
+rename), so an interrupted first start never leaves a half model behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.auth import create_api_key, find_api_key
+from app.db import make_engine, make_session_factory, run_migrations, session_scope
+from app.models import Dataset
+from app.settings import Settings
+
+DEFAULT_MODEL_NAME = "tiny"
+DEFAULT_DATASET_ID = "synth-64"
+DEFAULT_DATASET_NAME = "Synthetic fine-detail benchmark (64 items, seed 0)"
+
+
+@dataclass
+class DefaultAssets:
+    model_name: str
+    dataset_id: str
+
+
+def _build_atomically(target: Path, build) -> None:  # noqa: ANN001 - build(folder) writes into folder
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(scratch)
+        os.replace(scratch, target)
+    except OSError:
+        if not target.exists():  # another process won the race: theirs is as good as ours
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _default_model(folder: Path) -> None:
+    """The pretrained tiny base shipped in the package when present, else a random-weight tiny Qwen2-VL."""
+    from vopd.models import build_tiny_qwen2vl
+    from vopd.tiny import shipped_base_model_dir
+
+    shipped = shipped_base_model_dir()
+    if (shipped / "config.json").is_file():
+        shutil.copytree(shipped, folder, dirs_exist_ok=True)
+    else:
+        build_tiny_qwen2vl(folder)
+
+
+def ensure_default_assets(settings: Settings, factory: sessionmaker[Session] | None = None) -> DefaultAssets:
+    """The tiny model under VOPD_HOME/models/tiny and the synthetic dataset, registered for every key."""
+    from vopd.synth import SynthConfig, generate_dataset
+
+    settings.ensure_dirs()
+    _build_atomically(settings.models_dir / DEFAULT_MODEL_NAME, _default_model)
+    dataset_dir = settings.datasets_dir / DEFAULT_DATASET_ID
+    _build_atomically(dataset_dir, lambda folder: generate_dataset(folder, SynthConfig(n=64, seed=0)))
+    data_file = dataset_dir / "data.jsonl"
+
+    if factory is None:
+        engine = make_engine(settings)
+        run_migrations(engine, settings)
+        factory = make_session_factory(engine)
+    with session_scope(factory) as session:
+        if session.get(Dataset, DEFAULT_DATASET_ID) is None:
+            size = sum(path.stat().st_size for path in dataset_dir.rglob("*") if path.is_file())
+            session.add(
+                Dataset(
+                    id=DEFAULT_DATASET_ID,
+                    owner_id=None,
+                    name=DEFAULT_DATASET_NAME,
+                    path=str(data_file),
+                    n_samples=sum(1 for line in data_file.read_text().splitlines() if line.strip()),
+                    size_bytes=size,
+                )
+            )
+    return DefaultAssets(model_name=DEFAULT_MODEL_NAME, dataset_id=DEFAULT_DATASET_ID)
+
+
+def ensure_local_key(settings: Settings, factory: sessionmaker[Session]) -> str:
+    """The single-user key of embedded mode, kept in VOPD_HOME/local_api_key (mode 600) across restarts."""
+    key_file = settings.local_key_file
+    with session_scope(factory) as session:
+        if key_file.is_file():
+            key = key_file.read_text().strip()
+            if key and find_api_key(session, key) is not None:
+                return key
+        _, key = create_api_key(session, "local")
+    settings.home.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(key + "\n")
+    return key

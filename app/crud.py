@@ -1,0 +1,179 @@
+"""Job reads and state changes used by the routers and the orphan reaper (routers never touch rows directly)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.models import TERMINAL_STATUSES, Job, JobLog, JobMetric, utcnow
+from app.queueing import BrokerUnavailable, JobQueue
+from app.registry import resolve_dataset, resolve_model
+from app.schemas import EvalJobCreate, JobOut, TrainJobCreate
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class JobStateError(ValueError):
+    """A request that the job's current status does not allow (409)."""
+
+
+def create_job(
+    session: Session, settings: Settings, queue: JobQueue, owner_id: int, body: TrainJobCreate | EvalJobCreate
+) -> Job:
+    """Resolve names to paths, write the row (status queued), commit, then publish the id.
+
+    The row is committed before publishing so the worker always finds it; a broker failure marks it failed.
+    """
+    config = body.config
+    resolved = config.model_copy(
+        update={
+            "model": str(resolve_model(session, settings, owner_id, config.model)),
+            "dataset": str(resolve_dataset(session, owner_id, config.dataset)),
+        }
+    )
+    job = Job(
+        owner_id=owner_id,
+        kind=body.kind,
+        status="queued",
+        queue=body.queue or settings.queue,
+        config=config.model_dump(mode="json"),
+        resolved_config={},
+        output_dir="",
+    )
+    session.add(job)
+    session.flush()  # assigns the id, which names the output folder
+    output_dir = settings.job_dir(job.id)
+    output = str(output_dir) if body.kind == "train" else str(output_dir / "records.jsonl")
+    job.output_dir = str(output_dir)
+    job.resolved_config = resolved.model_copy(update={"output": output}).model_dump(mode="json")
+    session.commit()
+    _publish(session, queue, job)
+    return job
+
+
+def _publish(session: Session, queue: JobQueue, job: Job) -> None:
+    try:
+        queue.enqueue(job.id, job.kind, job.queue)
+    except BrokerUnavailable as error:
+        job.status, job.error, job.finished_at = "failed", str(error), utcnow()
+        session.commit()
+        raise
+
+
+def owned_job(session: Session, owner_id: int, job_id: int) -> Job | None:
+    job = session.get(Job, job_id)
+    return job if job is not None and job.owner_id == owner_id else None
+
+
+def list_jobs(
+    session: Session, owner_id: int, status: str | None, kind: str | None, limit: int, offset: int
+) -> tuple[list[Job], int]:
+    query = select(Job).where(Job.owner_id == owner_id)
+    if status:
+        query = query.where(Job.status == status)
+    if kind:
+        query = query.where(Job.kind == kind)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    items = list(session.scalars(query.order_by(Job.id.desc()).limit(limit).offset(offset)))
+    return items, total
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    if job.status != "queued":
+        return None
+    ahead = session.scalar(select(func.count()).where(Job.queue == job.queue, Job.status == "queued", Job.id < job.id))
+    return int(ahead or 0) + 1
+
+
+def eta_seconds(job: Job) -> float | None:
+    """Time left at the rate of this attempt (steps done before a resume do not count towards the rate)."""
+    if job.status != "running" or job.started_at is None or not job.total_steps:
+        return None
+    done_now = job.step - job.start_step
+    if done_now <= 0:
+        return None
+    elapsed = (utcnow() - job.started_at).total_seconds()
+    return max(0.0, elapsed / done_now * (job.total_steps - job.step))
+
+
+def job_out(session: Session, job: Job) -> JobOut:
+    out = JobOut.model_validate(job)
+    return out.model_copy(update={"queue_position": queue_position(session, job), "eta_seconds": eta_seconds(job)})
+
+
+def metrics_since(session: Session, job_id: int, since: int, limit: int) -> list[JobMetric]:
+    query = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.id > since)
+    return list(session.scalars(query.order_by(JobMetric.id).limit(limit)))
+
+
+def logs_since(session: Session, job_id: int, since: int, limit: int) -> list[JobLog]:
+    query = select(JobLog).where(JobLog.job_id == job_id, JobLog.id > since)
+    return list(session.scalars(query.order_by(JobLog.id).limit(limit)))
+
+
+def add_log(session: Session, job_id: int, message: str, level: str = "info") -> None:
+    session.add(JobLog(job_id=job_id, level=level, message=message))
+
+
+def request_cancel(session: Session, job: Job) -> Job:
+    """A queued job is cancelled at once; a running one gets the flag its worker polls between steps."""
+    if job.status in TERMINAL_STATUSES:
+        raise JobStateError(f"job {job.id} is already {job.status}")
+    cancelled_now = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=utcnow())
+    ).rowcount
+    if not cancelled_now:
+        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
+    add_log(session, job.id, "cancellation requested")
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def resume_job(session: Session, queue: JobQueue, job: Job) -> Job:
+    """Queue a failed or cancelled job again; the worker continues from its newest checkpoint."""
+    if job.status not in ("failed", "cancelled"):
+        raise JobStateError(f"only failed or cancelled jobs can be resumed; job {job.id} is {job.status}")
+    job.status, job.cancel_requested, job.error, job.finished_at = "queued", False, None, None
+    add_log(session, job.id, "resume requested: continuing from the newest checkpoint")
+    session.commit()
+    _publish(session, queue, job)
+    return job
+
+
+def requeue_orphans(factory: sessionmaker[Session], settings: Settings, queue: JobQueue) -> list[int]:
+    """Running jobs whose heartbeat stopped (their worker died with its machine) go back to the queue.
+
+    Safe against a worker that is in fact alive: the task re-reads the row and skips a job whose heartbeat is
+    fresh, and a resumed train job continues from its newest checkpoint.
+    """
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    requeued: list[int] = []
+    with factory() as session:
+        stale = session.scalars(
+            select(Job).where(Job.status == "running", Job.heartbeat_at.is_not(None), Job.heartbeat_at < cutoff)
+        ).all()
+        for job in stale:
+            changed = session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == "running", Job.heartbeat_at == job.heartbeat_at)
+                .values(status="queued", worker=None)
+            ).rowcount
+            if not changed:
+                continue
+            add_log(session, job.id, f"worker {job.worker} stopped sending heartbeats; job requeued", "warning")
+            session.commit()
+            try:
+                queue.enqueue(job.id, job.kind, job.queue)
+                requeued.append(job.id)
+            except BrokerUnavailable as error:  # back to "running": the next pass tries again
+                session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(status="running"))
+                session.commit()
+                log.warning("could not requeue orphaned job %s: %s", job.id, error)
+    return requeued

@@ -1,0 +1,56 @@
+"""FastAPI dependencies: settings, a database session per request, and the caller's API key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.auth import find_api_key
+from app.models import ApiKey
+from app.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `vopd apikey create` (or printed by serve).")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    session = request.app.state.session_factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_api_key(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> ApiKey:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing API key: send 'Authorization: Bearer <key>' (create one with `vopd apikey create`)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    key = find_api_key(session, credentials.credentials)
+    if key is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return key
+
+
+ApiKeyDep = Annotated[ApiKey, Depends(get_api_key)]

@@ -1,0 +1,154 @@
+"""/api/datasets: upload (validated by vopd.data, every problem listed per line), list, detail, samples."""
+
+from __future__ import annotations
+
+import base64
+import io
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
+from fastapi.responses import JSONResponse
+from PIL import Image
+from sqlalchemy import or_, select
+
+from app.deps import ApiKeyDep, SessionDep, SettingsDep
+from app.models import Dataset
+from app.registry import visible_dataset
+from app.schemas import DatasetIssueOut, DatasetList, DatasetOut, DatasetRejected, SampleOut, SamplePage
+from app.uploads import MB, UploadRejected, save_stream, unpack_upload
+from vopd.config import ViewConfig
+from vopd.data import load_dataset, validate_dataset
+from vopd.views import student_view, teacher_view
+
+router = APIRouter(prefix="/api/datasets", tags=["datasets"])
+
+
+def dataset_out(dataset: Dataset) -> DatasetOut:
+    return DatasetOut(
+        id=dataset.id,
+        name=dataset.name,
+        n_samples=dataset.n_samples,
+        size_bytes=dataset.size_bytes,
+        shared=dataset.owner_id is None,
+        created_at=dataset.created_at,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetOut,
+    responses={422: {"model": DatasetRejected, "description": "The dataset does not load; every issue is listed."}},
+)
+def upload_dataset(
+    request: Request,
+    file: Annotated[UploadFile, File(description="A .zip (data.jsonl + images) or a .jsonl with base64 images.")],
+    session: SessionDep,
+    settings: SettingsDep,
+    key: ApiKeyDep,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> DatasetOut | JSONResponse:
+    max_bytes = int(settings.max_upload_mb * MB)
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > max_bytes + MB:  # multipart framing adds a little
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"upload larger than {settings.max_upload_mb:g} MB")
+    filename = file.filename or "upload"
+    dataset_id = "ds-" + secrets.token_hex(5)
+    target = settings.datasets_dir / dataset_id
+    try:
+        with tempfile.TemporaryDirectory(dir=settings.home / "tmp") as scratch:
+            saved = Path(scratch) / "upload"
+            size = save_stream(file.file, saved, max_bytes)
+            data_file = unpack_upload(saved, filename, target, settings)
+        issues = validate_dataset(data_file)
+        if issues:
+            shutil.rmtree(target, ignore_errors=True)
+            rejected = DatasetRejected(
+                detail=f"{len(issues)} problem(s) in the dataset; nothing was stored",
+                issues=[DatasetIssueOut(**issue.model_dump()) for issue in issues],
+            )
+            return JSONResponse(rejected.model_dump(), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+        n_samples = len(load_dataset(data_file, check_images=False))
+    except UploadRejected as error:
+        shutil.rmtree(target, ignore_errors=True)
+        raise HTTPException(error.status_code, str(error)) from error
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    dataset = Dataset(
+        id=dataset_id,
+        owner_id=key.id,
+        name=name or Path(filename).stem,
+        path=str(data_file),
+        n_samples=n_samples,
+        size_bytes=size,
+    )
+    session.add(dataset)
+    session.commit()
+    return dataset_out(dataset)
+
+
+@router.get("", response_model=DatasetList)
+def list_datasets(session: SessionDep, key: ApiKeyDep) -> DatasetList:
+    """Your datasets and the shared built-in ones; each id is usable as config.dataset."""
+    rows = session.scalars(
+        select(Dataset).where(or_(Dataset.owner_id == key.id, Dataset.owner_id.is_(None))).order_by(Dataset.created_at)
+    )
+    return DatasetList(items=[dataset_out(row) for row in rows])
+
+
+def _dataset_or_404(session: SessionDep, owner_id: int, dataset_id: str) -> Dataset:
+    dataset = visible_dataset(session, owner_id, dataset_id)
+    if dataset is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset_id!r} not found")
+    return dataset
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, session: SessionDep, key: ApiKeyDep) -> DatasetOut:
+    return dataset_out(_dataset_or_404(session, key.id, dataset_id))
+
+
+def _data_url(image: Image.Image, side: int) -> str:
+    thumbnail = image.convert("RGB")
+    thumbnail.thumbnail((side, side))
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@router.get("/{dataset_id}/samples", response_model=SamplePage)
+def list_samples(
+    dataset_id: str,
+    session: SessionDep,
+    key: ApiKeyDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=50)] = 8,
+    thumbnail: Annotated[int, Query(ge=32, le=512, description="Longest side of each thumbnail in px.")] = 224,
+) -> SamplePage:
+    """Samples with what each model sees: the student's full image (red box) and the teacher's crop."""
+    dataset = _dataset_or_404(session, key.id, dataset_id)
+    samples = load_dataset(dataset.path, check_images=False, limit=offset + limit)[offset:]
+    views = ViewConfig()
+    items = []
+    for index, sample in enumerate(samples, start=offset):
+        student, teacher = student_view(sample, views), teacher_view(sample, views)
+        items.append(
+            SampleOut(
+                index=index,
+                id=sample.id,
+                question=sample.question,
+                options=sample.options,
+                answer=sample.answer,
+                bbox=sample.bbox,
+                student_text=student.text,
+                teacher_text=teacher.text,
+                student_image=_data_url(student.image, thumbnail),
+                teacher_image=_data_url(teacher.image, thumbnail),
+            )
+        )
+    return SamplePage(items=items, total=dataset.n_samples, offset=offset, limit=limit)

@@ -1,0 +1,200 @@
+"""/api/jobs: submit, follow (polling or server-sent events), cancel, resume, download what a job made."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Body, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from app import artifacts, crud
+from app.deps import ApiKeyDep, SessionDep, SettingsDep
+from app.models import TERMINAL_STATUSES, Job
+from app.queueing import BrokerUnavailable
+from app.registry import UnknownName
+from app.schemas import (
+    ArtifactList,
+    JobCreate,
+    JobKind,
+    JobOut,
+    JobPage,
+    JobStatus,
+    LogOut,
+    LogPage,
+    MetricOut,
+    MetricPage,
+)
+
+router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+
+
+def _job_or_404(session: Session, owner_id: int, job_id: int) -> Job:
+    job = crud.owned_job(session, owner_id, job_id)
+    if job is None:  # someone else's job is indistinguishable from a missing one
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return job
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+def submit_job(
+    request: Request, body: Annotated[JobCreate, Body()], session: SessionDep, settings: SettingsDep, key: ApiKeyDep
+) -> JobOut:
+    """Queue a train or eval job. ``config`` is the CLI's TrainConfig / EvalConfig, with ``model`` a name from
+    GET /api/models and ``dataset`` an id from GET /api/datasets; ``output`` is chosen by the server."""
+    try:
+        job = crud.create_job(session, settings, request.app.state.queue, key.id, body)
+    except UnknownName as error:
+        detail = [{"loc": ["body", "config", error.field], "msg": str(error), "type": "value_error"}]
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from error
+    except BrokerUnavailable as error:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from error
+    return crud.job_out(session, job)
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    session: SessionDep,
+    key: ApiKeyDep,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    kind: JobKind | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobPage:
+    """Your jobs, newest first."""
+    items, total = crud.list_jobs(session, key.id, status_filter, kind, limit, offset)
+    return JobPage(items=[crud.job_out(session, job) for job in items], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: int, session: SessionDep, key: ApiKeyDep) -> JobOut:
+    return crud.job_out(session, _job_or_404(session, key.id, job_id))
+
+
+@router.get("/{job_id}/metrics", response_model=MetricPage)
+def get_metrics(
+    job_id: int,
+    session: SessionDep,
+    key: ApiKeyDep,
+    since: Annotated[int, Query(ge=0, description="Last metric id seen (exclusive).")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> MetricPage:
+    """One row per training step, oldest first."""
+    _job_or_404(session, key.id, job_id)
+    rows = crud.metrics_since(session, job_id, since, limit)
+    return MetricPage(items=[MetricOut.model_validate(r) for r in rows], next_since=rows[-1].id if rows else since)
+
+
+@router.get("/{job_id}/logs", response_model=LogPage)
+def get_logs(
+    job_id: int,
+    session: SessionDep,
+    key: ApiKeyDep,
+    since: Annotated[int, Query(ge=0, description="Last log id seen (exclusive).")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> LogPage:
+    _job_or_404(session, key.id, job_id)
+    rows = crud.logs_since(session, job_id, since, limit)
+    return LogPage(items=[LogOut.model_validate(r) for r in rows], next_since=rows[-1].id if rows else since)
+
+
+def _poll_events(factory: sessionmaker[Session], job_id: int, since_metric: int, since_log: int):  # noqa: ANN202
+    with factory() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return None, [], []
+        metrics = [MetricOut.model_validate(r) for r in crud.metrics_since(session, job_id, since_metric, 500)]
+        logs = [LogOut.model_validate(r) for r in crud.logs_since(session, job_id, since_log, 500)]
+        return crud.job_out(session, job), metrics, logs
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse)
+async def job_events(
+    job_id: int,
+    request: Request,
+    session: SessionDep,
+    key: ApiKeyDep,
+    since_metric: Annotated[int, Query(ge=0)] = 0,
+    since_log: Annotated[int, Query(ge=0)] = 0,
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-sent events: ``status`` (a JobOut, on every change), ``metric`` (MetricOut), ``log`` (LogOut), and a
+    final ``end`` once the job is terminal. Reconnect with since_metric / since_log to skip what you have.
+
+    Async, with the database polls in the thread pool: a waiting stream holds no thread and no connection."""
+    await run_in_threadpool(_job_or_404, session, key.id, job_id)
+    await run_in_threadpool(session.close)
+    factory = request.app.state.session_factory
+    poll_s = request.app.state.settings.events_poll_s
+    last_status: dict | None = None
+    while True:
+        current, metrics, logs = await run_in_threadpool(_poll_events, factory, job_id, since_metric, since_log)
+        if current is None:
+            return
+        for metric in metrics:
+            since_metric = metric.id
+            yield ServerSentEvent(event="metric", id=f"m{metric.id}", data=metric)
+        for line in logs:
+            since_log = line.id
+            yield ServerSentEvent(event="log", id=f"l{line.id}", data=line)
+        status_now = current.model_dump(exclude={"eta_seconds", "heartbeat_at"})
+        if status_now != last_status:
+            last_status = status_now
+            yield ServerSentEvent(event="status", data=current)
+        if current.status in TERMINAL_STATUSES and not metrics and not logs:
+            yield ServerSentEvent(event="end", data={"status": current.status})
+            return
+        await asyncio.sleep(poll_s)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: int, session: SessionDep, key: ApiKeyDep) -> JobOut:
+    """A queued job is cancelled at once; a running one stops at its next step (after a checkpoint)."""
+    job = _job_or_404(session, key.id, job_id)
+    try:
+        job = crud.request_cancel(session, job)
+    except crud.JobStateError as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
+    return crud.job_out(session, job)
+
+
+@router.post("/{job_id}/resume", response_model=JobOut)
+def resume_job(job_id: int, request: Request, session: SessionDep, key: ApiKeyDep) -> JobOut:
+    """Queue a failed or cancelled job again: training continues from its newest checkpoint."""
+    job = _job_or_404(session, key.id, job_id)
+    try:
+        job = crud.resume_job(session, request.app.state.queue, job)
+    except crud.JobStateError as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
+    except BrokerUnavailable as error:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from error
+    return crud.job_out(session, job)
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList)
+def list_artifacts(job_id: int, session: SessionDep, key: ApiKeyDep) -> ArtifactList:
+    job = _job_or_404(session, key.id, job_id)
+    return ArtifactList(items=[entry.out for entry in artifacts.job_artifacts(session, job)])
+
+
+@router.get(
+    "/{job_id}/artifacts/{name:path}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
+)
+def download_artifact(
+    job_id: int, name: str, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
+) -> FileResponse:
+    """A file as is; a folder (final model, checkpoint) as a zip archive that from_pretrained loads once
+    extracted."""
+    job = _job_or_404(session, key.id, job_id)
+    entry = next((e for e in artifacts.job_artifacts(session, job) if e.out.name == name), None)
+    if entry is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no artifact {name!r}")
+    if not entry.out.is_folder:
+        return FileResponse(entry.path, filename=entry.path.name, media_type="application/octet-stream")
+    archive = artifacts.folder_archive(entry.path, settings.job_dir(job.id) / "archives", name)
+    return FileResponse(archive, filename=f"job-{job.id}-{name.replace('/', '-')}.zip", media_type="application/zip")

@@ -1,0 +1,208 @@
+"""Request and response bodies of the REST API: what clients see, documented in /docs.
+
+Job bodies reuse the library's own config models, so the JSON a script posts is exactly what ``vopd train
+--config`` reads.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vopd.config import EvalConfig, InspectConfig, TrainConfig
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobKind = Literal["train", "eval"]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# --------------------------------------------------------------------------- jobs
+class TrainJobCreate(BaseModel):
+    kind: Literal["train"]
+    config: TrainConfig = Field(description="config.model: a name from GET /api/models; config.dataset: a dataset id.")
+    queue: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Worker queue (one per GPU type); default: the server's."
+    )
+
+
+class EvalJobCreate(BaseModel):
+    kind: Literal["eval"]
+    config: EvalConfig = Field(description="config.model: a name from GET /api/models; config.dataset: a dataset id.")
+    queue: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Worker queue (one per GPU type); default: the server's."
+    )
+
+
+JobCreate = Annotated[TrainJobCreate | EvalJobCreate, Field(discriminator="kind")]
+
+
+class JobOut(_Out):
+    id: int
+    kind: JobKind
+    status: JobStatus
+    queue: str
+    queue_position: int | None = Field(None, description="1 = next to run; only while queued.")
+    progress: float = Field(description="Fraction done, 0..1.")
+    step: int = Field(description="Steps (train) or samples (eval) done.")
+    total_steps: int | None
+    unit: str
+    eta_seconds: float | None = Field(None, description="Estimated time left while running.")
+    latest_metrics: dict[str, Any] | None
+    result: dict[str, Any] | None
+    error: str | None
+    cancel_requested: bool
+    attempts: int
+    worker: str | None
+    config: dict[str, Any] = Field(description="The config as submitted.")
+    resolved_config: dict[str, Any] = Field(description="The config the worker runs (names resolved to paths).")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class MetricOut(_Out):
+    id: int
+    step: int
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class MetricPage(BaseModel):
+    items: list[MetricOut]
+    next_since: int = Field(description="Pass as ?since= to get only newer rows.")
+
+
+class LogOut(_Out):
+    id: int
+    level: str
+    message: str
+    created_at: datetime
+
+
+class LogPage(BaseModel):
+    items: list[LogOut]
+    next_since: int = Field(description="Pass as ?since= to get only newer lines.")
+
+
+class ArtifactOut(BaseModel):
+    name: str = Field(description="Download with GET /api/jobs/{id}/artifacts/{name}.")
+    kind: Literal["model", "checkpoint", "records", "metrics", "file"]
+    is_folder: bool = Field(description="Folders download as a zip archive.")
+    size_bytes: int
+    step: int | None = None
+    model_name: str | None = Field(None, description="Usable as config.model (models and checkpoints).")
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactOut]
+
+
+# --------------------------------------------------------------------------- datasets
+class DatasetOut(_Out):
+    id: str = Field(description="Usable as config.dataset.")
+    name: str
+    n_samples: int
+    size_bytes: int
+    shared: bool = Field(description="Built in and visible to every key.")
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetOut]
+
+
+class DatasetIssueOut(BaseModel):
+    line: int
+    field: str
+    message: str
+
+
+class DatasetRejected(BaseModel):
+    detail: str
+    issues: list[DatasetIssueOut]
+
+
+class SampleOut(BaseModel):
+    index: int
+    id: str
+    question: str
+    options: list[str] | None
+    answer: str | None
+    bbox: tuple[float, float, float, float] | None
+    student_text: str
+    teacher_text: str
+    student_image: str = Field(description="Thumbnail of the student view (red box) as a data: URL.")
+    teacher_image: str = Field(description="Thumbnail of the teacher view (upscaled crop) as a data: URL.")
+
+
+class SamplePage(BaseModel):
+    items: list[SampleOut]
+    total: int
+    offset: int
+    limit: int
+
+
+# --------------------------------------------------------------------------- models
+class ModelOut(BaseModel):
+    name: str = Field(description="Usable as config.model.")
+    kind: Literal["base", "final", "checkpoint"]
+    job_id: int | None = None
+    step: int | None = None
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+
+
+# --------------------------------------------------------------------------- inspect
+class InspectRequest(InspectConfig):
+    """InspectConfig plus where the image comes from: ``image_base64`` (PNG/JPEG bytes, base64) or a dataset
+    sample (``dataset`` + ``sample`` index). With a sample, question, options and bbox default to the sample's."""
+
+    question: str | None = Field(None, min_length=1, description="Defaults to the sample's question.")
+    bbox: tuple[float, float, float, float] | None = Field(None, description="[x0, y0, x1, y1]; default: sample's.")
+    image_base64: str | None = Field(None, description="The image file's bytes, base64 encoded.")
+    dataset: str | None = Field(None, description="Dataset id of the sample to inspect.")
+    sample: int | None = Field(None, ge=0, description="Index of the sample in the dataset.")
+
+    @field_validator("bbox")
+    @classmethod
+    def _box_order(cls, box: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+        return None if box is None else InspectConfig._box_order(box)
+
+
+# --------------------------------------------------------------------------- health and identity
+class ComponentHealth(BaseModel):
+    ok: bool
+    detail: str
+
+
+class WorkerOut(_Out):
+    name: str
+    queue: str
+    last_seen_at: datetime
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: ComponentHealth
+    broker: ComponentHealth
+    workers: list[WorkerOut] = Field(description="Workers that reported in the last few heartbeats.")
+
+
+class MeOut(BaseModel):
+    id: int
+    name: str

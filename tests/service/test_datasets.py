@@ -1,0 +1,151 @@
+"""Dataset upload: good zips and JSONL, per-line errors for bad files, zip slip and zip bombs refused."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import zipfile
+
+import pytest
+from PIL import Image
+
+from tests.service.conftest import Service
+
+pytestmark = pytest.mark.services
+
+
+def _png(color: tuple[int, int, int], size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _record(index: int, **fields: object) -> dict:
+    record = {
+        "id": f"s{index}",
+        "image": f"images/{index}.png",
+        "question": "What color is the square?",
+        "options": ["red", "green"],
+        "answer": "red",
+        "bbox": [8, 8, 40, 40],
+    }
+    record.update(fields)
+    return record
+
+
+def _zip(entries: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _good_zip(n: int = 3, folder: str = "") -> bytes:
+    entries = {f"{folder}images/{i}.png": _png((200, 10 * i, 10)) for i in range(n)}
+    entries[f"{folder}data.jsonl"] = "".join(json.dumps(_record(i)) + "\n" for i in range(n)).encode()
+    return _zip(entries)
+
+
+def _upload(service: Service, filename: str, data: bytes, headers: dict | None = None, name: str | None = None):
+    form = {"name": name} if name else None
+    return service.client.post(
+        "/api/datasets", headers=headers or service.alice, files={"file": (filename, data)}, data=form
+    )
+
+
+def test_zip_upload_is_listed_with_views_and_private_to_its_owner(service: Service) -> None:
+    response = _upload(service, "colours.zip", _good_zip(3, folder="colours/"), name="colours")
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["name"] == "colours" and dataset["n_samples"] == 3 and dataset["shared"] is False
+
+    listed = [item["id"] for item in service.client.get("/api/datasets", headers=service.alice).json()["items"]]
+    assert dataset["id"] in listed
+    page = service.client.get(f"/api/datasets/{dataset['id']}/samples?offset=1&limit=5", headers=service.alice).json()
+    assert page["total"] == 3 and [item["index"] for item in page["items"]] == [1, 2]
+    sample = page["items"][0]
+    assert sample["id"] == "s1" and sample["bbox"] == [8, 8, 40, 40]
+    assert "red bounding box" in sample["student_text"]
+    for key in ("student_image", "teacher_image"):
+        assert sample[key].startswith("data:image/jpeg;base64,")
+        Image.open(io.BytesIO(base64.b64decode(sample[key].split(",", 1)[1]))).verify()
+
+    bob_ids = [item["id"] for item in service.client.get("/api/datasets", headers=service.bob).json()["items"]]
+    assert dataset["id"] not in bob_ids
+    assert service.client.get(f"/api/datasets/{dataset['id']}", headers=service.bob).status_code == 404
+    job = service.client.post(
+        "/api/jobs", headers=service.bob, json={"kind": "eval", "config": {"model": "tiny", "dataset": dataset["id"]}}
+    )
+    assert job.status_code == 422 and job.json()["detail"][0]["loc"] == ["body", "config", "dataset"]
+
+
+def test_jsonl_with_base64_images_is_accepted(service: Service) -> None:
+    encoded = base64.b64encode(_png((0, 200, 0))).decode()
+    line = _record(0, answer="green")
+    del line["image"]
+    line["image_base64"] = encoded
+    response = _upload(service, "inline.jsonl", (json.dumps(line) + "\n").encode())
+    assert response.status_code == 201, response.text
+    assert response.json()["n_samples"] == 1
+
+
+def test_bad_dataset_is_rejected_with_every_issue_per_line(service: Service) -> None:
+    lines = [
+        json.dumps(_record(0)),
+        "{not json",
+        json.dumps(_record(2, bbox=None)),
+        json.dumps(_record(3, answer="purple")),
+    ]
+    entries = {f"images/{i}.png": _png((200, 0, 0)) for i in (0, 2, 3)}
+    entries["data.jsonl"] = "\n".join(lines).encode()
+    before = set(service.settings.datasets_dir.iterdir())
+    response = _upload(service, "bad.zip", _zip(entries))
+    assert response.status_code == 422
+    body = response.json()
+    issues = {(issue["line"], issue["field"]) for issue in body["issues"]}
+    assert {(2, "json"), (3, "bbox"), (4, "answer")} <= issues
+    assert all(issue["line"] != 1 for issue in body["issues"])
+    assert "nothing was stored" in body["detail"]
+    assert set(service.settings.datasets_dir.iterdir()) == before
+
+
+def test_zip_slip_is_refused_and_nothing_escapes(service: Service) -> None:
+    entries = {"data.jsonl": json.dumps(_record(0)).encode(), "images/0.png": _png((1, 2, 3))}
+    entries["../../escaped.txt"] = b"owned"
+    response = _upload(service, "slip.zip", _zip(entries))
+    assert response.status_code == 422
+    assert "outside the dataset folder" in response.json()["detail"]
+    assert not list(service.settings.home.parent.rglob("escaped.txt"))
+
+
+def test_zip_bomb_and_oversized_uploads_are_refused(service: Service) -> None:
+    bomb = _zip({"data.jsonl": b"{}", "images/zeros.png": bytes(3 << 20)})  # 3 MB of zeros -> a few KB
+    response = _upload(service, "bomb.zip", bomb)
+    assert response.status_code == 422 and "compression ratio" in response.json()["detail"]
+
+    expands = _zip({"a.bin": os.urandom(1 << 20), "b.bin": bytes(4 << 20)})  # declares > 4 MB (the test limit)
+    assert _upload(service, "big.zip", expands).status_code == 413
+
+    too_big = os.urandom(3 << 20)  # over the 2 MB upload limit of the tests
+    response = _upload(service, "huge.jsonl", too_big)
+    assert response.status_code == 413
+
+    def chunked_body():  # no Content-Length: the limit must hold while the bytes arrive
+        yield b'--XX\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+        for _ in range(40):
+            yield bytes(100_000)
+        yield b"\r\n--XX--\r\n"
+
+    headers = {**service.alice, "Content-Type": "multipart/form-data; boundary=XX"}
+    response = service.client.post("/api/datasets", headers=headers, content=chunked_body())
+    assert response.status_code == 413 and "2 MB" in response.json()["detail"]
+    assert not list((service.settings.home / "tmp").iterdir())
+
+
+def test_unsupported_file_type_gets_a_clear_message(service: Service) -> None:
+    response = _upload(service, "notes.txt", b"hello")
+    assert response.status_code == 422
+    assert ".zip" in response.json()["detail"]

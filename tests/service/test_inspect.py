@@ -1,0 +1,74 @@
+"""POST /api/inspect on the tiny model: an uploaded image or a dataset sample, per-token records, both answers."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from tests.service.conftest import Service
+
+pytestmark = pytest.mark.services
+
+
+def _image_base64() -> str:
+    image = Image.new("RGB", (112, 112), (240, 240, 240))
+    image.paste((0, 0, 255), (50, 50, 60, 60))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_inspect_uploaded_image(service: Service) -> None:
+    body = {
+        "model": "tiny",
+        "image_base64": _image_base64(),
+        "question": "What color is the square inside the box?",
+        "options": ["red", "green", "blue", "yellow"],
+        "bbox": [40, 40, 70, 70],
+        "max_new_tokens": 6,
+        "show_topk": 3,
+        "runtime": {"device": "cpu"},
+    }
+    response = service.client.post("/api/inspect", headers=service.alice, json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["model"] == "tiny"
+    assert 1 <= len(result["tokens"]) <= 6
+    token = result["tokens"][0]
+    assert len(token["student_top"]) == 3 and len(token["teacher_top"]) == 3
+    assert 0.0 <= token["student_prob"] <= 1.0 and token["divergence"] >= 0.0
+    assert "red bounding box" in result["student_prompt"]
+    assert isinstance(result["teacher_answer"], str)
+    assert len(service.client.app.state.model_cache) == 1  # loaded once, kept for the next request
+
+    again = service.client.post("/api/inspect", headers=service.alice, json=body).json()
+    assert [t["token_id"] for t in again["tokens"]] == [t["token_id"] for t in result["tokens"]]  # greedy
+    assert len(service.client.app.state.model_cache) == 1
+
+
+def test_inspect_dataset_sample_uses_its_question_and_box(service: Service) -> None:
+    body = {"model": "tiny", "dataset": "synth-64", "sample": 3, "max_new_tokens": 4, "runtime": {"device": "cpu"}}
+    response = service.client.post("/api/inspect", headers=service.alice, json=body)
+    assert response.status_code == 200, response.text
+    sample = service.client.get("/api/datasets/synth-64/samples?offset=3&limit=1", headers=service.alice).json()
+    assert sample["items"][0]["question"] in response.json()["student_prompt"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"bbox": [100, 100, 200, 200]}, None),  # box outside the 112 px image
+        ({"model": "missing"}, "model"),
+        ({"image_base64": "not base64!"}, "image_base64"),
+        ({"dataset": "synth-64", "sample": 0}, "image_base64"),  # two image sources
+    ],
+)
+def test_inspect_rejects_bad_requests(service: Service, change: dict, field: str | None) -> None:
+    body = {"model": "tiny", "image_base64": _image_base64(), "question": "Q?", "bbox": [1, 1, 20, 20]} | change
+    response = service.client.post("/api/inspect", headers=service.alice, json=body)
+    assert response.status_code == 422, response.text
+    if field is not None:
+        assert response.json()["detail"][0]["loc"] == ["body", field]

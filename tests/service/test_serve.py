@@ -1,0 +1,110 @@
+"""`vopd serve` on embedded defaults (no server of any kind): API + local worker + first-start assets + key."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.bootstrap import ensure_local_key
+from app.db import make_engine, make_session_factory, run_migrations
+from app.serve import vopd_command
+from app.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_starts_api_and_worker_with_defaults_and_a_local_key(tmp_path: Path, tiny_model_dir: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(tiny_model_dir, home / "models" / "tiny")  # spares the build; the dataset is made by serve
+    env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
+    env.update({"VOPD_HOME": str(home), "VOPD_HEARTBEAT_INTERVAL_S": "1", "OMP_NUM_THREADS": "1"})
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            vopd_command("serve", "--port", str(port), "--no-ui"), env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline, health = time.monotonic() + 90, None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                health = httpx.get(f"{base}/api/health", timeout=2).json()
+                if health["workers"]:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        assert health is not None and health["status"] == "ok", f"{health}\n{log.read_text()[-3000:]}"
+
+        banner = log.read_text()
+        assert f"http://127.0.0.1:{port}" in banner
+        key = next(line for line in banner.splitlines() if line.startswith("vopd_"))
+        assert (home / "local_api_key").read_text().strip() == key
+        assert oct((home / "local_api_key").stat().st_mode & 0o777) == "0o600"
+        headers = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{base}/api/me", headers=headers).json()["name"] == "local"
+        datasets = httpx.get(f"{base}/api/datasets", headers=headers).json()["items"]
+        assert [(d["id"], d["n_samples"]) for d in datasets] == [("synth-64", 64)]
+        assert httpx.get(base, follow_redirects=False).headers["location"] == "/docs"
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+    # The local worker was stopped with the server, cleanly (it removes its own row on the way out).
+    with sqlite3.connect(home / "vopd.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM workers").fetchone()[0] == 0
+
+
+def test_local_key_survives_restarts_and_is_replaced_when_revoked(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, database_url_env=f"sqlite:///{tmp_path}/vopd.db")
+    engine = make_engine(settings)
+    run_migrations(engine, settings)
+    factory = make_session_factory(engine)
+    first = ensure_local_key(settings, factory)
+    assert ensure_local_key(settings, factory) == first
+    with sqlite3.connect(tmp_path / "vopd.db") as db:
+        db.execute("UPDATE api_keys SET revoked = 1")
+    replaced = ensure_local_key(settings, factory)
+    assert replaced != first and (tmp_path / "local_api_key").read_text().strip() == replaced
+    engine.dispose()
+
+
+def test_unreachable_broker_answers_503_and_marks_the_job_failed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.bootstrap import ensure_default_assets
+    from app.main import create_app
+
+    settings = Settings(
+        home=tmp_path, database_url_env=f"sqlite:///{tmp_path}/vopd.db", redis_url="redis://127.0.0.1:9/0"
+    )
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    app = create_app(settings)
+    ensure_default_assets(settings, app.state.session_factory)
+    key = ensure_local_key(settings, app.state.session_factory)
+    headers = {"Authorization": f"Bearer {key}"}
+    with TestClient(app) as client:
+        health = client.get("/api/health").json()
+        assert health["status"] == "degraded" and not health["broker"]["ok"] and health["database"]["ok"]
+        started = time.monotonic()
+        body = {"kind": "eval", "config": {"model": "tiny", "dataset": "synth-64"}}
+        response = client.post("/api/jobs", headers=headers, json=body)
+        assert response.status_code == 503 and "REDIS_URL" in response.json()["detail"]
+        assert time.monotonic() - started < 10  # a dead broker must not hang the request
+        jobs = client.get("/api/jobs", headers=headers).json()["items"]
+        assert [(job["status"], "broker" in job["error"]) for job in jobs] == [("failed", True)]
