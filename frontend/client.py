@@ -1,0 +1,380 @@
+"""A typed httpx client for the parts of the Vision-OPD REST API that the studio uses.
+
+The UI is a client of the API and nothing else, so everything it shows goes through here. The response models
+below mirror the service's schemas but ignore unknown fields: the server may add fields without breaking an older
+UI. Every failure (HTTP error, unreachable server, malformed answer) becomes one ``ApiError`` whose message is
+short enough to show to a user as is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+DEFAULT_TIMEOUT_S = 30.0
+# Inspect may first load a model from disk, then decode: far slower than any other call.
+INSPECT_TIMEOUT_S = 600.0
+MAX_MESSAGE_CHARS = 600
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Job(_Model):
+    id: int
+    kind: Literal["train", "eval"]
+    status: JobStatus
+    queue_position: int | None = None
+    progress: float = 0.0
+    step: int = 0
+    total_steps: int | None = None
+    unit: str = "step"
+    eta_seconds: float | None = None
+    latest_metrics: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    attempts: int = 0
+    worker: str | None = None
+    config: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def model_name(self) -> str:
+        return str(self.config.get("model", ""))
+
+    @property
+    def dataset_id(self) -> str:
+        return str(self.config.get("dataset", ""))
+
+
+class JobPage(_Model):
+    items: list[Job]
+    total: int
+    limit: int
+    offset: int
+
+
+class Metric(_Model):
+    id: int
+    step: int
+    data: dict[str, Any]
+
+
+class MetricPage(_Model):
+    items: list[Metric]
+    next_since: int
+
+
+class LogLine(_Model):
+    id: int
+    level: str
+    message: str
+    created_at: datetime
+
+
+class LogPage(_Model):
+    items: list[LogLine]
+    next_since: int
+
+
+class Artifact(_Model):
+    name: str
+    kind: str
+    is_folder: bool
+    size_bytes: int
+    step: int | None = None
+    model_name: str | None = None
+
+
+class Dataset(_Model):
+    id: str
+    name: str
+    n_samples: int
+    shared: bool = False
+
+
+class Sample(_Model):
+    index: int
+    id: str
+    question: str
+    options: list[str] | None = None
+    answer: str | None = None
+    bbox: tuple[float, float, float, float] | None = None
+    student_image: str
+    teacher_image: str
+
+
+class SamplePage(_Model):
+    items: list[Sample]
+    total: int
+
+
+class ModelInfo(_Model):
+    name: str
+    kind: Literal["base", "final", "checkpoint"]
+    job_id: int | None = None
+    step: int | None = None
+
+
+class TopToken(_Model):
+    token: str
+    token_id: int
+    prob: float
+    rank: int
+
+
+class TokenRecord(_Model):
+    position: int
+    token: str
+    token_id: int
+    student_prob: float
+    teacher_prob: float
+    divergence: float
+    forward_kl: float
+    reverse_kl: float
+    jsd: float
+    student_entropy: float
+    teacher_entropy: float
+    argmax_agree: bool
+    student_top: list[TopToken]
+    teacher_top: list[TopToken]
+    student_tail_mass: float
+    teacher_tail_mass: float
+
+
+class InspectResult(_Model):
+    model: str
+    student_text: str
+    student_choice: str | None = None
+    teacher_answer: str
+    teacher_choice: str | None = None
+    student_prompt: str = ""
+    teacher_prompt: str = ""
+    alpha: float
+    mean_divergence: float
+    tokens: list[TokenRecord]
+
+
+class ComponentHealth(_Model):
+    ok: bool
+    detail: str
+
+
+class Health(_Model):
+    status: str
+    database: ComponentHealth
+    broker: ComponentHealth
+    workers: list[dict[str, Any]]
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class ApiError(Exception):
+    """A failed API call, with a message fit for a user: what went wrong and, where the API says, where."""
+
+    def __init__(self, message: str, status_code: int | None = None, details: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.details = list(details)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _validation_item(item: Any) -> str:
+    """``{"loc": ["body", "config", "steps"], "msg": "..."}`` -> ``config.steps: ...``."""
+    if not isinstance(item, dict):
+        return str(item)
+    location = [str(part) for part in item.get("loc", []) if part not in ("body", "query", "path")]
+    message = str(item.get("msg", "invalid value"))
+    message = message.removeprefix("Value error, ")
+    return f"{'.'.join(location)}: {message}" if location else message
+
+
+def error_from_response(response: httpx.Response) -> ApiError:
+    """Turn any error answer of the API (FastAPI's shapes, dataset issue lists, or plain text) into an ApiError."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    details: list[str] = []
+    if isinstance(body, dict):
+        detail = body.get("detail")
+        if isinstance(detail, list):
+            details = [_validation_item(item) for item in detail]
+            headline = "; ".join(details[:5]) + (f" (and {len(details) - 5} more)" if len(details) > 5 else "")
+        elif detail is not None:
+            headline = str(detail)
+        else:
+            headline = json.dumps(body)
+        issues = body.get("issues")
+        if isinstance(issues, list):  # a rejected dataset lists its problems per line
+            details = [
+                f"line {i.get('line')}: {i.get('field')}: {i.get('message')}" for i in issues if isinstance(i, dict)
+            ]
+            headline += ": " + "; ".join(details[:5])
+    else:
+        headline = response.text.strip() or response.reason_phrase
+    if status == 401:
+        headline = f"not authorised ({headline})"
+    return ApiError(f"{_clip(headline)} [HTTP {status}]", status_code=status, details=details)
+
+
+class VopdClient:
+    """One API base URL and one key; thread-safe (httpx.Client is), so one instance may serve every UI session."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> VopdClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as error:
+            raise ApiError(f"the API at {self.base_url} did not answer {method} {path} in time") from error
+        except httpx.HTTPError as error:
+            raise ApiError(f"cannot reach the API at {self.base_url}: {error}") from error
+        if response.is_error:
+            raise error_from_response(response)
+        return response
+
+    def _get_json(self, path: str, model: type[ModelT], **kwargs: Any) -> ModelT:
+        return self._parse(self._request("GET", path, **kwargs), model)
+
+    @staticmethod
+    def _parse(response: httpx.Response, model: type[ModelT]) -> ModelT:
+        try:
+            return model.model_validate(response.json())
+        except (ValueError, ValidationError) as error:
+            raise ApiError(f"unexpected answer from {response.request.url.path}: {_clip(str(error), 200)}") from error
+
+    # ------------------------------------------------------------------ health, models, datasets
+    def health(self) -> Health:
+        return self._get_json("/api/health", Health)
+
+    def models(self) -> list[ModelInfo]:
+        return self._get_json("/api/models", _ModelList).items
+
+    def datasets(self) -> list[Dataset]:
+        return self._get_json("/api/datasets", _DatasetList).items
+
+    def samples(self, dataset_id: str, offset: int = 0, limit: int = 8, thumbnail: int = 320) -> SamplePage:
+        params = {"offset": offset, "limit": limit, "thumbnail": thumbnail}
+        return self._get_json(f"/api/datasets/{dataset_id}/samples", SamplePage, params=params)
+
+    # ------------------------------------------------------------------ jobs
+    def submit_job(self, kind: Literal["train", "eval"], config: dict[str, Any]) -> Job:
+        return self._parse(self._request("POST", "/api/jobs", json={"kind": kind, "config": config}), Job)
+
+    def jobs(
+        self, status: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0
+    ) -> JobPage:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = status
+        if kind:
+            params["kind"] = kind
+        return self._get_json("/api/jobs", JobPage, params=params)
+
+    def job(self, job_id: int) -> Job:
+        return self._get_json(f"/api/jobs/{job_id}", Job)
+
+    def metrics(self, job_id: int, since: int = 0) -> MetricPage:
+        return self._get_json(f"/api/jobs/{job_id}/metrics", MetricPage, params={"since": since})
+
+    def logs(self, job_id: int, since: int = 0) -> LogPage:
+        return self._get_json(f"/api/jobs/{job_id}/logs", LogPage, params={"since": since})
+
+    def cancel(self, job_id: int) -> Job:
+        return self._parse(self._request("POST", f"/api/jobs/{job_id}/cancel"), Job)
+
+    def resume(self, job_id: int) -> Job:
+        return self._parse(self._request("POST", f"/api/jobs/{job_id}/resume"), Job)
+
+    def artifacts(self, job_id: int) -> list[Artifact]:
+        return self._get_json(f"/api/jobs/{job_id}/artifacts", _ArtifactList).items
+
+    def artifact_url(self, job_id: int, name: str) -> str:
+        return f"{self.base_url}/api/jobs/{job_id}/artifacts/{name}"
+
+    def download_artifact(self, job_id: int, name: str, target_dir: Path) -> Path:
+        """Stream an artifact (folders arrive as zip archives) into ``target_dir``; returns the file written."""
+        target_dir.mkdir(parents=True, exist_ok=True)
+        path = f"/api/jobs/{job_id}/artifacts/{name}"
+        try:
+            with self._http.stream("GET", path, timeout=None) as response:
+                if response.is_error:
+                    response.read()
+                    raise error_from_response(response)
+                filename = response.headers.get("content-disposition", "").rpartition("filename=")[2].strip('"')
+                target = target_dir / (filename or Path(name).name or "artifact")
+                with target.open("wb") as handle:
+                    for chunk in response.iter_bytes():
+                        handle.write(chunk)
+        except httpx.HTTPError as error:
+            raise ApiError(f"download of {name!r} from job {job_id} failed: {error}") from error
+        return target
+
+    def artifact_text(self, job_id: int, name: str) -> str:
+        return self._request("GET", f"/api/jobs/{job_id}/artifacts/{name}").text
+
+    # ------------------------------------------------------------------ inspect
+    def inspect(self, request: dict[str, Any]) -> InspectResult:
+        """``request`` is an InspectRequest body: image_base64 (or dataset + sample), question, bbox, model, ..."""
+        response = self._request("POST", "/api/inspect", json=request, timeout=INSPECT_TIMEOUT_S)
+        return self._parse(response, InspectResult)
+
+
+class _ModelList(_Model):
+    items: list[ModelInfo]
+
+
+class _DatasetList(_Model):
+    items: list[Dataset]
+
+
+class _ArtifactList(_Model):
+    items: list[Artifact]
+

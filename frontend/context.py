@@ -1,0 +1,72 @@
+"""What every tab shares: the API client for the key in use, and the translation of failures into UI messages."""
+
+from __future__ import annotations
+
+import functools
+import html
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+import gradio as gr
+
+from frontend.client import ApiError, Dataset, ModelInfo, VopdClient
+from frontend.render import UiInputError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass
+class UiContext:
+    """One per mounted UI. Clients are cached per key, so every browser session reuses pooled connections."""
+
+    api_base_url: str
+    api_key: str | None
+    _clients: dict[str, VopdClient] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def client(self, typed_key: str | None = None) -> VopdClient:
+        """The client for the key typed in the UI, else the one the server was started with."""
+        key = (typed_key or "").strip() or self.api_key or ""
+        with self._lock:
+            if key not in self._clients:
+                self._clients[key] = VopdClient(self.api_base_url, key or None)
+            return self._clients[key]
+
+
+def readable_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Show API and input errors as a Gradio error toast with the message only (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (ApiError, UiInputError) as error:
+            raise gr.Error(html.escape(str(error)), print_exception=False) from error
+
+    return wrapper
+
+
+def model_choices(models: list[ModelInfo]) -> list[tuple[str, str]]:
+    """(label, name) pairs: base models first, then trained models and checkpoints, labelled by kind."""
+    labels = {"base": "base", "final": "trained", "checkpoint": "checkpoint"}
+    return [(f"{m.name}  ({labels.get(m.kind, m.kind)})", m.name) for m in models]
+
+
+def dataset_choices(datasets: list[Dataset]) -> list[tuple[str, str]]:
+    return [(f"{d.name}  ({d.id}, {d.n_samples} samples)", d.id) for d in datasets]
+
+
+def choices_update(
+    choices: list[tuple[str, str]], current: Any, *, multiselect: bool = False, optional: bool = False
+) -> dict[str, Any]:
+    """Refresh a dropdown's choices, keeping the current selection when it is still offered; an ``optional``
+    dropdown stays empty rather than defaulting to the first choice."""
+    names = [value for _, value in choices]
+    if multiselect:
+        kept = [value for value in (current or []) if value in names]
+        return gr.update(choices=choices, value=kept or names[:1])
+    fallback = None if optional or not names else names[0]
+    return gr.update(choices=choices, value=current if current in names else fallback)

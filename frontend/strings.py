@@ -1,0 +1,137 @@
+"""Every user-facing sentence of the studio, apart from the layout code, so wording changes touch one file."""
+
+from __future__ import annotations
+
+TITLE = "Vision-OPD Studio"
+SUBTITLE = (
+    "On-policy self-distillation for fine detail: the **student** sees the full image with the evidence box drawn "
+    "in red, the **teacher** (the same model) sees the crop of that box. Training pulls the student's per-token "
+    "distributions toward the teacher's."
+)
+API_KEY_LABEL = "API key"
+API_KEY_INFO = "Sent as 'Authorization: Bearer <key>'. `vopd apikey create` makes one."
+
+# ----------------------------------------------------------------------------- tabs
+TAB_INSPECT = "Inspect"
+TAB_TRAIN = "Train"
+TAB_JOBS = "Jobs"
+TAB_EVALUATE = "Evaluate"
+TAB_DEMO = "Demo"
+
+# ----------------------------------------------------------------------------- shared
+MODEL_LABEL = "Model or checkpoint"
+MODEL_INFO = "Base models, trained models (job-N/final) and checkpoints (job-N/step-M)."
+DATASET_LABEL = "Dataset"
+REFRESH = "↻ Refresh"
+NO_MODELS = "no models yet: the server registers the tiny model on first start"
+QUESTION_LABEL = "Question"
+OPTIONS_LABEL = "Options (one per line or comma-separated; leave empty for open questions)"
+MAX_NEW_TOKENS_LABEL = "Max new tokens"
+
+# ----------------------------------------------------------------------------- inspect
+INSPECT_INTRO = (
+    "Upload an image (or load a dataset sample), draw the evidence box on it or type its corners, ask a question "
+    "and run: the student's answer appears as tokens coloured by how much the teacher disagrees at each position. "
+    "Click a token to compare both top-k distributions."
+)
+SOURCE_LABEL = "Image source"
+SOURCE_UPLOAD = "Upload"
+SOURCE_SAMPLE = "Dataset sample"
+ANNOTATOR_LABEL = "Image — drag to draw the evidence box"
+SAMPLE_INDEX_LABEL = "Sample index"
+LOAD_SAMPLE = "Load sample"
+BOX_LABELS = ("x0", "y0", "x1", "y1")
+BOX_INFO = "Evidence box in pixels of the original image; x1 > x0 and y1 > y0."
+STUDENT_VIEW_LABEL = "Student view (full image, red box)"
+TEACHER_VIEW_LABEL = "Teacher view (the crop, upscaled)"
+COMPARE_MODEL_LABEL = "Compare with (optional)"
+COMPARE_MODEL_INFO = "A second model or checkpoint run on the same image, e.g. before vs after training."
+METRIC_LABEL = "Colour tokens by"
+METRIC_JSD = "JSD(alpha)"
+METRIC_REVERSE = "reverse KL"
+METRIC_FORWARD = "forward KL"
+ALPHA_LABEL = "alpha (0 = forward KL, 1 = reverse KL, 0.5 = JSD)"
+GREEDY_LABEL = "Greedy rollout"
+TOPK_LABEL = "Top-k shown per token"
+RUN_INSPECT = "Run inspect"
+TOKEN_STRIP_LABEL = "Student's rollout, coloured by per-token divergence (click a token)"
+COMPARE_STRIP_LABEL = "Second model's rollout"
+STUDENT_ANSWER_LABEL = "Student's answer (full image)"
+TEACHER_ANSWER_LABEL = "Teacher's answer (crop)"
+STUDENT_TOPK_LABEL = "Student top-k"
+TEACHER_TOPK_LABEL = "Teacher top-k"
+TOPK_COLUMNS = ["rank", "token", "prob", "Δ log p vs other", "note"]
+TOPK_TAIL = "(tail)"
+TOPK_TAIL_NOTE = "mass outside the top-k"
+TOPK_NOT_LISTED = "not in the other's top-k"
+SELECT_TOKEN_HINT = "Click a token in the strip to see both distributions at that position."
+NEED_IMAGE = "Upload an image first (or switch the source to a dataset sample)."
+NEED_QUESTION = "Type a question."
+NEED_MODEL = "Choose a model."
+NEED_DATASET = "Choose a dataset."
+NO_TOKENS = "The student produced no tokens (empty answer)."
+
+# ----------------------------------------------------------------------------- train
+TRAIN_INTRO = (
+    "A form over the training config (`vopd.config.TrainConfig`). Start from a preset, adjust, and submit: the job "
+    "is queued and opens in the Jobs tab. The same config runs from the CLI or as REST JSON (shown below)."
+)
+PRESET_LABEL = "Preset"
+PRESET_TINY = "Tiny demo on CPU (minutes)"
+PRESET_PAPER = "Paper recipe (GPU)"
+APPLY_PRESET = "Apply preset"
+EXTRA_LABEL = "Other fields (JSON, merged over the form; e.g. {\"views\": {\"upscale\": 3}})"
+CLI_LABEL = "Equivalent CLI command"
+REST_LABEL = "Equivalent REST request"
+SUBMIT_TRAIN = "Submit training job"
+CONFIG_INVALID = "The config is not valid"
+
+# ----------------------------------------------------------------------------- jobs
+JOBS_INTRO = "Queue and history of your jobs; select a row (or type an id) to follow a job live."
+STATUS_FILTER = "Status"
+KIND_FILTER = "Kind"
+ANY = "any"
+JOB_ID_LABEL = "Job id"
+OPEN_JOB = "Open job"
+JOB_TABLE_COLUMNS = ["id", "kind", "status", "progress", "step", "queue pos.", "ETA", "model", "dataset", "created"]
+CANCEL = "Cancel"
+RESUME = "Resume"
+LOG_LABEL = "Log (tail)"
+LOSS_PLOT = "Loss"
+DIVERGENCE_PLOT = "Divergence"
+AGREEMENT_PLOT = "Argmax agreement"
+ACCURACY_PLOT = "Accuracy (evaluations of this job's checkpoints)"
+ARTIFACTS_LABEL = "Artifacts"
+ARTIFACT_COLUMNS = ["name", "kind", "size", "use as model"]
+ARTIFACT_PICK = "Artifact"
+DOWNLOAD = "Fetch for download"
+NO_JOB = "No job selected."
+CANCEL_SENT = "Cancellation requested for job {id}: a running job stops after its next step."
+RESUMED = "Job {id} queued again; training continues from its newest checkpoint."
+
+# ----------------------------------------------------------------------------- evaluate
+EVAL_INTRO = (
+    "Accuracy on the full image (student view) and on the crop (teacher view): the gap is what Vision-OPD closes. "
+    "Run one evaluation per model (e.g. the base model and a trained one) or pick finished evaluations to compare."
+)
+EVAL_MODELS_LABEL = "Models to evaluate"
+EVAL_LIMIT_LABEL = "Only the first N samples (0 = all)"
+FULL_VIEW_LABEL = "Full-image condition"
+RUN_EVAL = "Run evaluation"
+EVAL_JOBS_LABEL = "Evaluation jobs to compare"
+COMPARE = "Compare"
+EVAL_TABLE_COLUMNS = ["job", "model", "dataset", "status", "full-image acc.", "crop acc.", "gap", "n"]
+ITEMS_JOB_LABEL = "Per-item records of"
+LOAD_ITEMS = "Load items"
+ITEM_COLUMNS = ["#", "id", "question", "answer", "student", "✓ student", "teacher", "✓ teacher"]
+EVAL_SUBMITTED = "Queued evaluation job(s) {ids}; they refresh here while they run."
+NO_RECORDS = "Job {id} has no per-item records (yet)."
+
+# ----------------------------------------------------------------------------- demo
+DEMO_INTRO = (
+    "Fine-detail question answering: upload an image, ask, and read the chosen model's answer. No box is needed: "
+    "the model sees the plain full image, as at inference."
+)
+DEMO_IMAGE_LABEL = "Image"
+ASK = "Ask"
+ANSWER_LABEL = "Answer"

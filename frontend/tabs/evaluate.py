@@ -1,0 +1,190 @@
+"""Evaluate: full-image vs crop accuracy before and after training, as a chart, a table and a per-item browser."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from pydantic import ValidationError
+
+from frontend import render, strings
+from frontend.client import Job, VopdClient
+from frontend.context import UiContext, readable_errors
+from vopd.config import EvalConfig
+
+POLL_INTERVAL_S = 3.0
+FULL_VIEWS = ("student", "plain")
+
+
+# ----------------------------------------------------------------------------- pure callbacks
+def eval_job_choices(jobs: list[Job]) -> list[tuple[str, int]]:
+    return [(f"#{job.id} {job.model_name} on {job.dataset_id} ({job.status})", job.id) for job in jobs]
+
+
+def eval_configs(
+    models: list[str] | None, dataset: str | None, limit: float | None, max_new_tokens: float, full_view: str
+) -> list[dict[str, Any]]:
+    """One validated EvalConfig body per chosen model, ready for POST /api/jobs."""
+    if not models:
+        raise render.UiInputError(strings.NEED_MODEL)
+    if not dataset:
+        raise render.UiInputError(strings.NEED_DATASET)
+    bodies = []
+    for model in models:
+        data: dict[str, Any] = {"model": model, "dataset": dataset, "max_new_tokens": int(max_new_tokens),
+                                "full_view": full_view}
+        if limit:
+            data["limit"] = int(limit)
+        try:
+            config = EvalConfig.model_validate(data)
+        except ValidationError as error:
+            raise render.UiInputError(f"{strings.CONFIG_INVALID}: {render.validation_message(error)}") from error
+        bodies.append(config.model_dump(mode="json", exclude_defaults=True, exclude={"output"}))
+    return bodies
+
+
+def submit_evals(client: VopdClient, bodies: list[dict[str, Any]]) -> list[Job]:
+    return [client.submit_job("eval", body) for body in bodies]
+
+
+def fetch_eval_jobs(client: VopdClient, job_ids: list[int] | None) -> list[Job]:
+    return [client.job(int(job_id)) for job_id in job_ids or []]
+
+
+def comparison(jobs: list[Job]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Table and chart frame: the chart's x labels pair model and condition so bars stand side by side."""
+    chart = render.eval_chart_frame(jobs)
+    chart["bar"] = chart["model"] + " · " + chart["condition"]
+    return render.eval_table(jobs), render.plot_value(chart)
+
+
+def load_records(client: VopdClient, job_id: Any) -> tuple[Job, list[dict[str, Any]]]:
+    """The evaluation's per-item records (its ``records`` artifact, JSONL)."""
+    if job_id in (None, ""):
+        raise render.UiInputError("choose an evaluation job")
+    job = client.job(int(job_id))
+    records_artifact = next((a for a in client.artifacts(job.id) if a.kind == "records"), None)
+    if records_artifact is None:
+        raise render.UiInputError(strings.NO_RECORDS.format(id=job.id))
+    text = client.artifact_text(job.id, records_artifact.name)
+    return job, [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def item_view(client: VopdClient, job: Job | None, records: list[dict[str, Any]], index: int) -> tuple[Any, ...]:
+    """Markdown and both views of one evaluated item (records keep the dataset's order, so index = sample)."""
+    if job is None or not 0 <= index < len(records):
+        return "", None, None
+    record = records[index]
+    page = client.samples(job.dataset_id, offset=index, limit=1)
+    if not page.items:
+        return render.item_markdown(record), None, None
+    sample = page.items[0]
+    return (render.item_markdown(record), render.image_from_data_url(sample.student_image),
+            render.image_from_data_url(sample.teacher_image))
+
+
+# ----------------------------------------------------------------------------- layout and wiring
+@dataclass
+class EvaluateTab:
+    models: gr.Dropdown
+    dataset: gr.Dropdown
+    refresh_jobs: Any
+    refresh_inputs: list[Any]
+    refresh_outputs: list[Any]
+
+
+def build_evaluate_tab(ctx: UiContext, api_key: gr.Textbox) -> EvaluateTab:
+    gr.Markdown(strings.EVAL_INTRO)
+    with gr.Row():
+        models = gr.Dropdown(label=strings.EVAL_MODELS_LABEL, choices=[], multiselect=True, min_width=260,
+                             elem_id="eval-models")
+        dataset = gr.Dropdown(label=strings.DATASET_LABEL, choices=[], min_width=220, elem_id="eval-dataset")
+    with gr.Row():
+        limit = gr.Number(32, label=strings.EVAL_LIMIT_LABEL, precision=0, minimum=0, min_width=140,
+                          elem_id="eval-limit")
+        max_new_tokens = gr.Number(16, label=strings.MAX_NEW_TOKENS_LABEL, precision=0, minimum=1, min_width=140)
+        full_view = gr.Radio(list(FULL_VIEWS), value="student", label=strings.FULL_VIEW_LABEL, min_width=200)
+    run_button = gr.Button(strings.RUN_EVAL, variant="primary", elem_id="eval-run")
+    with gr.Row():
+        picked = gr.Dropdown(label=strings.EVAL_JOBS_LABEL, choices=[], multiselect=True, min_width=300, scale=4,
+                             elem_id="eval-jobs")
+        compare_button = gr.Button(strings.COMPARE, min_width=100, scale=1)
+    chart = gr.BarPlot(x="bar", y="accuracy", color="condition", y_lim=[0, 1], sort=None, x_label_angle=-30,
+                       label="Accuracy", height=280)
+    table = gr.Dataframe(headers=strings.EVAL_TABLE_COLUMNS, interactive=False, wrap=True, elem_id="eval-table")
+    with gr.Accordion("Per-item browser", open=True):
+        with gr.Row():
+            items_job = gr.Dropdown(label=strings.ITEMS_JOB_LABEL, choices=[], min_width=260, scale=4,
+                                    elem_id="eval-items-job")
+            load_button = gr.Button(strings.LOAD_ITEMS, min_width=100, scale=1, elem_id="eval-load-items")
+        items = gr.Dataframe(headers=strings.ITEM_COLUMNS, interactive=False, wrap=True, max_height=300,
+                             elem_id="eval-items")
+        item_text = gr.Markdown(elem_id="eval-item-text")
+        with gr.Row():
+            student_image = gr.Image(label=strings.STUDENT_VIEW_LABEL, interactive=False, height=220, min_width=160,
+                                     elem_id="eval-item-student")
+            teacher_image = gr.Image(label=strings.TEACHER_VIEW_LABEL, interactive=False, height=220, min_width=160)
+    records_state = gr.State([])
+    records_job = gr.State(None)
+    timer = gr.Timer(POLL_INTERVAL_S)
+
+    @readable_errors
+    def refresh_jobs(key: str, current: list[int] | None, current_items: Any) -> tuple[Any, Any]:
+        jobs = ctx.client(key).jobs(kind="eval", limit=200).items
+        choices = eval_job_choices(jobs)
+        ids = [value for _, value in choices]
+        kept = [job_id for job_id in current or [] if job_id in ids]
+        finished = [value for (label, value), job in zip(choices, jobs, strict=True) if job.status == "succeeded"]
+        items_value = current_items if current_items in ids else (finished[0] if finished else None)
+        return gr.update(choices=choices, value=kept), gr.update(choices=choices, value=items_value)
+
+    @readable_errors
+    def on_compare(key: str, job_ids: list[int] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return comparison(fetch_eval_jobs(ctx.client(key), job_ids))
+
+    @readable_errors
+    def on_run(key: str, model_names: list[str] | None, dataset_id: str | None, limit_value: float | None,
+               tokens: float, view: str, current: list[int] | None) -> tuple[Any, ...]:
+        client = ctx.client(key)
+        jobs = submit_evals(client, eval_configs(model_names, dataset_id, limit_value, tokens, view))
+        gr.Info(strings.EVAL_SUBMITTED.format(ids=", ".join(f"#{job.id}" for job in jobs)))
+        all_jobs = client.jobs(kind="eval", limit=200).items
+        chosen = [job.id for job in jobs]
+        table_value, chart_value = comparison(fetch_eval_jobs(client, chosen))
+        return gr.update(choices=eval_job_choices(all_jobs), value=chosen), table_value, chart_value
+
+    def on_tick(key: str, job_ids: list[int] | None, table_value: Any, items_value: Any) -> tuple[Any, ...]:
+        """While a compared evaluation is unfinished, keep its row, its bars and the job lists current."""
+        if not job_ids or (isinstance(table_value, pd.DataFrame) and len(table_value) == len(job_ids)
+                           and set(table_value["status"]) <= {"succeeded", "failed", "cancelled"}):
+            return (gr.skip(),) * 4
+        try:
+            table_now, chart_now = comparison(fetch_eval_jobs(ctx.client(key), job_ids))
+            picked_now, items_now = refresh_jobs(key, job_ids, items_value)
+        except Exception:  # a missed tick is retried by the next one; no toast every few seconds
+            return (gr.skip(),) * 4
+        return table_now, chart_now, picked_now, items_now
+
+    @readable_errors
+    def on_load_items(key: str, job_id: Any) -> tuple[Any, ...]:
+        job, records = load_records(ctx.client(key), job_id)
+        return job, records, render.item_rows(records)
+
+    @readable_errors
+    def on_item(key: str, job: Job | None, records: list[dict[str, Any]], event: gr.SelectData) -> tuple[Any, ...]:
+        row = event.index[0] if isinstance(event.index, list | tuple) else event.index
+        return item_view(ctx.client(key), job, records, int(row))
+
+    refresh_inputs = [api_key, picked, items_job]
+    run_button.click(on_run, [api_key, models, dataset, limit, max_new_tokens, full_view, picked],
+                     [picked, table, chart])
+    compare_button.click(on_compare, [api_key, picked], [table, chart])
+    picked.input(on_compare, [api_key, picked], [table, chart])
+    timer.tick(on_tick, [api_key, picked, table, items_job], [table, chart, picked, items_job])
+    load_button.click(on_load_items, [api_key, items_job], [records_job, records_state, items])
+    items.select(on_item, [api_key, records_job, records_state], [item_text, student_image, teacher_image])
+    return EvaluateTab(models=models, dataset=dataset, refresh_jobs=refresh_jobs, refresh_inputs=refresh_inputs,
+                       refresh_outputs=[picked, items_job])

@@ -1,0 +1,230 @@
+"""Train: a form over ``TrainConfig`` with presets, the equivalent CLI command and REST request, and submit.
+
+The form is generated from a list of dotted config paths, so labels, help texts and validation all come from
+``vopd.config`` itself: a new knob there needs one line here, and the form can never disagree with the CLI.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import gradio as gr
+from pydantic import BaseModel, ValidationError
+
+from frontend import render, strings
+from frontend.client import Job, VopdClient
+from frontend.context import UiContext, readable_errors
+from vopd.config import TrainConfig, config_to_cli, set_dotted
+
+Widget = Literal["number", "int", "slider", "checkbox", "dropdown"]
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    path: str  # dotted TrainConfig path, e.g. "rollout.num_rollouts"
+    label: str
+    widget: Widget
+    choices: tuple[str, ...] = ()
+    low: float = 0.0
+    high: float = 1.0
+    step: float = 0.05
+
+
+# Order is the form's order. Everything else stays at its default or comes from the "other fields" JSON.
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("steps", "Steps", "int"),
+    FieldSpec("batch_size", "Batch size (prompts)", "int"),
+    FieldSpec("grad_accum", "Gradient accumulation", "int"),
+    FieldSpec("lr", "Learning rate", "number"),
+    FieldSpec("seed", "Seed", "int"),
+    FieldSpec("save_every", "Checkpoint every N steps", "int"),
+    FieldSpec("rollout.num_rollouts", "Rollouts per prompt", "int"),
+    FieldSpec("rollout.max_new_tokens", "Max new tokens per rollout", "int"),
+    FieldSpec("rollout.temperature", "Rollout temperature", "number"),
+    FieldSpec("divergence.alpha", "Divergence alpha", "slider", low=0.0, high=1.0, step=0.05),
+    FieldSpec("divergence.topk", "Divergence top-k (0 = full vocabulary)", "int"),
+    FieldSpec("divergence.mode", "Loss mode", "dropdown", choices=("full_logits", "sampled_token")),
+    FieldSpec("teacher.mode", "Teacher", "dropdown", choices=("ema", "current", "fixed")),
+    FieldSpec("teacher.ema_rate", "EMA rate", "number"),
+    FieldSpec("lora.enabled", "LoRA adapters", "checkbox"),
+    FieldSpec("lora.rank", "LoRA rank", "int"),
+    FieldSpec("runtime.device", "Device", "dropdown", choices=("auto", "cpu", "cuda", "mps")),
+    FieldSpec("runtime.dtype", "Dtype", "dropdown", choices=("auto", "float32", "bfloat16", "float16")),
+)
+
+TINY_PRESET: dict[str, Any] = {
+    "steps": 20,
+    "batch_size": 2,
+    "grad_accum": 1,
+    "lr": 1e-4,
+    "seed": 0,
+    "save_every": 10,
+    "rollout": {"num_rollouts": 2, "max_new_tokens": 8, "temperature": 1.0},
+    "divergence": {"alpha": 0.5, "topk": 100, "mode": "full_logits"},
+    "teacher": {"mode": "ema", "ema_rate": 0.05},
+    "lora": {"enabled": False, "rank": 16},
+    "runtime": {"device": "cpu", "dtype": "float32"},
+}
+# vopd.config's defaults are the paper's (alpha 0.5 JSD over top-100 + tail, EMA teacher 0.05, 4 rollouts of up
+# to 256 tokens, lr 2e-6 full fine-tune, batch 8). The run length has no default there: 500 steps is our choice.
+PAPER_PRESET: dict[str, Any] = {"steps": 500}
+PRESETS: dict[str, dict[str, Any]] = {strings.PRESET_TINY: TINY_PRESET, strings.PRESET_PAPER: PAPER_PRESET}
+
+
+# ----------------------------------------------------------------------------- pure callbacks
+def _field_info(path: str) -> str | None:
+    """The field's description from TrainConfig: the form's help text is the config's documentation."""
+    model: type[BaseModel] = TrainConfig
+    *parents, leaf = path.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    return model.model_fields[leaf].description
+
+
+def _get_dotted(data: dict[str, Any], path: str) -> Any:
+    node: Any = data
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def preset_values(preset: str) -> list[Any]:
+    """The form's values for a preset: the preset's settings over TrainConfig's defaults."""
+    if preset not in PRESETS:
+        raise render.UiInputError(f"unknown preset {preset!r}")
+    defaults = TrainConfig.model_validate({"model": "m", "dataset": "d", "steps": 1}).model_dump(mode="json")
+    merged = _deep_merge(defaults, PRESETS[preset])
+    return [_get_dotted(merged, spec.path) for spec in FIELDS]
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_form(model: str | None, dataset: str | None, values: list[Any], extra_json: str) -> TrainConfig:
+    """A validated TrainConfig from the form; the 'other fields' JSON is merged over it."""
+    if not model:
+        raise render.UiInputError(strings.NEED_MODEL)
+    if not dataset:
+        raise render.UiInputError(strings.NEED_DATASET)
+    data: dict[str, Any] = {"model": model, "dataset": dataset}
+    for spec, value in zip(FIELDS, values, strict=True):
+        if value is None or value == "":
+            continue
+        if spec.widget == "int":
+            value = int(value)
+        set_dotted(data, spec.path, value)
+    if extra_json and extra_json.strip():
+        try:
+            extra = json.loads(extra_json)
+        except json.JSONDecodeError as error:
+            raise render.UiInputError(f"other fields: not valid JSON ({error.msg} at line {error.lineno})") from error
+        if not isinstance(extra, dict):
+            raise render.UiInputError("other fields: give a JSON object such as {\"views\": {\"upscale\": 3}}")
+        data = _deep_merge(data, extra)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise render.UiInputError(f"{strings.CONFIG_INVALID}: {render.validation_message(error)}") from error
+
+
+def request_body(config: TrainConfig) -> dict[str, Any]:
+    """The POST /api/jobs body; ``output`` is the server's to choose, so it is left out."""
+    return {"kind": "train", "config": config.model_dump(mode="json", exclude_defaults=True, exclude={"output"})}
+
+
+def equivalents(config: TrainConfig, api_base_url: str) -> tuple[str, str]:
+    """The same run as a ``vopd train`` command line and as a curl request against this server."""
+    cli = config_to_cli(config, "train")
+    body = json.dumps(request_body(config), indent=2)
+    rest = (
+        f"curl -X POST {api_base_url.rstrip('/')}/api/jobs \\\n"
+        '  -H "Authorization: Bearer $VOPD_API_KEY" -H "Content-Type: application/json" \\\n'
+        f"  -d '{body}'"
+    )
+    return cli, rest
+
+
+def preview(model: str | None, dataset: str | None, values: list[Any], extra_json: str, api_base_url: str
+            ) -> tuple[str, str]:
+    """Live preview: the equivalents, or the validation problem in their place."""
+    try:
+        config = config_from_form(model, dataset, values, extra_json)
+    except render.UiInputError as error:
+        return f"# {error}", f"# {error}"
+    return equivalents(config, api_base_url)
+
+
+def submit(client: VopdClient, model: str | None, dataset: str | None, values: list[Any], extra_json: str) -> Job:
+    config = config_from_form(model, dataset, values, extra_json)
+    return client.submit_job("train", request_body(config)["config"])
+
+
+# ----------------------------------------------------------------------------- layout and wiring
+@dataclass
+class TrainTab:
+    model: gr.Dropdown
+    dataset: gr.Dropdown
+    submit_button: gr.Button
+    submitted_job: gr.State
+
+
+def _widget(spec: FieldSpec, value: Any) -> gr.components.Component:
+    common = {"label": spec.label, "info": _field_info(spec.path), "min_width": 180,
+              "elem_id": "train-" + spec.path.replace(".", "-").replace("_", "-")}
+    if spec.widget == "checkbox":
+        return gr.Checkbox(value=value, **common)
+    if spec.widget == "dropdown":
+        return gr.Dropdown(list(spec.choices), value=value, **common)
+    if spec.widget == "slider":
+        return gr.Slider(spec.low, spec.high, value=value, step=spec.step, **common)
+    return gr.Number(value=value, precision=0 if spec.widget == "int" else None, **common)
+
+
+def build_train_tab(ctx: UiContext, api_key: gr.Textbox) -> TrainTab:
+    gr.Markdown(strings.TRAIN_INTRO)
+    with gr.Row():
+        preset = gr.Dropdown(list(PRESETS), value=strings.PRESET_TINY, label=strings.PRESET_LABEL, min_width=220)
+        model = gr.Dropdown(label=strings.MODEL_LABEL, choices=[], min_width=220, elem_id="train-model")
+        dataset = gr.Dropdown(label=strings.DATASET_LABEL, choices=[], min_width=220, elem_id="train-dataset")
+    initial = preset_values(strings.PRESET_TINY)
+    widgets: list[gr.components.Component] = []
+    per_row = 3
+    for start in range(0, len(FIELDS), per_row):
+        with gr.Row():
+            widgets.extend(_widget(spec, value) for spec, value in
+                           zip(FIELDS[start:start + per_row], initial[start:start + per_row], strict=True))
+    extra = gr.Code("{}", language="json", label=strings.EXTRA_LABEL, lines=3)
+    submit_button = gr.Button(strings.SUBMIT_TRAIN, variant="primary", elem_id="train-submit")
+    with gr.Row():
+        cli = gr.Code(label=strings.CLI_LABEL, language="shell", lines=3, interactive=False, min_width=300,
+                      wrap_lines=True)
+        rest = gr.Code(label=strings.REST_LABEL, language="shell", lines=8, interactive=False, min_width=300,
+                       wrap_lines=True)
+    submitted_job = gr.State(None)
+
+    preset.change(preset_values, preset, widgets)
+
+    def on_change(model_name: str | None, dataset_id: str | None, extra_json: str, *values: Any) -> tuple[str, str]:
+        return preview(model_name, dataset_id, list(values), extra_json, ctx.api_base_url)
+
+    form_inputs = [model, dataset, extra, *widgets]
+    gr.on([component.change for component in form_inputs], on_change, form_inputs, [cli, rest])
+
+    @readable_errors
+    def on_submit(key: str, model_name: str | None, dataset_id: str | None, extra_json: str, *values: Any) -> int:
+        job = submit(ctx.client(key), model_name, dataset_id, list(values), extra_json)
+        gr.Info(f"Training job {job.id} queued.")
+        return job.id
+
+    submit_button.click(on_submit, [api_key, *form_inputs], submitted_job)
+    return TrainTab(model=model, dataset=dataset, submit_button=submit_button, submitted_job=submitted_job)

@@ -1,0 +1,268 @@
+"""The studio in a real browser: Playwright drives Debian's Chromium against a live ``vopd serve`` on loopback.
+
+Screenshots land in test-artifacts/browser/ (gitignored) at 1280x800 and at a narrow 420 px. Under CI=true these
+tests must run; elsewhere they skip when Chromium or Playwright is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+CHROMIUM = Path(os.environ.get("VOPD_TEST_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SERVER_START_TIMEOUT_S = 180
+WIDE = {"width": 1280, "height": 800}
+NARROW = {"width": 420, "height": 800}
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: the browser tests must run)")
+    pytest.skip(reason)
+
+
+@dataclass
+class LiveServer:
+    url: str
+    home: Path
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vopd serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            health = httpx.get(f"{url}/api/health", timeout=2).json()
+            if health.get("workers") and httpx.get(f"{url}/ui/", timeout=5).status_code == 200:
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"vopd serve was not ready within {SERVER_START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    if not CHROMIUM.exists() and shutil.which("chromium") is None:
+        _unavailable(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        _unavailable("the playwright package is not installed (pip install playwright)")
+    from app.serve import vopd_command
+
+    home = tmp_path_factory.mktemp("vopd-home-browser")
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
+    env |= {
+        "VOPD_HOME": str(home),
+        "VOPD_QUEUE": f"vopd-browser-{port}",
+        "VOPD_HEARTBEAT_INTERVAL_S": "1",
+        "VOPD_PROGRESS_INTERVAL_S": "0.2",
+        "VOPD_EMBEDDED_POLL_S": "0.1",
+        "OMP_NUM_THREADS": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+    }
+    log = home / "serve.log"
+    with log.open("wb") as handle:
+        # Its own process group, so the worker it starts is stopped with it even if serve dies abruptly.
+        server = subprocess.Popen(vopd_command("serve", "--port", str(port)), env=env, stdout=handle,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_ready(url, server, log)
+        yield LiveServer(url=url, home=home, log=log)
+    finally:
+        if server.poll() is None:
+            server.terminate()  # serve stops its worker itself, as on Ctrl-C
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        # A Celery worker in warm shutdown can outlive its parent: nothing of this group may outlive the test.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def browser(live_server: LiveServer) -> Iterator:  # noqa: ANN401 - playwright's Browser
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, live_server: LiveServer, request: pytest.FixtureRequest) -> Iterator:  # noqa: ANN001, ANN401
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport=WIDE)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(f"{live_server.url}/ui/")
+    page.wait_for_selector("#inspect-run")
+    # the model and dataset choices arrive from the API just after the page loads
+    page.wait_for_function("document.querySelector('#inspect-model input').value !== ''")
+    yield page
+    page.screenshot(path=ARTIFACTS / f"last-{request.node.name}.png", full_page=True)  # what the test saw last
+    context.close()
+
+
+def _screenshots(page, name: str) -> None:  # noqa: ANN001
+    """Wide and narrow screenshots; the narrow page must not scroll sideways (tables scroll inside themselves)."""
+    page.set_viewport_size(WIDE)
+    page.screenshot(path=ARTIFACTS / f"{name}-1280.png", full_page=True)
+    page.set_viewport_size(NARROW)
+    page.wait_for_timeout(500)
+    page.screenshot(path=ARTIFACTS / f"{name}-420.png", full_page=True)
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 2, f"the page scrolls sideways by {overflow}px at 420 px"
+    page.set_viewport_size(WIDE)
+
+
+def _first_sample(live_server: LiveServer) -> tuple[Path, dict]:
+    dataset = live_server.home / "datasets" / "synth-64"
+    sample = json.loads((dataset / "data.jsonl").read_text().splitlines()[0])
+    return dataset / sample["image"], sample
+
+
+def _upload(page, image: Path) -> None:  # noqa: ANN001
+    """Upload into the drawing and wait for its default box (the centre quarter) to reach the number fields."""
+    from PIL import Image
+
+    with Image.open(image) as opened:
+        width, height = opened.size
+    page.locator("#inspect-annotator input[type=file]").set_input_files(image)
+    expected = {"x0": width // 4, "y0": height // 4, "x1": width - width // 4, "y1": height - height // 4}
+    for name, value in expected.items():
+        page.wait_for_function(f"document.querySelector('#inspect-box-{name} input').value === '{value}'")
+
+
+def _set_box(page, box: list[float]) -> None:  # noqa: ANN001
+    for name, value in zip(("x0", "y0", "x1", "y1"), box, strict=True):
+        field = page.locator(f"#inspect-box-{name} input")
+        field.fill(str(int(value)))
+        field.press("Enter")
+
+
+def test_inspect_shows_coloured_tokens_and_topk_tables(page, live_server: LiveServer) -> None:  # noqa: ANN001
+    image, sample = _first_sample(live_server)
+    _upload(page, image)  # the upload gets a default box at once; then the typed box replaces it
+    _set_box(page, sample["bbox"])
+    page.locator("#inspect-question textarea").fill(sample["question"])
+    page.locator("#inspect-options textarea").fill(", ".join(sample["options"]))
+    page.locator("#inspect-run").click()
+
+    tokens = page.locator("#inspect-strip .score-token")
+    tokens.first.wait_for()
+    styles = [tokens.nth(i).get_attribute("style") or "" for i in range(tokens.count())]
+    painted = [re.search(r"rgba?\(239, 68, 60(?:, ([\d.]+))?\)", style) for style in styles]
+    alphas = [float(match.group(1) or 1.0) for match in painted if match]  # the browser writes alpha 1 as rgb()
+    assert len(alphas) == len(styles) > 0
+    assert max(alphas) == 1.0, "the most divergent token is painted at full strength"
+    for table in ("#inspect-student-topk", "#inspect-teacher-topk"):  # top-k rows, then the tail mass
+        page.locator(table).get_by_text("(tail)", exact=True).filter(visible=True).first.wait_for()
+        page.locator(table).get_by_text("mass outside the top-k").filter(visible=True).first.wait_for()
+    assert page.locator("#inspect-student-answer textarea").input_value() != ""
+
+    tokens.nth(1).click()
+    page.locator("#inspect-token-details").get_by_text("Position 1").wait_for()
+    typed = [page.locator(f"#inspect-box-{name} input").input_value() for name in ("x0", "y0", "x1", "y1")]
+    assert typed == [str(int(v)) for v in sample["bbox"]], "echoes of the drawing must not overwrite typing"
+    _screenshots(page, "inspect")
+
+
+def test_a_bad_box_is_reported_in_words(page, live_server: LiveServer) -> None:  # noqa: ANN001
+    image, sample = _first_sample(live_server)
+    _upload(page, image)
+    _set_box(page, [50, 10, 20, 30])
+    page.locator("#inspect-question textarea").fill(sample["question"])
+    page.locator("#inspect-run").click()
+    page.get_by_text("need x1 > x0 and y1 > y0").first.wait_for()
+    page.screenshot(path=ARTIFACTS / "inspect-bad-box-1280.png")
+
+
+def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_server: LiveServer) -> None:  # noqa: ANN001
+    page.get_by_role("tab", name="Train").click()
+    for selector, value in (("#train-steps input", "2"), ("#train-batch-size input", "2"),
+                            ("#train-rollout-max-new-tokens input", "4"), ("#train-rollout-num-rollouts input", "2")):
+        page.locator(selector).fill(value)
+        page.locator(selector).press("Tab")
+    page.wait_for_timeout(500)  # the CLI/REST preview follows the form
+    page.locator("#train-submit").click()
+
+    header = page.locator("#jobs-header")
+    header.get_by_text("succeeded").wait_for(timeout=150_000)
+    job_id = int(re.search(r"Job (\d+)", header.inner_text()).group(1))
+    key = (live_server.home / "local_api_key").read_text().strip()
+    job = httpx.get(f"{live_server.url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
+    assert job["status"] == "succeeded" and job["config"]["steps"] == 2 and job["config"]["batch_size"] == 2
+    assert job["config"]["rollout"]["max_new_tokens"] == 4
+    page.wait_for_function("document.querySelector('#jobs-log textarea').value.includes('checkpoint saved')")
+    assert page.locator("#jobs-table").get_by_text("succeeded").count() >= 1
+    page.wait_for_timeout(2500)  # one more poll: the final curves
+    page.screenshot(path=ARTIFACTS / "jobs-after-submit-1280.png", full_page=True)  # before any resize of ours
+    _screenshots(page, "jobs")
+
+
+def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveServer) -> None:  # noqa: ANN001
+    page.get_by_role("tab", name="Evaluate").click()
+    page.wait_for_function("document.querySelector('#eval-dataset input').value !== ''")
+    limit = page.locator("#eval-limit input")
+    limit.fill("4")
+    limit.press("Tab")
+    page.locator("#eval-run").click()
+    table = page.locator("#eval-table")
+    table.get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=120_000)
+    key = (live_server.home / "local_api_key").read_text().strip()
+    evals = httpx.get(f"{live_server.url}/api/jobs", params={"kind": "eval"},
+                      headers={"Authorization": f"Bearer {key}"}).json()["items"]
+    assert evals[0]["status"] == "succeeded" and evals[0]["result"]["n"] == 4
+    # the finished job becomes the default of the per-item browser
+    page.wait_for_function("document.querySelector('#eval-items-job input').value.includes('succeeded')")
+    page.locator("#eval-load-items").click()
+    page.locator("#eval-items").get_by_text("syn-00002").filter(visible=True).first.click()
+    page.locator("#eval-item-text").get_by_text("Teacher (crop)").wait_for()
+    page.locator("#eval-item-student img").first.wait_for()
+    _screenshots(page, "evaluate")
+
+
+def test_demo_answers_a_question_about_a_plain_image(page, live_server: LiveServer) -> None:  # noqa: ANN001
+    image, sample = _first_sample(live_server)
+    page.get_by_role("tab", name="Demo").click()
+    page.wait_for_function("document.querySelector('#demo-model input').value !== ''")
+    page.locator("#demo-image input[type=file]").set_input_files(image)
+    page.locator("#demo-image img").first.wait_for()
+    page.locator("#demo-question textarea").fill(sample["question"])
+    page.locator("#demo-ask").click()
+    page.wait_for_function("document.querySelector('#demo-answer textarea').value !== ''", timeout=60_000)
+    _screenshots(page, "demo")
