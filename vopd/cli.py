@@ -292,6 +292,7 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per arm (default 300; quick 60)")
     parser.add_argument("--eval-items", type=int, default=None, help="items per evaluation set (default 400)")
     parser.add_argument("--train-items", type=int, default=None, help="items in the unlabelled training split")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of every arm, SFT included (1e-4)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel arms, one thread each (default: CPU count)")
     parser.add_argument("--base", default=None, help="base model folder (default: the shipped tiny base)")
 
@@ -307,6 +308,10 @@ def _run_reproduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         arm.strip() for arm in args.arms.split(",") if arm.strip()
     )
     changes: dict[str, Any] = {"arms": arms, "jobs": args.jobs or default_jobs()}
+    if args.lr is not None:
+        if args.lr <= 0:
+            raise CliError("--lr must be positive")
+        changes["lr"] = args.lr
     for name in ("seeds", "steps", "eval_items", "train_items"):
         if getattr(args, name) is not None:
             if getattr(args, name) < 1:

@@ -136,7 +136,7 @@ class CollapseGuardConfig(_Strict):
         0.5, ge=0.0, le=1.0, description="Warn when the student's normalised answer-letter entropy falls below this."
     )
     min_teacher_stability: float = Field(
-        0.7, ge=0.0, le=1.0, description="Warn when a smaller share of teacher probe answers equal its first ones."
+        0.85, ge=0.0, le=1.0, description="Warn when a smaller share of teacher probe answers equal its first ones."
     )
     stop_on_collapse: bool = Field(False, description="Checkpoint and stop the run when a warning fires.")
 

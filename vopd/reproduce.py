@@ -1,0 +1,442 @@
+"""`vopd reproduce`: does Vision-OPD close the regional-to-global gap, label-free, at toy scale?
+
+One command runs the experiment of issue 4 on the tiny world: evaluate the base on a held-out split and on a
+fresh-seed set (full image and crop), train several arms from the same base with the same steps and learning rate,
+evaluate each again, and report, per arm and over training seeds, greedy accuracy, mean p(correct option), the
+predicted-letter distribution and the share of the gap closed = (full_after - full_before) / (crop_before -
+full_before). The arms:
+
+* ``opd``: the default Vision-OPD recipe, label-free (its seed-0 model is kept in ``DIR/opd/final``);
+* ``sft``: supervised fine-tuning *with labels* on full images, the reference a labelled dataset would give;
+* ``no_privilege``: Vision-OPD whose teacher sees the full image instead of the crop. It must gain nothing: the
+  evidence that the gain comes from the crop. (Implemented with the dataset's precomputed-crop field, so the
+  trainer runs unchanged.)
+* with ``--arms all``: ``paper`` (EMA teacher, the paper's recipe), ``teacher_current``, ``teacher_fixed`` and
+  ``reverse_kl_sampled`` (the sampled-token reverse-KL estimate).
+
+Arms run in parallel worker processes with one torch thread each; every (arm, seed) writes ``result.json`` when it
+finishes, so a rerun of the same command only runs what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from vopd.callbacks import CallbackList, ProgressCallback
+
+# Synth seeds of the experiment; pretraining used others (vopd.tiny.PRETRAIN_*), so the base never saw these items.
+TRAIN_SEED = 1
+FRESH_SEED = 2
+
+# The recipe shared by every arm (the issue's prototype setting): 8 prompts x 2 rollouts, lr 1e-4.
+COMMON_TRAIN: dict[str, Any] = {
+    "batch_size": 8,
+    "lr": 1e-4,
+    "rollout": {"num_rollouts": 2, "max_new_tokens": 8},
+    "runtime": {"device": "cpu", "dtype": "float32"},
+}
+
+# TrainConfig overrides per OPD arm, on top of COMMON_TRAIN. Every OPD arm uses the student's top-100 + tail.
+PAPER_RECIPE: dict[str, Any] = {"divergence": {"alpha": 0.5}, "teacher": {"mode": "ema", "ema_rate": 0.05}}
+PRESETS: dict[str, dict[str, Any]] = {
+    # The default recipe: forward KL (alpha 0) to a fixed teacher. Measured at lr 1e-4 it matched labelled SFT, and a
+    # fixed teacher cannot drift; the paper's EMA teacher lost a whole answer letter at lr 3e-4 (docs/reproduction.md).
+    "opd": {"divergence": {"alpha": 0.0}, "teacher": {"mode": "fixed"}},
+    "paper": PAPER_RECIPE,  # the paper's recipe: JSD(0.5), EMA teacher at rate 0.05
+    "teacher_current": {"divergence": {"alpha": 0.5}, "teacher": {"mode": "current"}},
+    "teacher_fixed": {"divergence": {"alpha": 0.5}, "teacher": {"mode": "fixed"}},
+    "forward_kl": {"divergence": {"alpha": 0.0}, "teacher": {"mode": "fixed"}},
+    "reverse_kl_sampled": {"divergence": {"mode": "sampled_token", "alpha": 1.0}, "teacher": {"mode": "fixed"}},
+}
+DEFAULT_ARMS = ("opd", "sft", "no_privilege")
+ALL_ARMS = (*DEFAULT_ARMS, "paper", "teacher_current", "teacher_fixed", "forward_kl", "reverse_kl_sampled")
+KNOWN_ARMS = ALL_ARMS
+
+
+@dataclass(frozen=True)
+class ReproduceSettings:
+    """The experiment's size; ``quick`` shrinks it for CI."""
+
+    steps: int = 300
+    lr: float = 1e-4  # the same for every arm, SFT included
+    seeds: int = 3
+    train_items: int = 2400  # 300 steps x 8 prompts: every prompt is seen once
+    eval_items: int = 400
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    jobs: int = 2
+
+    @classmethod
+    def quick(cls) -> ReproduceSettings:
+        return cls(steps=60, seeds=1, train_items=480, eval_items=200)
+
+
+@dataclass
+class ReproduceResult:
+    output_dir: Path
+    base: dict[str, dict[str, Any]]  # eval set -> summary
+    arms: dict[str, list[dict[str, Any]]]  # arm -> one result per seed
+    table: str
+    headline: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- data
+def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def prepare_data(data_dir: Path, settings: ReproduceSettings) -> dict[str, Path]:
+    """Train split (unlabelled and labelled copies), held-out split of the same seed, fresh-seed set, and the
+    no-privilege copy of the train split whose 'crop' is the student's own full view."""
+    from vopd.config import ViewConfig
+    from vopd.data import load_dataset
+    from vopd.synth import SynthConfig, generate_dataset
+    from vopd.views import student_view
+
+    paths = {
+        "train": data_dir / "train_unlabelled.jsonl",
+        "train_labelled": data_dir / "train_labelled.jsonl",
+        "heldout": data_dir / "heldout.jsonl",
+        "fresh": data_dir / "fresh" / "data.jsonl",
+        "no_privilege": data_dir / "train_no_privilege.jsonl",
+    }
+    if all(path.is_file() for path in paths.values()):
+        return paths
+    split_dir = data_dir / "split"
+    all_items = generate_dataset(split_dir, SynthConfig(n=settings.train_items + settings.eval_items, seed=TRAIN_SEED))
+    records = [json.loads(line) for line in all_items.read_text(encoding="utf-8").splitlines()]
+    for record in records:
+        record["image"] = f"split/{record['image']}"
+    train, heldout = records[: settings.train_items], records[settings.train_items :]
+    _write_jsonl(paths["train_labelled"], train)
+    _write_jsonl(paths["train"], [{k: v for k, v in record.items() if k != "answer"} for record in train])
+    _write_jsonl(paths["heldout"], heldout)
+    generate_dataset(paths["fresh"].parent, SynthConfig(n=settings.eval_items, seed=FRESH_SEED, id_prefix="fresh"))
+
+    full_views_dir = data_dir / "no_privilege_views"
+    full_views_dir.mkdir(parents=True, exist_ok=True)
+    no_privilege = []
+    for sample, record in zip(load_dataset(paths["train"]), train, strict=True):
+        view_path = full_views_dir / f"{sample.id}.png"
+        student_view(sample, ViewConfig()).image.save(view_path)
+        no_privilege.append(
+            {**{k: v for k, v in record.items() if k != "answer"}, "crop_image": f"no_privilege_views/{view_path.name}"}
+        )
+    _write_jsonl(paths["no_privilege"], no_privilege)
+    return paths
+
+
+# --------------------------------------------------------------------------- one arm
+def _evaluate_sets(model_dir: Path, data: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    from vopd.config import EvalConfig, RuntimeConfig
+    from vopd.evaluate import evaluate
+    from vopd.models import load_model_and_processor
+
+    loaded = load_model_and_processor(model_dir, RuntimeConfig(device="cpu", dtype="float32"))
+    return {
+        name: evaluate(EvalConfig(model=str(model_dir), dataset=str(data[name]), batch_size=50), loaded=loaded).summary
+        for name in ("heldout", "fresh")
+    }
+
+
+def train_sft(
+    base: Path, dataset: Path, output: Path, *, steps: int, seed: int, lr: float, batch_size: int, callbacks=()
+) -> Path:
+    """Supervised fine-tuning with labels on the student's full view: same optimizer, data order, steps and
+    learning rate as the OPD arms (and the same frozen vision tower), only the target differs."""
+    import torch
+
+    from vopd.config import RuntimeConfig, TrainConfig
+    from vopd.data import load_dataset
+    from vopd.models import load_model_and_processor
+    from vopd.tiny import supervised_loss
+    from vopd.trainer import DataOrder
+    from vopd.views import student_view
+
+    defaults = TrainConfig(model="-", dataset="-", steps=1)  # weight decay, clip, frozen tower: as in OPD
+    events = CallbackList(callbacks)
+    samples = load_dataset(dataset)
+    if any(sample.answer_letter is None for sample in samples):
+        raise ValueError(f"{dataset}: SFT needs an answer on every sample")
+    order = DataOrder(len(samples), seed)
+    torch.manual_seed(seed)
+    loaded = load_model_and_processor(
+        base,
+        RuntimeConfig(device="cpu", dtype="float32"),
+        freeze_vision_tower=defaults.freeze_vision_tower,
+        trainable=True,
+    )
+    parameters = [p for p in loaded.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=defaults.weight_decay)
+    events.on_start(total=steps, start=0, unit="step")
+    metrics_path = output / "metrics.jsonl"
+    output.mkdir(parents=True, exist_ok=True)
+    with metrics_path.open("w", encoding="utf-8") as metrics_log:
+        for step in range(steps):
+            batch = [samples[order.index(step * batch_size + i)] for i in range(batch_size)]
+            loss = supervised_loss(
+                loaded, [student_view(s, defaults.views) for s in batch], [s.answer_letter or "" for s in batch]
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, defaults.grad_clip)
+            optimizer.step()
+            metrics_log.write(json.dumps({"step": step + 1, "loss": float(loss.detach())}) + "\n")
+            events.on_progress(done=step + 1, total=steps, metrics={"loss": float(loss.detach())})
+    final = output / "final"
+    loaded.model.save_pretrained(final)
+    loaded.processor.save_pretrained(final)
+    events.on_end(status="succeeded", result={"final_dir": str(final)})
+    return final
+
+
+def arm_train_config(
+    arm: str, base: Path, data: dict[str, Path], output: Path, steps: int, seed: int, lr: float = COMMON_TRAIN["lr"]
+):
+    """The TrainConfig of an OPD arm (no_privilege = the default recipe on the full-view-teacher dataset)."""
+    from vopd.config import TrainConfig
+
+    preset = PRESETS["opd" if arm == "no_privilege" else arm]
+    values: dict[str, Any] = {
+        **COMMON_TRAIN,
+        **preset,
+        "model": str(base),
+        "dataset": str(data["no_privilege" if arm == "no_privilege" else "train"]),
+        "output": str(output),
+        "steps": steps,
+        "seed": seed,
+        "lr": lr,
+        "save_every": steps,
+        "keep_checkpoints": 1,
+    }
+    return TrainConfig.model_validate(values)
+
+
+def run_arm(
+    arm: str, seed: int, base: Path, data: dict[str, Path], run_dir: Path, steps: int, lr: float
+) -> dict[str, Any]:
+    """Train one arm for one seed and evaluate it; runs in a worker process with one torch thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    started = time.perf_counter()
+    if run_dir.exists():  # an interrupted run: start it again from scratch
+        shutil.rmtree(run_dir)
+    batch_size = COMMON_TRAIN["batch_size"]
+    if arm == "sft":
+        final = train_sft(base, data["train_labelled"], run_dir, steps=steps, seed=seed, lr=lr, batch_size=batch_size)
+    else:
+        from vopd.trainer import train
+
+        final = train(arm_train_config(arm, base, data, run_dir, steps, seed, lr)).final_dir
+        assert final is not None
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer states: 3x the model, not needed
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "steps": steps,
+        "lr": lr,
+        "model": str(final),
+        "eval": _evaluate_sets(final, data),
+        "seconds": time.perf_counter() - started,
+    }
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+# --------------------------------------------------------------------------- the experiment
+def _run_dir(output: Path, arm: str, seed: int) -> Path:
+    return output / "opd" if (arm == "opd" and seed == 0) else output / "runs" / f"{arm}-seed{seed}"
+
+
+def reproduce(
+    output_dir: str | Path,
+    settings: ReproduceSettings | None = None,
+    *,
+    base: str | Path | None = None,
+    callbacks: Sequence[ProgressCallback] = (),
+) -> ReproduceResult:
+    """Run (or finish) the experiment in ``output_dir``; returns the per-arm results, the table and the headline."""
+    from vopd.tiny import shipped_base_model_dir
+
+    settings = settings or ReproduceSettings()
+    unknown = set(settings.arms) - set(KNOWN_ARMS)
+    if unknown:
+        raise ValueError(f"unknown arms {sorted(unknown)}; known: {', '.join(KNOWN_ARMS)}")
+    events = CallbackList(callbacks)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    source = Path(base) if base is not None else shipped_base_model_dir()
+    if not (source / "config.json").is_file():
+        raise ValueError(f"{source} holds no model; build one with `vopd tiny pretrain`")
+    base_dir = output / "base"
+    if not (base_dir / "config.json").is_file():
+        shutil.copytree(source, base_dir, dirs_exist_ok=True)
+    (output / "settings.json").write_text(json.dumps({**settings.__dict__, "base": str(source)}, indent=2))
+    events.on_log("writing the data splits")
+    data = prepare_data(output / "data", settings)
+
+    base_path = output / "base_eval.json"
+    if base_path.is_file():
+        base_eval = json.loads(base_path.read_text())
+    else:
+        events.on_log("evaluating the base model")
+        base_eval = _evaluate_sets(base_dir, data)
+        base_path.write_text(json.dumps(base_eval, indent=2))
+
+    jobs = [(arm, seed) for seed in range(settings.seeds) for arm in settings.arms]
+    results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in settings.arms}
+    events.on_start(total=len(jobs), start=0, unit="run")
+    # spawn, not fork: a forked child inherits torch's thread pools and any lock held at fork time.
+    with ProcessPoolExecutor(max_workers=max(1, settings.jobs), mp_context=get_context("spawn")) as pool:
+        futures = {}
+        for arm, seed in jobs:
+            run_dir = _run_dir(output, arm, seed)
+            future = pool.submit(run_arm, arm, seed, base_dir, data, run_dir, settings.steps, settings.lr)
+            futures[future] = (arm, seed)
+        for done, future in enumerate(as_completed(futures), start=1):
+            arm, seed = futures[future]
+            result = future.result()
+            results[arm].append(result)
+            fresh = result["eval"]["fresh"]
+            events.on_log(
+                f"{arm} seed {seed}: fresh full {fresh['full_accuracy']:.3f} crop {fresh['crop_accuracy']:.3f} "
+                f"({result['seconds'] / 60:.1f} min)"
+            )
+            events.on_progress(done=done, total=len(jobs), metrics=None)
+    for arm_results in results.values():
+        arm_results.sort(key=lambda r: r["seed"])
+
+    rows = summarize_arms(base_eval, results)
+    table = format_table(base_eval, rows)
+    headline = headline_numbers(rows, settings)
+    (output / "results.json").write_text(json.dumps({"base": base_eval, "arms": rows, "headline": headline}, indent=2))
+    (output / "table.md").write_text(table + "\n")
+    events.on_end(status="succeeded", result=headline)
+    return ReproduceResult(output, base_eval, results, table, headline)
+
+
+# --------------------------------------------------------------------------- numbers
+def gap_closed(full_before: float, full_after: float, crop_before: float) -> float:
+    """(full_after - full_before) / (crop_before - full_before); NaN when there is no gap to close."""
+    gap = crop_before - full_before
+    return (full_after - full_before) / gap if gap > 0 else float("nan")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _letters_total(summaries: Sequence[dict[str, Any]], key: str) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for summary in summaries:
+        for letter, count in summary[key].items():
+            total[letter] = total.get(letter, 0) + count
+    return dict(sorted(total.items()))
+
+
+def summarize_arms(base_eval: dict[str, dict[str, Any]], results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per arm and eval set: mean and std over seeds of accuracies, p(correct), gap closed; summed letters."""
+    rows: dict[str, Any] = {}
+    for arm, arm_results in results.items():
+        if not arm_results:
+            continue
+        rows[arm] = {"seeds": [r["seed"] for r in arm_results]}
+        for set_name, before in base_eval.items():
+            after = [r["eval"][set_name] for r in arm_results]
+            entry: dict[str, Any] = {}
+            for key in ("full_accuracy", "crop_accuracy", "full_p_correct", "crop_p_correct"):
+                entry[key], entry[f"{key}_std"] = _mean_std([a[key] for a in after])
+            closed = [gap_closed(before["full_accuracy"], a["full_accuracy"], before["crop_accuracy"]) for a in after]
+            entry["gap_closed"], entry["gap_closed_std"] = _mean_std(closed)
+            entry["full_gain"] = entry["full_accuracy"] - before["full_accuracy"]
+            entry["crop_change"] = entry["crop_accuracy"] - before["crop_accuracy"]
+            entry["full_letters"] = _letters_total(after, "full_letters")
+            entry["crop_letters"] = _letters_total(after, "crop_letters")
+            rows[arm][set_name] = entry
+    return rows
+
+
+def headline_numbers(rows: dict[str, Any], settings: ReproduceSettings) -> dict[str, Any]:
+    """The default recipe on the fresh-seed set, against the goal of issue 4."""
+    if "opd" not in rows:
+        return {}
+    opd = rows["opd"]["fresh"]
+    base_full = opd["full_accuracy"] - opd["full_gain"]
+    base_crop = opd["crop_accuracy"] - opd["crop_change"]
+    headline: dict[str, Any] = {
+        "eval_set": "fresh",
+        "seeds": len(rows["opd"]["seeds"]),
+        "steps": settings.steps,
+        "full_before": round(base_full, 4),
+        "full_after": round(opd["full_accuracy"], 4),
+        "crop_before": round(base_crop, 4),
+        "crop_after": round(opd["crop_accuracy"], 4),
+        "gap_closed": round(opd["gap_closed"], 4),
+        "gap_closed_std": round(opd["gap_closed_std"], 4),
+        "heldout_gap_closed": round(rows["opd"]["heldout"]["gap_closed"], 4),
+    }
+    if "sft" in rows:
+        sft = rows["sft"]["fresh"]
+        headline["sft_gap_closed"] = round(sft["gap_closed"], 4)
+        headline["sft_gap_closed_std"] = round(sft["gap_closed_std"], 4)
+        ratio = opd["full_gain"] / sft["full_gain"] if sft["full_gain"] > 0 else float("nan")
+        headline["opd_vs_sft_gain"] = round(ratio, 4)
+    if "no_privilege" in rows:
+        headline["no_privilege_gap_closed"] = round(rows["no_privilege"]["fresh"]["gap_closed"], 4)
+    headline["goal_met"] = bool(
+        opd["gap_closed"] >= 0.30
+        and -opd["crop_change"] <= 0.03
+        and headline.get("opd_vs_sft_gain", float("nan")) >= 0.70
+    )
+    return headline
+
+
+def _pm(mean: float, std: float, digits: int = 3) -> str:
+    return f"{mean:.{digits}f}±{std:.{digits}f}"
+
+
+def format_table(base_eval: dict[str, dict[str, Any]], rows: dict[str, Any]) -> str:
+    """A Markdown table: one line per arm, fresh-seed numbers first (the held-out gap closed beside them)."""
+    fresh, heldout = base_eval["fresh"], base_eval["heldout"]
+    lines = [
+        f"base: fresh full {fresh['full_accuracy']:.3f} crop {fresh['crop_accuracy']:.3f} "
+        f"p(correct) full {fresh['full_p_correct']:.3f}; held-out full {heldout['full_accuracy']:.3f} "
+        f"crop {heldout['crop_accuracy']:.3f}",
+        "",
+        "| arm | seeds | full acc (fresh) | crop acc (fresh) | p(correct) full | gap closed fresh | "
+        "gap closed held-out | full letters (fresh) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, row in rows.items():
+        f, h = row["fresh"], row["heldout"]
+        letters = " ".join(f"{k}:{v}" for k, v in f["full_letters"].items())
+        lines.append(
+            f"| {arm} | {len(row['seeds'])} | {_pm(f['full_accuracy'], f['full_accuracy_std'])} | "
+            f"{_pm(f['crop_accuracy'], f['crop_accuracy_std'])} | {_pm(f['full_p_correct'], f['full_p_correct_std'])} "
+            f"| {_pm(f['gap_closed'], f['gap_closed_std'], 2)} | {_pm(h['gap_closed'], h['gap_closed_std'], 2)} | "
+            f"{letters} |"
+        )
+    return "\n".join(lines)
+
+
+def default_jobs() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
