@@ -81,7 +81,10 @@ def sample_rollouts(
         torch.manual_seed(seed)
     greedy = temperature == 0.0
     processors = LogitsProcessorList()
-    if suppressed_token_ids:
+    # generate() already suppresses what the model's generation_config names (models.py sets it at load);
+    # add our own suppressor only for ids it lacks (a second one of the same type would replace it, noisily).
+    configured = set(getattr(model.generation_config, "suppress_tokens", None) or [])
+    if suppressed_token_ids and not set(suppressed_token_ids) <= configured:
         processors.append(SuppressTokensLogitsProcessor(suppressed_token_ids, device=prompts["input_ids"].device))
     if not greedy and temperature != 1.0:
         processors.append(TemperatureLogitsWarper(temperature))
