@@ -118,3 +118,6 @@ def test_reproduce_runs_end_to_end_on_a_tiny_budget(tmp_path: Path, capsys) -> N
     mtime = (exp / "opd" / "result.json").stat().st_mtime_ns
     assert main(argv) == 0
     assert (exp / "opd" / "result.json").stat().st_mtime_ns == mtime
+    # ...but not with other settings, whose numbers would be mixed with these.
+    assert main([*argv, "--lr", "3e-4"]) == 2
+    assert "other settings" in capsys.readouterr().err

@@ -2,11 +2,11 @@
 
 Nobody can download a VLM here, so the project grows its own. ``build_tiny`` writes a random-weight Qwen2-VL whose
 tokenizer is trained on the synthetic benchmark's own phrasing (prompts tokenize short). ``pretrain`` then teaches it,
-with labels, to answer the benchmark: first on crops (where the fine detail is large), then on crops and full images
-together. It stops while the full image is still clearly worse than the crop: that regional-to-global gap is what
-Vision-OPD closes later, label-free. A near-blind base makes distillation collapse onto the teacher's letter prior
-(measured in the issue's prototype), so the recipe ends with a short mixed full/crop stage that lifts the full image
-to 55-75% while keeping the crop near 100%.
+with labels, to answer the benchmark: first on crops (where the fine detail is large), then on crops, context windows
+and full images together. It stops while the full image is still clearly worse than the crop: that
+regional-to-global gap is what Vision-OPD closes later, label-free. A near-blind base makes distillation collapse onto
+the teacher's letter prior (measured in the issue's prototype), so the mixed stage runs until a selection set's
+full-image accuracy reaches 0.60, not less; run to its end it would leave almost no gap.
 
 Everything is deterministic: data come from ``vopd.synth`` by (seed, index), the weights from a seed, one CPU thread
 does the arithmetic, so the same command rebuilds the shipped base bit for bit on the same torch build.
