@@ -77,3 +77,16 @@ def test_eval_and_inspect_configs() -> None:
     assert EvalConfig(model="m", dataset="d").full_view == "student"
     with pytest.raises(ValidationError, match="x1 > x0"):
         InspectConfig(model="m", question="q", bbox=(10, 10, 5, 20))
+
+
+def test_presets_sit_under_file_and_overrides(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model: a\ndataset: b\nrollout:\n  max_new_tokens: 5\n")
+    config = load_config(TrainConfig, path, {"lr": 3e-4}, preset="tiny-cpu")
+    assert config.teacher.mode == "fixed" and config.divergence.alpha == 0.0 and config.steps == 20
+    assert config.rollout.max_new_tokens == 5 and config.rollout.num_rollouts == 2  # group merged key by key
+    assert config.lr == 3e-4
+    paper = load_config(TrainConfig, None, {"model": "a", "dataset": "b"}, preset="paper")
+    assert paper.teacher.mode == "ema" and paper.divergence.alpha == 0.5 and paper.lr == 2e-6
+    with pytest.raises(ValueError, match="known presets: tiny-cpu, paper"):
+        load_config(TrainConfig, None, {"model": "a", "dataset": "b"}, preset="fast")

@@ -95,6 +95,7 @@ _RUN_FLAGS = ("model", "dataset", "output", "steps", "epochs", "seed", "lr", "ba
 def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML/JSON TrainConfig; flags below and --group.field overrides win")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    parser.add_argument("--preset", help="start from a named preset: tiny-cpu (minutes on a CPU) or paper")
     parser.add_argument("--model", help="model folder (any AutoModelForImageTextToText)")
     parser.add_argument("--dataset", help="JSONL or parquet dataset (answers are never read)")
     parser.add_argument("--output", help="run folder: checkpoints/step-N/, final/, metrics.jsonl")
@@ -119,7 +120,7 @@ def _run_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from vopd.config import TrainConfig, load_config
     from vopd.trainer import train
 
-    config = load_config(TrainConfig, args.config, _flag_overrides(args, _RUN_FLAGS, overrides))
+    config = load_config(TrainConfig, args.config, _flag_overrides(args, _RUN_FLAGS, overrides), preset=args.preset)
     if config.output is None:
         raise CliError("--output is required (the run folder)")
     result = train(config, callbacks=[TqdmProgress("train")], resume=args.resume)
@@ -295,6 +296,9 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate of every arm, SFT included (1e-4)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel arms, one thread each (default: CPU count)")
     parser.add_argument("--base", default=None, help="base model folder (default: the shipped tiny base)")
+    parser.add_argument(
+        "--train-vision", action="store_true", help="train the vision encoder too, in every arm (default: frozen)"
+    )
 
 
 def _run_reproduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -308,6 +312,8 @@ def _run_reproduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         arm.strip() for arm in args.arms.split(",") if arm.strip()
     )
     changes: dict[str, Any] = {"arms": arms, "jobs": args.jobs or default_jobs()}
+    if args.train_vision:
+        changes["freeze_vision_tower"] = False
     if args.lr is not None:
         if args.lr <= 0:
             raise CliError("--lr must be positive")

@@ -237,6 +237,44 @@ class InspectConfig(_Strict):
         return box
 
 
+# Named starting points for a TrainConfig, shared by `vopd train --preset`, the studio's Train tab and scripts.
+# A preset is a partial config: the file and the command line still override it.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # Minutes on a CPU with the shipped tiny base. Its recipe is the one that worked at toy scale
+    # (docs/reproduction.md): forward KL (alpha 0) to a fixed teacher, lr 1e-4.
+    "tiny-cpu": {
+        "steps": 20,
+        "batch_size": 2,
+        "lr": 1e-4,
+        "save_every": 10,
+        "rollout": {"num_rollouts": 2, "max_new_tokens": 8},
+        "divergence": {"alpha": 0.0},
+        "teacher": {"mode": "fixed"},
+        "runtime": {"device": "cpu", "dtype": "float32"},
+    },
+    # The paper's recipe is TrainConfig's defaults (JSD alpha 0.5 over top-100 + tail, EMA teacher 0.05,
+    # lr 2e-6 full fine-tune); only the run length, which the paper does not fix per step, is ours.
+    "paper": {"steps": 500},
+}
+
+
+def apply_preset(data: dict[str, Any], preset: str | None) -> dict[str, Any]:
+    """``data`` over the named preset (nested groups merged key by key)."""
+    if preset is None:
+        return data
+    if preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(TRAIN_PRESETS)}")
+
+    def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        merged = dict(base)
+        for key, value in extra.items():
+            both_groups = isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = merge(merged[key], value) if both_groups else value
+        return merged
+
+    return merge(TRAIN_PRESETS[preset], data)
+
+
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
@@ -276,9 +314,11 @@ def load_config(
     config_cls: type[ConfigT],
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
+    *,
+    preset: str | None = None,
 ) -> ConfigT:
-    """Build a config from an optional file plus dotted overrides, which win over the file."""
-    data: dict[str, Any] = read_config_file(path) if path else {}
+    """Build a config from an optional preset, then a file, then dotted overrides (each wins over the last)."""
+    data: dict[str, Any] = apply_preset(read_config_file(path) if path else {}, preset)
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     return config_cls.model_validate(data)

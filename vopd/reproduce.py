@@ -78,6 +78,9 @@ class ReproduceSettings:
     eval_items: int = 400
     arms: tuple[str, ...] = DEFAULT_ARMS
     jobs: int = 2
+    # False trains the vision encoder too, in every arm (SFT included): a test of whether the frozen encoder's 16
+    # image tokens are what caps full-image accuracy (docs/reproduction.md).
+    freeze_vision_tower: bool = True
 
     @classmethod
     def quick(cls) -> ReproduceSettings:
@@ -155,10 +158,19 @@ def _evaluate_sets(model_dir: Path, data: dict[str, Path]) -> dict[str, dict[str
 
 
 def train_sft(
-    base: Path, dataset: Path, output: Path, *, steps: int, seed: int, lr: float, batch_size: int, callbacks=()
+    base: Path,
+    dataset: Path,
+    output: Path,
+    *,
+    steps: int,
+    seed: int,
+    lr: float,
+    batch_size: int,
+    freeze_vision_tower: bool = True,
+    callbacks=(),
 ) -> Path:
     """Supervised fine-tuning with labels on the student's full view: same optimizer, data order, steps and
-    learning rate as the OPD arms (and the same frozen vision tower), only the target differs."""
+    learning rate as the OPD arms (and the same frozen or trainable vision tower), only the target differs."""
     import torch
 
     from vopd.config import RuntimeConfig, TrainConfig
@@ -168,7 +180,7 @@ def train_sft(
     from vopd.trainer import DataOrder
     from vopd.views import student_view
 
-    defaults = TrainConfig(model="-", dataset="-", steps=1)  # weight decay, clip, frozen tower: as in OPD
+    defaults = TrainConfig(model="-", dataset="-", steps=1)  # weight decay, clip, views: as in OPD
     events = CallbackList(callbacks)
     samples = load_dataset(dataset)
     if any(sample.answer_letter is None for sample in samples):
@@ -178,7 +190,7 @@ def train_sft(
     loaded = load_model_and_processor(
         base,
         RuntimeConfig(device="cpu", dtype="float32"),
-        freeze_vision_tower=defaults.freeze_vision_tower,
+        freeze_vision_tower=freeze_vision_tower,
         trainable=True,
     )
     parameters = [p for p in loaded.model.parameters() if p.requires_grad]
@@ -206,7 +218,14 @@ def train_sft(
 
 
 def arm_train_config(
-    arm: str, base: Path, data: dict[str, Path], output: Path, steps: int, seed: int, lr: float = COMMON_TRAIN["lr"]
+    arm: str,
+    base: Path,
+    data: dict[str, Path],
+    output: Path,
+    steps: int,
+    seed: int,
+    lr: float = COMMON_TRAIN["lr"],
+    freeze_vision_tower: bool = True,
 ):
     """The TrainConfig of an OPD arm (no_privilege = the default recipe on the full-view-teacher dataset)."""
     from vopd.config import TrainConfig
@@ -221,6 +240,7 @@ def arm_train_config(
         "steps": steps,
         "seed": seed,
         "lr": lr,
+        "freeze_vision_tower": freeze_vision_tower,
         "save_every": steps,
         "keep_checkpoints": 1,
     }
@@ -228,7 +248,14 @@ def arm_train_config(
 
 
 def run_arm(
-    arm: str, seed: int, base: Path, data: dict[str, Path], run_dir: Path, steps: int, lr: float
+    arm: str,
+    seed: int,
+    base: Path,
+    data: dict[str, Path],
+    run_dir: Path,
+    steps: int,
+    lr: float,
+    freeze_vision_tower: bool = True,
 ) -> dict[str, Any]:
     """Train one arm for one seed and evaluate it; runs in a worker process with one torch thread."""
     import torch
@@ -242,11 +269,20 @@ def run_arm(
         shutil.rmtree(run_dir)
     batch_size = COMMON_TRAIN["batch_size"]
     if arm == "sft":
-        final = train_sft(base, data["train_labelled"], run_dir, steps=steps, seed=seed, lr=lr, batch_size=batch_size)
+        final = train_sft(
+            base,
+            data["train_labelled"],
+            run_dir,
+            steps=steps,
+            seed=seed,
+            lr=lr,
+            batch_size=batch_size,
+            freeze_vision_tower=freeze_vision_tower,
+        )
     else:
         from vopd.trainer import train
 
-        final = train(arm_train_config(arm, base, data, run_dir, steps, seed, lr)).final_dir
+        final = train(arm_train_config(arm, base, data, run_dir, steps, seed, lr, freeze_vision_tower)).final_dir
         assert final is not None
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer states: 3x the model, not needed
     result = {
@@ -254,6 +290,7 @@ def run_arm(
         "seed": seed,
         "steps": steps,
         "lr": lr,
+        "freeze_vision_tower": freeze_vision_tower,
         "model": str(final),
         "eval": _evaluate_sets(final, data),
         "seconds": time.perf_counter() - started,
@@ -294,9 +331,12 @@ def reproduce(
     recorded = {**settings.__dict__, "base": str(source.resolve())}
     if settings_path.is_file():  # finished runs are reused: they must have been made the same way
         previous = json.loads(settings_path.read_text())
-        fixed = ("steps", "lr", "train_items", "eval_items", "base")
+        fixed = ("steps", "lr", "train_items", "eval_items", "base", "freeze_vision_tower")
+        legacy = {"freeze_vision_tower": True}  # experiments recorded before the option existed froze the tower
         changed = [
-            f"{key} {previous.get(key)} -> {recorded[key]}" for key in fixed if previous.get(key) != recorded[key]
+            f"{key} {previous.get(key, legacy.get(key))} -> {recorded[key]}"
+            for key in fixed
+            if previous.get(key, legacy.get(key)) != recorded[key]
         ]
         if changed:
             raise ValueError(
@@ -322,7 +362,9 @@ def reproduce(
         futures = {}
         for arm, seed in jobs:
             run_dir = _run_dir(output, arm, seed)
-            future = pool.submit(run_arm, arm, seed, base_dir, data, run_dir, settings.steps, settings.lr)
+            future = pool.submit(
+                run_arm, arm, seed, base_dir, data, run_dir, settings.steps, settings.lr, settings.freeze_vision_tower
+            )
             futures[future] = (arm, seed)
         for done, future in enumerate(as_completed(futures), start=1):
             arm, seed = futures[future]

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from frontend import render, strings
 from frontend.client import Job, VopdClient
 from frontend.context import UiContext, readable_errors
-from vopd.config import TrainConfig, config_to_cli, set_dotted
+from vopd.config import TRAIN_PRESETS, TrainConfig, config_to_cli, set_dotted
 
 Widget = Literal["number", "int", "slider", "checkbox", "dropdown"]
 
@@ -55,23 +55,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("runtime.dtype", "Dtype", "dropdown", choices=("auto", "float32", "bfloat16", "float16")),
 )
 
-TINY_PRESET: dict[str, Any] = {
-    "steps": 20,
-    "batch_size": 2,
-    "grad_accum": 1,
-    "lr": 1e-4,
-    "seed": 0,
-    "save_every": 10,
-    "rollout": {"num_rollouts": 2, "max_new_tokens": 8, "temperature": 1.0},
-    "divergence": {"alpha": 0.5, "topk": 100, "mode": "full_logits"},
-    "teacher": {"mode": "ema", "ema_rate": 0.05},
-    "lora": {"enabled": False, "rank": 16},
-    "runtime": {"device": "cpu", "dtype": "float32"},
-}
-# vopd.config's defaults are the paper's (alpha 0.5 JSD over top-100 + tail, EMA teacher 0.05, 4 rollouts of up
-# to 256 tokens, lr 2e-6 full fine-tune, batch 8). The run length has no default there: 500 steps is our choice.
-PAPER_PRESET: dict[str, Any] = {"steps": 500}
-PRESETS: dict[str, dict[str, Any]] = {strings.PRESET_TINY: TINY_PRESET, strings.PRESET_PAPER: PAPER_PRESET}
+# The presets themselves live in vopd.config (shared with `vopd train --preset`); here only their labels.
+PRESETS: dict[str, str] = {strings.PRESET_TINY: "tiny-cpu", strings.PRESET_PAPER: "paper"}
 
 
 # ----------------------------------------------------------------------------- pure callbacks
@@ -96,7 +81,7 @@ def preset_values(preset: str) -> list[Any]:
     if preset not in PRESETS:
         raise render.UiInputError(f"unknown preset {preset!r}")
     defaults = TrainConfig.model_validate({"model": "m", "dataset": "d", "steps": 1}).model_dump(mode="json")
-    merged = _deep_merge(defaults, PRESETS[preset])
+    merged = _deep_merge(defaults, TRAIN_PRESETS[PRESETS[preset]])
     return [_get_dotted(merged, spec.path) for spec in FIELDS]
 
 
