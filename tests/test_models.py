@@ -17,6 +17,7 @@ from vopd.models import (
     build_tiny_qwen2vl,
     encode_prompts,
     load_model_and_processor,
+    optimizer_param_groups,
     parameter_count,
     register_image_only_processors,
     resolve_device,
@@ -233,6 +234,39 @@ def test_unfrozen_vision_tower_gets_gradients(tiny_model_dir: Path) -> None:
     vision = vision_tower_parameters(loaded.model)
     assert all(parameter.requires_grad for parameter in vision)
     assert sum(parameter.grad.abs().sum() for parameter in vision if parameter.grad is not None) > 0
+
+
+def test_vision_lr_scale_shrinks_only_the_encoder_update(tiny_model_dir: Path) -> None:
+    """One AdamW step moves each element by about lr (the first step is lr * g/|g|), so the encoder's update must
+    shrink by the scale while the language model's stays as it is."""
+
+    def one_step(scale: float) -> tuple[dict[str, torch.Tensor], set[str]]:
+        torch.manual_seed(0)
+        loaded = load_model_and_processor(tiny_model_dir, trainable=True, freeze_vision_tower=False)
+        vision_ids = {id(parameter) for parameter in vision_tower_parameters(loaded.model)}
+        named = dict(loaded.model.named_parameters())
+        before = {name: parameter.detach().clone() for name, parameter in named.items()}
+        optimizer = torch.optim.AdamW(optimizer_param_groups(loaded.model, 1e-3, scale), weight_decay=0.0)
+        lm_loss(loaded).backward()
+        optimizer.step()
+        moved = {name: (parameter.detach() - before[name]).abs().mean() for name, parameter in named.items()}
+        return moved, {name for name, parameter in named.items() if id(parameter) in vision_ids}
+
+    full, vision = one_step(1.0)
+    scaled, _ = one_step(0.25)
+    assert vision and any(full[name] > 1e-6 for name in vision)
+    for name, moved in full.items():
+        if moved < 1e-6:  # no gradient from this loss (e.g. embeddings of unused tokens)
+            continue
+        expected = 0.25 if name in vision else 1.0
+        assert float(scaled[name] / moved) == pytest.approx(expected, rel=0.05), name
+
+
+def test_frozen_encoder_gives_one_parameter_group(tiny_model_dir: Path) -> None:
+    loaded = load_model_and_processor(tiny_model_dir, trainable=True, freeze_vision_tower=True)
+    groups = optimizer_param_groups(loaded.model, 1e-4, 0.1)
+    assert [group["lr"] for group in groups] == [1e-4]
+    assert sum(len(group["params"]) for group in groups) == sum(p.requires_grad for p in loaded.model.parameters())
 
 
 def test_lora_trains_only_the_adapter_and_can_be_disabled(tiny_model_dir: Path) -> None:

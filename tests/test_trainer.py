@@ -100,6 +100,20 @@ def test_vision_tower_stays_frozen(tiny_model_dir, dataset, tmp_path) -> None:
             assert torch.equal(param, frozen[name])
 
 
+def test_trainable_vision_tower_gets_its_scaled_learning_rate(tiny_model_dir, dataset, tmp_path) -> None:
+    config = make_config(tiny_model_dir, dataset, tmp_path / "run", freeze_vision_tower=False, vision_lr_scale=0.1)
+    trainer = OPDTrainer(config)
+    vision = {id(p) for n, p in trainer.student.named_parameters() if "visual" in n}
+    lrs = {
+        "vision" if all(id(p) in vision for p in group["params"]) else "language": group["lr"]
+        for group in trainer.optimizer.param_groups
+    }
+    assert lrs == pytest.approx({"language": 1e-3, "vision": 1e-4})
+    before = {n: p.detach().clone() for n, p in trainer.student.named_parameters() if "visual" in n}
+    trainer.train_step()
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.student.named_parameters() if n in before)
+
+
 def test_divergence_falls_against_a_fixed_teacher(tiny_model_dir, tmp_path) -> None:
     """The learning test: one prompt, a frozen teacher, plain gradient steps -> the divergence shrinks."""
     one = write_dataset(tmp_path / "one", count=1)

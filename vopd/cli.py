@@ -299,6 +299,9 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--train-vision", action="store_true", help="train the vision encoder too, in every arm (default: frozen)"
     )
+    parser.add_argument(
+        "--vision-lr-scale", type=float, default=None, help="with --train-vision: encoder lr = lr x this (default 1)"
+    )
 
 
 def _run_reproduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -314,6 +317,10 @@ def _run_reproduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     changes: dict[str, Any] = {"arms": arms, "jobs": args.jobs or default_jobs()}
     if args.train_vision:
         changes["freeze_vision_tower"] = False
+    if args.vision_lr_scale is not None:
+        if args.vision_lr_scale <= 0:
+            raise CliError("--vision-lr-scale must be positive")
+        changes["vision_lr_scale"] = args.vision_lr_scale
     if args.lr is not None:
         if args.lr <= 0:
             raise CliError("--lr must be positive")

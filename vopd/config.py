@@ -172,6 +172,11 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
     freeze_vision_tower: bool = Field(True, description="Keep the vision encoder frozen (paper trains the LLM).")
+    vision_lr_scale: float = Field(
+        1.0,
+        gt=0.0,
+        description="With a trainable vision encoder, its learning rate is lr times this (keeps the crop view intact).",
+    )
     save_every: int = Field(50, ge=1, description="Checkpoint every N steps (and always at the last step).")
     keep_checkpoints: int = Field(3, ge=1, description="Older checkpoints beyond this many are deleted.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

@@ -308,6 +308,18 @@ def vision_tower_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(base.get_submodule(_vision_tower_name(base)).parameters())
 
 
+def optimizer_param_groups(model: nn.Module, lr: float, vision_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the trainable language-model tensors at ``lr``, a trainable vision tower at
+    ``lr * vision_lr_scale``. A shared encoder trained at the language model's rate forgets the view it is not
+    trained on (the crop, in Vision-OPD: docs/reproduction.md); a smaller rate lets it adapt to the full image."""
+    vision = {id(parameter) for parameter in vision_tower_parameters(model)}
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    language = [parameter for parameter in trainable if id(parameter) not in vision]
+    encoder = [parameter for parameter in trainable if id(parameter) in vision]
+    groups = [{"params": language, "lr": lr}, {"params": encoder, "lr": lr * vision_lr_scale}]
+    return [group for group in groups if group["params"]]
+
+
 def apply_lora(model: PreTrainedModel, lora: LoraConfig, *, include_vision_tower: bool = False) -> PeftModel:
     """Wrap ``model`` with LoRA adapters on the language model's projections; only the adapters train.
 

@@ -81,6 +81,8 @@ class ReproduceSettings:
     # False trains the vision encoder too, in every arm (SFT included): a test of whether the frozen encoder's 16
     # image tokens are what caps full-image accuracy (docs/reproduction.md).
     freeze_vision_tower: bool = True
+    # With a trainable encoder, its learning rate is lr times this in every arm (keeps the crop view intact).
+    vision_lr_scale: float = 1.0
 
     @classmethod
     def quick(cls) -> ReproduceSettings:
@@ -167,6 +169,7 @@ def train_sft(
     lr: float,
     batch_size: int,
     freeze_vision_tower: bool = True,
+    vision_lr_scale: float = 1.0,
     callbacks=(),
 ) -> Path:
     """Supervised fine-tuning with labels on the student's full view: same optimizer, data order, steps and
@@ -175,7 +178,7 @@ def train_sft(
 
     from vopd.config import RuntimeConfig, TrainConfig
     from vopd.data import load_dataset
-    from vopd.models import load_model_and_processor
+    from vopd.models import load_model_and_processor, optimizer_param_groups
     from vopd.tiny import supervised_loss
     from vopd.trainer import DataOrder
     from vopd.views import student_view
@@ -194,7 +197,9 @@ def train_sft(
         trainable=True,
     )
     parameters = [p for p in loaded.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=defaults.weight_decay)
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(loaded.model, lr, vision_lr_scale), lr=lr, weight_decay=defaults.weight_decay
+    )
     events.on_start(total=steps, start=0, unit="step")
     metrics_path = output / "metrics.jsonl"
     output.mkdir(parents=True, exist_ok=True)
@@ -226,6 +231,7 @@ def arm_train_config(
     seed: int,
     lr: float = COMMON_TRAIN["lr"],
     freeze_vision_tower: bool = True,
+    vision_lr_scale: float = 1.0,
 ):
     """The TrainConfig of an OPD arm (no_privilege = the default recipe on the full-view-teacher dataset)."""
     from vopd.config import TrainConfig
@@ -241,6 +247,7 @@ def arm_train_config(
         "seed": seed,
         "lr": lr,
         "freeze_vision_tower": freeze_vision_tower,
+        "vision_lr_scale": vision_lr_scale,
         "save_every": steps,
         "keep_checkpoints": 1,
     }
@@ -256,6 +263,7 @@ def run_arm(
     steps: int,
     lr: float,
     freeze_vision_tower: bool = True,
+    vision_lr_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Train one arm for one seed and evaluate it; runs in a worker process with one torch thread."""
     import torch
@@ -278,11 +286,13 @@ def run_arm(
             lr=lr,
             batch_size=batch_size,
             freeze_vision_tower=freeze_vision_tower,
+            vision_lr_scale=vision_lr_scale,
         )
     else:
         from vopd.trainer import train
 
-        final = train(arm_train_config(arm, base, data, run_dir, steps, seed, lr, freeze_vision_tower)).final_dir
+        config = arm_train_config(arm, base, data, run_dir, steps, seed, lr, freeze_vision_tower, vision_lr_scale)
+        final = train(config).final_dir
         assert final is not None
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer states: 3x the model, not needed
     result = {
@@ -291,6 +301,7 @@ def run_arm(
         "steps": steps,
         "lr": lr,
         "freeze_vision_tower": freeze_vision_tower,
+        "vision_lr_scale": vision_lr_scale,
         "model": str(final),
         "eval": _evaluate_sets(final, data),
         "seconds": time.perf_counter() - started,
@@ -331,8 +342,9 @@ def reproduce(
     recorded = {**settings.__dict__, "base": str(source.resolve())}
     if settings_path.is_file():  # finished runs are reused: they must have been made the same way
         previous = json.loads(settings_path.read_text())
-        fixed = ("steps", "lr", "train_items", "eval_items", "base", "freeze_vision_tower")
-        legacy = {"freeze_vision_tower": True}  # experiments recorded before the option existed froze the tower
+        fixed = ("steps", "lr", "train_items", "eval_items", "base", "freeze_vision_tower", "vision_lr_scale")
+        # experiments recorded before these options existed froze the tower and had one learning rate
+        legacy = {"freeze_vision_tower": True, "vision_lr_scale": 1.0}
         changed = [
             f"{key} {previous.get(key, legacy.get(key))} -> {recorded[key]}"
             for key in fixed
@@ -363,7 +375,16 @@ def reproduce(
         for arm, seed in jobs:
             run_dir = _run_dir(output, arm, seed)
             future = pool.submit(
-                run_arm, arm, seed, base_dir, data, run_dir, settings.steps, settings.lr, settings.freeze_vision_tower
+                run_arm,
+                arm,
+                seed,
+                base_dir,
+                data,
+                run_dir,
+                settings.steps,
+                settings.lr,
+                settings.freeze_vision_tower,
+                settings.vision_lr_scale,
             )
             futures[future] = (arm, seed)
         for done, future in enumerate(as_completed(futures), start=1):

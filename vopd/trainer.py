@@ -27,7 +27,7 @@ from vopd.config import TrainConfig
 from vopd.data import Sample, load_dataset
 from vopd.divergence import distillation_loss, distribution_stats
 from vopd.guard import CollapseGuard
-from vopd.models import LoadedModel, encode_prompts, load_model_and_processor
+from vopd.models import LoadedModel, encode_prompts, load_model_and_processor, optimizer_param_groups
 from vopd.rollout import response_logits, sample_rollouts
 from vopd.teacher import Teacher, trainable_parameters
 from vopd.views import student_view, teacher_view, to_messages
@@ -153,10 +153,13 @@ class OPDTrainer:
         self.student: nn.Module = self.loaded.model
         self.teacher = Teacher(self.student, config.teacher)
         self.guard = CollapseGuard(config.collapse_guard, self.samples, config.views)
-        params = list(trainable_parameters(self.student).values())
-        if not params:
+        if not trainable_parameters(self.student):
             raise ValueError("no trainable parameters: check lora/freeze settings")
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            optimizer_param_groups(self.student, config.lr, config.vision_lr_scale),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_constant(config.warmup_steps))
         # Importance weights p_S/p_behaviour only mean something when both are the same distribution family:
         # sampling at the divergence's temperature without top-p truncation. (Rollouts here are always fresh,
