@@ -83,8 +83,9 @@ def test_data_splits_are_disjoint_unlabelled_for_opd_and_the_control_teacher_see
     expected = student_view(train[0], ViewConfig()).image
     assert control[0].answer is None
     assert ImageChops.difference(control[0].load_crop(), expected).getbbox() is None
-    control_config = arm_train_config("no_privilege", Path("base"), paths, tmp_path / "run", steps=3, seed=1)
-    default_config = arm_train_config("opd", Path("base"), paths, tmp_path / "run", steps=3, seed=1)
+    settings = ReproduceSettings(steps=3)
+    control_config = arm_train_config("no_privilege", Path("base"), paths, tmp_path / "run", 1, settings)
+    default_config = arm_train_config("opd", Path("base"), paths, tmp_path / "run", 1, settings)
     assert control_config.dataset == str(paths["no_privilege"]) and default_config.dataset == str(paths["train"])
     assert control_config.teacher == default_config.teacher and control_config.divergence == default_config.divergence
 

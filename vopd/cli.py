@@ -256,7 +256,7 @@ def _add_tiny(parser: argparse.ArgumentParser) -> None:
     pretrain.add_argument("--output", required=True, help="run folder; the fp16 base model lands in OUTPUT/model")
     pretrain.add_argument("--seed", type=int, default=0, help="weights and data seed (0 rebuilds the shipped base)")
     pretrain.add_argument("--eval-items", type=int, default=400, help="held-out items evaluated after each stage")
-    pretrain.add_argument("--stop-after", default=None, help="stop after this stage (crops, mixed, polish)")
+    pretrain.add_argument("--stop-after", default=None, help="stop after this stage (crops or mixed)")
     parser.epilog = "A rerun of pretrain with the same --output skips the stages already finished."
 
 
@@ -294,6 +294,8 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-items", type=int, default=None, help="items per evaluation set (default 400)")
     parser.add_argument("--train-items", type=int, default=None, help="items in the unlabelled training split")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of every arm, SFT included (1e-4)")
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per step, every arm (default 8)")
+    parser.add_argument("--rollouts", type=int, default=None, help="rollouts per prompt, OPD arms (default 2)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel arms, one thread each (default: CPU count)")
     parser.add_argument("--base", default=None, help="base model folder (default: the shipped tiny base)")
     parser.add_argument(
@@ -325,14 +327,18 @@ def _run_reproduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         if args.lr <= 0:
             raise CliError("--lr must be positive")
         changes["lr"] = args.lr
-    for name in ("seeds", "steps", "eval_items", "train_items"):
+    if args.rollouts is not None:
+        if args.rollouts < 1:
+            raise CliError("--rollouts must be at least 1")
+        changes["num_rollouts"] = args.rollouts
+    for name in ("seeds", "steps", "eval_items", "train_items", "batch_size"):
         if getattr(args, name) is not None:
             if getattr(args, name) < 1:
                 raise CliError(f"--{name.replace('_', '-')} must be at least 1")
             changes[name] = getattr(args, name)
     settings = dataclasses.replace(settings, **changes)
-    if settings.train_items < settings.steps * 8 and args.train_items is None:
-        settings = dataclasses.replace(settings, train_items=settings.steps * 8)
+    if settings.train_items < settings.steps * settings.batch_size and args.train_items is None:
+        settings = dataclasses.replace(settings, train_items=settings.steps * settings.batch_size)
     result = reproduce(args.output, settings, base=args.base, callbacks=[TqdmProgress("reproduce")])
     print(result.table)
     print(json.dumps(result.headline))

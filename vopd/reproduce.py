@@ -42,11 +42,9 @@ from vopd.callbacks import CallbackList, ProgressCallback
 TRAIN_SEED = 1
 FRESH_SEED = 2
 
-# The recipe shared by every arm (the issue's prototype setting): 8 prompts x 2 rollouts, lr 1e-4.
+# TrainConfig values shared by every OPD arm; the run size (steps, lr, prompts, rollouts) is in ReproduceSettings.
 COMMON_TRAIN: dict[str, Any] = {
-    "batch_size": 8,
-    "lr": 1e-4,
-    "rollout": {"num_rollouts": 2, "max_new_tokens": 8},
+    "rollout": {"max_new_tokens": 8},
     "runtime": {"device": "cpu", "dtype": "float32"},
 }
 
@@ -73,6 +71,8 @@ class ReproduceSettings:
 
     steps: int = 300
     lr: float = 1e-4  # the same for every arm, SFT included
+    batch_size: int = 8  # prompts per step, every arm (SFT: labelled examples per step)
+    num_rollouts: int = 2  # rollouts per prompt, OPD arms
     seeds: int = 3
     train_items: int = 2400  # 300 steps x 8 prompts: every prompt is seen once
     eval_items: int = 400
@@ -222,17 +222,7 @@ def train_sft(
     return final
 
 
-def arm_train_config(
-    arm: str,
-    base: Path,
-    data: dict[str, Path],
-    output: Path,
-    steps: int,
-    seed: int,
-    lr: float = COMMON_TRAIN["lr"],
-    freeze_vision_tower: bool = True,
-    vision_lr_scale: float = 1.0,
-):
+def arm_train_config(arm: str, base: Path, data: dict[str, Path], output: Path, seed: int, settings: ReproduceSettings):
     """The TrainConfig of an OPD arm (no_privilege = the default recipe on the full-view-teacher dataset)."""
     from vopd.config import TrainConfig
 
@@ -243,27 +233,21 @@ def arm_train_config(
         "model": str(base),
         "dataset": str(data["no_privilege" if arm == "no_privilege" else "train"]),
         "output": str(output),
-        "steps": steps,
+        "steps": settings.steps,
         "seed": seed,
-        "lr": lr,
-        "freeze_vision_tower": freeze_vision_tower,
-        "vision_lr_scale": vision_lr_scale,
-        "save_every": steps,
+        "lr": settings.lr,
+        "batch_size": settings.batch_size,
+        "rollout": {**COMMON_TRAIN["rollout"], "num_rollouts": settings.num_rollouts},
+        "freeze_vision_tower": settings.freeze_vision_tower,
+        "vision_lr_scale": settings.vision_lr_scale,
+        "save_every": settings.steps,
         "keep_checkpoints": 1,
     }
     return TrainConfig.model_validate(values)
 
 
 def run_arm(
-    arm: str,
-    seed: int,
-    base: Path,
-    data: dict[str, Path],
-    run_dir: Path,
-    steps: int,
-    lr: float,
-    freeze_vision_tower: bool = True,
-    vision_lr_scale: float = 1.0,
+    arm: str, seed: int, base: Path, data: dict[str, Path], run_dir: Path, settings: ReproduceSettings
 ) -> dict[str, Any]:
     """Train one arm for one seed and evaluate it; runs in a worker process with one torch thread."""
     import torch
@@ -275,33 +259,33 @@ def run_arm(
     started = time.perf_counter()
     if run_dir.exists():  # an interrupted run: start it again from scratch
         shutil.rmtree(run_dir)
-    batch_size = COMMON_TRAIN["batch_size"]
     if arm == "sft":
         final = train_sft(
             base,
             data["train_labelled"],
             run_dir,
-            steps=steps,
+            steps=settings.steps,
             seed=seed,
-            lr=lr,
-            batch_size=batch_size,
-            freeze_vision_tower=freeze_vision_tower,
-            vision_lr_scale=vision_lr_scale,
+            lr=settings.lr,
+            batch_size=settings.batch_size,
+            freeze_vision_tower=settings.freeze_vision_tower,
+            vision_lr_scale=settings.vision_lr_scale,
         )
     else:
         from vopd.trainer import train
 
-        config = arm_train_config(arm, base, data, run_dir, steps, seed, lr, freeze_vision_tower, vision_lr_scale)
-        final = train(config).final_dir
+        final = train(arm_train_config(arm, base, data, run_dir, seed, settings)).final_dir
         assert final is not None
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer states: 3x the model, not needed
     result = {
         "arm": arm,
         "seed": seed,
-        "steps": steps,
-        "lr": lr,
-        "freeze_vision_tower": freeze_vision_tower,
-        "vision_lr_scale": vision_lr_scale,
+        "steps": settings.steps,
+        "lr": settings.lr,
+        "batch_size": settings.batch_size,
+        "num_rollouts": settings.num_rollouts,
+        "freeze_vision_tower": settings.freeze_vision_tower,
+        "vision_lr_scale": settings.vision_lr_scale,
         "model": str(final),
         "eval": _evaluate_sets(final, data),
         "seconds": time.perf_counter() - started,
@@ -342,9 +326,12 @@ def reproduce(
     recorded = {**settings.__dict__, "base": str(source.resolve())}
     if settings_path.is_file():  # finished runs are reused: they must have been made the same way
         previous = json.loads(settings_path.read_text())
-        fixed = ("steps", "lr", "train_items", "eval_items", "base", "freeze_vision_tower", "vision_lr_scale")
-        # experiments recorded before these options existed froze the tower and had one learning rate
-        legacy = {"freeze_vision_tower": True, "vision_lr_scale": 1.0}
+        fixed = (
+            "steps", "lr", "batch_size", "num_rollouts", "train_items", "eval_items", "base", "freeze_vision_tower",
+            "vision_lr_scale",
+        )
+        # experiments recorded before these options existed: 8 prompts x 2 rollouts, frozen tower, one rate
+        legacy = {"batch_size": 8, "num_rollouts": 2, "freeze_vision_tower": True, "vision_lr_scale": 1.0}
         changed = [
             f"{key} {previous.get(key, legacy.get(key))} -> {recorded[key]}"
             for key in fixed
@@ -374,18 +361,7 @@ def reproduce(
         futures = {}
         for arm, seed in jobs:
             run_dir = _run_dir(output, arm, seed)
-            future = pool.submit(
-                run_arm,
-                arm,
-                seed,
-                base_dir,
-                data,
-                run_dir,
-                settings.steps,
-                settings.lr,
-                settings.freeze_vision_tower,
-                settings.vision_lr_scale,
-            )
+            future = pool.submit(run_arm, arm, seed, base_dir, data, run_dir, settings)
             futures[future] = (arm, seed)
         for done, future in enumerate(as_completed(futures), start=1):
             arm, seed = futures[future]
