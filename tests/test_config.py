@@ -84,7 +84,8 @@ def test_presets_sit_under_file_and_overrides(tmp_path) -> None:
     path.write_text("model: a\ndataset: b\nrollout:\n  max_new_tokens: 5\n")
     config = load_config(TrainConfig, path, {"lr": 3e-4}, preset="tiny-cpu")
     assert config.teacher.mode == "fixed" and config.divergence.alpha == 0.0 and config.steps == 20
-    assert config.rollout.max_new_tokens == 5 and config.rollout.num_rollouts == 2  # group merged key by key
+    assert config.rollout.max_new_tokens == 5 and config.rollout.num_rollouts == 1  # group merged key by key
+    assert not config.freeze_vision_tower and config.vision_lr_scale == 0.3
     assert config.lr == 3e-4
     paper = load_config(TrainConfig, None, {"model": "a", "dataset": "b"}, preset="paper")
     assert paper.teacher.mode == "ema" and paper.divergence.alpha == 0.5 and paper.lr == 2e-6

@@ -294,15 +294,15 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-items", type=int, default=None, help="items per evaluation set (default 400)")
     parser.add_argument("--train-items", type=int, default=None, help="items in the unlabelled training split")
     parser.add_argument("--lr", type=float, default=None, help="learning rate of every arm, SFT included (1e-4)")
-    parser.add_argument("--batch-size", type=int, default=None, help="prompts per step, every arm (default 8)")
-    parser.add_argument("--rollouts", type=int, default=None, help="rollouts per prompt, OPD arms (default 2)")
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per step, every arm (default 16)")
+    parser.add_argument("--rollouts", type=int, default=None, help="rollouts per prompt, OPD arms (default 1)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel arms, one thread each (default: CPU count)")
     parser.add_argument("--base", default=None, help="base model folder (default: the shipped tiny base)")
     parser.add_argument(
-        "--train-vision", action="store_true", help="train the vision encoder too, in every arm (default: frozen)"
+        "--freeze-vision", action="store_true", help="keep the vision encoder frozen in every arm (default: trained)"
     )
     parser.add_argument(
-        "--vision-lr-scale", type=float, default=None, help="with --train-vision: encoder lr = lr x this (default 1)"
+        "--vision-lr-scale", type=float, default=None, help="encoder lr = lr x this, every arm (default 0.3)"
     )
 
 
@@ -317,8 +317,8 @@ def _run_reproduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         arm.strip() for arm in args.arms.split(",") if arm.strip()
     )
     changes: dict[str, Any] = {"arms": arms, "jobs": args.jobs or default_jobs()}
-    if args.train_vision:
-        changes["freeze_vision_tower"] = False
+    if args.freeze_vision:
+        changes["freeze_vision_tower"] = True
     if args.vision_lr_scale is not None:
         if args.vision_lr_scale <= 0:
             raise CliError("--vision-lr-scale must be positive")

@@ -6,7 +6,7 @@ with labels, to answer the benchmark: first on crops (where the fine detail is l
 and full images together. It stops while the full image is still clearly worse than the crop: that
 regional-to-global gap is what Vision-OPD closes later, label-free. A near-blind base makes distillation collapse onto
 the teacher's letter prior (measured in the issue's prototype), so the mixed stage runs until a selection set's
-full-image accuracy reaches 0.60, not less; run to its end it would leave almost no gap.
+full-image accuracy reaches 0.55, not less; run to its end it would leave almost no gap.
 
 Everything is deterministic: data come from ``vopd.synth`` by (seed, index), the weights from a seed, one CPU thread
 does the arithmetic, so the same command rebuilds the shipped base bit for bit on the same torch build.
@@ -193,9 +193,10 @@ class PretrainStage:
 
 
 # Measured (seed 0): after "crops" the crop is at 1.00 and the full image at chance (0.29); during "mixed" the full
-# image climbs 0.28 (step 200), 0.41 (300), 0.54 (400), 0.74 (500 and 600). Left to run, the base sees too well to
-# leave a gap worth closing, so "mixed" stops once the selection set's full-image accuracy reaches 0.60: the
-# prototype's working base had 0.61 (a near-chance base made distillation collapse).
+# image climbs 0.28 (step 200), 0.41 (300), 0.54 (400), 0.65 (425), 0.70 (450), 0.74 (500 and 600). Left to run, the
+# base sees too well to leave a gap worth closing, so "mixed" stops once the selection set's full-image accuracy
+# reaches 0.55 (step 425): the issue asks for 0.55-0.75, and a near-chance base made distillation collapse. (The
+# first shipped base stopped at 0.60, step 450, and left OPD only a 0.31 gap on the fresh set: docs/reproduction.md.)
 DEFAULT_STAGES: tuple[PretrainStage, ...] = (
     PretrainStage("crops", steps=400, lr=1e-3, views=(("crop_large", 16), ("crop", 16)), warmup_steps=50),
     PretrainStage(
@@ -203,7 +204,7 @@ DEFAULT_STAGES: tuple[PretrainStage, ...] = (
         steps=600,
         lr=5e-4,
         views=(("crop", 12), ("context", 8), ("full", 12)),
-        stop_at_full_accuracy=0.60,
+        stop_at_full_accuracy=0.55,
         check_from=350,
     ),
 )

@@ -49,6 +49,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("divergence.mode", "Loss mode", "dropdown", choices=("full_logits", "sampled_token")),
     FieldSpec("teacher.mode", "Teacher", "dropdown", choices=("ema", "current", "fixed")),
     FieldSpec("teacher.ema_rate", "EMA rate", "number"),
+    FieldSpec("freeze_vision_tower", "Freeze the vision encoder", "checkbox"),
+    FieldSpec("vision_lr_scale", "Vision encoder LR scale (x learning rate)", "number"),
     FieldSpec("lora.enabled", "LoRA adapters", "checkbox"),
     FieldSpec("lora.rank", "LoRA rank", "int"),
     FieldSpec("runtime.device", "Device", "dropdown", choices=("auto", "cpu", "cuda", "mps")),

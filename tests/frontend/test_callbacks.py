@@ -148,7 +148,8 @@ def test_load_sample_fills_the_form(api: FakeApi) -> None:
 # ----------------------------------------------------------------------------- train
 def test_presets_fill_every_form_field() -> None:
     tiny = dict(zip([spec.path for spec in train.FIELDS], train.preset_values(strings.PRESET_TINY), strict=True))
-    assert tiny["runtime.device"] == "cpu" and tiny["rollout.num_rollouts"] == 2
+    assert tiny["runtime.device"] == "cpu" and tiny["rollout.num_rollouts"] == 1
+    assert tiny["freeze_vision_tower"] is False and tiny["vision_lr_scale"] == 0.3
     paper = dict(zip([spec.path for spec in train.FIELDS], train.preset_values(strings.PRESET_PAPER), strict=True))
     defaults = TrainConfig(model="m", dataset="d", steps=1)
     assert paper["lr"] == defaults.lr and paper["divergence.alpha"] == defaults.divergence.alpha
@@ -158,7 +159,8 @@ def test_presets_fill_every_form_field() -> None:
 def test_config_from_form_validates_with_the_libraries_model() -> None:
     values = train.preset_values(strings.PRESET_TINY)
     config = train.config_from_form("tiny", "synth-64", values, '{"views": {"upscale": 3}, "rollout": {"top_p": 0.9}}')
-    assert config.views.upscale == 3 and config.rollout.top_p == 0.9 and config.rollout.num_rollouts == 2
+    assert config.views.upscale == 3 and config.rollout.top_p == 0.9 and config.rollout.num_rollouts == 1
+    assert not config.freeze_vision_tower and config.vision_lr_scale == 0.3
     body = train.request_body(config)
     assert body["kind"] == "train" and "output" not in body["config"] and body["config"]["steps"] == 20
     assert TrainConfig.model_validate(body["config"]) == config
@@ -184,7 +186,8 @@ def test_equivalents_show_the_cli_and_the_rest_request() -> None:
     config = train.config_from_form("tiny", "synth-64", train.preset_values(strings.PRESET_TINY), "")
     cli, rest = train.equivalents(config, "http://127.0.0.1:8000/")
     assert cli.startswith("vopd train --model tiny --dataset synth-64 --steps 20")
-    assert "--rollout.num_rollouts 2" in cli and "--runtime.device cpu" in cli
+    assert "--rollout.num_rollouts 1" in cli and "--runtime.device cpu" in cli
+    assert "--vision_lr_scale 0.3" in cli
     assert "curl -X POST http://127.0.0.1:8000/api/jobs" in rest
     body = json.loads(rest.split("-d '", 1)[1].rsplit("'", 1)[0])
     assert body == train.request_body(config)
