@@ -113,7 +113,7 @@ def build_evaluate_tab(ctx: UiContext, api_key: gr.Textbox) -> EvaluateTab:
                              elem_id="eval-jobs")
         compare_button = gr.Button(strings.COMPARE, min_width=100, scale=1)
     chart = gr.BarPlot(x="bar", y="accuracy", color="condition", y_lim=[0, 1], sort=None, x_label_angle=-30,
-                       label="Accuracy", height=280)
+                       label="Accuracy")  # no fixed height: it would clip the legend (Gradio 6.31)
     table = gr.Dataframe(headers=strings.EVAL_TABLE_COLUMNS, interactive=False, wrap=True, elem_id="eval-table")
     with gr.Accordion("Per-item browser", open=True):
         with gr.Row():

@@ -144,16 +144,16 @@ def build_jobs_tab(ctx: UiContext, api_key: gr.Textbox) -> JobsTab:
         cancel_button = gr.Button(strings.CANCEL, variant="stop", interactive=False, min_width=100,
                                   elem_id="jobs-cancel")
         resume_button = gr.Button(strings.RESUME, interactive=False, min_width=100, elem_id="jobs-resume")
+    # No fixed height: Gradio 6.31 sizes a LinePlot's height without its legend, and clips the series names.
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.LOSS_PLOT, min_width=260,
-                                height=220)
+        loss_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.LOSS_PLOT, min_width=260)
         divergence_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.DIVERGENCE_PLOT,
-                                      min_width=260, height=220)
+                                      min_width=260, elem_id="jobs-divergence-plot")
     with gr.Row():
         agreement_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.AGREEMENT_PLOT,
-                                     min_width=260, height=220)
+                                     min_width=260)
         accuracy_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.ACCURACY_PLOT,
-                                    min_width=260, height=220)
+                                    min_width=260)
     log = gr.Textbox(label=strings.LOG_LABEL, lines=10, max_lines=10, autoscroll=True, interactive=False,
                      elem_id="jobs-log")
     artifacts = gr.Dataframe(headers=strings.ARTIFACT_COLUMNS, label=strings.ARTIFACTS_LABEL, interactive=False,

@@ -231,6 +231,13 @@ def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_serve
     assert page.locator("#jobs-table").get_by_text("succeeded").count() >= 1
     page.wait_for_timeout(2500)  # one more poll: the final curves
     page.screenshot(path=ARTIFACTS / "jobs-after-submit-1280.png", full_page=True)  # before any resize of ours
+    # The legend names each series and is drawn inside the plot's box (a fixed plot height used to clip it).
+    plot = page.locator("#jobs-divergence-plot")
+    plot_box = plot.bounding_box()
+    for name in ("divergence_mean", "divergence_max"):
+        legend_box = plot.locator("svg text", has_text=name).first.bounding_box()
+        assert legend_box is not None, name
+        assert legend_box["y"] + legend_box["height"] <= plot_box["y"] + plot_box["height"], name
     _screenshots(page, "jobs")
 
 
