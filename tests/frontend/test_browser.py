@@ -241,6 +241,33 @@ def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_serve
     _screenshots(page, "jobs")
 
 
+def test_cancel_then_resume_from_the_jobs_tab(page, live_server: LiveServer) -> None:  # noqa: ANN001
+    """Click Cancel on a running job, then Resume: it stops with a checkpoint and finishes from it."""
+    page.get_by_role("tab", name="Train").click()
+    for selector, value in (("#train-steps input", "150"), ("#train-batch-size input", "1"),
+                            ("#train-rollout-max-new-tokens input", "4"), ("#train-rollout-num-rollouts input", "1")):
+        page.locator(selector).fill(value)
+        page.locator(selector).press("Tab")
+    page.wait_for_timeout(500)
+    page.locator("#train-submit").click()
+
+    header = page.locator("#jobs-header")
+    header.get_by_text("running").wait_for(timeout=60_000)
+    job_id = int(re.search(r"Job (\d+)", header.inner_text()).group(1))
+    key = (live_server.home / "local_api_key").read_text().strip()
+    auth = {"Authorization": f"Bearer {key}"}
+    page.locator("#jobs-cancel:not([disabled])").click()
+    header.get_by_text("cancelled").wait_for(timeout=60_000)
+    stopped = httpx.get(f"{live_server.url}/api/jobs/{job_id}", headers=auth).json()
+    assert stopped["status"] == "cancelled" and 0 < stopped["step"] < 150, stopped
+
+    page.locator("#jobs-resume:not([disabled])").click()
+    header.get_by_text("succeeded").wait_for(timeout=240_000)
+    finished = httpx.get(f"{live_server.url}/api/jobs/{job_id}", headers=auth).json()
+    assert finished["status"] == "succeeded" and finished["step"] == 150
+    page.wait_for_function("document.querySelector('#jobs-log textarea').value.includes('resumed from')")
+
+
 def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveServer) -> None:  # noqa: ANN001
     page.get_by_role("tab", name="Evaluate").click()
     page.wait_for_function("document.querySelector('#eval-dataset input').value !== ''")
