@@ -15,6 +15,7 @@ from vopd.data import load_dataset
 from vopd.reproduce import (
     ReproduceSettings,
     arm_train_config,
+    format_table,
     gap_closed,
     headline_numbers,
     prepare_data,
@@ -46,7 +47,8 @@ def test_arms_are_summarised_over_seeds_and_the_headline_checks_the_goal() -> No
     results = {
         "opd": [
             {"seed": 0, "eval": {"heldout": summary(0.72, 1.0), "fresh": summary(0.70, 1.0, {"A": 3})}},
-            {"seed": 1, "eval": {"heldout": summary(0.76, 0.99), "fresh": summary(0.74, 0.98, {"A": 1, "C": 2})}},
+            {"seed": 1, "eval": {"heldout": summary(0.76, 0.99), "fresh": summary(0.74, 0.98, {"A": 1, "C": 2})},
+             "guard_warnings": ["collapse guard: teacher stability 0.75 < 0.85"]},
         ],
         "sft": [
             {"seed": 0, "eval": {"heldout": summary(0.74, 1.0), "fresh": summary(0.74, 1.0)}},
@@ -60,6 +62,9 @@ def test_arms_are_summarised_over_seeds_and_the_headline_checks_the_goal() -> No
     assert fresh["gap_closed_std"] == pytest.approx(math.sqrt(2 * 0.05**2))  # sample std of 0.25 and 0.35
     assert fresh["crop_change"] == pytest.approx(-0.01)
     assert fresh["full_letters"] == {"A": 4, "C": 2}
+    assert rows["opd"]["guard_warned_seeds"] == [1] and rows["sft"]["guard_warned_seeds"] == []
+    table = format_table(base, rows)
+    assert "| seed 1 |" in table.splitlines()[4] and table.splitlines()[5].endswith("| - |")
 
     headline = headline_numbers(rows, ReproduceSettings(steps=10, seeds=2))
     assert headline["full_before"] == pytest.approx(0.6) and headline["crop_before"] == pytest.approx(1.0)

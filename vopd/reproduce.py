@@ -249,6 +249,17 @@ def arm_train_config(arm: str, base: Path, data: dict[str, Path], output: Path, 
     return TrainConfig.model_validate(values)
 
 
+class _WarningLog(ProgressCallback):
+    """Keeps the trainer's warnings (the collapse guard's) so the experiment can report them per run."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def on_log(self, message: str, *, level: str = "info") -> None:
+        if level == "warning":
+            self.warnings.append(message)
+
+
 def run_arm(
     arm: str, seed: int, base: Path, data: dict[str, Path], run_dir: Path, settings: ReproduceSettings
 ) -> dict[str, Any]:
@@ -277,7 +288,8 @@ def run_arm(
     else:
         from vopd.trainer import train
 
-        final = train(arm_train_config(arm, base, data, run_dir, seed, settings)).final_dir
+        guard = _WarningLog()
+        final = train(arm_train_config(arm, base, data, run_dir, seed, settings), callbacks=[guard]).final_dir
         assert final is not None
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer states: 3x the model, not needed
     result = {
@@ -290,6 +302,7 @@ def run_arm(
         "freeze_vision_tower": settings.freeze_vision_tower,
         "vision_lr_scale": settings.vision_lr_scale,
         "model": str(final),
+        "guard_warnings": guard.warnings if arm != "sft" else [],
         "eval": _evaluate_sets(final, data),
         "seconds": time.perf_counter() - started,
     }
@@ -375,6 +388,10 @@ def reproduce(
                 f"{arm} seed {seed}: fresh full {fresh['full_accuracy']:.3f} crop {fresh['crop_accuracy']:.3f} "
                 f"({result['seconds'] / 60:.1f} min)"
             )
+            warnings = result.get("guard_warnings", [])
+            if warnings:
+                more = f" (+{len(warnings) - 1} more in result.json)" if len(warnings) > 1 else ""
+                events.on_log(f"{arm} seed {seed}: collapse guard: {warnings[0]}{more}", level="warning")
             events.on_progress(done=done, total=len(jobs), metrics=None)
     for arm_results in results.values():
         arm_results.sort(key=lambda r: r["seed"])
@@ -416,7 +433,10 @@ def summarize_arms(base_eval: dict[str, dict[str, Any]], results: dict[str, list
     for arm, arm_results in results.items():
         if not arm_results:
             continue
-        rows[arm] = {"seeds": [r["seed"] for r in arm_results]}
+        rows[arm] = {
+            "seeds": [r["seed"] for r in arm_results],
+            "guard_warned_seeds": [r["seed"] for r in arm_results if r.get("guard_warnings")],
+        }
         for set_name, before in base_eval.items():
             after = [r["eval"][set_name] for r in arm_results]
             entry: dict[str, Any] = {}
@@ -480,17 +500,19 @@ def format_table(base_eval: dict[str, dict[str, Any]], rows: dict[str, Any]) -> 
         f"crop {heldout['crop_accuracy']:.3f}",
         "",
         "| arm | seeds | full acc (fresh) | crop acc (fresh) | p(correct) full | gap closed fresh | "
-        "gap closed held-out | full letters (fresh) |",
-        "|---|---|---|---|---|---|---|---|",
+        "gap closed held-out | full letters (fresh) | collapse guard warned |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, row in rows.items():
         f, h = row["fresh"], row["heldout"]
         letters = " ".join(f"{k}:{v}" for k, v in f["full_letters"].items())
+        warned = row.get("guard_warned_seeds", [])
+        guard = ", ".join(f"seed {seed}" for seed in warned) if warned else "-"
         lines.append(
             f"| {arm} | {len(row['seeds'])} | {_pm(f['full_accuracy'], f['full_accuracy_std'])} | "
             f"{_pm(f['crop_accuracy'], f['crop_accuracy_std'])} | {_pm(f['full_p_correct'], f['full_p_correct_std'])} "
             f"| {_pm(f['gap_closed'], f['gap_closed_std'], 2)} | {_pm(h['gap_closed'], h['gap_closed_std'], 2)} | "
-            f"{letters} |"
+            f"{letters} | {guard} |"
         )
     return "\n".join(lines)
 
