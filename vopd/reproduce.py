@@ -273,6 +273,7 @@ def run_arm(
     started = time.perf_counter()
     if run_dir.exists():  # an interrupted run: start it again from scratch
         shutil.rmtree(run_dir)
+    guard = _WarningLog()  # stays empty for SFT, which has no teacher to probe
     if arm == "sft":
         final = train_sft(
             base,
@@ -288,7 +289,6 @@ def run_arm(
     else:
         from vopd.trainer import train
 
-        guard = _WarningLog()
         final = train(arm_train_config(arm, base, data, run_dir, seed, settings), callbacks=[guard]).final_dir
         assert final is not None
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # optimizer states: 3x the model, not needed
@@ -302,7 +302,7 @@ def run_arm(
         "freeze_vision_tower": settings.freeze_vision_tower,
         "vision_lr_scale": settings.vision_lr_scale,
         "model": str(final),
-        "guard_warnings": guard.warnings if arm != "sft" else [],
+        "guard_warnings": guard.warnings,
         "eval": _evaluate_sets(final, data),
         "seconds": time.perf_counter() - started,
     }
