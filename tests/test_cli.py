@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.test_trainer import write_dataset
 from vopd.cli import main
 
@@ -40,3 +42,15 @@ def test_bad_settings_are_one_line_errors(tiny_model_dir, tmp_path, capsys) -> N
     assert "alpha" in err and "Traceback" not in err
     assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(tmp_path / "missing.jsonl"),
                  "--output", str(tmp_path / "r2"), "--steps", "1"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--rollouts", "0", "--rollouts must be at least 1"), ("--batch-size", "0", "--batch-size must be at least 1"),
+     ("--vision-lr-scale", "0", "--vision-lr-scale must be positive")],
+)
+def test_reproduce_refuses_bad_run_settings_before_any_work(tmp_path, capsys, flag, value, message) -> None:  # noqa: ANN001
+    output = tmp_path / "exp"
+    assert main(["reproduce", "--output", str(output), flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()  # refused before the data or the base are written
