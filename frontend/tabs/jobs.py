@@ -193,10 +193,11 @@ def build_jobs_tab(ctx: UiContext, api_key: gr.Textbox) -> JobsTab:
         """Refresh the table, and the open job unless it ended and nothing new can arrive."""
         client = ctx.client(key)
         try:
+            # The open job first, then the table: the table is then never older than the header above it.
+            snapshot = poll_job(client, view, view.job_id) if view is not None else None
             table_value = jobs_table(client, status_filter, kind_filter)
-            if view is None:
+            if snapshot is None:
                 return (table_value, *(gr.skip(),) * len(page_outputs))
-            snapshot = poll_job(client, view, view.job_id)
             return (table_value, *render_snapshot(snapshot, first=False))
         except Exception:  # a missed tick (server restarting) must not raise a toast every two seconds
             return (gr.skip(),) * (1 + len(page_outputs))
