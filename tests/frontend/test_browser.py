@@ -211,14 +211,20 @@ def test_a_bad_box_is_reported_in_words(page, live_server: LiveServer) -> None: 
     page.screenshot(path=ARTIFACTS / "inspect-bad-box-1280.png")
 
 
-def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_server: LiveServer) -> None:  # noqa: ANN001
+def _submit_train_form(page, *, steps: int, batch_size: int, rollouts: int) -> None:  # noqa: ANN001
+    """Fill the Train form's size fields (4-token rollouts keep a CPU job short) and submit the job."""
     page.get_by_role("tab", name="Train").click()
-    for selector, value in (("#train-steps input", "2"), ("#train-batch-size input", "2"),
-                            ("#train-rollout-max-new-tokens input", "4"), ("#train-rollout-num-rollouts input", "2")):
-        page.locator(selector).fill(value)
+    fields = {"#train-steps input": steps, "#train-batch-size input": batch_size,
+              "#train-rollout-max-new-tokens input": 4, "#train-rollout-num-rollouts input": rollouts}
+    for selector, value in fields.items():
+        page.locator(selector).fill(str(value))
         page.locator(selector).press("Tab")
     page.wait_for_timeout(500)  # the CLI/REST preview follows the form
     page.locator("#train-submit").click()
+
+
+def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_server: LiveServer) -> None:  # noqa: ANN001
+    _submit_train_form(page, steps=2, batch_size=2, rollouts=2)
 
     header = page.locator("#jobs-header")
     header.get_by_text("succeeded").wait_for(timeout=150_000)
@@ -244,13 +250,7 @@ def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_serve
 
 def test_cancel_then_resume_from_the_jobs_tab(page, live_server: LiveServer) -> None:  # noqa: ANN001
     """Click Cancel on a running job, then Resume: it stops with a checkpoint and finishes from it."""
-    page.get_by_role("tab", name="Train").click()
-    for selector, value in (("#train-steps input", "150"), ("#train-batch-size input", "1"),
-                            ("#train-rollout-max-new-tokens input", "4"), ("#train-rollout-num-rollouts input", "1")):
-        page.locator(selector).fill(value)
-        page.locator(selector).press("Tab")
-    page.wait_for_timeout(500)
-    page.locator("#train-submit").click()
+    _submit_train_form(page, steps=150, batch_size=1, rollouts=1)
 
     header = page.locator("#jobs-header")
     header.get_by_text("running").wait_for(timeout=60_000)
