@@ -223,14 +223,19 @@ def _submit_train_form(page, *, steps: int, batch_size: int, rollouts: int) -> N
     page.locator("#train-submit").click()
 
 
+def _job_once_the_header_says(page, live_server: LiveServer, status: str, *, timeout_ms: int) -> dict:  # noqa: ANN001
+    """Wait until the open job's header shows ``status``; return that job as the REST API reports it."""
+    header = page.locator("#jobs-header")
+    header.get_by_text(status).wait_for(timeout=timeout_ms)
+    job_id = int(re.search(r"Job (\d+)", header.inner_text()).group(1))
+    key = (live_server.home / "local_api_key").read_text().strip()
+    return httpx.get(f"{live_server.url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
+
+
 def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_server: LiveServer) -> None:  # noqa: ANN001
     _submit_train_form(page, steps=2, batch_size=2, rollouts=2)
 
-    header = page.locator("#jobs-header")
-    header.get_by_text("succeeded").wait_for(timeout=150_000)
-    job_id = int(re.search(r"Job (\d+)", header.inner_text()).group(1))
-    key = (live_server.home / "local_api_key").read_text().strip()
-    job = httpx.get(f"{live_server.url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
+    job = _job_once_the_header_says(page, live_server, "succeeded", timeout_ms=150_000)
     assert job["status"] == "succeeded" and job["config"]["steps"] == 2 and job["config"]["batch_size"] == 2
     assert job["config"]["rollout"]["max_new_tokens"] == 4
     page.wait_for_function("document.querySelector('#jobs-log textarea').value.includes('checkpoint saved')")
@@ -252,19 +257,14 @@ def test_cancel_then_resume_from_the_jobs_tab(page, live_server: LiveServer) -> 
     """Click Cancel on a running job, then Resume: it stops with a checkpoint and finishes from it."""
     _submit_train_form(page, steps=150, batch_size=1, rollouts=1)
 
-    header = page.locator("#jobs-header")
-    header.get_by_text("running").wait_for(timeout=60_000)
-    job_id = int(re.search(r"Job (\d+)", header.inner_text()).group(1))
-    key = (live_server.home / "local_api_key").read_text().strip()
-    auth = {"Authorization": f"Bearer {key}"}
+    _job_once_the_header_says(page, live_server, "running", timeout_ms=60_000)
     page.locator("#jobs-cancel:not([disabled])").click()
-    header.get_by_text("cancelled").wait_for(timeout=60_000)
-    stopped = httpx.get(f"{live_server.url}/api/jobs/{job_id}", headers=auth).json()
+    stopped = _job_once_the_header_says(page, live_server, "cancelled", timeout_ms=60_000)
     assert stopped["status"] == "cancelled" and 0 < stopped["step"] < 150, stopped
 
     page.locator("#jobs-resume:not([disabled])").click()
-    header.get_by_text("succeeded").wait_for(timeout=240_000)
-    finished = httpx.get(f"{live_server.url}/api/jobs/{job_id}", headers=auth).json()
+    finished = _job_once_the_header_says(page, live_server, "succeeded", timeout_ms=240_000)
+    assert finished["id"] == stopped["id"], "Resume continues the same job"
     assert finished["status"] == "succeeded" and finished["step"] == 150
     page.wait_for_function("document.querySelector('#jobs-log textarea').value.includes('resumed from')")
 
