@@ -86,6 +86,14 @@ def poll_job(client: VopdClient, view: JobView | None, job_id: int) -> JobSnapsh
                        eval_jobs)
 
 
+def poll_tick(client: VopdClient, view: JobView | None, status: str | None,
+              kind: str | None) -> tuple[JobSnapshot | None, pd.DataFrame]:
+    """One timer tick: the open job first, then the table, so the table is never older than the job's header
+    (fetched the other way round, a job ending between the two requests read "succeeded" above a "running" row)."""
+    snapshot = poll_job(client, view, view.job_id) if view is not None else None
+    return snapshot, jobs_table(client, status, kind)
+
+
 def curves(snapshot: JobSnapshot) -> tuple[pd.DataFrame | None, ...]:
     """Loss, divergence, agreement and accuracy curves; None where there is nothing to draw yet."""
     frames = render.curve_frames(snapshot.view.metrics)
@@ -190,12 +198,9 @@ def build_jobs_tab(ctx: UiContext, api_key: gr.Textbox) -> JobsTab:
         return render_snapshot(poll_job(ctx.client(key), None, job), first=True)
 
     def on_tick(key: str, value: Any, view: JobView | None, status_filter: str, kind_filter: str) -> tuple[Any, ...]:
-        """Refresh the table, and the open job unless it ended and nothing new can arrive."""
-        client = ctx.client(key)
+        """Refresh the open job (if one is open) and the table."""
         try:
-            # The open job first, then the table: the table is then never older than the header above it.
-            snapshot = poll_job(client, view, view.job_id) if view is not None else None
-            table_value = jobs_table(client, status_filter, kind_filter)
+            snapshot, table_value = poll_tick(ctx.client(key), view, status_filter, kind_filter)
             if snapshot is None:
                 return (table_value, *(gr.skip(),) * len(page_outputs))
             return (table_value, *render_snapshot(snapshot, first=False))

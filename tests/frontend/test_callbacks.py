@@ -229,6 +229,26 @@ def test_poll_job_reads_only_what_is_new_and_keeps_one_row_per_step(api: FakeApi
     assert divergence is None  # nothing to draw: the plot is cleared, never fed an empty frame
 
 
+def test_a_tick_never_shows_a_table_older_than_the_open_jobs_header(api: FakeApi) -> None:
+    state = {"status": "running"}
+
+    def job_route(request: httpx.Request) -> httpx.Response:
+        state["status"] = "succeeded"  # the job ends just as its row is read
+        return httpx.Response(200, json=job_json(4, status="succeeded"))
+
+    api.routes["GET /api/jobs/4"] = job_route
+    api.routes["GET /api/jobs/4/metrics"] = {"items": [], "next_since": 0}
+    api.routes["GET /api/jobs/4/logs"] = {"items": [], "next_since": 0}
+    api.routes["GET /api/jobs/4/artifacts"] = {"items": []}
+    api.routes["GET /api/jobs"] = lambda request: httpx.Response(200, json={
+        "items": [job_json(4, status=state["status"])], "total": 1, "limit": 100, "offset": 0})
+    snapshot, table = jobs.poll_tick(api.client(), jobs.JobView(4), strings.ANY, strings.ANY)
+    assert snapshot is not None and snapshot.job.status == "succeeded"
+    assert table["status"].tolist() == ["succeeded"]
+    _, table = jobs.poll_tick(api.client(), None, strings.ANY, strings.ANY)  # no job open: the table alone
+    assert table["status"].tolist() == ["succeeded"]
+
+
 def test_cancel_and_resume_availability() -> None:
     def job(**overrides) -> Job:  # noqa: ANN003
         return Job.model_validate(job_json(1, **overrides))
