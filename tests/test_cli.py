@@ -54,3 +54,24 @@ def test_reproduce_refuses_bad_run_settings_before_any_work(tmp_path, capsys, fl
     assert main(["reproduce", "--output", str(output), flag, value]) == 2
     assert message in capsys.readouterr().err
     assert not output.exists()  # refused before the data or the base are written
+
+
+def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    code = main(["train", "--preset", "paper", "--model", "m", "--dataset", "d.jsonl", "--output", str(run),
+                 "--grad_accum", "24", "--batch-size", "4", "--dry-run"])
+    assert code == 0
+    captured = capsys.readouterr()
+    resolved = json.loads(captured.out)
+    assert resolved["batch_size"] == 4 and resolved["grad_accum"] == 24 and resolved["epochs"] == 1
+    assert resolved["rollout"]["max_new_tokens"] == 1024 and resolved["divergence"]["topk"] == 100
+    assert resolved["runtime"]["master_dtype"] == "float32" and resolved["warmup_steps"] == 10
+    assert "prompts per step: 96 (batch_size 4 x grad_accum 24); rollouts per step: 768" in captured.err
+    assert not run.exists()
+
+
+def test_tiny_build_qwen3_5(tmp_path, capsys) -> None:
+    from transformers import AutoConfig
+
+    assert main(["tiny", "build", "--arch", "qwen3_5", "--output", str(tmp_path / "q")]) == 0
+    assert AutoConfig.from_pretrained(tmp_path / "q", local_files_only=True).model_type == "qwen3_5"

@@ -6,7 +6,16 @@ import pytest
 from pydantic import ValidationError
 
 from vopd.cli import CliError, parse_dotted_overrides
-from vopd.config import PAPER_HINT, EvalConfig, InspectConfig, TrainConfig, config_to_cli, load_config
+from vopd.config import (
+    PAPER_HINT,
+    EvalConfig,
+    InspectConfig,
+    TrainConfig,
+    config_to_cli,
+    load_config,
+    merge_settings,
+    recipe,
+)
 
 
 def test_paper_defaults() -> None:
@@ -89,5 +98,50 @@ def test_presets_sit_under_file_and_overrides(tmp_path) -> None:
     assert config.lr == 3e-4
     paper = load_config(TrainConfig, None, {"model": "a", "dataset": "b"}, preset="paper")
     assert paper.teacher.mode == "ema" and paper.divergence.alpha == 0.5 and paper.lr == 2e-6
-    with pytest.raises(ValueError, match="known presets: tiny-cpu, paper"):
+    with pytest.raises(ValueError, match="known recipes: paper, tiny-world, tiny-cpu"):
         load_config(TrainConfig, None, {"model": "a", "dataset": "b"}, preset="fast")
+
+
+def test_the_paper_recipe_is_the_official_run() -> None:
+    """The authors' run_vision_opd.sh: 96 prompts x 8 rollouts, 1024 tokens, lr 2e-6 after 10 warm-up steps,
+    AdamW wd 0.01, clip 1.0, encoder trained, JSD 0.5 on the student's top-100 + tail, EMA 0.05, one epoch."""
+    paper = load_config(TrainConfig, None, {"model": "a", "dataset": "b"}, preset="paper")
+    assert paper.batch_size * paper.grad_accum == 96 and paper.rollout.num_rollouts == 8
+    assert paper.rollout.max_new_tokens == 1024 and paper.rollout.temperature == 1.0 and paper.rollout.top_p == 1.0
+    assert (paper.lr, paper.warmup_steps, paper.weight_decay, paper.grad_clip) == (2e-6, 10, 0.01, 1.0)
+    assert not paper.freeze_vision_tower and paper.vision_lr_scale == 1.0
+    assert paper.divergence.model_dump() == {
+        "alpha": 0.5, "topk": 100, "add_tail": True, "mode": "full_logits", "temperature": 1.0, "is_clip": 2.0,
+    }
+    assert paper.teacher.mode == "ema" and paper.teacher.ema_rate == 0.05
+    assert paper.epochs == 1 and paper.steps is None
+    assert paper.runtime.master_dtype == "float32" and paper.views.max_pixels is None
+
+
+def test_a_run_length_override_replaces_the_recipes_other_length() -> None:
+    """--steps over a one-epoch recipe (or --epochs over a fixed-step one) is a new length, not a conflict."""
+    steps = load_config(TrainConfig, None, {"model": "a", "dataset": "b", "steps": 3}, preset="paper")
+    assert steps.steps == 3 and steps.epochs is None
+    epochs = load_config(TrainConfig, None, {"model": "a", "dataset": "b", "epochs": 2}, preset="tiny-cpu")
+    assert epochs.epochs == 2 and epochs.steps is None
+    assert merge_settings({"steps": 5, "rollout": {"top_p": 0.9}}, {"epochs": 1, "rollout": {"max_new_tokens": 3}}) == {
+        "epochs": 1, "rollout": {"top_p": 0.9, "max_new_tokens": 3}
+    }
+
+
+def test_recipes_share_one_home() -> None:
+    from vopd.reproduce import ReproduceSettings, arm_train_config
+
+    tiny_world = recipe("tiny-world")
+    demo = recipe("tiny-cpu")
+    assert demo["divergence"] == tiny_world["divergence"] and demo["teacher"] == tiny_world["teacher"]
+    assert demo["steps"] == 20 and tiny_world["steps"] == 300
+    settings = ReproduceSettings()
+    data = {"train": "train.jsonl", "no_privilege": "np.jsonl"}
+    opd = arm_train_config("opd", "base", data, "out", 0, settings)
+    for key in ("lr", "batch_size", "freeze_vision_tower", "vision_lr_scale"):
+        assert getattr(opd, key) == tiny_world[key]
+    assert opd.divergence.alpha == tiny_world["divergence"]["alpha"] and opd.teacher.mode == "fixed"
+    paper_arm = arm_train_config("paper", "base", data, "out", 0, settings)
+    assert paper_arm.divergence.alpha == recipe("paper")["divergence"]["alpha"]
+    assert paper_arm.teacher.mode == recipe("paper")["teacher"]["mode"] and paper_arm.lr == tiny_world["lr"]

@@ -478,3 +478,32 @@ def test_divergence_is_log2_bounded_jsd_for_disjoint_distributions():
     student = torch.tensor([[0.0, float("-inf")]])
     teacher = torch.tensor([[float("-inf"), 0.0]])
     assert token_divergence(student, teacher, alpha=0.5, topk=0).item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("mode", ["full_logits", "sampled_token"])
+def test_micro_batch_losses_with_the_step_normalizer_sum_to_the_whole_token_mean(mode):
+    """Two micro-batches with different token counts: their losses, each divided by the step's token count, add up
+    to the token-mean over the whole step (a per-micro-batch mean would weight the short batch's tokens more)."""
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(4, 5, 11, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(4, 5, 11, generator=generator, dtype=torch.float64)
+    ids = torch.randint(0, 11, (4, 5), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    config = DivergenceConfig(mode=mode, topk=4)
+    whole, _ = distillation_loss(student, teacher, mask, config, response_ids=ids)
+    (whole_grad,) = torch.autograd.grad(whole, student)
+    tokens = float(mask.sum())
+    parts = [
+        distillation_loss(
+            student[rows], teacher[rows], mask[rows], config, response_ids=ids[rows], normalizer=tokens
+        )[0]
+        for rows in (slice(0, 2), slice(2, 4))
+    ]
+    (split_grad,) = torch.autograd.grad(sum(parts), student)
+    torch.testing.assert_close(sum(parts), whole)
+    torch.testing.assert_close(split_grad, whole_grad)
+    mean_of_means = sum(distillation_loss(student[r], teacher[r], mask[r], config, response_ids=ids[r])[0]
+                        for r in (slice(0, 2), slice(2, 4))) / 2
+    assert not torch.isclose(mean_of_means, whole)
+    with pytest.raises(ValueError, match="positive token count"):
+        distillation_loss(student, teacher, mask, config, response_ids=ids, normalizer=0.0)

@@ -97,3 +97,11 @@ def test_eval_cli_ends_with_one_json_line(tiny_model_dir, tmp_path, capsys) -> N
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     assert {"full_accuracy", "crop_accuracy", "gap", "n"} <= summary.keys() and summary["n"] == 3
+
+
+def test_reasoning_before_the_answer_is_not_read_as_the_answer() -> None:
+    from vopd.evaluate import _without_reasoning, parse_choice
+
+    text = _without_reasoning("<think>\nMaybe A, maybe C.\n</think>\n\nB")
+    assert text == "B" and parse_choice(text, ["red", "green", "blue"]) == 1
+    assert _without_reasoning(" C ") == "C"

@@ -372,3 +372,31 @@ def test_custom_corpus_and_larger_size(tmp_path: Path) -> None:
     assert 15e6 < parameter_count(loaded.model) < 25e6
     with pytest.raises(ValueError, match="unknown tiny size"):
         build_tiny_qwen2vl(tmp_path / "bad", size="1b")  # type: ignore[arg-type]
+
+
+def test_a_custom_chat_template_file_and_the_thinking_switch(tiny_model_dir, tmp_path) -> None:
+    """runtime.chat_template replaces the model's template; templates that know enable_thinking get the
+    non-thinking prompt by default (the official run's), and an explicit runtime.chat_template_kwargs wins."""
+    from vopd.config import RuntimeConfig
+    from vopd.models import QWEN2_VL_CHAT_TEMPLATE, ModelLoadError
+
+    switch = (
+        "{% if add_generation_prompt %}{% if enable_thinking is defined and not enable_thinking %}"
+        "<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}"
+    )
+    template = tmp_path / "template.jinja"
+    template.write_text(QWEN2_VL_CHAT_TEMPLATE + switch)
+    conversation = [[{"role": "user", "content": [{"type": "text", "text": "Which colour?"}]}]]
+
+    def rendered(runtime: RuntimeConfig) -> str:
+        loaded = load_model_and_processor(tiny_model_dir, runtime)
+        return loaded.tokenizer.decode(loaded.encode(conversation)["input_ids"][0])
+
+    default = RuntimeConfig(device="cpu", chat_template=str(template))
+    assert rendered(default).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    thinking = default.model_copy(update={"chat_template_kwargs": {"enable_thinking": True}})
+    assert rendered(thinking).endswith("<|im_start|>assistant\n<think>\n")
+    plain = load_model_and_processor(tiny_model_dir, RuntimeConfig(device="cpu"))
+    assert plain.chat_template_kwargs == {}  # the model's own template has no switch
+    with pytest.raises(ModelLoadError, match="cannot read the chat template file"):
+        load_model_and_processor(tiny_model_dir, RuntimeConfig(device="cpu", chat_template=str(tmp_path / "none")))

@@ -87,3 +87,24 @@ def test_greedy_is_argmax(loaded, prompts) -> None:
     logits[..., loaded.suppressed_token_ids] = float("-inf")
     argmax = logits.argmax(-1)
     assert torch.equal(argmax[batch.response_mask], batch.response_ids[batch.response_mask])
+
+
+def test_a_row_seed_samples_the_same_response_in_any_batch(loaded) -> None:
+    """Per-row seeds: a prompt's rollout depends on its own seed, not on the rows that share its batch."""
+    samples = [
+        Sample(id=str(i), question="What color is the shape?", options=["red", "blue"], bbox=(10, 10, 40, 40),
+               image_bytes=_png_bytes(Image.new("RGB", (112, 112), (200, 40 * i, 90))))
+        for i in range(4)
+    ]
+    conversations = [to_messages(student_view(s, ViewConfig())) for s in samples]
+    whole = rollout(loaded, encode_prompts(loaded.processor, conversations), seed=None, row_seeds=[101, 102, 103, 104])
+    pair = rollout(loaded, encode_prompts(loaded.processor, conversations[2:]), seed=None, row_seeds=[103, 104])
+    swapped = rollout(loaded, encode_prompts(loaded.processor, conversations[2:][::-1]), seed=None,
+                      row_seeds=[104, 103])
+    width = pair.response_ids.shape[1]
+    assert torch.equal(whole.response_ids[2:, :width], pair.response_ids)
+    assert torch.equal(swapped.response_ids.flip(0), pair.response_ids)
+    torch.testing.assert_close(whole.behaviour_logprobs[2:, :width], pair.behaviour_logprobs, atol=1e-5, rtol=1e-5)
+    other = rollout(loaded, encode_prompts(loaded.processor, conversations[2:]), seed=None, row_seeds=[7, 8])
+    assert not torch.equal(other.response_ids, pair.response_ids)
+    assert not torch.isin(whole.response_ids, torch.tensor(loaded.suppressed_token_ids)).any()

@@ -211,3 +211,81 @@ def test_cancellation_checkpoints_and_stops(tiny_model_dir, dataset, tmp_path) -
     result = train(make_config(tiny_model_dir, dataset, tmp_path / "run", steps=3), callbacks=[callback])
     assert result.stopped and result.step == 1 and callback.checkpoints == [1]
     assert result.final_dir is None
+
+
+def _step_gradients(trainer: OPDTrainer) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Run one step, keeping the gradients the optimizer was about to apply."""
+    captured: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in trainer.student.named_parameters()}
+    original_step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        for group in trainer.optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    captured[names[id(param)]] = param.grad.detach().clone()
+        return original_step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    metrics = trainer.train_step()
+    return captured, metrics
+
+
+def test_how_a_step_is_split_into_micro_batches_changes_nothing(tiny_model_dir, tmp_path) -> None:
+    """8 prompts in one micro-batch or 4 micro-batches of 2: the same rollouts and the same gradient, because each
+    rollout has its own seed and the loss is the token-mean over the whole step."""
+    data = write_dataset(tmp_path / "data", count=8)
+    common = {"steps": 1, "rollout": {"num_rollouts": 2, "max_new_tokens": 6}, "collapse_guard": {"enabled": False}}
+    whole = OPDTrainer(make_config(tiny_model_dir, data, tmp_path / "whole", batch_size=8, grad_accum=1, **common))
+    split = OPDTrainer(make_config(tiny_model_dir, data, tmp_path / "split", batch_size=2, grad_accum=4, **common))
+    grads_whole, metrics_whole = _step_gradients(whole)
+    grads_split, metrics_split = _step_gradients(split)
+    assert metrics_whole["response_length"] == metrics_split["response_length"]
+    assert metrics_whole["loss"] == pytest.approx(metrics_split["loss"], rel=1e-5)
+    assert grads_whole.keys() == grads_split.keys() and grads_whole
+    for name, grad in grads_whole.items():
+        torch.testing.assert_close(grads_split[name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_trust_region_teacher_mixes_initial_and_current_logits(tiny_model_dir, dataset, tmp_path) -> None:
+    from vopd.rollout import response_logits
+    from vopd.views import teacher_view
+
+    config = make_config(
+        tiny_model_dir, dataset, tmp_path / "run", steps=1, teacher={"mode": "trust_region", "trust_region_mix": 0.3}
+    )
+    trainer = OPDTrainer(config)
+    trainer.train_step()  # the student moves away from the initial weights
+    samples = trainer._samples_for(0)
+    _, rollout = trainer._sample(samples, 0)
+    prompts = trainer._encode(samples, teacher_view)
+    with torch.no_grad():
+        initial = response_logits(trainer.teacher.frozen_copy, prompts, rollout)
+        current = response_logits(trainer.student, prompts, rollout)
+    mixed = trainer.teacher.response_logits(prompts, rollout)
+    torch.testing.assert_close(mixed, 0.7 * initial + 0.3 * current, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(initial, current)
+
+
+def test_progressive_teacher_is_replaced_by_the_student_every_n_steps(tiny_model_dir, dataset, tmp_path) -> None:
+    config = make_config(tiny_model_dir, dataset, tmp_path / "run", steps=4, teacher={"mode": "progressive",
+                                                                                      "sync_every": 2})
+    trainer = OPDTrainer(config)
+    initial = trainer.teacher.state_dict()
+    trainer.train_step()
+    trainer.step += 1
+    assert all(torch.equal(t, initial[n]) for n, t in trainer.teacher.state_dict().items())
+    trainer.train_step()
+    trainer.step += 1
+    student = trainable_snapshot(trainer)
+    assert all(torch.equal(t, student[n]) for n, t in trainer.teacher.state_dict().items())
+    assert any(not torch.equal(t, initial[n]) for n, t in trainer.teacher.state_dict().items())
+
+
+def test_warm_up_starts_from_zero(tiny_model_dir, dataset, tmp_path) -> None:
+    trainer = OPDTrainer(make_config(tiny_model_dir, dataset, tmp_path / "run", steps=3, warmup_steps=2))
+    lrs = []
+    for _ in range(3):
+        lrs.append(trainer.train_step()["lr"])
+        trainer.step += 1
+    assert lrs == pytest.approx([0.0, 0.5e-3, 1e-3])

@@ -95,7 +95,17 @@ _RUN_FLAGS = ("model", "dataset", "output", "steps", "epochs", "seed", "lr", "ba
 def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML/JSON TrainConfig; flags below and --group.field overrides win")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
-    parser.add_argument("--preset", help="start from a named preset: tiny-cpu (minutes on a CPU) or paper")
+    parser.add_argument(
+        "--preset",
+        "--recipe",
+        dest="preset",
+        help="start from a named recipe: paper (the official run), tiny-world (reproduction), tiny-cpu (CPU demo)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the fully resolved config as one JSON object and exit (nothing is loaded or written)",
+    )
     parser.add_argument("--model", help="model folder (any AutoModelForImageTextToText)")
     parser.add_argument("--dataset", help="JSONL or parquet dataset (answers are never read)")
     parser.add_argument("--output", help="run folder: checkpoints/step-N/, final/, metrics.jsonl")
@@ -121,6 +131,17 @@ def _run_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from vopd.trainer import train
 
     config = load_config(TrainConfig, args.config, _flag_overrides(args, _RUN_FLAGS, overrides), preset=args.preset)
+    if args.dry_run:
+        import json
+
+        print(json.dumps(config.model_dump(mode="json")))
+        prompts = config.batch_size * config.grad_accum
+        print(
+            f"prompts per step: {prompts} (batch_size {config.batch_size} x grad_accum {config.grad_accum}); "
+            f"rollouts per step: {prompts * config.rollout.num_rollouts}",
+            file=sys.stderr,
+        )
+        return 0
     if config.output is None:
         raise CliError("--output is required (the run folder)")
     result = train(config, callbacks=[TqdmProgress("train")], resume=args.resume)
@@ -136,9 +157,16 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML/JSON EvalConfig")
     parser.add_argument("--model", help="model folder")
     parser.add_argument("--dataset", help="JSONL or parquet dataset with answers")
+    parser.add_argument(
+        "--benchmark", help="a published suite instead of --dataset: vstar, hrbench-4k, hrbench-8k, mme-realworld"
+    )
+    parser.add_argument("--data", help="the benchmark's local folder, in its published layout")
     parser.add_argument("--output", help="per-item JSONL records")
     parser.add_argument("--limit", type=int, help="only the first N samples")
-    parser.epilog = "Other EvalConfig fields by dotted name, e.g. --full_view plain --views.upscale 3."
+    parser.epilog = (
+        "Other EvalConfig fields by dotted name, e.g. --full_view plain --views.upscale 3. A benchmark is asked on "
+        "the full image with the plain question and prints accuracy per category (docs/benchmarks.md)."
+    )
 
 
 def _run_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -147,9 +175,13 @@ def _run_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from vopd.config import EvalConfig, load_config
     from vopd.evaluate import evaluate
 
-    flags = _flag_overrides(args, ("model", "dataset", "output", "limit"), overrides)
+    flags = _flag_overrides(args, ("model", "dataset", "benchmark", "data", "output", "limit"), overrides)
     config = load_config(EvalConfig, args.config, flags)
     result = evaluate(config, callbacks=[TqdmProgress("eval")])
+    if config.benchmark is not None:
+        from vopd.benchmarks import format_summary_table
+
+        print(format_summary_table(result.summary))
     print(json.dumps(result.summary))
     return 0
 
@@ -248,9 +280,15 @@ def _run_synth(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 # --------------------------------------------------------------------------- tiny (vopd.tiny)
 def _add_tiny(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="tiny_action", metavar="ACTION", required=True)
-    build = actions.add_parser("build", help="write a random-weight tiny Qwen2-VL with the benchmark's tokenizer")
+    build = actions.add_parser("build", help="write a random-weight tiny VLM with the benchmark's tokenizer")
     build.add_argument("--output", required=True, help="model folder to write")
-    build.add_argument("--size", choices=["5m", "20m"], default="5m", help="about 4.7M or 20M parameters")
+    build.add_argument(
+        "--arch",
+        choices=["qwen2_vl", "qwen3_5"],
+        default="qwen2_vl",
+        help="qwen2_vl (the tiny world's base) or qwen3_5 (the paper's architecture, 0.3M parameters)",
+    )
+    build.add_argument("--size", choices=["5m", "20m"], default="5m", help="qwen2_vl: about 4.7M or 20M parameters")
     build.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     pretrain = actions.add_parser("pretrain", help="deterministic supervised pretraining of the tiny base model")
     pretrain.add_argument("--output", required=True, help="run folder; the fp16 base model lands in OUTPUT/model")
@@ -266,7 +304,12 @@ def _run_tiny(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from vopd.tiny import build_tiny, pretrain
 
     if args.tiny_action == "build":
-        print(build_tiny(args.output, size=args.size, seed=args.seed))
+        if args.arch == "qwen3_5":
+            from vopd.tiny_models import build_tiny_qwen35
+
+            print(build_tiny_qwen35(args.output, seed=args.seed))
+        else:
+            print(build_tiny(args.output, size=args.size, seed=args.seed))
         return 0
     result = pretrain(
         args.output,

@@ -1,6 +1,8 @@
 """One configuration model per job kind, shared by the CLI, the REST API and the worker.
 
-Every knob of Vision-OPD (arXiv 2605.18740) is a documented field whose default is the paper's.
+Every knob of Vision-OPD (arXiv 2605.18740) is a documented field. The defaults are the paper's loss, teacher and
+optimizer settings sized for one device; the official run as a whole (96 prompts x 8 rollouts, 1024 tokens, warm-up,
+trained encoder, one epoch) is the ``paper`` recipe in ``RECIPES``, and docs/fidelity.md compares every knob.
 The same JSON body that ``POST /api/jobs`` takes is what ``vopd train --config FILE`` reads, and
 each field can be overridden on the command line by its dotted name (``--divergence.alpha 0.3``).
 """
@@ -41,10 +43,14 @@ class ViewConfig(_Strict):
         28, ge=1, description="The upscaled crop's shorter side is raised to at least this (one vision patch group)."
     )
     max_crop_side: int = Field(1344, ge=1, description="The upscaled crop's longer side is capped at this.")
-    max_pixels: int = Field(
-        1280 * 28 * 28,
+    max_pixels: int | None = Field(
+        None,
         ge=28 * 28,
-        description="The student's full image is downscaled (aspect kept) to at most this many pixels.",
+        description=(
+            "Downscale the student's full image (aspect kept) to at most this many pixels before the processor; "
+            "None (the official run) leaves the image to the processor's own pixel limit. 1003520 (= 1280 x 28 x 28, "
+            "about 1 MP) caps a Qwen2-VL image at 1280 image tokens."
+        ),
     )
 
     @model_validator(mode="after")
@@ -91,16 +97,22 @@ class DivergenceConfig(_Strict):
 class TeacherConfig(_Strict):
     """Which weights score the crop view. The teacher is never differentiated."""
 
-    mode: Literal["ema", "current", "fixed"] = Field(
+    mode: Literal["ema", "current", "fixed", "trust_region", "progressive"] = Field(
         "ema",
         description=(
             "ema: exponential moving average of the student (paper); current: the student's own weights under "
-            "no grad; fixed: the initial weights (with LoRA: the adapter disabled)."
+            "no grad; fixed: the initial weights (with LoRA: the adapter disabled); trust_region: logits mixed as "
+            "(1 - c) initial + c current with c = trust_region_mix; progressive: the initial weights, replaced by a "
+            "copy of the student every sync_every steps."
         ),
     )
     ema_rate: float = Field(
         0.05, gt=0.0, le=1.0, description="EMA update theta_T <- (1 - r) theta_T + r theta_S after every step."
     )
+    trust_region_mix: float = Field(
+        0.05, ge=0.0, le=1.0, description="trust_region: weight c of the current student's logits in the mix."
+    )
+    sync_every: int = Field(10, ge=1, description="progressive: copy the student into the teacher every N steps.")
 
 
 class RolloutConfig(_Strict):
@@ -120,8 +132,20 @@ class LoraConfig(_Strict):
     alpha: float = Field(32.0, gt=0.0, description="LoRA scaling alpha (effective scale alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Module names to adapt (language model projections by default).",
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            # Qwen3.5's linear-attention layers (3 in 4) name their projections differently.
+            "in_proj_qkv",
+            "in_proj_z",
+            "out_proj",
+        ],
+        description="Module names to adapt (the language model's attention and MLP projections by default).",
     )
 
 
@@ -145,11 +169,49 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
-class RuntimeConfig(_Strict):
-    """Where the model runs; shared by every job kind."""
+MasterDtype = Literal["float32", "compute"]
 
-    dtype: Dtype = Field("auto", description="Weights dtype: auto = bfloat16 on GPU, float32 on CPU.")
+
+class RuntimeConfig(_Strict):
+    """Where and in which precision the model runs, and how its prompts are rendered; shared by every job kind."""
+
+    dtype: Dtype = Field(
+        "auto",
+        description=(
+            "Compute dtype of forward and backward: auto = bfloat16 on a GPU that has it, float32 on CPU. Inference "
+            "jobs load their weights in it; training keeps its weights in master_dtype and computes under autocast."
+        ),
+    )
+    master_dtype: MasterDtype = Field(
+        "float32",
+        description=(
+            "Training only: the dtype of the trainable weights, the optimizer state and the EMA teacher's average. "
+            "float32 (the official run's FSDP mixed precision) keeps small updates; 'compute' stores them in the "
+            "compute dtype (pure bf16: at lr 2e-6 most updates round away and the EMA teacher barely moves)."
+        ),
+    )
     device: Device = Field("auto", description="auto = cuda when available, else cpu.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Extra variables for the chat template of both views, e.g. {\"enable_thinking\": false}. None = "
+            "{\"enable_thinking\": false} for templates that know the switch (Qwen3, Qwen3.5: the official run's "
+            "non-thinking prompt), nothing otherwise."
+        ),
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Path of a Jinja chat template file that replaces the model's own (saved with checkpoints).",
+    )
+
+    @model_validator(mode="after")
+    def _precision(self) -> RuntimeConfig:
+        if self.master_dtype == "compute" and self.dtype == "float16":
+            raise ValueError(
+                "float16 weights cannot be trained (updates underflow and the loss scaler refuses fp16 gradients): "
+                "keep runtime.master_dtype float32 with runtime.dtype float16, or use bfloat16"
+            )
+        return self
 
 
 class TrainConfig(_Strict):
@@ -161,17 +223,34 @@ class TrainConfig(_Strict):
     steps: int | None = Field(None, ge=1, description="Optimizer steps to run (total, also when resuming).")
     epochs: float | None = Field(None, gt=0, description="Alternative to steps: passes over the dataset.")
     seed: int = Field(0, ge=0, description="Seeds data order, rollouts and initialisation; runs are reproducible.")
-    batch_size: int = Field(8, ge=1, description="Prompts per micro-batch (each sampled num_rollouts times).")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description=(
+            "Prompts per micro-batch, each sampled num_rollouts times. Prompts per optimizer step = batch_size x "
+            "grad_accum; how a step is split into micro-batches changes memory, not what is sampled or learnt."
+        ),
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(
         2e-6,
         gt=0.0,
         description="Peak learning rate. 2e-6 is the paper's full fine-tune of a 4B model; tiny models need ~1e-4.",
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, then constant (never depends on steps).")
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Linear warm-up from 0 over this many steps (step s uses lr x s / warmup_steps), then constant; "
+            "the schedule never depends on the run length, so runs can be extended. The official run uses 10."
+        ),
+    )
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
-    freeze_vision_tower: bool = Field(True, description="Keep the vision encoder frozen (paper trains the LLM).")
+    freeze_vision_tower: bool = Field(
+        True,
+        description="Keep the vision encoder frozen. The official run trains it (the `paper` recipe sets False).",
+    )
     vision_lr_scale: float = Field(
         1.0,
         gt=0.0,
@@ -179,6 +258,13 @@ class TrainConfig(_Strict):
     )
     save_every: int = Field(50, ge=1, description="Checkpoint every N steps (and always at the last step).")
     keep_checkpoints: int = Field(3, ge=1, description="Older checkpoints beyond this many are deleted.")
+    export_dtype: Literal["master", "float32", "bfloat16", "float16"] = Field(
+        "master",
+        description=(
+            "dtype of the final model folder; master = the training weights' own dtype (float32 by default). "
+            "Checkpoints always keep the master dtype, so that resuming is exact."
+        ),
+    )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     views: ViewConfig = Field(default_factory=ViewConfig)
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
@@ -200,7 +286,22 @@ class EvalConfig(_Strict):
     """Multiple-choice accuracy on full images and on crops: the regional-to-global gap."""
 
     model: str = Field(..., min_length=1, description="Model folder (or a name from /api/models in the service).")
-    dataset: str = Field(..., min_length=1, description="JSONL/parquet file (or a dataset id in the service).")
+    dataset: str | None = Field(
+        None, min_length=1, description="JSONL/parquet file (or a dataset id in the service); omit with benchmark."
+    )
+    benchmark: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "A published suite read in its own layout (vstar, hrbench-4k, hrbench-8k, mme-realworld; see "
+            "vopd.benchmarks): full image, plain question, per-category accuracy. None = evaluate `dataset`."
+        ),
+    )
+    data: str | None = Field(
+        None,
+        min_length=1,
+        description="The benchmark's folder (or, in the service, a folder under VOPD_HOME/benchmarks).",
+    )
     output: str | None = Field(None, description="Per-item JSONL records are written here when given.")
     batch_size: int = Field(16, ge=1, description="Prompts decoded together.")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Greedy decoding length for the answer.")
@@ -214,6 +315,21 @@ class EvalConfig(_Strict):
     )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     views: ViewConfig = Field(default_factory=ViewConfig)
+
+    @model_validator(mode="after")
+    def _source(self) -> EvalConfig:
+        # One source of questions: a dataset file (crop vs full, needs boxes) or a published suite (full image only).
+        if self.benchmark is None:
+            if self.dataset is None:
+                raise ValueError("give a dataset, or a benchmark with its data folder")
+            if self.data is not None:
+                raise ValueError("data is the benchmark's folder: give it together with benchmark")
+            return self
+        if self.dataset is not None:
+            raise ValueError("give either a dataset or a benchmark, not both")
+        if self.data is None:
+            raise ValueError(f"benchmark {self.benchmark!r} needs data: the folder holding the suite's files")
+        return self
 
 
 class InspectConfig(_Strict):
@@ -242,45 +358,104 @@ class InspectConfig(_Strict):
         return box
 
 
-# Named starting points for a TrainConfig, shared by `vopd train --preset`, the studio's Train tab and scripts.
-# A preset is a partial config: the file and the command line still override it.
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # Minutes on a CPU with the shipped tiny base. Its recipe is `vopd reproduce`'s default, the one that worked at
-    # toy scale (docs/reproduction.md): forward KL (alpha 0) to a fixed teacher, lr 1e-4, one rollout per prompt,
-    # the vision encoder trained at 0.3x the rate.
-    "tiny-cpu": {
-        "steps": 20,
-        "batch_size": 4,
+# ------------------------------------------------------------------------------------------------ recipes
+# Named, partial TrainConfigs: the one home of every recipe. `vopd train --preset NAME`, the studio's Train tab, the
+# REST job body's "recipe" and `vopd reproduce`'s arms all start from these, merged by `merge_settings`; a config file
+# and the command line (or the job's own config) still override them. docs/fidelity.md compares them knob by knob.
+
+# The CPU recipes keep the student's image at about 1 MP (1280 Qwen2-VL image tokens) so a laptop stays responsive.
+CPU_MAX_PIXELS = 1280 * 28 * 28
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # The official run (scripts/run_vision_opd.sh of the authors' verl fork): 96 prompts x 8 rollouts per step, up to
+    # 1024 response tokens at temperature 1, lr 2e-6 constant after 10 warm-up steps from 0, AdamW with weight decay
+    # 0.01 and clip 1.0, the whole model trained (encoder included) with fp32 master weights, JSD(0.5) over the
+    # student's top-100 + tail, EMA teacher at rate 0.05, truncated importance weights at 2.0, one epoch (65 steps
+    # on Vision-OPD-6K). 96 prompts = 8 per micro-batch x 12 micro-batches; split them as memory allows.
+    "paper": {
+        "epochs": 1,
+        "batch_size": 8,
+        "grad_accum": 12,
+        "lr": 2e-6,
+        "warmup_steps": 10,
+        "weight_decay": 0.01,
+        "grad_clip": 1.0,
+        "freeze_vision_tower": False,
+        "vision_lr_scale": 1.0,
+        "rollout": {"num_rollouts": 8, "max_new_tokens": 1024, "temperature": 1.0, "top_p": 1.0},
+        "divergence": {
+            "alpha": 0.5,
+            "topk": 100,
+            "add_tail": True,
+            "mode": "full_logits",
+            "temperature": 1.0,
+            "is_clip": 2.0,
+        },
+        "teacher": {"mode": "ema", "ema_rate": 0.05},
+        "runtime": {"master_dtype": "float32"},
+        "views": {"max_pixels": None},
+    },
+    # `vopd reproduce`'s default arm on the tiny world (docs/reproduction.md): forward KL (alpha 0) to a fixed crop
+    # teacher, lr 1e-4, 16 prompts x 1 rollout per step, 8 response tokens, the vision encoder trained at 0.3x the rate.
+    "tiny-world": {
+        "steps": 300,
+        "batch_size": 16,
         "lr": 1e-4,
         "freeze_vision_tower": False,
         "vision_lr_scale": 0.3,
-        "save_every": 10,
         "rollout": {"num_rollouts": 1, "max_new_tokens": 8},
         "divergence": {"alpha": 0.0},
         "teacher": {"mode": "fixed"},
         "runtime": {"device": "cpu", "dtype": "float32"},
+        "views": {"max_pixels": CPU_MAX_PIXELS},
     },
-    # The paper's recipe is TrainConfig's defaults (JSD alpha 0.5 over top-100 + tail, EMA teacher 0.05,
-    # lr 2e-6 full fine-tune); only the run length, which the paper does not fix per step, is ours.
-    "paper": {"steps": 500},
 }
+# The CPU demo: the tiny-world recipe cut to a couple of minutes (20 steps of 4 prompts).
+RECIPES["tiny-cpu"] = {"steps": 20, "batch_size": 4, "save_every": 10}
+RECIPE_BASES: dict[str, str] = {"tiny-cpu": "tiny-world"}  # a recipe written as changes to another one
+
+# Kept for callers of the earlier name.
+TRAIN_PRESETS = RECIPES
+
+
+def merge_settings(*layers: dict[str, Any] | None) -> dict[str, Any]:
+    """Merge partial configs, later layers winning, nested groups merged key by key.
+
+    ``steps`` and ``epochs`` are two ways of giving one run length: a layer that sets one drops the other from the
+    layers below it, so ``--steps 10`` on top of a one-epoch recipe means ten steps rather than a conflict.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if not layer:
+            continue
+        for length, other in (("steps", "epochs"), ("epochs", "steps")):
+            if layer.get(length) is not None:
+                merged.pop(other, None)
+        merged = _merge_two(merged, layer)
+    return merged
+
+
+def _merge_two(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        both_groups = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge_two(merged[key], value) if both_groups else value
+    return merged
+
+
+def recipe(name: str) -> dict[str, Any]:
+    """The named recipe as a partial TrainConfig (a fresh dict: callers may change it)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
+    base = RECIPE_BASES.get(name)
+    return merge_settings(recipe(base) if base else None, RECIPES[name])
 
 
 def apply_preset(data: dict[str, Any], preset: str | None) -> dict[str, Any]:
-    """``data`` over the named preset (nested groups merged key by key)."""
+    """``data`` over the named recipe (nested groups merged key by key); ``data`` itself when no recipe is named."""
     if preset is None:
         return data
-    if preset not in TRAIN_PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(TRAIN_PRESETS)}")
-
-    def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-        merged = dict(base)
-        for key, value in extra.items():
-            both_groups = isinstance(value, dict) and isinstance(merged.get(key), dict)
-            merged[key] = merge(merged[key], value) if both_groups else value
-        return merged
-
-    return merge(TRAIN_PRESETS[preset], data)
+    return merge_settings(recipe(preset), data)
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -325,11 +500,12 @@ def load_config(
     *,
     preset: str | None = None,
 ) -> ConfigT:
-    """Build a config from an optional preset, then a file, then dotted overrides (each wins over the last)."""
-    data: dict[str, Any] = apply_preset(read_config_file(path) if path else {}, preset)
+    """Build a config from an optional recipe, then a file, then dotted overrides (each wins over the last)."""
+    dotted: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
-        set_dotted(data, key, value)
-    return config_cls.model_validate(data)
+        set_dotted(dotted, key, value)
+    base = recipe(preset) if preset is not None else None
+    return config_cls.model_validate(merge_settings(base, read_config_file(path) if path else None, dotted))
 
 
 def config_to_cli(config: BaseModel, command: str) -> str:

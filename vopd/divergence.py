@@ -428,15 +428,22 @@ def gather_token_logprobs(
     return _ChunkedRows.apply(_TokenLogprobOp(float(temperature)), chunk_size, logits, None, flat_ids)
 
 
-def masked_token_mean(values: Tensor, mask: Tensor) -> Tensor:
+def masked_token_mean(values: Tensor, mask: Tensor, normalizer: float | None = None) -> Tensor:
     """Mean of ``values`` over the positions where ``mask`` is set (token-mean); 0 when no position is.
 
-    Masked-out values may be NaN or inf (padding rows): they are selected away, not multiplied by zero.
+    ``normalizer`` replaces the count of masked positions as the denominator: a step split into micro-batches (or
+    ranks) passes the number of response tokens in the *whole* step, so that the summed micro-batch losses are the
+    token-mean over every token of the step, whatever the split. Masked-out values may be NaN or inf (padding
+    rows): they are selected away, not multiplied by zero.
     """
     if values.shape != mask.shape:
         raise ValueError(f"values and mask must have the same shape, got {tuple(values.shape)} and {tuple(mask.shape)}")
     keep = mask.bool()
     total = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum()
+    if normalizer is not None:
+        if not normalizer > 0:
+            raise ValueError(f"normalizer must be a positive token count, got {normalizer}")
+        return total / normalizer
     return total / keep.sum().clamp_min(1).to(values.dtype)
 
 
@@ -457,6 +464,7 @@ def sampled_token_loss(
     *,
     behaviour_logprobs: Tensor | None = None,
     is_clip: float | None = 2.0,
+    normalizer: float | None = None,
 ) -> Tensor:
     """Policy-gradient loss with the per-token advantage A = log p_T(y) - log p_S(y) (stop-gradient).
 
@@ -478,7 +486,7 @@ def sampled_token_loss(
     if behaviour_logprobs is not None and is_clip is not None:
         weight = _clipped_importance_weight(student_logprobs, behaviour_logprobs, is_clip)
         per_token = per_token * torch.where(keep, weight, 0.0)
-    return masked_token_mean(per_token, keep)
+    return masked_token_mean(per_token, keep, normalizer)
 
 
 def distillation_loss(
@@ -490,13 +498,15 @@ def distillation_loss(
     response_ids: Tensor | None = None,
     behaviour_logprobs: Tensor | None = None,
     chunk_size: int = 256,
+    normalizer: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The Vision-OPD loss over response positions, dispatched on ``config.mode``.
 
     Inputs: logits (B, R, V) of both models on the *same* response positions, ``response_mask`` (B, R), the sampled
     ``response_ids`` (B, R) (needed by sampled_token mode and by importance weighting) and, for tokens sampled by
     an older policy, their ``behaviour_logprobs`` (B, R) at ``config.temperature``. ``chunk_size`` is passed on
-    (positions per chunk; lower it for very large vocabularies).
+    (positions per chunk; lower it for very large vocabularies). ``normalizer``, when given, is the denominator of
+    the token-mean instead of this call's own token count (see ``masked_token_mean``).
 
     Returns (scalar loss, per-token divergence (B, R) detached for metrics, 0 off the mask). In sampled_token mode
     the per-token value is the reverse-KL single-sample estimate log p_S(y) - log p_T(y).
@@ -532,7 +542,12 @@ def distillation_loss(
                 teacher_logits.detach(), response_ids, temperature=config.temperature, chunk_size=chunk_size
             )
         loss = sampled_token_loss(
-            student_logprobs, teacher_logprobs, keep, behaviour_logprobs=behaviour_logprobs, is_clip=config.is_clip
+            student_logprobs,
+            teacher_logprobs,
+            keep,
+            behaviour_logprobs=behaviour_logprobs,
+            is_clip=config.is_clip,
+            normalizer=normalizer,
         )
         per_token = torch.where(keep, student_logprobs.detach() - teacher_logprobs, 0.0)
         return loss, per_token
@@ -555,7 +570,7 @@ def distillation_loss(
             )
         weight = _clipped_importance_weight(current_logprobs, behaviour_logprobs, config.is_clip)
         weighted = divergence * torch.where(keep, weight, 0.0)
-    loss = masked_token_mean(weighted, keep)
+    loss = masked_token_mean(weighted, keep, normalizer)
     return loss, torch.where(keep, divergence.detach(), 0.0)
 
 

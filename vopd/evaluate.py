@@ -22,7 +22,7 @@ import torch
 from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import EvalConfig
 from vopd.data import Sample, load_dataset, option_letter
-from vopd.models import LoadedModel, encode_prompts, load_model_and_processor
+from vopd.models import LoadedModel, load_model_and_processor
 from vopd.views import View, full_view, student_view, teacher_view, to_messages
 
 _ANSWER_IS = re.compile(r"answer\s*(?:is)?\s*[:：]?\s*\(?\s*([A-Za-z])\s*\)?(?![A-Za-z])", re.IGNORECASE)
@@ -91,9 +91,7 @@ def generate_answers(
     loaded: LoadedModel, views: Sequence[View], options: Sequence[Sequence[str] | None], *, max_new_tokens: int
 ) -> list[Answer]:
     """Greedy answers for a batch of views, with option-letter probabilities read from the generation scores."""
-    prompts = encode_prompts(loaded.processor, [to_messages(view) for view in views]).to(loaded.device)
-    if "pixel_values" in prompts:
-        prompts["pixel_values"] = prompts["pixel_values"].to(loaded.dtype)
+    prompts = loaded.encode([to_messages(view) for view in views])
     loaded.model.eval()
     output = loaded.model.generate(
         **prompts,
@@ -115,7 +113,7 @@ def generate_answers(
     for row, row_options in enumerate(options):
         ids = generated[row].tolist()
         end = next((i for i, token in enumerate(ids) if token in loaded.eos_token_ids), len(ids))
-        text = tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+        text = _without_reasoning(tokenizer.decode(ids[:end], skip_special_tokens=True))
         if not row_options:
             answers.append(Answer(text, None, None))
             continue
@@ -127,6 +125,12 @@ def generate_answers(
             option_probs = [float(probs[row, position, list(group)].sum()) if group else 0.0 for group in letter_ids]
         answers.append(Answer(text, parse_choice(text, row_options), option_probs))
     return answers
+
+
+def _without_reasoning(text: str) -> str:
+    """The answer after a closed think block (Qwen3-style ``<think>...</think>``, where the tags are plain tokens that
+    ``skip_special_tokens`` keeps): letters inside the reasoning must not be read as the chosen option."""
+    return text.rsplit("</think>", 1)[-1].strip()
 
 
 @dataclass
@@ -165,7 +169,14 @@ def _record(sample: Sample, condition: str, answer: Answer) -> dict[str, Any]:
 def evaluate(
     config: EvalConfig, *, callbacks: Sequence[ProgressCallback] = (), loaded: LoadedModel | None = None
 ) -> EvalResult:
-    """Greedy accuracy on full-image and crop views of every sample, per-item records, and the gap."""
+    """Greedy accuracy on full-image and crop views of every sample, per-item records, and the gap.
+
+    With ``config.benchmark`` the questions come from a published suite instead (see vopd.benchmarks): full image
+    only, per-category accuracy in the summary, crop fields NaN."""
+    if config.benchmark is not None:
+        from vopd.benchmarks import evaluate_benchmark  # imports this module: resolved at call time
+
+        return evaluate_benchmark(config, callbacks=callbacks, loaded=loaded)
     events = CallbackList(callbacks)
     samples = load_dataset(config.dataset)
     if config.limit is not None:
@@ -241,4 +252,20 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "crop_p_correct": mean("crop_p_correct"),
         "full_letters": dict(sorted(Counter(str(r["full_choice"]) for r in records).items())),
         "crop_letters": dict(sorted(Counter(str(r["crop_choice"]) for r in records).items())),
+    }
+
+
+def accuracy_by(records: Sequence[dict[str, Any]], key: str, correct_key: str = "full_correct") -> dict[str, Any]:
+    """Per-value accuracy of ``records[key]`` (e.g. a category): ``{value: {"n", "correct", "accuracy"}}``.
+
+    Unscored records (no answer) are left out, as in summarize; the counts of all values add up to the scored total,
+    so an overall accuracy is always the n-weighted mean of these."""
+    groups: dict[str, list[bool]] = {}
+    for record in records:
+        if record.get(correct_key) is None or record.get(key) is None:
+            continue
+        groups.setdefault(str(record[key]), []).append(bool(record[correct_key]))
+    return {
+        name: {"n": len(hits), "correct": sum(hits), "accuracy": sum(hits) / len(hits)}
+        for name, hits in sorted(groups.items())
     }

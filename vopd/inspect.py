@@ -18,7 +18,7 @@ from vopd.config import InspectConfig
 from vopd.data import Sample, option_letter
 from vopd.divergence import per_token_details, token_divergence
 from vopd.evaluate import generate_answers, parse_choice
-from vopd.models import LoadedModel, encode_prompts, load_model_and_processor
+from vopd.models import LoadedModel, load_model_and_processor
 from vopd.rollout import response_logits, sample_rollouts
 from vopd.views import student_view, teacher_view, to_messages
 
@@ -90,13 +90,7 @@ def inspect_sample(config: InspectConfig, image: Image.Image, *, loaded: LoadedM
     student = student_view(sample, config.views)
     teacher = teacher_view(sample, config.views)
 
-    def encode(view):  # noqa: ANN001, ANN202
-        batch = encode_prompts(loaded.processor, [to_messages(view)]).to(loaded.device)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(loaded.dtype)
-        return batch
-
-    student_prompts, teacher_prompts = encode(student), encode(teacher)
+    student_prompts, teacher_prompts = loaded.encode([to_messages(student)]), loaded.encode([to_messages(teacher)])
     rollout = sample_rollouts(
         loaded.model,
         student_prompts,

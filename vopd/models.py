@@ -15,12 +15,13 @@ Everything loads with ``local_files_only=True``: the project never downloads wei
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,7 @@ __all__ = [
     "load_model_and_processor",
     "parameter_count",
     "register_image_only_processors",
+    "resolve_chat_template_kwargs",
     "resolve_device",
     "resolve_dtype",
     "suppressed_token_ids",
@@ -76,14 +78,36 @@ class LoadedModel:
     processor: ProcessorMixin  # has .tokenizer and .image_processor
     path: Path
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the weights' dtype (training: the master dtype, float32 by default)
     suppressed_token_ids: list[int]  # never to be sampled (image/video/vision special tokens, unused vocab rows)
     eos_token_ids: list[int]
     pad_token_id: int
+    compute_dtype: torch.dtype | None = None  # forward/backward dtype; None = the weights' dtype
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to every apply_chat_template
 
     @property
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
+
+    @property
+    def mixed_precision(self) -> bool:
+        """Weights in one dtype, arithmetic in a lower one (fp32 masters under bf16 autocast)."""
+        return self.compute_dtype is not None and self.compute_dtype != self.dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context every forward and backward runs in: autocast to the compute dtype when it differs from the
+        weights' (the official run's FSDP mixed precision: fp32 parameters, bf16 arithmetic), else nothing."""
+        if not self.mixed_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
+    def encode(self, conversations: list[list[dict[str, Any]]]) -> BatchFeature:
+        """``encode_prompts`` with this model's template variables, on its device, pixels in the weights' dtype."""
+        batch = encode_prompts(self.processor, conversations, chat_template_kwargs=self.chat_template_kwargs)
+        batch = batch.to(self.device)
+        if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
+            batch["pixel_values"] = batch["pixel_values"].to(self.dtype)
+        return batch
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -162,12 +186,12 @@ def _image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[P
     )
 
 
-_IMAGE_ONLY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+_IMAGE_ONLY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe")
 
 
 @functools.cache
 def register_image_only_processors() -> None:
-    """Make ``AutoProcessor`` return an image-only processor for the Qwen2/2.5/3-VL families.
+    """Make ``AutoProcessor`` return an image-only processor for the Qwen2/2.5/3-VL and Qwen3.5 families.
 
     Idempotent (cached). ``load_model_and_processor`` does not depend on it, but anyone else calling
     ``AutoProcessor.from_pretrained`` on such a folder does: without it they get a bare tokenizer.
@@ -401,9 +425,16 @@ def load_model_and_processor(
         raise ModelLoadError(f"{folder}: config.json is not a model config transformers knows ({error})") from error
     processor_folder = adapter_folder if adapter_folder and _has_processor_files(adapter_folder) else folder
     processor = _load_processor(processor_folder, config)
+    if runtime.chat_template:
+        _replace_chat_template(processor, Path(runtime.chat_template))
+    template_kwargs = resolve_chat_template_kwargs(processor, runtime.chat_template_kwargs)
 
     device = resolve_device(runtime.device)
-    dtype = resolve_dtype(runtime.dtype, device)
+    compute_dtype = resolve_dtype(runtime.dtype, device)
+    # Training keeps full-model weights (and so the optimizer state and the EMA teacher) in fp32 and computes under
+    # autocast. With LoRA only the adapters train: peft keeps them in fp32 over a base in the compute dtype.
+    full_training = trainable and adapter_folder is None and not (lora is not None and lora.enabled)
+    dtype = torch.float32 if full_training and runtime.master_dtype == "float32" else compute_dtype
     try:
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except ValueError as error:
@@ -444,7 +475,34 @@ def load_model_and_processor(
         suppressed_token_ids=suppressed,
         eos_token_ids=eos_ids,
         pad_token_id=pad_id,
+        compute_dtype=compute_dtype,
+        chat_template_kwargs=template_kwargs,
     )
+
+
+def _replace_chat_template(processor: ProcessorMixin, path: Path) -> None:
+    """Use the Jinja template in ``path`` for both the processor and its tokenizer (checkpoints then carry it)."""
+    try:
+        template = path.expanduser().read_text(encoding="utf-8")
+    except OSError as error:
+        raise ModelLoadError(f"cannot read the chat template file {path}: {error.strerror or error}") from error
+    if not template.strip():
+        raise ModelLoadError(f"the chat template file {path} is empty")
+    processor.chat_template = template
+    processor.tokenizer.chat_template = template
+
+
+def resolve_chat_template_kwargs(processor: ProcessorMixin, requested: dict[str, Any] | None) -> dict[str, Any]:
+    """The template variables both views are rendered with.
+
+    ``None`` means the official run's choice: templates that know ``enable_thinking`` (Qwen3, Qwen3.5) think by
+    default, which would spend the response budget on reasoning and train a different policy, so they get the
+    non-thinking prompt (an empty think block) unless the user asks otherwise.
+    """
+    if requested is not None:
+        return dict(requested)
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    return {"enable_thinking": False} if "enable_thinking" in str(template or "") else {}
 
 
 def _has_processor_files(folder: Path) -> bool:
@@ -479,6 +537,7 @@ def encode_prompts(
     conversations: list[list[dict[str, Any]]],
     *,
     add_generation_prompt: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> BatchFeature:
     """Tokenize a batch of chats with their images into one left-padded model input.
 
@@ -495,7 +554,12 @@ def encode_prompts(
             raise ValueError(f"conversation {index} is empty")
         images.extend(_images_in_order(conversation, index))
         texts.append(
-            processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+            processor.apply_chat_template(
+                conversation,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **(chat_template_kwargs or {}),
+            )
         )
     return processor(
         text=texts,

@@ -38,24 +38,22 @@ from pathlib import Path
 from typing import Any
 
 from vopd.callbacks import CallbackList, ProgressCallback
+from vopd.config import merge_settings, recipe
 
 # Synth seeds of the experiment; pretraining used others (vopd.tiny.PRETRAIN_*), so the base never saw these items.
 TRAIN_SEED = 1
 FRESH_SEED = 2
 
-# TrainConfig values shared by every OPD arm; the run size (steps, lr, prompts, rollouts) is in ReproduceSettings.
-COMMON_TRAIN: dict[str, Any] = {
-    "rollout": {"max_new_tokens": 8},
-    "runtime": {"device": "cpu", "dtype": "float32"},
-}
-
-# TrainConfig overrides per OPD arm, on top of COMMON_TRAIN. Every OPD arm uses the student's top-100 + tail.
-PAPER_RECIPE: dict[str, Any] = {"divergence": {"alpha": 0.5}, "teacher": {"mode": "ema", "ema_rate": 0.05}}
-PRESETS: dict[str, dict[str, Any]] = {
+# Every OPD arm starts from the tiny-world recipe (vopd.config.RECIPES) and changes only what its name says; the run
+# size (steps, lr, prompts, rollouts) comes from ReproduceSettings, whose defaults are that recipe's.
+_TINY_WORLD = recipe("tiny-world")
+_PAPER = recipe("paper")
+ARM_CHANGES: dict[str, dict[str, Any]] = {
     # The default recipe: forward KL (alpha 0) to a fixed teacher. Measured at lr 1e-4 it matched labelled SFT, and a
     # fixed teacher cannot drift; the paper's EMA teacher lost a whole answer letter at lr 3e-4 (docs/reproduction.md).
-    "opd": {"divergence": {"alpha": 0.0}, "teacher": {"mode": "fixed"}},
-    "paper": PAPER_RECIPE,  # the paper's recipe: JSD(0.5), EMA teacher at rate 0.05
+    "opd": {},
+    # The paper's loss and teacher (JSD 0.5, EMA at rate 0.05) on the tiny world's run size.
+    "paper": {"divergence": _PAPER["divergence"], "teacher": _PAPER["teacher"]},
     "teacher_current": {"divergence": {"alpha": 0.5}, "teacher": {"mode": "current"}},
     "teacher_fixed": {"divergence": {"alpha": 0.5}, "teacher": {"mode": "fixed"}},
     "forward_kl": {"divergence": {"alpha": 0.0}, "teacher": {"mode": "fixed"}},
@@ -70,12 +68,12 @@ KNOWN_ARMS = (*ALL_ARMS, "forward_kl")  # forward_kl = the default recipe under 
 class ReproduceSettings:
     """The experiment's size; ``quick`` shrinks it for CI."""
 
-    steps: int = 300
-    lr: float = 1e-4  # the same for every arm, SFT included
+    steps: int = _TINY_WORLD["steps"]
+    lr: float = _TINY_WORLD["lr"]  # the same for every arm, SFT included
     # 16 prompts x 1 rollout costs what 8 x 2 does and sees twice the images; with forward KL over the top-100 +
     # tail a second rollout of the same prompt adds little (docs/reproduction.md).
-    batch_size: int = 16  # prompts per step, every arm (SFT: labelled examples per step)
-    num_rollouts: int = 1  # rollouts per prompt, OPD arms
+    batch_size: int = _TINY_WORLD["batch_size"]  # prompts per step, every arm (SFT: labelled examples per step)
+    num_rollouts: int = _TINY_WORLD["rollout"]["num_rollouts"]  # rollouts per prompt, OPD arms
     seeds: int = 3
     train_items: int = 4800  # 300 steps x 16 prompts: every prompt is seen once
     eval_items: int = 400
@@ -83,9 +81,9 @@ class ReproduceSettings:
     jobs: int = 2
     # The vision encoder trains in every arm (SFT included): frozen, its 16 image tokens capped full-image accuracy
     # near 0.74; trained at the language model's rate, it forgot the crop (docs/reproduction.md).
-    freeze_vision_tower: bool = False
+    freeze_vision_tower: bool = _TINY_WORLD["freeze_vision_tower"]
     # The encoder's learning rate is lr times this in every arm: 0.3 kept the crop view intact.
-    vision_lr_scale: float = 0.3
+    vision_lr_scale: float = _TINY_WORLD["vision_lr_scale"]
 
     @classmethod
     def quick(cls) -> ReproduceSettings:
@@ -229,10 +227,7 @@ def arm_train_config(arm: str, base: Path, data: dict[str, Path], output: Path, 
     """The TrainConfig of an OPD arm (no_privilege = the default recipe on the full-view-teacher dataset)."""
     from vopd.config import TrainConfig
 
-    preset = PRESETS["opd" if arm == "no_privilege" else arm]
-    values: dict[str, Any] = {
-        **COMMON_TRAIN,
-        **preset,
+    run = {
         "model": str(base),
         "dataset": str(data["no_privilege" if arm == "no_privilege" else "train"]),
         "output": str(output),
@@ -240,12 +235,13 @@ def arm_train_config(arm: str, base: Path, data: dict[str, Path], output: Path, 
         "seed": seed,
         "lr": settings.lr,
         "batch_size": settings.batch_size,
-        "rollout": {**COMMON_TRAIN["rollout"], "num_rollouts": settings.num_rollouts},
+        "rollout": {"num_rollouts": settings.num_rollouts},
         "freeze_vision_tower": settings.freeze_vision_tower,
         "vision_lr_scale": settings.vision_lr_scale,
         "save_every": settings.steps,
         "keep_checkpoints": 1,
     }
+    values = merge_settings(_TINY_WORLD, ARM_CHANGES["opd" if arm == "no_privilege" else arm], run)
     return TrainConfig.model_validate(values)
 
 

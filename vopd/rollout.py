@@ -43,6 +43,29 @@ class _RecordProcessedScores(LogitsProcessor):
         return scores
 
 
+class _SampleEachRowWithItsOwnSeed(LogitsProcessor):
+    """After the recorder: draws each row's token from the processed distribution with that row's own generator and
+    leaves only that token possible, so generate()'s greedy pick returns it.
+
+    ``generate(do_sample=True)`` draws every row from one global random stream, so what a prompt samples depends on
+    which other prompts share its batch. With one generator per row, seeded by (run seed, step, prompt's place in the
+    step, rollout), a prompt samples the same tokens however a step is split into micro-batches (or ranks).
+    """
+
+    def __init__(self, row_seeds: list[int], device: torch.device) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in row_seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} row seeds for a batch of {scores.shape[0]} rows")
+        probs = torch.softmax(scores.float(), dim=-1)  # (N, V)
+        chosen = torch.cat(
+            [torch.multinomial(probs[row], 1, generator=generator) for row, generator in enumerate(self.generators)]
+        )  # (N,)
+        only_chosen = torch.full_like(scores, float("-inf"))
+        return only_chosen.scatter_(-1, chosen.unsqueeze(-1), 0.0)
+
+
 class _GatherSampledLogprob(StoppingCriteria):
     """Runs after the new token is appended: reads its log-prob from the recorded distribution; never stops."""
 
@@ -68,11 +91,14 @@ def sample_rollouts(
     pad_token_id: int,
     suppressed_token_ids: list[int],
     seed: int | None = None,
+    row_seeds: list[int] | None = None,
 ) -> RolloutBatch:
     """Sample one response per prompt row (repeat rows beforehand for several rollouts per prompt).
 
-    ``temperature == 0`` means greedy. A ``seed`` makes the sample depend only on it and the weights,
-    which is what makes resumed training bit-identical to an uninterrupted run. Temperature, top-p and
+    ``temperature == 0`` means greedy. A ``seed`` makes the sample depend only on it, the weights and the batch;
+    ``row_seeds`` (one per row) make each row's sample depend only on its own seed, the weights and its prompt, so
+    the same prompt samples the same response in any batch. Either is what makes resumed training bit-identical to
+    an uninterrupted run. Temperature, top-p and
     token suppression are applied by our own processor chain (with generate's own warpers switched
     off), so the recorded behaviour log-probs are those of the distribution each token was drawn from,
     whatever defaults a model's generation_config.json carries.
@@ -92,14 +118,19 @@ def sample_rollouts(
         processors.append(TopPLogitsWarper(top_p))
     recorder = _RecordProcessedScores()
     processors.append(recorder)
+    per_row = row_seeds is not None and not greedy
+    if per_row:
+        assert row_seeds is not None
+        processors.append(_SampleEachRowWithItsOwnSeed(row_seeds, prompts["input_ids"].device))
     gatherer = _GatherSampledLogprob(recorder)
     was_training = model.training
     model.eval()
+    sampling = not greedy and not per_row  # per-row sampling draws in its processor; generate then picks greedily
     try:
         sequences = model.generate(
             **prompts,
-            do_sample=not greedy,
-            **({} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}),
+            do_sample=sampling,
+            **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sampling else {}),
             repetition_penalty=1.0,
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_ids,

@@ -4,12 +4,16 @@ The teacher is the same model conditioned on privileged information (the crop), 
 student only by its view and, depending on the mode, by its weights:
 
 - ``ema``: an exponential moving average of the student, theta_T <- (1 - r) theta_T + r theta_S after every
-  optimizer step (the paper). With LoRA only the adapter is averaged: the base weights are shared.
+  optimizer step that was taken (the paper). With LoRA only the adapter is averaged: the base weights are shared.
 - ``current``: the student's own weights, under no grad.
 - ``fixed``: the initial weights (with LoRA: the student with its adapter disabled).
+- ``trust_region``: the logits (1 - c) z_initial + c z_student, both on the crop view (the official code's
+  trust-region option: a teacher that can move only a little away from where training started).
+- ``progressive``: the initial weights, replaced by an exact copy of the student every ``sync_every`` steps.
 
-Only the trainable tensors can differ between teacher and student, so they are all the state a
-teacher needs to checkpoint.
+Only the trainable tensors can differ between teacher and student, so they are all the state a teacher needs to
+checkpoint. They are kept in the student's dtype, which is the fp32 master dtype in training: an EMA at rate 0.05
+towards a bf16 copy would round most of its updates away.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers import BatchFeature
 
 from vopd.config import TeacherConfig
+from vopd.rollout import RolloutBatch, response_logits
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -33,17 +39,19 @@ def _is_peft(model: nn.Module) -> bool:
 
 
 class Teacher:
-    """Gives a context in which ``module`` computes the teacher's logits; updated after each step."""
+    """Scores rollouts on the crop view with the teacher's weights; updated after each step."""
 
     def __init__(self, student: nn.Module, config: TeacherConfig) -> None:
         self.config = config
         self.student = student
         self.uses_adapter = _is_peft(student)
         self.shadow: dict[str, torch.Tensor] = {}  # EMA (or fixed) copies of the trainable tensors
-        self.frozen_copy: nn.Module | None = None  # full fine-tune with ema/fixed: a separate module
-        if config.mode == "current" or (config.mode == "fixed" and self.uses_adapter):
+        self.frozen_copy: nn.Module | None = None  # full fine-tune with a weight-holding mode: a separate module
+        if config.mode == "current":
             return
-        if self.uses_adapter:  # ema over the adapter only
+        if self.uses_adapter and config.mode in ("fixed", "trust_region"):
+            return  # the initial weights are the base with the adapter disabled
+        if self.uses_adapter:  # ema / progressive over the adapter only
             self.shadow = {name: p.detach().clone() for name, p in trainable_parameters(student).items()}
         else:
             names = list(trainable_parameters(student))
@@ -55,16 +63,16 @@ class Teacher:
 
     @contextmanager
     def scoring(self) -> Iterator[nn.Module]:
-        """Yield the module to run for teacher logits, with grad off and the right weights in place."""
+        """Yield the module that holds the teacher's weights, with grad off (trust_region: its initial weights)."""
         with torch.no_grad():
             if self.frozen_copy is not None:
                 yield self.frozen_copy
             elif self.config.mode == "current":
                 yield self.student
-            elif self.config.mode == "fixed":  # LoRA: base weights are the initial weights
+            elif self.config.mode in ("fixed", "trust_region"):  # LoRA: base weights are the initial weights
                 with self.student.disable_adapter():
                     yield self.student
-            else:  # LoRA + EMA: swap the averaged adapter in, then restore the student's
+            else:  # LoRA + ema/progressive: swap the teacher's adapter in, then restore the student's
                 live = trainable_parameters(self.student)
                 saved = {name: p.detach().clone() for name, p in live.items()}
                 try:
@@ -76,12 +84,24 @@ class Teacher:
                         param.data.copy_(saved[name])
 
     @torch.no_grad()
-    def update(self) -> None:
-        """After an optimizer step: move the EMA towards the student (no-op for current and fixed)."""
-        if self.config.mode != "ema":
-            return
-        for name, param in trainable_parameters(self.student).items():
-            self.shadow[name].lerp_(param.detach().to(self.shadow[name].dtype), self.config.ema_rate)
+    def response_logits(self, prompts: BatchFeature, rollout: RolloutBatch) -> torch.Tensor:
+        """The teacher's logits for each response position of ``rollout`` on ``prompts`` (the crop view): (N, R, V)."""
+        with self.scoring() as module:
+            logits = response_logits(module, prompts, rollout)
+        if self.config.mode == "trust_region":
+            current = response_logits(self.student, prompts, rollout)
+            logits = torch.lerp(logits, current, self.config.trust_region_mix)
+        return logits
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """After optimizer step ``step`` (1-based) was taken: move the teacher's weights as its mode says."""
+        if self.config.mode == "ema":
+            for name, param in trainable_parameters(self.student).items():
+                self.shadow[name].lerp_(param.detach().to(self.shadow[name].dtype), self.config.ema_rate)
+        elif self.config.mode == "progressive" and step % self.config.sync_every == 0:
+            for name, param in trainable_parameters(self.student).items():
+                self.shadow[name].copy_(param.detach())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: tensor.detach().clone() for name, tensor in self.shadow.items()}

@@ -32,7 +32,7 @@ from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import EvalConfig, RuntimeConfig, ViewConfig
 from vopd.data import Sample, option_letter
 from vopd.evaluate import evaluate
-from vopd.models import LoadedModel, build_tiny_qwen2vl, encode_prompts, load_model_and_processor
+from vopd.models import LoadedModel, build_tiny_qwen2vl, load_model_and_processor
 from vopd.rollout import RolloutBatch, response_logits
 from vopd.synth import COLOR_OPTIONS, COLOR_QUESTION, SHAPE_OPTIONS, SHAPE_QUESTION, SynthConfig, generate_dataset
 from vopd.synth import generate_item as synth_item
@@ -161,9 +161,7 @@ def supervised_loss(loaded: LoadedModel, views: Sequence[View], letters: Sequenc
     The same left-padded prompt + right-padded reply layout as Vision-OPD's scoring, so SFT and OPD differ only in
     their targets (the label versus the teacher's distribution), never in how the model is fed.
     """
-    prompts = encode_prompts(loaded.processor, [to_messages(view) for view in views]).to(loaded.device)
-    if "pixel_values" in prompts:
-        prompts["pixel_values"] = prompts["pixel_values"].to(loaded.dtype)
+    prompts = loaded.encode([to_messages(view) for view in views])
     targets = _answer_targets(loaded, letters, loaded.device)
     logits = response_logits(loaded.model, prompts, targets)  # (B, A, V)
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets.response_ids, reduction="none")  # (B, A)

@@ -4,6 +4,15 @@ One explicit loop that reads top to bottom. Everything the loop depends on is ei
 the checkpoint (weights, optimizer, scheduler, teacher, RNG, step), and both the data order and the
 rollout seeds are pure functions of (seed, step), so a resumed run is bit-identical to an uninterrupted
 one and ``--resume --steps N`` can extend a finished run. The trainer never reads answers.
+
+A step first samples every micro-batch's rollouts, then scores them: the loss is the token-mean over every response
+token of the whole step, so it is the same however the step is split into micro-batches. Each rollout is drawn with
+its own seed, a pure function of (seed, step, the prompt's place in the step, rollout index), for the same reason.
+
+Precision follows the official run's FSDP mixed precision: the trainable weights, AdamW's state and the EMA teacher
+live in fp32 (``runtime.master_dtype``) while forward and backward run under autocast in ``runtime.dtype`` (bf16 on
+a GPU); fp16 compute adds a gradient scaler. A step whose gradient norm is not finite changes nothing (no optimizer
+step, no teacher update) and is counted in ``skipped_steps``.
 """
 
 from __future__ import annotations
@@ -27,8 +36,8 @@ from vopd.config import TrainConfig
 from vopd.data import Sample, load_dataset
 from vopd.divergence import distillation_loss, distribution_stats
 from vopd.guard import CollapseGuard
-from vopd.models import LoadedModel, encode_prompts, load_model_and_processor, optimizer_param_groups
-from vopd.rollout import response_logits, sample_rollouts
+from vopd.models import LoadedModel, load_model_and_processor, optimizer_param_groups, resolve_dtype
+from vopd.rollout import RolloutBatch, response_logits, sample_rollouts
 from vopd.teacher import Teacher, trainable_parameters
 from vopd.views import student_view, teacher_view, to_messages
 
@@ -82,10 +91,12 @@ def total_steps_for(config: TrainConfig, dataset_size: int) -> int:
 
 
 def warmup_then_constant(warmup_steps: int):
-    """Linear warm-up then constant: a schedule that never needs the total step count (extendable runs)."""
+    """Linear warm-up from 0, then constant: step s (0-based) uses lr x min(1, s / warmup_steps), as the official
+    run's constant-with-warm-up schedule does (its first step has lr 0). Never needs the total step count, so runs
+    can be extended."""
 
     def factor(step: int) -> float:
-        return min(1.0, (step + 1) / (warmup_steps + 1)) if warmup_steps else 1.0
+        return min(1.0, step / warmup_steps) if warmup_steps else 1.0
 
     return factor
 
@@ -100,13 +111,6 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         if path.name.split("-")[1].isdigit() and (path / STATE_FILE).exists()
     ]
     return max(steps)[1] if steps else None
-
-
-def _to_device(batch: Any, loaded: LoadedModel) -> Any:
-    batch = batch.to(loaded.device)
-    if "pixel_values" in batch and batch["pixel_values"].is_floating_point():
-        batch["pixel_values"] = batch["pixel_values"].to(loaded.dtype)
-    return batch
 
 
 def _rng_state() -> dict[str, Any]:
@@ -161,6 +165,11 @@ class OPDTrainer:
             weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_constant(config.warmup_steps))
+        # fp16 arithmetic over fp32 masters needs loss scaling (bf16 has fp32's range and does not).
+        self.scaler: torch.amp.GradScaler | None = None
+        if self.loaded.mixed_precision and self.loaded.compute_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(self.loaded.device.type)
+        self.skipped_steps = 0
         # Importance weights p_S/p_behaviour only mean something when both are the same distribution family:
         # sampling at the divergence's temperature without top-p truncation. (Rollouts here are always fresh,
         # so the weight is ~1 then; with other sampling settings it would be a bias, not a correction.)
@@ -198,8 +207,11 @@ class OPDTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.teacher.load_state_dict(state["teacher"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
@@ -246,7 +258,7 @@ class OPDTrainer:
 
     def _guard_check(self) -> tuple[dict[str, float], bool]:
         """Probe for letter collapse and teacher drift (vopd.guard); the metrics and whether to stop the run."""
-        with self.teacher.scoring() as teacher_module:
+        with self.teacher.scoring() as teacher_module, self.loaded.autocast():
             metrics, warnings = self.guard.check(self.loaded, teacher_module)
         for warning in warnings:
             self.callbacks.on_log(warning, level="warning")
@@ -259,26 +271,23 @@ class OPDTrainer:
     def _encode(self, samples: list[Sample], view_fn) -> Any:  # noqa: ANN001 - student_view or teacher_view
         repeats = self.config.rollout.num_rollouts
         conversations = [to_messages(view_fn(sample, self.config.views)) for sample in samples for _ in range(repeats)]
-        return _to_device(encode_prompts(self.loaded.processor, conversations), self.loaded)
+        return self.loaded.encode(conversations)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
+    def _row_seeds(self, micro: int) -> list[int]:
+        """One sampling seed per rollout row: (run seed, step, the prompt's place in the step, rollout index)."""
         config = self.config
-        started = time.perf_counter()
-        timings = {"rollout_time": 0.0, "teacher_time": 0.0, "student_time": 0.0}
-        self.student.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        divergence_max = 0.0
-        response_tokens = 0
-        rows = 0
-        truncated = 0
-        for micro in range(config.grad_accum):
-            samples = self._samples_for(self.step * config.grad_accum + micro)
-            student_prompts = self._encode(samples, student_view)
-            teacher_prompts = self._encode(samples, teacher_view)
+        first = micro * config.batch_size
+        return [
+            derive_seed(config.seed, self.step, first + prompt, rollout)
+            for prompt in range(config.batch_size)
+            for rollout in range(config.rollout.num_rollouts)
+        ]
 
-            tick = time.perf_counter()
+    def _sample(self, samples: list[Sample], micro: int) -> tuple[Any, RolloutBatch]:
+        """The student's prompts for ``samples`` and its rollouts on them."""
+        config = self.config
+        student_prompts = self._encode(samples, student_view)
+        with self.loaded.autocast():
             rollout = sample_rollouts(
                 self.student,
                 student_prompts,
@@ -288,17 +297,51 @@ class OPDTrainer:
                 eos_token_ids=self.loaded.eos_token_ids,
                 pad_token_id=self.loaded.pad_token_id,
                 suppressed_token_ids=self.loaded.suppressed_token_ids,
-                seed=derive_seed(config.seed, self.step, micro),
+                row_seeds=self._row_seeds(micro),
             )
-            timings["rollout_time"] += time.perf_counter() - tick
+        return student_prompts, rollout
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
+        config = self.config
+        started = time.perf_counter()
+        timings = {"rollout_time": 0.0, "teacher_time": 0.0, "student_time": 0.0}
+        self.student.train()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        # 1. Every micro-batch's rollouts first: the step's token count is the loss's denominator.
+        tick = time.perf_counter()
+        micro_batches: list[tuple[list[Sample], Any, RolloutBatch]] = []
+        for micro in range(config.grad_accum):
+            samples = self._samples_for(self.step * config.grad_accum + micro)
+            student_prompts, rollout = self._sample(samples, micro)
+            # One micro-batch keeps its encoded prompts; several re-encode them below (pixels of every micro-batch
+            # at once can outweigh the model at real image sizes).
+            micro_batches.append((samples, student_prompts if config.grad_accum == 1 else None, rollout))
+        timings["rollout_time"] = time.perf_counter() - tick
+        step_tokens = sum(int(rollout.response_mask.sum()) for _, _, rollout in micro_batches)
+        normalizer = float(max(step_tokens, 1))
+
+        # 2. Teacher on the crop, student on the full image, loss and backward, one micro-batch at a time.
+        totals: dict[str, float] = {}
+        divergence_sum = 0.0
+        divergence_max = 0.0
+        rows = 0
+        truncated = 0
+        while micro_batches:
+            samples, student_prompts, rollout = micro_batches.pop(0)
+            if student_prompts is None:
+                student_prompts = self._encode(samples, student_view)
+            teacher_prompts = self._encode(samples, teacher_view)
 
             tick = time.perf_counter()
-            with self.teacher.scoring() as teacher_module:
-                teacher_logits = response_logits(teacher_module, teacher_prompts, rollout)  # (N, R, V)
+            with self.loaded.autocast():
+                teacher_logits = self.teacher.response_logits(teacher_prompts, rollout)  # (N, R, V)
             timings["teacher_time"] += time.perf_counter() - tick
 
             tick = time.perf_counter()
-            student_logits = response_logits(self.student, student_prompts, rollout)  # (N, R, V)
+            with self.loaded.autocast():
+                student_logits = response_logits(self.student, student_prompts, rollout)  # (N, R, V)
             loss, per_token = distillation_loss(
                 student_logits,
                 teacher_logits,
@@ -306,43 +349,64 @@ class OPDTrainer:
                 config.divergence,
                 response_ids=rollout.response_ids,
                 behaviour_logprobs=rollout.behaviour_logprobs if self._behaviour_comparable else None,
+                normalizer=normalizer,
             )
-            (loss / config.grad_accum).backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             timings["student_time"] += time.perf_counter() - tick
 
-            self._accumulate(totals, "loss", loss.item() / config.grad_accum)
+            self._accumulate(totals, "loss", loss.item())
             mask = rollout.response_mask
-            tokens = int(mask.sum())
-            if tokens:
+            if mask.any():
+                divergence_sum += float(per_token[mask].sum())
                 divergence_max = max(divergence_max, float(per_token[mask].max()))
-                self._accumulate(totals, "divergence_mean", float(per_token[mask].mean()) / config.grad_accum)
             stats = distribution_stats(
-                student_logits.detach(), teacher_logits, mask, topk=config.divergence.topk or 100,
+                student_logits.detach(),
+                teacher_logits,
+                mask,
+                topk=config.divergence.topk or 100,
                 temperature=config.divergence.temperature,
             )
             for key, value in stats.items():
                 self._accumulate(totals, key, value / config.grad_accum)
-            response_tokens += tokens
             rows += mask.shape[0]
             truncated += int(rollout.truncated.sum())
-            del student_logits, teacher_logits, rollout
+            del student_logits, teacher_logits, rollout, student_prompts, teacher_prompts
 
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.student.parameters() if p.requires_grad], config.grad_clip
-        )
+        # 3. The update, unless the gradient is not finite: then neither the student nor the teacher moves.
+        parameters = [p for p in self.student.parameters() if p.requires_grad]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            self.teacher.update(self.step + 1)
+        else:
+            self.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            self.callbacks.on_log(
+                f"step {self.step + 1}: gradient norm is {float(grad_norm)}; skipped the update "
+                f"({self.skipped_steps} skipped so far)",
+                level="warning",
+            )
+        if self.scaler is not None:
+            self.scaler.update()
         self.scheduler.step()
-        self.teacher.update()
         step_time = time.perf_counter() - started
         return {
             **totals,
+            "divergence_mean": divergence_sum / normalizer,
             "divergence_max": divergence_max,
-            "response_length": response_tokens / max(rows, 1),
+            "response_length": step_tokens / max(rows, 1),
             "truncated_fraction": truncated / max(rows, 1),
             "grad_norm": float(grad_norm),
+            "skipped_steps": float(self.skipped_steps),
             "lr": lr,
-            "tokens_per_second": response_tokens / step_time,
+            "tokens_per_second": step_tokens / step_time,
             "step_time": step_time,
             **timings,
         }
@@ -376,6 +440,8 @@ class OPDTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "teacher": self.teacher.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "skipped_steps": self.skipped_steps,
             "rng": _rng_state(),
             "config": self.config.model_dump(mode="json"),
         }
@@ -397,13 +463,18 @@ class OPDTrainer:
             shutil.rmtree(path, ignore_errors=True)
 
     def export_final(self) -> Path:
-        """The trained model as a standard folder: LoRA merged into the weights, loadable with from_pretrained."""
+        """The trained model as a standard folder: LoRA merged into the weights, loadable with from_pretrained.
+
+        The weights keep the master dtype unless ``export_dtype`` names another; casting happens in place, so this
+        is the run's last act."""
         final = self.output_dir / FINAL_DIR
         partial = final.with_name(FINAL_DIR + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         model = self.student
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
+        if self.config.export_dtype != "master":
+            model.to(resolve_dtype(self.config.export_dtype, self.loaded.device))
         model.save_pretrained(partial)
         self.loaded.processor.save_pretrained(partial)
         shutil.rmtree(final, ignore_errors=True)

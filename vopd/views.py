@@ -44,10 +44,11 @@ def format_question(sample: Sample, hint: str) -> str:
     return "\n".join(lines)
 
 
-def _fit_to_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
-    """Downscale (aspect kept) so width * height <= max_pixels; the student's compute grows with its pixels."""
+def _fit_to_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:
+    """Downscale (aspect kept) so width * height <= max_pixels; the student's compute grows with its pixels.
+    ``None`` leaves the image as it is: the processor then applies its own pixel limit, as the official run does."""
     width, height = image.size
-    if width * height <= max_pixels:
+    if max_pixels is None or width * height <= max_pixels:
         return image
     scale = math.sqrt(max_pixels / (width * height))
     new_size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
@@ -70,7 +71,7 @@ def _draw_box_outline(image: Image.Image, box: tuple[float, float, float, float]
 
 
 def student_view(sample: Sample, cfg: ViewConfig) -> View:
-    """The full image, downscaled to cfg.max_pixels, with the evidence box drawn; text with the hint.
+    """The full image (downscaled to cfg.max_pixels when set) with the evidence box drawn; text with the hint.
 
     A sample with only a precomputed crop has no box to draw (released datasets ship the box already drawn)."""
     original = sample.load_image()
