@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import TERMINAL_STATUSES, Job, JobLog, JobMetric, utcnow
 from app.queueing import BrokerUnavailable, JobQueue
-from app.registry import resolve_dataset, resolve_model
+from app.registry import UnknownName, resolve_dataset, resolve_model
 from app.schemas import EvalJobCreate, JobOut, TrainJobCreate
 from app.settings import Settings
 
@@ -29,12 +31,12 @@ def create_job(
     The row is committed before publishing so the worker always finds it; a broker failure marks it failed.
     """
     config = body.config
-    resolved = config.model_copy(
-        update={
-            "model": str(resolve_model(session, settings, owner_id, config.model)),
-            "dataset": str(resolve_dataset(session, owner_id, config.dataset)),
-        }
-    )
+    paths = {"model": str(resolve_model(session, settings, owner_id, config.model))}
+    if config.dataset is not None:
+        paths["dataset"] = str(resolve_dataset(session, owner_id, config.dataset))
+    if getattr(config, "benchmark", None) is not None:
+        paths["data"] = str(resolve_benchmark_data(settings, config.benchmark, config.data))
+    resolved = config.model_copy(update=paths)
     job = Job(
         owner_id=owner_id,
         kind=body.kind,
@@ -53,6 +55,40 @@ def create_job(
     session.commit()
     _publish(session, queue, job)
     return job
+
+
+def benchmarks_dir(settings: Settings) -> Path:
+    """Where an administrator places the published suites (copies or symlinks) that eval jobs may read."""
+    return settings.home / "benchmarks"
+
+
+def resolve_benchmark_data(settings: Settings, benchmark: str, data: str | None) -> Path:
+    """The folder of a benchmark job: a name (or absolute path) *inside* VOPD_HOME/benchmarks, never elsewhere.
+
+    A job runs on the server with the server's file access, so an arbitrary path would let any key holder make the
+    worker read any folder; the check is lexical (no '..', no absolute path outside the root) so an administrator's
+    symlink inside the root to a large data disk still works, while users (who cannot create files there) cannot
+    reach beyond it."""
+    from vopd.benchmarks import BenchmarkError, get_benchmark
+
+    root = benchmarks_dir(settings)
+    try:
+        get_benchmark(benchmark)
+    except BenchmarkError as error:
+        raise UnknownName("benchmark", str(error)) from error
+    hint = f"config.data names a folder inside {root} (the server's benchmarks folder)"
+    if not data:
+        raise UnknownName("data", f"benchmark {benchmark!r} needs config.data; {hint}")
+    candidate = Path(data)
+    if ".." in candidate.parts:
+        raise UnknownName("data", f"{data!r} must not contain '..'; {hint}")
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    if not Path(os.path.normpath(candidate)).is_relative_to(root):
+        raise UnknownName("data", f"{data!r} lies outside {root}; {hint}")
+    if not candidate.exists():
+        raise UnknownName("data", f"no benchmark folder {candidate}; {hint}")
+    return candidate
 
 
 def _publish(session: Session, queue: JobQueue, job: Job) -> None:

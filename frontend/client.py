@@ -60,7 +60,19 @@ class Job(_Model):
 
     @property
     def dataset_id(self) -> str:
-        return str(self.config.get("dataset", ""))
+        return str(self.config.get("dataset") or "")
+
+    @property
+    def benchmark(self) -> str | None:
+        """The published suite an eval job ran on (None for a dataset evaluation)."""
+        return self.config.get("benchmark") or None
+
+    @property
+    def source_label(self) -> str:
+        """What an evaluation was asked on: the dataset id, or ``benchmark:folder``."""
+        if self.benchmark:
+            return f"{self.benchmark}:{self.config.get('data', '')}"
+        return self.dataset_id
 
 
 class JobPage(_Model):

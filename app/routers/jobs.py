@@ -45,7 +45,9 @@ def submit_job(
     request: Request, body: Annotated[JobCreate, Body()], session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> JobOut:
     """Queue a train or eval job. ``config`` is the CLI's TrainConfig / EvalConfig, with ``model`` a name from
-    GET /api/models and ``dataset`` an id from GET /api/datasets; ``output`` is chosen by the server."""
+    GET /api/models and ``dataset`` an id from GET /api/datasets; ``output`` is chosen by the server. An eval job
+    may name a published ``benchmark`` instead, with ``data`` a folder inside VOPD_HOME/benchmarks (other server
+    paths are refused with 422)."""
     try:
         job = crud.create_job(session, settings, request.app.state.queue, key.id, body)
     except UnknownName as error:

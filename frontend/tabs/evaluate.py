@@ -17,25 +17,41 @@ from vopd.config import EvalConfig
 
 POLL_INTERVAL_S = 3.0
 FULL_VIEWS = ("student", "plain")
+# The published suites of vopd.benchmarks (named here: the UI must not import the library's torch side; a test pins
+# this list to the registry). The folder is a name inside the server's VOPD_HOME/benchmarks.
+BENCHMARK_CHOICES = ("vstar", "hrbench-4k", "hrbench-8k", "mme-realworld", "mme-realworld-cn")
+NO_BENCHMARK = "none (use the dataset)"
+BENCHMARK_LABEL = "Or a published benchmark"
+BENCHMARK_DATA_LABEL = "Benchmark folder on the server (inside VOPD_HOME/benchmarks)"
+NEED_BENCHMARK_DATA = "Name the benchmark's folder on the server (inside VOPD_HOME/benchmarks)."
 
 
 # ----------------------------------------------------------------------------- pure callbacks
 def eval_job_choices(jobs: list[Job]) -> list[tuple[str, int]]:
-    return [(f"#{job.id} {job.model_name} on {job.dataset_id} ({job.status})", job.id) for job in jobs]
+    return [(f"#{job.id} {job.model_name} on {job.source_label} ({job.status})", job.id) for job in jobs]
 
 
 def eval_configs(
-    models: list[str] | None, dataset: str | None, limit: float | None, max_new_tokens: float, full_view: str
+    models: list[str] | None, dataset: str | None, limit: float | None, max_new_tokens: float, full_view: str,
+    benchmark: str | None = None, benchmark_data: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One validated EvalConfig body per chosen model, ready for POST /api/jobs."""
+    """One validated EvalConfig body per chosen model, ready for POST /api/jobs.
+
+    A chosen benchmark replaces the dataset: the suite is asked on the plain full image, so full_view is moot."""
     if not models:
         raise render.UiInputError(strings.NEED_MODEL)
-    if not dataset:
+    use_benchmark = bool(benchmark) and benchmark != NO_BENCHMARK
+    if use_benchmark and not (benchmark_data or "").strip():
+        raise render.UiInputError(NEED_BENCHMARK_DATA)
+    if not use_benchmark and not dataset:
         raise render.UiInputError(strings.NEED_DATASET)
+    source: dict[str, Any] = (
+        {"benchmark": benchmark, "data": (benchmark_data or "").strip()} if use_benchmark
+        else {"dataset": dataset, "full_view": full_view}
+    )
     bodies = []
     for model in models:
-        data: dict[str, Any] = {"model": model, "dataset": dataset, "max_new_tokens": int(max_new_tokens),
-                                "full_view": full_view}
+        data: dict[str, Any] = {"model": model, **source, "max_new_tokens": int(max_new_tokens)}
         if limit:
             data["limit"] = int(limit)
         try:
@@ -55,10 +71,23 @@ def fetch_eval_jobs(client: VopdClient, job_ids: list[int] | None) -> list[Job]:
 
 
 def comparison(jobs: list[Job]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Table and chart frame: the chart's x labels pair model and condition so bars stand side by side."""
+    """Table and chart frame: the chart's x labels pair model and condition so bars stand side by side.
+
+    A benchmark job has only the full-image bar, and its dataset cell names the suite and folder."""
     chart = render.eval_chart_frame(jobs)
     chart["bar"] = chart["model"] + " · " + chart["condition"]
-    return render.eval_table(jobs), render.plot_value(chart)
+    table = render.eval_table(jobs)
+    table[strings.EVAL_TABLE_COLUMNS[2]] = [job.source_label for job in jobs]
+    return table, render.plot_value(chart)
+
+
+def category_rows(job: Job) -> pd.DataFrame:
+    """A benchmark job's per-category accuracy (category, n, accuracy), then overall; empty for a dataset job."""
+    result = job.result or {}
+    rows = [[name, stats.get("n"), stats.get("accuracy")] for name, stats in (result.get("categories") or {}).items()]
+    if rows:
+        rows.append(["overall", result.get("n"), result.get("accuracy")])
+    return pd.DataFrame(rows, columns=["category", "n", "accuracy"])
 
 
 def load_records(client: VopdClient, job_id: Any) -> tuple[Job, list[dict[str, Any]]]:
@@ -78,6 +107,8 @@ def item_view(client: VopdClient, job: Job | None, records: list[dict[str, Any]]
     if job is None or not 0 <= index < len(records):
         return "", None, None
     record = records[index]
+    if job.benchmark:  # the suite's images live on the server only; there is no crop view to show
+        return render.item_markdown(record), None, None
     page = client.samples(job.dataset_id, offset=index, limit=1)
     if not page.items:
         return render.item_markdown(record), None, None
@@ -107,6 +138,11 @@ def build_evaluate_tab(ctx: UiContext, api_key: gr.Textbox) -> EvaluateTab:
                           elem_id="eval-limit")
         max_new_tokens = gr.Number(16, label=strings.MAX_NEW_TOKENS_LABEL, precision=0, minimum=1, min_width=140)
         full_view = gr.Radio(list(FULL_VIEWS), value="student", label=strings.FULL_VIEW_LABEL, min_width=200)
+    with gr.Row():
+        benchmark = gr.Dropdown([NO_BENCHMARK, *BENCHMARK_CHOICES], value=NO_BENCHMARK, label=BENCHMARK_LABEL,
+                                min_width=220, elem_id="eval-benchmark")
+        benchmark_data = gr.Textbox(label=BENCHMARK_DATA_LABEL, placeholder="e.g. vstar", min_width=260,
+                                    elem_id="eval-benchmark-data")
     run_button = gr.Button(strings.RUN_EVAL, variant="primary", elem_id="eval-run")
     with gr.Row():
         picked = gr.Dropdown(label=strings.EVAL_JOBS_LABEL, choices=[], multiselect=True, min_width=300, scale=4,
@@ -115,6 +151,8 @@ def build_evaluate_tab(ctx: UiContext, api_key: gr.Textbox) -> EvaluateTab:
     chart = gr.BarPlot(x="bar", y="accuracy", color="condition", y_lim=[0, 1], sort=None, x_label_angle=-30,
                        label="Accuracy")  # no fixed height: it would clip the legend (Gradio 6.31)
     table = gr.Dataframe(headers=strings.EVAL_TABLE_COLUMNS, interactive=False, wrap=True, elem_id="eval-table")
+    categories = gr.Dataframe(headers=["category", "n", "accuracy"], interactive=False, wrap=True,
+                              label="Per category (benchmark jobs)", elem_id="eval-categories")
     with gr.Accordion("Per-item browser", open=True):
         with gr.Row():
             items_job = gr.Dropdown(label=strings.ITEMS_JOB_LABEL, choices=[], min_width=260, scale=4,
@@ -146,10 +184,16 @@ def build_evaluate_tab(ctx: UiContext, api_key: gr.Textbox) -> EvaluateTab:
         return comparison(fetch_eval_jobs(ctx.client(key), job_ids))
 
     @readable_errors
+    def on_categories(key: str, job_id: Any) -> pd.DataFrame:
+        return category_rows(ctx.client(key).job(int(job_id))) if job_id not in (None, "") else gr.skip()
+
+    @readable_errors
     def on_run(key: str, model_names: list[str] | None, dataset_id: str | None, limit_value: float | None,
-               tokens: float, view: str, current: list[int] | None) -> tuple[Any, ...]:
+               tokens: float, view: str, suite: str | None, suite_data: str | None,
+               current: list[int] | None) -> tuple[Any, ...]:
         client = ctx.client(key)
-        jobs = submit_evals(client, eval_configs(model_names, dataset_id, limit_value, tokens, view))
+        jobs = submit_evals(client, eval_configs(model_names, dataset_id, limit_value, tokens, view, suite,
+                                                 suite_data))
         gr.Info(strings.EVAL_SUBMITTED.format(ids=", ".join(f"#{job.id}" for job in jobs)))
         all_jobs = client.jobs(kind="eval", limit=200).items
         chosen = [job.id for job in jobs]
@@ -179,8 +223,9 @@ def build_evaluate_tab(ctx: UiContext, api_key: gr.Textbox) -> EvaluateTab:
         return item_view(ctx.client(key), job, records, int(row))
 
     refresh_inputs = [api_key, picked, items_job]
-    run_button.click(on_run, [api_key, models, dataset, limit, max_new_tokens, full_view, picked],
-                     [picked, table, chart])
+    run_button.click(on_run, [api_key, models, dataset, limit, max_new_tokens, full_view, benchmark, benchmark_data,
+                              picked], [picked, table, chart])
+    items_job.change(on_categories, [api_key, items_job], [categories])
     compare_button.click(on_compare, [api_key, picked], [table, chart])
     picked.input(on_compare, [api_key, picked], [table, chart])
     timer.tick(on_tick, [api_key, picked, table, items_job], [table, chart, picked, items_job])
