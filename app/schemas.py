@@ -9,9 +9,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vopd.config import EvalConfig, InspectConfig, TrainConfig
+from vopd.config import EvalConfig, InspectConfig, TrainConfig, merge_settings, recipe
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JobKind = Literal["train", "eval"]
@@ -24,15 +24,38 @@ class _Out(BaseModel):
 # --------------------------------------------------------------------------- jobs
 class TrainJobCreate(BaseModel):
     kind: Literal["train"]
+    recipe: str | None = Field(
+        None,
+        description=(
+            "A named recipe (paper, tiny-world, tiny-cpu) that config is merged over, as `vopd train --preset` does: "
+            "config then only needs what differs, e.g. model, dataset and steps."
+        ),
+    )
     config: TrainConfig = Field(description="config.model: a name from GET /api/models; config.dataset: a dataset id.")
     queue: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Worker queue (one per GPU type); default: the server's."
     )
 
 
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_recipe(cls, data: Any) -> Any:
+        """Merge config over the named recipe before it is validated (a partial config is complete only then)."""
+        if isinstance(data, dict) and data.get("recipe") is not None and isinstance(data.get("config"), dict):
+            if not isinstance(data["recipe"], str):
+                raise ValueError("recipe must be a recipe name")
+            data = {**data, "config": merge_settings(recipe(data["recipe"]), data["config"])}
+        return data
+
+
 class EvalJobCreate(BaseModel):
     kind: Literal["eval"]
-    config: EvalConfig = Field(description="config.model: a name from GET /api/models; config.dataset: a dataset id.")
+    config: EvalConfig = Field(
+        description=(
+            "config.model: a name from GET /api/models; config.dataset: a dataset id, or instead config.benchmark "
+            "(vstar, hrbench-4k, hrbench-8k, mme-realworld) with config.data, a folder inside VOPD_HOME/benchmarks."
+        )
+    )
     queue: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Worker queue (one per GPU type); default: the server's."
     )

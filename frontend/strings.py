@@ -78,7 +78,8 @@ TRAIN_INTRO = (
 )
 PRESET_LABEL = "Preset"
 PRESET_TINY = "Tiny demo on CPU (minutes)"
-PRESET_PAPER = "Paper recipe (GPU)"
+PRESET_TINY_WORLD = "Tiny-world reproduction recipe (CPU, 300 steps)"
+PRESET_PAPER = "Paper: the official run (GPU)"
 APPLY_PRESET = "Apply preset"
 EXTRA_LABEL = "Other fields (JSON, merged over the form; e.g. {\"views\": {\"upscale\": 3}})"
 CLI_LABEL = "Equivalent CLI command"

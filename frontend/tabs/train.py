@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from frontend import render, strings
 from frontend.client import Job, VopdClient
 from frontend.context import UiContext, readable_errors
-from vopd.config import TRAIN_PRESETS, TrainConfig, config_to_cli, set_dotted
+from vopd.config import TrainConfig, config_to_cli, merge_settings, recipe, set_dotted
 
 Widget = Literal["number", "int", "slider", "checkbox", "dropdown"]
 
@@ -31,14 +31,17 @@ class FieldSpec:
     low: float = 0.0
     high: float = 1.0
     step: float = 0.05
+    zero_is_unset: bool = False  # a number box cannot be empty (Gradio shows None as 0): 0 leaves the field out
 
 
 # Order is the form's order. Everything else stays at its default or comes from the "other fields" JSON.
 FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("steps", "Steps", "int"),
+    FieldSpec("steps", "Steps (0 = give epochs)", "int", zero_is_unset=True),
+    FieldSpec("epochs", "Epochs (0 = give steps)", "number", zero_is_unset=True),
     FieldSpec("batch_size", "Batch size (prompts)", "int"),
     FieldSpec("grad_accum", "Gradient accumulation", "int"),
     FieldSpec("lr", "Learning rate", "number"),
+    FieldSpec("warmup_steps", "Warm-up steps", "int"),
     FieldSpec("seed", "Seed", "int"),
     FieldSpec("save_every", "Checkpoint every N steps", "int"),
     FieldSpec("rollout.num_rollouts", "Rollouts per prompt", "int"),
@@ -47,18 +50,25 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("divergence.alpha", "Divergence alpha", "slider", low=0.0, high=1.0, step=0.05),
     FieldSpec("divergence.topk", "Divergence top-k (0 = full vocabulary)", "int"),
     FieldSpec("divergence.mode", "Loss mode", "dropdown", choices=("full_logits", "sampled_token")),
-    FieldSpec("teacher.mode", "Teacher", "dropdown", choices=("ema", "current", "fixed")),
+    FieldSpec(
+        "teacher.mode", "Teacher", "dropdown", choices=("ema", "current", "fixed", "trust_region", "progressive")
+    ),
     FieldSpec("teacher.ema_rate", "EMA rate", "number"),
     FieldSpec("freeze_vision_tower", "Freeze the vision encoder", "checkbox"),
     FieldSpec("vision_lr_scale", "Vision encoder LR scale (x learning rate)", "number"),
     FieldSpec("lora.enabled", "LoRA adapters", "checkbox"),
     FieldSpec("lora.rank", "LoRA rank", "int"),
     FieldSpec("runtime.device", "Device", "dropdown", choices=("auto", "cpu", "cuda", "mps")),
-    FieldSpec("runtime.dtype", "Dtype", "dropdown", choices=("auto", "float32", "bfloat16", "float16")),
+    FieldSpec("runtime.dtype", "Compute dtype", "dropdown", choices=("auto", "float32", "bfloat16", "float16")),
+    FieldSpec("runtime.master_dtype", "Master weights dtype", "dropdown", choices=("float32", "compute")),
 )
 
-# The presets themselves live in vopd.config (shared with `vopd train --preset`); here only their labels.
-PRESETS: dict[str, str] = {strings.PRESET_TINY: "tiny-cpu", strings.PRESET_PAPER: "paper"}
+# The recipes themselves live in vopd.config (shared with `vopd train --preset` and the REST body); here only labels.
+PRESETS: dict[str, str] = {
+    strings.PRESET_TINY: "tiny-cpu",
+    strings.PRESET_TINY_WORLD: "tiny-world",
+    strings.PRESET_PAPER: "paper",
+}
 
 
 # ----------------------------------------------------------------------------- pure callbacks
@@ -72,18 +82,22 @@ def _field_info(path: str) -> str | None:
 
 
 def _get_dotted(data: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path; None where the merged settings leave it out (the run length the recipe drops)."""
     node: Any = data
     for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
         node = node[part]
     return node
 
 
 def preset_values(preset: str) -> list[Any]:
-    """The form's values for a preset: the preset's settings over TrainConfig's defaults."""
+    """The form's values for a recipe: the recipe over TrainConfig's defaults, merged as the CLI and API merge."""
     if preset not in PRESETS:
         raise render.UiInputError(f"unknown preset {preset!r}")
     defaults = TrainConfig.model_validate({"model": "m", "dataset": "d", "steps": 1}).model_dump(mode="json")
-    merged = _deep_merge(defaults, TRAIN_PRESETS[PRESETS[preset]])
+    defaults["steps"] = None  # the run length is the recipe's (steps or epochs)
+    merged = merge_settings(defaults, recipe(PRESETS[preset]))
     return [_get_dotted(merged, spec.path) for spec in FIELDS]
 
 
@@ -105,7 +119,7 @@ def config_from_form(model: str | None, dataset: str | None, values: list[Any], 
         raise render.UiInputError(strings.NEED_DATASET)
     data: dict[str, Any] = {"model": model, "dataset": dataset}
     for spec, value in zip(FIELDS, values, strict=True):
-        if value is None or value == "":
+        if value is None or value == "" or (spec.zero_is_unset and value == 0):
             continue
         if spec.widget == "int":
             value = int(value)

@@ -150,10 +150,18 @@ def test_presets_fill_every_form_field() -> None:
     tiny = dict(zip([spec.path for spec in train.FIELDS], train.preset_values(strings.PRESET_TINY), strict=True))
     assert tiny["runtime.device"] == "cpu" and tiny["rollout.num_rollouts"] == 1
     assert tiny["freeze_vision_tower"] is False and tiny["vision_lr_scale"] == 0.3
-    paper = dict(zip([spec.path for spec in train.FIELDS], train.preset_values(strings.PRESET_PAPER), strict=True))
-    defaults = TrainConfig(model="m", dataset="d", steps=1)
-    assert paper["lr"] == defaults.lr and paper["divergence.alpha"] == defaults.divergence.alpha
-    assert paper["rollout.num_rollouts"] == defaults.rollout.num_rollouts
+    assert tiny["steps"] == 20 and tiny["epochs"] is None
+    paper_values = train.preset_values(strings.PRESET_PAPER)
+    paper = dict(zip([spec.path for spec in train.FIELDS], paper_values, strict=True))
+    assert paper["lr"] == 2e-6 and paper["divergence.alpha"] == 0.5 and paper["warmup_steps"] == 10
+    assert paper["rollout.num_rollouts"] == 8 and paper["rollout.max_new_tokens"] == 1024
+    assert paper["steps"] is None and paper["epochs"] == 1 and paper["freeze_vision_tower"] is False
+    # The form's paper run is the CLI's `--preset paper` (one recipe, one merge).
+    from vopd.config import load_config
+
+    form = train.config_from_form("m", "d", paper_values, "")
+    cli = load_config(TrainConfig, None, {"model": "m", "dataset": "d"}, preset="paper")
+    assert form.model_dump() == cli.model_dump()
 
 
 def test_config_from_form_validates_with_the_libraries_model() -> None:
@@ -278,6 +286,39 @@ def test_eval_configs_one_per_model() -> None:
         evaluate.eval_configs(["tiny"], "d", 0, 0, "student")
 
 
+def test_eval_configs_with_a_benchmark_replace_the_dataset() -> None:
+    bodies = evaluate.eval_configs(["tiny"], "synth-64", 0, 8, "student", "hrbench-4k", " hr ")
+    assert bodies == [{"model": "tiny", "benchmark": "hrbench-4k", "data": "hr", "max_new_tokens": 8}]
+    assert "benchmark" not in evaluate.eval_configs(["tiny"], "d", 0, 8, "student", evaluate.NO_BENCHMARK, "x")[0]
+    with pytest.raises(render.UiInputError, match="benchmark's folder"):
+        evaluate.eval_configs(["tiny"], None, 0, 8, "student", "vstar", "  ")
+    with pytest.raises(render.UiInputError, match="Choose a dataset"):
+        evaluate.eval_configs(["tiny"], None, 0, 8, "student", evaluate.NO_BENCHMARK, "")
+
+
+def test_benchmark_choices_are_the_librarys_registry() -> None:
+    from vopd.benchmarks import BENCHMARKS
+
+    assert list(evaluate.BENCHMARK_CHOICES) == list(BENCHMARKS)
+
+
+def test_a_benchmark_job_shows_its_suite_and_categories() -> None:
+    result = {"benchmark": "vstar", "accuracy": 0.6, "full_accuracy": 0.6, "n": 5,
+              "categories": {"direct_attributes": {"n": 3, "correct": 2, "accuracy": 2 / 3},
+                             "relative_position": {"n": 2, "correct": 1, "accuracy": 0.5}}}
+    done = Job.model_validate(job_json(4, kind="eval", status="succeeded", result=result,
+                                       config={"model": "tiny", "benchmark": "vstar", "data": "vstar"}))
+    table, chart = evaluate.comparison([done])
+    assert table.iloc[0]["dataset"] == "vstar:vstar" and table.iloc[0]["full-image acc."] == 0.6
+    assert chart["bar"].tolist() == ["tiny (#4) · full image"]  # no crop bar: there is no box to crop
+    rows = evaluate.category_rows(done)
+    assert rows.values.tolist() == [["direct_attributes", 3, 2 / 3], ["relative_position", 2, 0.5],
+                                    ["overall", 5, 0.6]]
+    assert evaluate.eval_job_choices([done]) == [("#4 tiny on vstar:vstar (succeeded)", 4)]
+    assert evaluate.item_view(None, done, [{"id": "0", "question": "q", "options": ["a", "b"]}], 0)[1:] == (None,
+                                                                                                            None)
+
+
 def test_load_records_reads_the_records_artifact(api: FakeApi) -> None:
     api.routes["GET /api/jobs/9"] = job_json(9, kind="eval", status="succeeded")
     api.routes["GET /api/jobs/9/artifacts"] = {"items": [
@@ -323,3 +364,15 @@ def test_build_ui_holds_no_torch_and_no_database() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_zero_run_length_box_means_the_other_length() -> None:
+    """Gradio shows an empty number box as 0: the run length not in use is 0 and must not reach the config."""
+    values = train.preset_values(strings.PRESET_TINY)
+    paths = [spec.path for spec in train.FIELDS]
+    values[paths.index("epochs")] = 0
+    assert train.config_from_form("m", "d", values, "").steps == 20
+    paper = train.preset_values(strings.PRESET_PAPER)
+    paper[paths.index("steps")] = 0
+    config = train.config_from_form("m", "d", paper, "")
+    assert config.epochs == 1 and config.steps is None

@@ -188,3 +188,23 @@ def test_failing_job_stores_the_error(service: Service) -> None:
     assert "ModelLoadError" in failed["error"] and "broken" in failed["error"]
     logs = service.client.get(f"/api/jobs/{job['id']}/logs", headers=service.alice).json()["items"]
     assert any(row["level"] == "error" and "Traceback" in row["message"] for row in logs)
+
+
+def test_a_train_job_may_name_a_recipe_that_its_config_is_merged_over(service: Service) -> None:
+    body = {"kind": "train", "recipe": "tiny-cpu",
+            "config": {"model": "tiny", "dataset": "synth-64", "steps": 1, "collapse_guard": {"enabled": False}}}
+    response = service.client.post("/api/jobs", headers=service.alice, json=body)
+    assert response.status_code == 201, response.text
+    job = response.json()
+    from vopd.config import recipe
+
+    tiny = recipe("tiny-cpu")
+    assert job["config"]["steps"] == 1 and job["config"]["lr"] == tiny["lr"]
+    assert job["config"]["divergence"]["alpha"] == tiny["divergence"]["alpha"]
+    assert job["config"]["teacher"]["mode"] == tiny["teacher"]["mode"]
+    assert job["config"]["rollout"]["num_rollouts"] == tiny["rollout"]["num_rollouts"]
+    service.wait_for(job["id"], {"succeeded"})
+
+    body["recipe"] = "fastest"
+    refused = service.client.post("/api/jobs", headers=service.alice, json=body)
+    assert refused.status_code == 422 and "known recipes" in refused.text
