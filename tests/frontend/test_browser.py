@@ -291,6 +291,29 @@ def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveS
     _screenshots(page, "evaluate")
 
 
+def test_evaluate_on_a_published_benchmark_shows_its_categories(page, live_server: LiveServer) -> None:  # noqa: ANN001
+    """A V* Bench copy in the server's benchmarks folder, chosen in the Evaluate tab: per-category accuracy."""
+    from tests.test_benchmarks import write_vstar
+
+    write_vstar(live_server.home / "benchmarks" / "vstar")
+    page.get_by_role("tab", name="Evaluate").click()
+    page.wait_for_function("document.querySelector('#eval-dataset input').value !== ''")
+    page.locator("#eval-benchmark input").click()
+    page.get_by_role("option", name="vstar", exact=True).click()
+    page.locator("#eval-benchmark-data textarea, #eval-benchmark-data input").first.fill("vstar")
+    page.locator("#eval-run").click()
+    categories = page.locator("#eval-categories")
+    categories.get_by_text("overall").filter(visible=True).first.wait_for(timeout=120_000)
+    key = (live_server.home / "local_api_key").read_text().strip()
+    evals = httpx.get(f"{live_server.url}/api/jobs", params={"kind": "eval"},
+                      headers={"Authorization": f"Bearer {key}"}).json()["items"]
+    job = evals[0]
+    assert job["status"] == "succeeded" and job["config"]["benchmark"] == "vstar", job
+    for category in job["result"]["categories"]:
+        categories.get_by_text(category).filter(visible=True).first.wait_for()
+    _screenshots(page, "evaluate-benchmark")
+
+
 def test_demo_answers_a_question_about_a_plain_image(page, live_server: LiveServer) -> None:  # noqa: ANN001
     image, sample = _first_sample(live_server)
     page.get_by_role("tab", name="Demo").click()
