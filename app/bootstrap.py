@@ -47,8 +47,8 @@ def _build_atomically(target: Path, build) -> None:  # noqa: ANN001 - build(fold
 
 def _default_model(folder: Path) -> None:
     """The pretrained tiny base shipped in the package when present, else a random-weight tiny Qwen2-VL."""
-    from vopd.models import build_tiny_qwen2vl
     from vopd.tiny import shipped_base_model_dir
+    from vopd.tiny_models import build_tiny_qwen2vl
 
     shipped = shipped_base_model_dir()
     if (shipped / "config.json").is_file():

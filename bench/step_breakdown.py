@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from vopd.config import TrainConfig
-from vopd.models import build_tiny_qwen2vl
 from vopd.rollout import response_logits, sample_rollouts
 from vopd.synth import SynthConfig, generate_dataset
+from vopd.tiny_models import build_tiny_qwen2vl
 from vopd.trainer import OPDTrainer, derive_seed
 from vopd.views import student_view, teacher_view
 

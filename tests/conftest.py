@@ -31,7 +31,7 @@ def _offline_single_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight 5M Qwen2-VL folder, built once per session (about half a second). Treat it as read-only."""
-    from vopd.models import build_tiny_qwen2vl
+    from vopd.tiny_models import build_tiny_qwen2vl
 
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-qwen2vl"), size="5m", seed=0)
 
@@ -39,6 +39,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight 0.5M LLaVA folder (CLIP tower + Llama), built once per session. Treat it as read-only."""
-    from vopd.models import build_tiny_llava
+    from vopd.tiny_models import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)

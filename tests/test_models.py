@@ -14,7 +14,6 @@ from vopd.config import LoraConfig, RuntimeConfig
 from vopd.models import (
     LoadedModel,
     ModelLoadError,
-    build_tiny_qwen2vl,
     encode_prompts,
     load_model_and_processor,
     optimizer_param_groups,
@@ -25,6 +24,7 @@ from vopd.models import (
     suppressed_token_ids,
     vision_tower_parameters,
 )
+from vopd.tiny_models import build_tiny_qwen2vl
 
 
 def chat(image: Image.Image, question: str) -> list[dict]:
@@ -378,7 +378,8 @@ def test_a_custom_chat_template_file_and_the_thinking_switch(tiny_model_dir, tmp
     """runtime.chat_template replaces the model's template; templates that know enable_thinking get the
     non-thinking prompt by default (the official run's), and an explicit runtime.chat_template_kwargs wins."""
     from vopd.config import RuntimeConfig
-    from vopd.models import QWEN2_VL_CHAT_TEMPLATE, ModelLoadError
+    from vopd.models import ModelLoadError
+    from vopd.tiny_models import QWEN2_VL_CHAT_TEMPLATE
 
     switch = (
         "{% if add_generation_prompt %}{% if enable_thinking is defined and not enable_thinking %}"

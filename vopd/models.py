@@ -1,4 +1,4 @@
-"""Load any image-text-to-text model from a local folder, and build tiny random ones for tests.
+"""Load any image-text-to-text model from a local folder, ready for sampling, scoring and training.
 
 Every model-family quirk of the project lives in this module, so that the trainer, the evaluator and the
 inspector can treat Qwen2-VL, LLaVA, Idefics3... alike:
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -35,25 +34,21 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     BatchFeature,
-    GenerationConfig,
     PretrainedConfig,
     PreTrainedModel,
-    PreTrainedTokenizerFast,
     ProcessorMixin,
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
-from vopd.config import PAPER_HINT, LoraConfig, RuntimeConfig
+from vopd.config import LoraConfig, RuntimeConfig
 
 __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "apply_lora",
-    "build_tiny_llava",
-    "build_tiny_qwen2vl",
-    "default_tokenizer_corpus",
     "encode_prompts",
+    "image_only_processor_class",
     "load_model_and_processor",
     "parameter_count",
     "register_image_only_processors",
@@ -161,7 +156,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 @functools.cache
-def _image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
+def image_only_processor_class(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """A subclass of ``processor_class`` without its ``video_processor`` slot.
 
     transformers 5 loads sub-processors by the names ``get_attributes()`` returns; the video processor of
@@ -202,7 +197,7 @@ def register_image_only_processors() -> None:
             processor_class = PROCESSOR_MAPPING[config_class]
         except (KeyError, ValueError):  # a transformers release without this family
             continue
-        AutoProcessor.register(config_class, _image_only_processor_class(processor_class), exist_ok=True)
+        AutoProcessor.register(config_class, image_only_processor_class(processor_class), exist_ok=True)
 
 
 def _load_processor(folder: Path, config: PretrainedConfig) -> ProcessorMixin:
@@ -214,7 +209,7 @@ def _load_processor(folder: Path, config: PretrainedConfig) -> ProcessorMixin:
         processor_class = None
     try:
         if processor_class is not None:
-            processor = _image_only_processor_class(processor_class).from_pretrained(folder, local_files_only=True)
+            processor = image_only_processor_class(processor_class).from_pretrained(folder, local_files_only=True)
         else:
             processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as error:
@@ -383,7 +378,7 @@ def _check_model_folder(folder: Path) -> None:
     if not (folder / "config.json").is_file():
         raise ModelLoadError(
             f"{folder} is not a Hugging Face model folder: config.json is missing. Point to a folder written by "
-            "save_pretrained (vopd.models.build_tiny_qwen2vl writes a tiny one)."
+            "save_pretrained (vopd.tiny_models.build_tiny_qwen2vl writes a tiny one)."
         )
 
 
@@ -568,323 +563,6 @@ def encode_prompts(
         padding_side="left",
         return_tensors="pt",
     )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Tiny random models for tests and for the offline demo
-
-
-_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray", "cyan")
-_SHAPES = ("circle", "square", "triangle", "star", "rectangle", "diamond", "hexagon", "cross", "ring", "dot")
-_PLACES = ("top left", "top right", "bottom left", "bottom right", "centre", "left", "right", "top", "bottom")
-
-
-def default_tokenizer_corpus() -> Iterator[str]:
-    """A small, deterministic English corpus in the style of the synthetic fine-detail benchmark.
-
-    Colours, shapes, boxes, places, digits, multiple-choice options and "Answer: X" lines, so that the tiny
-    tokenizer's merges cover the words the benchmark and the chat template actually use.
-    """
-    letters = "ABCD"
-    yield PAPER_HINT
-    yield "You are a helpful assistant."
-    yield "Answer with the option's letter from the given choices directly."
-    for round_index, (colour, shape, place) in enumerate(itertools.product(_COLOURS, _SHAPES, _PLACES)):
-        options = [_COLOURS[(_COLOURS.index(colour) + shift * 5) % len(_COLOURS)] for shift in range(4)]
-        answer = letters[round_index % 4]
-        options[round_index % 4], options[0] = options[0], options[round_index % 4]
-        yield f"What colour is the {shape} inside the red box?"
-        yield "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options, strict=True))
-        yield f"Answer: {answer}"
-        yield f"The {colour} {shape} is in the {place} of the image."
-        yield f"Which shape is in the {place} corner of the box? The answer is {answer}."
-        yield f"How many {shape}s are there? There are {round_index % 10} {shape}s, {round_index % 7} {colour} ones."
-        yield f"The box [{round_index % 97}, {round_index % 53}, {round_index % 89 + 10}, {round_index % 61 + 10}]"
-
-
-# Qwen2-VL-Instruct's own chat template: the tiny model speaks the same dialect as the real one.
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-# Qwen2-VL's special tokens, in Qwen's order (they follow the ordinary vocabulary there too).
-QWEN2_VL_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-
-# A LLaVA-1.5-style "USER: <image>\n... ASSISTANT:" dialect.
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% set prefix = '' %}{% else %}"
-    "{% set prefix = message['role'] | upper ~ ': ' %}{% endif %}{{ prefix }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% endif %}{{ '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-LLAVA_SPECIAL_TOKENS = ("</s>", "<pad>", "<image>")
-
-
-def _train_tokenizer(
-    corpus: Iterable[str],
-    vocab_size: int,
-    special_tokens: Sequence[str],
-    *,
-    eos_token: str,
-    pad_token: str,
-    chat_template: str,
-) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on ``corpus`` (deterministic), with the special tokens appended after the merges.
-
-    Byte-level means any text (any language, any symbol) still encodes: unseen words fall back to bytes.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if vocab_size < 256 + len(special_tokens) + 1:
-        raise ValueError(f"vocab_size must exceed the 256 byte tokens plus {len(special_tokens)} special tokens")
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(special_tokens),
-        min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus, trainer=trainer)
-    backend.add_special_tokens(list(special_tokens))  # ids in the given order, right after the merges
-    eos_and_pad = {eos_token, pad_token}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=eos_token,
-        pad_token=pad_token,
-        extra_special_tokens=[token for token in special_tokens if token not in eos_and_pad],
-        chat_template=chat_template,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        model_max_length=32768,
-    )
-
-
-@dataclass(frozen=True)
-class _TinyQwen2VLShape:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vision_embed: int
-    vision_depth: int
-    vision_heads: int
-    # Rotary frequencies split over (time, height, width); must sum to head_dim / 2 (Qwen: [16, 24, 24] for 128).
-    mrope_section: tuple[int, int, int] = (8, 12, 12)
-
-
-_QWEN2VL_SIZES: dict[str, _TinyQwen2VLShape] = {
-    "5m": _TinyQwen2VLShape(
-        hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, vision_embed=128, vision_depth=4, vision_heads=4
-    ),
-    "20m": _TinyQwen2VLShape(
-        hidden=512, layers=6, heads=8, kv_heads=4, intermediate=1280, vision_embed=192, vision_depth=4, vision_heads=4
-    ),
-}
-
-# Small pixel budget for tiny models: 224 px -> 64 image tokens, at most 256 tokens (448 x 448 px).
-TINY_MIN_PIXELS = 4 * 28 * 28
-TINY_MAX_PIXELS = 256 * 28 * 28
-
-
-def _seeded_init(model_class: type[PreTrainedModel], config: PretrainedConfig, seed: int) -> PreTrainedModel:
-    """Initialise under a private RNG state so building a model never shifts the caller's random stream."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return model_class(config)
-
-
-def build_tiny_qwen2vl(
-    output_dir: str | Path,
-    *,
-    size: Literal["5m", "20m"] = "5m",
-    seed: int = 0,
-    corpus: Iterable[str] | None = None,
-    vocab_size: int = 512,
-) -> Path:
-    """Write a random-weight Qwen2-VL (model, tokenizer, image processor, chat template) to ``output_dir``.
-
-    The folder is a standard Hugging Face one: ``load_model_and_processor`` (or AutoModelForImageTextToText plus
-    AutoProcessor after ``register_image_only_processors()``) loads it offline. Same arguments, same files:
-    weights come from ``seed`` and the BPE merges from ``corpus`` only. The model's vocabulary is exactly the
-    tokenizer's (``vocab_size`` is an upper bound a small corpus may not reach). Parameter counts: about 4.6M
-    for "5m" and 20M for "20m".
-    """
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
-
-    if size not in _QWEN2VL_SIZES:
-        raise ValueError(f"unknown tiny size {size!r}: expected one of {', '.join(_QWEN2VL_SIZES)}")
-    shape = _QWEN2VL_SIZES[size]
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = _train_tokenizer(
-        default_tokenizer_corpus() if corpus is None else corpus,
-        vocab_size,
-        QWEN2_VL_SPECIAL_TOKENS,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=QWEN2_VL_CHAT_TEMPLATE,
-    )
-    token_id = tokenizer.convert_tokens_to_ids
-    endoftext, im_end = token_id("<|endoftext|>"), token_id("<|im_end|>")
-    config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": shape.hidden,
-            "intermediate_size": shape.intermediate,
-            "num_hidden_layers": shape.layers,
-            "num_attention_heads": shape.heads,
-            "num_key_value_heads": shape.kv_heads,
-            "max_position_embeddings": 4096,
-            "max_window_layers": shape.layers,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 1_000_000.0,
-                "mrope_section": list(shape.mrope_section),
-            },
-            "bos_token_id": endoftext,
-            "eos_token_id": im_end,
-            "pad_token_id": endoftext,
-            "tie_word_embeddings": False,
-        },
-        vision_config={
-            "depth": shape.vision_depth,
-            "embed_dim": shape.vision_embed,
-            "num_heads": shape.vision_heads,
-            "hidden_size": shape.hidden,  # the patch merger's output width = the language model's width
-            "mlp_ratio": 4,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
-    model = _seeded_init(Qwen2VLForConditionalGeneration, config, seed)
-    model.generation_config = GenerationConfig(
-        bos_token_id=endoftext, eos_token_id=[im_end, endoftext], pad_token_id=endoftext
-    )
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS, patch_size=14, merge_size=2, temporal_patch_size=2
-    )
-    processor = _image_only_processor_class(Qwen2VLProcessor)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN2_VL_CHAT_TEMPLATE
-    )
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    return output_dir
-
-
-def build_tiny_llava(output_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write a random-weight LLaVA (CLIP vision tower, Llama text model, 112 px images -> 64 image tokens).
-
-    A second architecture with different conventions (a fixed image size, ``image_token_index``, a separate
-    projector, a CLIP tower whose projections share names with the language model's) that must go through the
-    same loading, prompting, LoRA and generation code as Qwen2-VL.
-    """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _train_tokenizer(
-        default_tokenizer_corpus(),
-        384,
-        LLAVA_SPECIAL_TOKENS,
-        eos_token="</s>",
-        pad_token="<pad>",
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    eos, pad = tokenizer.convert_tokens_to_ids("</s>"), tokenizer.convert_tokens_to_ids("<pad>")
-    image_side, patch = 112, 14
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=image_side,
-            patch_size=patch,
-            projection_dim=64,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        ),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(image_side // patch) ** 2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    model = _seeded_init(LlavaForConditionalGeneration, config, seed)
-    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
-    image_processor = CLIPImageProcessorPil(
-        size={"height": image_side, "width": image_side},
-        crop_size={"height": image_side, "width": image_side},
-        do_center_crop=False,  # a centre crop would cut evidence boxes near the border out of the image
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    return output_dir
 
 
 def parameter_count(model: nn.Module, *, trainable_only: bool = False) -> int:

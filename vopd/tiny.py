@@ -32,10 +32,11 @@ from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import EvalConfig, RuntimeConfig, ViewConfig
 from vopd.data import Sample, option_letter
 from vopd.evaluate import evaluate
-from vopd.models import LoadedModel, build_tiny_qwen2vl, load_model_and_processor
+from vopd.models import LoadedModel, load_model_and_processor
 from vopd.rollout import RolloutBatch, response_logits
 from vopd.synth import COLOR_OPTIONS, COLOR_QUESTION, SHAPE_OPTIONS, SHAPE_QUESTION, SynthConfig, generate_dataset
 from vopd.synth import generate_item as synth_item
+from vopd.tiny_models import build_tiny_qwen2vl
 from vopd.views import View, format_question, student_view, teacher_view, to_messages
 
 __all__ = [
