@@ -1,7 +1,15 @@
 """Per-token divergences between the student's and the teacher's next-token distributions.
 
-Vision-OPD (arXiv 2605.18740) scores every position of the student's own rollout with a divergence between the
-student (full image) and the teacher (crop) distributions. Conventions, following TRL's generalized JSD:
+The math first. At each position t of the student's own rollout y (sampled on the full image), S_t = p_student(. |
+full image, y_<t) and T_t = p_teacher(. | crop, y_<t) are next-token distributions over the vocabulary, each a
+softmax of logits / temperature. Vision-OPD (arXiv 2605.18740) minimises, over every response token of a step,
+
+    loss = (1 / N_tokens) * sum_t D_alpha(S_t, T_t),     gradient through S only (the teacher is a target),
+
+where D_alpha is the generalized Jensen-Shannon divergence below, computed on the student's top-k tokens plus one
+tail bucket. The most readable statement of all this is ``reference_divergence`` in tests/test_divergence.py:
+probabilities, float64, one formula per definition, no code shared with this module; everything here is tested
+against it for values and gradients. Conventions, following TRL's generalized JSD:
 
 * ``0 < alpha < 1``: with the mixture M = (1 - alpha) S + alpha T,
   D = (1 - alpha) KL(S || M) + alpha KL(T || M)  (alpha = 0.5 is the symmetric JSD of the paper).
@@ -13,7 +21,8 @@ student (full image) and the teacher (crop) distributions. Conventions, followin
   renormalised over the k entries: otherwise the "distributions" would not sum to one and KL could go negative.
   ``topk = 0`` or ``topk >= vocab`` means the full vocabulary.
 
-Memory: the logits of a long rollout are [B, T, V] with V up to ~150k, so one fp32 log-softmax copy of them can
+The rest of this module is memory machinery, needed because real vocabularies are large. The logits of a long
+rollout are [B, T, V] with V up to ~150k, so one fp32 log-softmax copy of them can
 be larger than the model. Every function here walks positions in chunks of ``chunk_size`` rows and works in fp32
 (fp64 for fp64 input) per chunk only. A plain autograd graph through the chunks would still keep each chunk's
 log-softmax output (saved by its backward) alive until ``backward()``, i.e. a full fp32 copy in total. So the
