@@ -25,10 +25,19 @@ class ArtifactEntry:
     path: Path
 
 
+class ArtifactUnavailable(Exception):
+    """A folder artifact that cannot be packed (no writable place for its archive, an unreadable file): the message
+    says why, without server paths."""
+
+
 def folder_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(child.stat().st_size for child in path.rglob("*") if child.is_file())
+    """Bytes under ``path``; what cannot be read counts as nothing rather than failing a listing."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(child.stat().st_size for child in path.rglob("*") if child.is_file())
+    except OSError:
+        return 0
 
 
 def job_artifacts(session: Session, job: Job) -> list[ArtifactEntry]:
@@ -84,3 +93,15 @@ def folder_archive(folder: Path, cache_dir: Path, name: str) -> Path:
         Path(temp_name).unlink(missing_ok=True)
         raise
     return archive
+
+
+def pack_folder(folder: Path, cache_dirs: list[Path], name: str) -> Path:
+    """``folder_archive`` in the first of ``cache_dirs`` where it can be built: the job's own folder may be read-only
+    (a finished run copied from elsewhere, a volume mounted read-only), so a server-wide scratch folder follows it."""
+    reason = "no place to build it"
+    for cache_dir in cache_dirs:
+        try:
+            return folder_archive(folder, cache_dir, name)
+        except OSError as error:  # PermissionError, a full disk, an unreadable file inside the folder
+            reason = error.strerror or type(error).__name__
+    raise ArtifactUnavailable(f"artifact {name!r} could not be packed as a zip archive: {reason.lower()}")

@@ -88,14 +88,20 @@ def ensure_default_assets(settings: Settings, factory: sessionmaker[Session] | N
 
 
 def ensure_local_key(settings: Settings, factory: sessionmaker[Session]) -> str:
-    """The single-user key of embedded mode, kept in VOPD_HOME/local_api_key (mode 600) across restarts."""
+    """The key of whoever runs ``vopd serve``, kept in VOPD_HOME/local_api_key (mode 600) across restarts.
+
+    It is the admin key (it may list and revoke every key); a key file from before admin keys existed is
+    promoted on the next start. A revoked local key is replaced by a new one.
+    """
     key_file = settings.local_key_file
     with session_scope(factory) as session:
         if key_file.is_file():
             key = key_file.read_text().strip()
-            if key and find_api_key(session, key) is not None:
+            row = find_api_key(session, key) if key else None
+            if row is not None:
+                row.admin = True
                 return key
-        _, key = create_api_key(session, "local")
+        _, key = create_api_key(session, "local", admin=True)
     settings.home.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as handle:

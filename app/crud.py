@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import TERMINAL_STATUSES, Job, JobLog, JobMetric, utcnow
+from app.models import TERMINAL_STATUSES, Job, JobLog, JobMetric, Worker, utcnow
 from app.queueing import BrokerUnavailable, JobQueue
 from app.registry import UnknownName, resolve_dataset, resolve_model
 from app.schemas import EvalJobCreate, JobOut, TrainJobCreate
@@ -24,11 +25,18 @@ class JobStateError(ValueError):
 
 
 def create_job(
-    session: Session, settings: Settings, queue: JobQueue, owner_id: int, body: TrainJobCreate | EvalJobCreate
+    session: Session,
+    settings: Settings,
+    queue: JobQueue,
+    owner_id: int,
+    body: TrainJobCreate | EvalJobCreate,
+    warnings: list[str] | None = None,
 ) -> Job:
     """Resolve names to paths, write the row (status queued), commit, then publish the id.
 
-    The row is committed before publishing so the worker always finds it; a broker failure marks it failed.
+    The row is committed before publishing so the worker always finds it. A broker that is down does not lose the
+    job: it stays queued, a warning says so (appended to ``warnings``), and the reaper publishes it once the broker
+    is back (``reconcile_queued``).
     """
     config = body.config
     paths = {"model": str(resolve_model(session, settings, owner_id, config.model))}
@@ -53,7 +61,7 @@ def create_job(
     job.output_dir = str(output_dir)
     job.resolved_config = resolved.model_copy(update={"output": output}).model_dump(mode="json")
     session.commit()
-    _publish(session, queue, job)
+    _publish(session, queue, job, warnings)
     return job
 
 
@@ -91,13 +99,27 @@ def resolve_benchmark_data(settings: Settings, benchmark: str, data: str | None)
     return candidate
 
 
-def _publish(session: Session, queue: JobQueue, job: Job) -> None:
+def _publish(session: Session, queue: JobQueue, job: Job, warnings: list[str] | None = None) -> None:
     try:
         queue.enqueue(job.id, job.kind, job.queue)
-    except BrokerUnavailable as error:
-        job.status, job.error, job.finished_at = "failed", str(error), utcnow()
+    except BrokerUnavailable as error:  # the row is the truth: the reaper publishes it when the broker is back
+        log.warning("job %s stays queued, not published: %s", job.id, error)
+        add_log(session, job.id, "the broker is unreachable: the job waits and is published once it is back", "warning")
         session.commit()
-        raise
+        if warnings is not None:
+            warnings.append(f"{error}; the job stays queued and is published once the broker is back")
+
+
+def queue_warnings(session: Session, settings: Settings, queue: str) -> list[str]:
+    """Why a job on ``queue`` may wait forever: no live worker (one that said alive lately) serves that queue."""
+    cutoff = utcnow() - timedelta(seconds=3 * settings.heartbeat_interval_s)
+    live = session.scalar(select(func.count()).where(Worker.queue == queue, Worker.last_seen_at >= cutoff))
+    if live:
+        return []
+    return [
+        f"no live worker serves queue {queue!r} (none reported in the last {3 * settings.heartbeat_interval_s:g} s): "
+        f"the job waits until one starts (`vopd worker --queue {queue}`)"
+    ]
 
 
 def owned_job(session: Session, owner_id: int, job_id: int) -> Job | None:
@@ -172,44 +194,112 @@ def request_cancel(session: Session, job: Job) -> Job:
     return job
 
 
-def resume_job(session: Session, queue: JobQueue, job: Job) -> Job:
+def resume_job(session: Session, queue: JobQueue, job: Job, warnings: list[str] | None = None) -> Job:
     """Queue a failed or cancelled job again; the worker continues from its newest checkpoint."""
     if job.status not in ("failed", "cancelled"):
         raise JobStateError(f"only failed or cancelled jobs can be resumed; job {job.id} is {job.status}")
     job.status, job.cancel_requested, job.error, job.finished_at = "queued", False, None, None
-    add_log(session, job.id, "resume requested: continuing from the newest checkpoint")
+    add_log(session, job.id, f"{RESUME_LOG}: continuing from the newest checkpoint")
     session.commit()
-    _publish(session, queue, job)
+    _publish(session, queue, job, warnings)
     return job
 
 
+# A start is logged by the worker's claim as "started on WORKER, attempt N"; a resume opens a new budget of starts.
+START_LOG = "started on "
+RESUME_LOG = "resume requested"
+
+
+def starts_since_queued(session: Session, job_id: int) -> int:
+    """How often the job was started since it was submitted or last resumed by its owner (not by the reaper):
+    what ``Settings.max_attempts`` bounds, so a job that kills its process is not delivered again forever."""
+    since = session.scalar(
+        select(func.max(JobLog.id)).where(JobLog.job_id == job_id, JobLog.message.startswith(RESUME_LOG))
+    )
+    starts = select(func.count()).where(JobLog.job_id == job_id, JobLog.message.startswith(START_LOG))
+    if since is not None:
+        starts = starts.where(JobLog.id > since)
+    return int(session.scalar(starts) or 0)
+
+
+def worker_process_gone(name: str | None) -> bool:
+    """A worker named ``host:pid`` on this very host whose process no longer exists (killed, crashed). A worker on
+    another host is judged by its heartbeat alone."""
+    host, _, pid = (name or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
+
+
 def requeue_orphans(factory: sessionmaker[Session], settings: Settings, queue: JobQueue) -> list[int]:
-    """Running jobs whose heartbeat stopped (their worker died with its machine) go back to the queue.
+    """Running jobs whose worker is gone go back to the queue: their heartbeat stopped (the worker died with its
+    machine), or the process that ran them on this host no longer exists (killed, crashed: no need to wait).
 
     Safe against a worker that is in fact alive: the task re-reads the row and skips a job whose heartbeat is
-    fresh, and a resumed train job continues from its newest checkpoint.
+    fresh, and a resumed train job continues from its newest checkpoint. If the broker is down the job stays
+    queued and ``reconcile_queued`` publishes it later.
     """
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
     requeued: list[int] = []
     with factory() as session:
-        stale = session.scalars(
-            select(Job).where(Job.status == "running", Job.heartbeat_at.is_not(None), Job.heartbeat_at < cutoff)
+        running = session.execute(
+            select(Job.id, Job.kind, Job.queue, Job.worker, Job.heartbeat_at).where(Job.status == "running")
         ).all()
-        for job in stale:
+        for job_id, kind, queue_name, worker, heartbeat_at in running:
+            if heartbeat_at is not None and heartbeat_at < cutoff:
+                why = f"worker {worker} stopped sending heartbeats"
+            elif worker_process_gone(worker):
+                why = f"worker {worker} is gone (its process exited)"
+            else:
+                continue
             changed = session.execute(
                 update(Job)
-                .where(Job.id == job.id, Job.status == "running", Job.heartbeat_at == job.heartbeat_at)
-                .values(status="queued", worker=None)
+                .where(Job.id == job_id, Job.status == "running", Job.worker == worker)
+                .values(status="queued")  # ``worker`` still names where it last ran, for the claim's log
             ).rowcount
-            if not changed:
+            if not changed:  # it moved on meanwhile
                 continue
-            add_log(session, job.id, f"worker {job.worker} stopped sending heartbeats; job requeued", "warning")
+            add_log(session, job_id, f"{why}; job requeued", "warning")
             session.commit()
+            log.warning("job %s: %s; requeued", job_id, why)
             try:
-                queue.enqueue(job.id, job.kind, job.queue)
-                requeued.append(job.id)
-            except BrokerUnavailable as error:  # back to "running": the next pass tries again
-                session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(status="running"))
-                session.commit()
-                log.warning("could not requeue orphaned job %s: %s", job.id, error)
+                queue.enqueue(job_id, kind, queue_name)
+            except BrokerUnavailable as error:  # stays queued: reconcile_queued publishes it once the broker is back
+                log.warning("could not publish requeued job %s: %s", job_id, error)
+            requeued.append(job_id)
     return requeued
+
+
+def reconcile_queued(factory: sessionmaker[Session], settings: Settings, queue: JobQueue) -> list[int]:
+    """Publish again every job queued for ``republish_after_s`` whose message the broker no longer holds: after a
+    Redis FLUSHDB or restart without persistence, a deleted embedded broker file, a publish that failed while the
+    broker was down, a message delivered to a worker that died before claiming it. Duplicates are harmless (the
+    worker's claim is a conditional UPDATE and skips a job that is no longer queued); each republished job's
+    ``updated_at`` is touched so it is looked at again only after another ``republish_after_s``."""
+    cutoff = utcnow() - timedelta(seconds=settings.republish_after_s)
+    republished: list[int] = []
+    with factory() as session:
+        waiting = session.execute(
+            select(Job.id, Job.kind, Job.queue).where(Job.status == "queued", Job.updated_at <= cutoff).order_by(Job.id)
+        ).all()
+        pending: dict[str, set[int]] = {}
+        for job_id, kind, queue_name in waiting:
+            if queue_name not in pending:
+                pending[queue_name] = queue.pending_job_ids(queue_name)  # BrokerUnavailable: try on the next pass
+            if job_id in pending[queue_name]:
+                continue
+            queue.enqueue(job_id, kind, queue_name)
+            touched = session.execute(
+                update(Job).where(Job.id == job_id, Job.status == "queued").values(updated_at=utcnow())
+            ).rowcount
+            if touched:
+                add_log(session, job_id, "its message was gone from the broker: published again", "warning")
+            session.commit()
+            republished.append(job_id)
+    return republished

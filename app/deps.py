@@ -48,3 +48,15 @@ def get_api_key(
 
 
 ApiKeyDep = Annotated[ApiKey, Depends(get_api_key)]
+
+
+def get_admin_key(key: ApiKeyDep) -> ApiKey:
+    if not key.admin:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "this needs an admin key (the local key printed by `vopd serve`, or `vopd apikey create --admin`)",
+        )
+    return key
+
+
+AdminKeyDep = Annotated[ApiKey, Depends(get_admin_key)]

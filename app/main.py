@@ -4,33 +4,47 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 
-from app.crud import requeue_orphans
-from app.db import make_engine, make_session_factory, run_migrations
-from app.inference import ModelCache
-from app.limits import UploadSizeLimit
-from app.queueing import JobQueue
-from app.routers import datasets, health, inspect, jobs, models
+from app.auth import find_api_key
+from app.crud import reconcile_queued, requeue_orphans
+from app.db import make_engine, make_session_factory, run_migrations, session_scope
+from app.inference import InferencePool, ModelCache
+from app.limits import BodySizeLimit, validation_error_handler
+from app.queueing import BrokerUnavailable, JobQueue
+from app.routers import datasets, health, inspect, jobs, keys, models
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 
-def _reap_forever(app: FastAPI, stop: threading.Event) -> None:
+def reap_once(app: FastAPI) -> None:
+    """One pass of the reconciler: jobs whose worker is gone go back to the queue, and queued jobs whose message
+    the broker lost (flushed, restarted, never published) are published again. The database is the truth."""
     settings: Settings = app.state.settings
-    while not stop.wait(settings.reaper_interval_s):
+    requeue_orphans(app.state.session_factory, settings, app.state.queue)
+    try:
+        republished = reconcile_queued(app.state.session_factory, settings, app.state.queue)
+    except BrokerUnavailable as error:  # the jobs wait in the database; the next pass tries again
+        log.warning("queued jobs not reconciled: %s", error)
+        return
+    if republished:
+        log.warning("published again queued jobs whose message was gone: %s", republished)
+
+
+def _reap_forever(app: FastAPI, stop: threading.Event) -> None:
+    while not stop.wait(app.state.settings.reaper_interval_s):
         try:
-            requeued = requeue_orphans(app.state.session_factory, settings, app.state.queue)
-            if requeued:
-                log.warning("requeued orphaned jobs %s", requeued)
+            reap_once(app)
         except Exception:  # the reaper must outlive a database hiccup
-            log.exception("orphan reaper failed")
+            log.exception("job reconciler failed")
 
 
 @asynccontextmanager
@@ -64,12 +78,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = make_session_factory(engine)
     app.state.queue = JobQueue(settings)
     app.state.model_cache = ModelCache(settings.model_cache_size)
+    app.state.inference_pool = InferencePool(settings.inspect_queue_size)
     if settings.inference_threads:
         torch.set_num_threads(settings.inference_threads)
     app.state.ui_mounted = False
-    for module in (jobs, datasets, models, inspect, health):
+    for module in (jobs, datasets, models, inspect, health, keys):
         app.include_router(module.router)
-    app.add_middleware(UploadSizeLimit, max_mb=lambda: settings.max_upload_mb)
+    # Same-origin only: no Access-Control-Allow-Origin for any foreign origin. Its presence also switches off
+    # Gradio's own CORS middleware, which echoes any Origin (with credentials) when the host is not localhost.
+    app.add_middleware(CORSMiddleware, allow_origins=[], allow_credentials=False)
+    app.add_middleware(
+        BodySizeLimit, max_upload_mb=lambda: settings.max_upload_mb, max_body_mb=lambda: settings.max_body_mb
+    )
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
@@ -78,15 +99,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def mount_ui(app: FastAPI, api_base_url: str, api_key: str | None) -> bool:
-    """Mount the Gradio studio at /ui when ``frontend.app.build_ui`` exists; the API works without it."""
+def _account_of(app: FastAPI) -> Callable[[str], str | None]:
+    """The studio's key check: the account a key belongs to, or None if unknown or revoked (asked every request)."""
+
+    def account_of(key: str) -> str | None:
+        with session_scope(app.state.session_factory) as session:
+            row = find_api_key(session, key)
+            return row.name if row is not None else None
+
+    return account_of
+
+
+def mount_ui(app: FastAPI, api_base_url: str) -> bool:
+    """Mount the Gradio studio at /ui when ``frontend.app.build_ui`` exists; the API works without it.
+
+    Everything under /ui (pages, Gradio's API, queue, uploads, files, assets) needs a signed-in key: /signin sets
+    it as an HttpOnly cookie (or a script sends ``Authorization: Bearer``), and the callbacks call the API with
+    that key, never with one of the server's.
+    """
     try:
         import gradio as gr
 
         from frontend.app import build_ui
+        from frontend.signin import install_signin
     except ImportError as error:
         log.info("UI not mounted (%s)", error)
         return False
-    gr.mount_gradio_app(app, build_ui(api_base_url, api_key), path="/ui")
+    auth_dependency = install_signin(app, _account_of(app), prefix="/ui")
+    gr.mount_gradio_app(app, build_ui(api_base_url), path="/ui", auth_dependency=auth_dependency)
     app.state.ui_mounted = True
     return True

@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import sqlite3
+from typing import Any
+
 from app.settings import Settings
 from worker.celery_app import PUBLISH_RETRY, TASK_NAMES, make_celery
 
 
 class BrokerUnavailable(RuntimeError):
-    """The job row exists but could not be queued; the caller marks it failed and answers 503."""
+    """The job row exists but could not be queued: it stays queued and the reaper publishes it once the broker is
+    back (``app.crud.reconcile_queued``)."""
+
+
+PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport names a queue's priority lists queue + this + step
+
+
+def job_id_of(message: Any) -> int | None:
+    """The job id a kombu message (as the Redis and SQLite transports store it) carries, or None."""
+    try:
+        if isinstance(message, str | bytes):
+            message = json.loads(message)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return int(args[0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
 
 
 class JobQueue:
@@ -21,6 +45,49 @@ class JobQueue:
             self.celery.send_task(TASK_NAMES[kind], args=[job_id], queue=queue, retry=True, retry_policy=PUBLISH_RETRY)
         except Exception as error:  # kombu raises transport-specific errors: all mean "not queued"
             raise BrokerUnavailable(f"the broker at {self._where()} did not accept the job: {error}") from error
+
+    def pending_job_ids(self, queue: str) -> set[int]:
+        """Job ids whose message the broker holds for ``queue``: waiting, or delivered to a worker and not yet
+        acknowledged. Raises BrokerUnavailable when the broker cannot be read."""
+        try:
+            if self.settings.embedded_broker:
+                return self._pending_embedded(queue)
+            return self._pending_redis(queue)
+        except Exception as error:  # any transport error: we cannot tell, so nothing is republished this pass
+            raise BrokerUnavailable(f"the broker at {self._where()} could not be read: {error}") from error
+
+    def _pending_redis(self, queue: str) -> set[int]:
+        import redis
+
+        client = redis.Redis.from_url(self.settings.broker_url, socket_connect_timeout=2, socket_timeout=5)
+        try:
+            # kombu keeps a queue's waiting messages in a list named after it (one more per priority step), and
+            # messages delivered but not yet acknowledged (a running job, with acks_late) in the "unacked" hash.
+            lists = [queue, *(f"{queue}{PRIORITY_SEP}{step}" for step in (3, 6, 9))]
+            waiting = [item for key in lists for item in client.lrange(key, 0, -1)]
+            unacked = [json.loads(value) for value in client.hvals("unacked")]  # [message, exchange, routing key]
+            delivered = [entry[0] for entry in unacked if entry[2] == queue]
+        finally:
+            client.close()
+        return {job for job in map(job_id_of, [*waiting, *delivered]) if job is not None}
+
+    def _pending_embedded(self, queue: str) -> set[int]:
+        path = self.settings.broker_url.removeprefix("sqlite:///")
+        if not os.path.exists(path):  # deleted (or never written): whatever it held is gone
+            return set()
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as connection:
+            try:
+                # Messages handed to a worker stay in the table, invisible: only visible ones are still waiting.
+                rows = connection.execute(
+                    "SELECT m.payload FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
+                    "WHERE q.name = ? AND m.visible = 1",
+                    (queue,),
+                ).fetchall()
+            except sqlite3.OperationalError as error:
+                if "no such table" in str(error):  # nothing was ever published
+                    return set()
+                raise
+        return {job for job in (job_id_of(row[0]) for row in rows) if job is not None}
 
     def check(self) -> tuple[bool, str]:
         try:

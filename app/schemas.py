@@ -23,6 +23,8 @@ class _Out(BaseModel):
 
 # --------------------------------------------------------------------------- jobs
 class TrainJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt top-level key is an error, as inside config
+
     kind: Literal["train"]
     recipe: str | None = Field(
         None,
@@ -49,6 +51,8 @@ class TrainJobCreate(BaseModel):
 
 
 class EvalJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     kind: Literal["eval"]
     config: EvalConfig = Field(
         description=(
@@ -87,6 +91,13 @@ class JobOut(_Out):
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Only in the answer to a submit or resume: why the job may wait (no live worker serves its queue, the "
+            "broker is unreachable and the job will be published once it is back)."
+        ),
+    )
 
 
 class JobPage(BaseModel):
@@ -219,11 +230,22 @@ class WorkerOut(_Out):
     last_seen_at: datetime
 
 
+class LocalWorkerOut(BaseModel):
+    pid: int | None = Field(description="Process id of the current local worker.")
+    alive: bool
+    restarts: int = Field(description="How often it was started again after it died.")
+    last_exit_code: int | None = Field(description="How the last one ended (negative: killed by that signal).")
+    next_start_in_s: float | None = Field(description="While dead: the back-off before the next start.")
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded"]
     database: ComponentHealth
     broker: ComponentHealth
     workers: list[WorkerOut] = Field(description="Workers that reported in the last few heartbeats.")
+    local_worker: LocalWorkerOut | None = Field(
+        None, description="The worker `vopd serve` supervises (restarted when it dies); None when there is none."
+    )
 
 
 class MeOut(BaseModel):

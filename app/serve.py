@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from typing import Any
 
 from app.auth import create_api_key
 from app.bootstrap import ensure_default_assets, ensure_local_key
 from app.db import make_engine, make_session_factory, run_migrations, session_scope
 from app.settings import Settings, get_settings
+from worker.lifeline import SUPERVISOR_ENV
 
 
 def vopd_command(*args: str) -> list[str]:
@@ -20,9 +26,87 @@ def vopd_command(*args: str) -> list[str]:
 
 
 def start_worker_process(settings: Settings) -> subprocess.Popen:
-    """The local worker is a separate process: training never competes with the API for the GIL."""
-    env = {**os.environ, "VOPD_HOME": str(settings.home), "VOPD_QUEUE": settings.queue}
-    return subprocess.Popen(vopd_command("worker"), env=env)
+    """The local worker is a separate process: training never competes with the API for the GIL. It leads its own
+    process group (its pool process is in it) and dies with this process, even one killed by SIGKILL
+    (``worker.lifeline``)."""
+    env = {
+        **os.environ,
+        "VOPD_HOME": str(settings.home),
+        "VOPD_QUEUE": settings.queue,
+        SUPERVISOR_ENV: str(os.getpid()),
+    }
+    return subprocess.Popen(vopd_command("worker"), env=env, start_new_session=True)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """Whatever is left of a worker's process group (a pool process whose parent died) goes with it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+class WorkerSupervisor:
+    """Keeps the local ``vopd worker`` alive beside the API: a worker that dies (killed, out of memory, crashed) is
+    started again after a back-off (1 s, doubling up to ``worker_restart_max_s``, back to 1 s once a worker has run
+    for a minute), and stopped with the API. Its job is taken over by the new worker from its newest checkpoint (the
+    API's reaper sees the dead process and requeues it). Everything runs on one thread, which the worker's
+    parent-death signal is tied to."""
+
+    HEALTHY_AFTER_S = 60.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self.last_exit_code: int | None = None
+        self.next_start_in_s: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vopd-worker-supervisor", daemon=True)
+
+    def start(self) -> WorkerSupervisor:
+        self._thread.start()
+        return self
+
+    def status(self) -> dict[str, Any]:
+        process = self.process
+        alive = process is not None and process.poll() is None
+        return {
+            "pid": process.pid if process is not None else None,
+            "alive": alive,
+            "restarts": self.restarts,
+            "last_exit_code": self.last_exit_code,
+            "next_start_in_s": None if alive else self.next_start_in_s,
+        }
+
+    def _run(self) -> None:
+        delay = 1.0
+        while not self._stop.is_set():
+            self.process, self.next_start_in_s = start_worker_process(self.settings), None
+            started = time.monotonic()
+            while self.process.poll() is None and not self._stop.wait(0.5):
+                pass
+            if self._stop.is_set():
+                break
+            _kill_group(self.process)
+            self.last_exit_code = self.process.returncode
+            if time.monotonic() - started > self.HEALTHY_AFTER_S:
+                delay = 1.0
+            self.next_start_in_s = delay
+            print(
+                f"local worker (pid {self.process.pid}) exited with code {self.last_exit_code}; "
+                f"starting a new one in {delay:g} s",
+                flush=True,
+            )
+            if self._stop.wait(delay):
+                break
+            self.restarts += 1
+            delay = min(delay * 2, self.settings.worker_restart_max_s)
+        if self.process is not None:  # from this thread: the worker's parent-death signal is tied to it
+            stop_process(self.process)
+            _kill_group(self.process)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
 
 
 def stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
@@ -45,25 +129,29 @@ def serve(host: str, port: int, *, start_worker: bool = True, ui: bool = True) -
     app = create_app(settings)  # applies migrations first
     factory = app.state.session_factory
     # The worker imports torch while the default assets are prepared: both take seconds on a first start.
-    worker = start_worker_process(settings) if start_worker else None
+    worker = WorkerSupervisor(settings).start() if start_worker else None
+    app.state.local_worker = worker  # /api/health reports it
     try:
         print("preparing the default model and dataset...", flush=True)
         assets = ensure_default_assets(settings, factory)
         key = ensure_local_key(settings, factory)
         local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         base_url = f"http://{local_host}:{port}"
-        mounted = ui and mount_ui(app, base_url, key)
+        mounted = ui and mount_ui(app, base_url)
+        # As Jupyter does with its token: the studio opens only with a key, so print a link that signs in.
+        signin = f"sign in to the studio with this link (it carries the local admin key: keep it private):\n" \
+            f"    {base_url}/signin?key={key}\n" if mounted else ""
         print(
             f"Vision-OPD Studio on {base_url}  (API docs {base_url}/docs"
             + (f", UI {base_url}/ui" if mounted else "")
             + f")\nstate in {settings.home}; default model {assets.model_name!r}, dataset {assets.dataset_id!r}\n"
-            f"local API key (send as 'Authorization: Bearer <key>'):\n{key}",
+            f"{signin}local API key (send as 'Authorization: Bearer <key>'):\n{key}",
             flush=True,
         )
         uvicorn.run(app, host=host, port=port, log_level="info")
     finally:
         if worker is not None:
-            stop_process(worker)
+            worker.stop()
     return 0
 
 

@@ -57,9 +57,54 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(
         120.0, gt=0, description="A running job silent this long is orphaned and requeued (resumes)."
     )
-    reaper_interval_s: float = Field(30.0, gt=0, description="How often the API looks for orphaned jobs.")
+    reaper_interval_s: float = Field(
+        30.0, gt=0, description="How often the API looks for orphaned jobs and queued jobs whose message is gone."
+    )
+    republish_after_s: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "A job queued this long whose message the broker no longer holds (a flushed or restarted Redis, a "
+            "publish that failed) is published again by the reaper; duplicates are harmless (the claim is atomic)."
+        ),
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description=(
+            "Starts a job gets per submission or resume: one whose process dies (out of memory, killed) this many "
+            "times fails with the reason instead of being delivered again forever."
+        ),
+    )
+    worker_restart_max_s: float = Field(
+        30.0, gt=0, description="`vopd serve` restarts a dead local worker after 1 s, doubling up to this back-off."
+    )
     embedded_poll_s: float = Field(0.25, gt=0, description="Polling interval of the embedded SQLite broker.")
     events_poll_s: float = Field(0.5, gt=0, description="How often /events looks for news in the database.")
+    # Limits that keep one request from starving the API (docs/reliability.md): each refusal names its setting.
+    max_body_mb: float = Field(
+        24.0, gt=0, description="Largest JSON request body (an inspect image travels base64 inside it); 413 beyond."
+    )
+    max_question_chars: int = Field(
+        2000, ge=1, description="Longest question (and view hint) /api/inspect takes: prompt cost grows quadratically."
+    )
+    max_options: int = Field(26, ge=1, description="Most multiple-choice options /api/inspect takes (A..Z).")
+    max_option_chars: int = Field(200, ge=1, description="Longest single option /api/inspect takes.")
+    max_inspect_image_mb: float = Field(16.0, gt=0, description="Largest image file /api/inspect takes.")
+    max_inspect_image_pixels: int = Field(
+        16_000_000, ge=28 * 28, description="Most pixels (width x height) of an image /api/inspect takes."
+    )
+    max_inspect_new_tokens: int = Field(256, ge=1, description="Largest max_new_tokens /api/inspect takes.")
+    inspect_timeout_s: float = Field(
+        60.0, gt=0, description="Time budget of one inspect, queueing included; past it the work stops and 504."
+    )
+    inspect_queue_size: int = Field(
+        8, ge=1, description="Inspects waiting for the inference thread; beyond it 503 with Retry-After."
+    )
+    user_quota_mb: float = Field(
+        10240.0, gt=0, description="Disk one key may fill with uploaded datasets and job artifacts; 507 beyond."
+    )
 
     @field_validator("home", mode="after")
     @classmethod

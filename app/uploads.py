@@ -1,6 +1,7 @@
-"""Receiving a dataset upload safely: size limits while streaming, and zip extraction that refuses path
-traversal (zip slip), links, too many entries and zip bombs (sizes are counted while extracting, never
-trusted from the archive's headers)."""
+"""Receiving a dataset upload safely: size limits while streaming, a per-key storage quota, and zip extraction
+that refuses path traversal (zip slip), links, too many entries and zip bombs. Every entry is checked from the
+archive's headers *before* anything is written (total declared size, per-entry and whole-archive compression
+ratio), and sizes are counted again while extracting, in case the headers lie."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.models import Artifact, Dataset, Job
 from app.settings import Settings
 
 CHUNK = 1 << 20
@@ -45,7 +50,28 @@ def _safe_member_path(name: str) -> PurePosixPath:
     return path
 
 
-def extract_zip(archive: Path, target: Path, settings: Settings) -> None:
+def storage_used(session: Session, owner_id: int) -> int:
+    """Bytes a key holds on the server: its datasets (as unpacked) and its jobs' artifacts."""
+    datasets = session.scalar(
+        select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.owner_id == owner_id)
+    )
+    artifacts = session.scalar(
+        select(func.coalesce(func.sum(Artifact.size_bytes), 0))
+        .join(Job, Artifact.job_id == Job.id)
+        .where(Job.owner_id == owner_id)
+    )
+    return int(datasets or 0) + int(artifacts or 0)
+
+
+def quota_message(settings: Settings, used: int, adding: int) -> str:
+    return (
+        f"over your storage quota: {used / MB:.1f} MB used + {adding / MB:.1f} MB for this upload > "
+        f"{settings.user_quota_mb:g} MB (VOPD_USER_QUOTA_MB); delete datasets or ask for a larger quota"
+    )
+
+
+def extract_zip(archive: Path, target: Path, settings: Settings, quota_left: int | None = None) -> None:
+    """Refuse from the headers before writing a byte, then extract with sizes counted against the same limits."""
     max_total = int(settings.max_unzipped_mb * MB)
     with zipfile.ZipFile(archive) as zf:
         members = zf.infolist()
@@ -53,8 +79,13 @@ def extract_zip(archive: Path, target: Path, settings: Settings) -> None:
             raise UploadRejected(f"zip holds {len(members)} entries, more than the limit of {settings.max_zip_entries}")
         declared = sum(member.file_size for member in members)
         if declared > max_total:
-            raise UploadRejected(f"zip expands to {declared // MB} MB, over the limit of {max_total // MB} MB", 413)
-        written_total = 0
+            raise UploadRejected(
+                f"zip expands to {declared // MB} MB, over the limit of {max_total // MB} MB (VOPD_MAX_UNZIPPED_MB)",
+                413,
+            )
+        if quota_left is not None and declared > quota_left:
+            raise UploadRejected(quota_message(settings, int(settings.user_quota_mb * MB) - quota_left, declared), 413)
+        files: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
         for member in members:
             relative = _safe_member_path(member.filename)
             if stat.S_ISLNK(member.external_attr >> 16):
@@ -65,6 +96,16 @@ def extract_zip(archive: Path, target: Path, settings: Settings) -> None:
                 member.compress_size, 1
             ):
                 raise UploadRejected(f"zip entry {member.filename!r} has a suspicious compression ratio (zip bomb?)")
+            files.append((member, relative))
+        # Many small entries each under the per-entry floor (1024 x 1 MiB of zeros) are a bomb as a whole.
+        if declared > RATIO_FLOOR_BYTES and declared > settings.max_zip_ratio * max(archive.stat().st_size, 1):
+            raise UploadRejected(
+                f"zip expands {declared / max(archive.stat().st_size, 1):.0f} times its size: a suspicious compression "
+                f"ratio (zip bomb?), over VOPD_MAX_ZIP_RATIO = {settings.max_zip_ratio:g}"
+            )
+        cap = max_total if quota_left is None else min(max_total, quota_left)
+        written_total = 0
+        for member, relative in files:
             destination = target.joinpath(*relative.parts)
             destination.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(member) as source, destination.open("wb") as out:
@@ -72,7 +113,7 @@ def extract_zip(archive: Path, target: Path, settings: Settings) -> None:
                 while chunk := source.read(CHUNK):
                     entry_written += len(chunk)
                     written_total += len(chunk)
-                    if entry_written > member.file_size or written_total > max_total:
+                    if entry_written > member.file_size or written_total > cap:
                         raise UploadRejected("zip entry sizes do not match their headers (zip bomb?)", 413)
                     out.write(chunk)
 
@@ -92,12 +133,12 @@ def find_data_file(folder: Path) -> Path:
     raise UploadRejected("the zip must hold data.jsonl (one sample per line) next to the images it references")
 
 
-def unpack_upload(upload: Path, filename: str, target: Path, settings: Settings) -> Path:
+def unpack_upload(upload: Path, filename: str, target: Path, settings: Settings, quota_left: int | None = None) -> Path:
     """Turn the saved upload into a dataset folder; return its data file."""
     target.mkdir(parents=True, exist_ok=True)
     if zipfile.is_zipfile(upload):
         try:
-            extract_zip(upload, target, settings)
+            extract_zip(upload, target, settings, quota_left)
         except zipfile.BadZipFile as error:
             raise UploadRejected(f"corrupt zip: {error}") from error
         return find_data_file(target)

@@ -1,6 +1,7 @@
 """The studio: five tabs over the REST API, built by ``build_ui`` and mounted at /ui by ``vopd serve``.
 
-Standalone against any server: ``python -m frontend.app --api http://host:8000 --key KEY``.
+Every callback acts with the signed-in user's key (``frontend.signin``): the studio has no key of its own.
+Standalone against any server: ``python -m frontend.app --api http://host:8000``, then sign in at /signin.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from frontend.context import (  # noqa: E402
     model_choices,
     readable_errors,
 )
+from frontend.signin import SIGNOUT_PATH  # noqa: E402
 from frontend.tabs.demo import build_demo_tab  # noqa: E402
 from frontend.tabs.evaluate import build_evaluate_tab  # noqa: E402
 from frontend.tabs.inspect import build_inspect_tab  # noqa: E402
@@ -30,33 +32,42 @@ from frontend.tabs.train import build_train_tab  # noqa: E402
 TAB_IDS = ("inspect", "train", "jobs", "evaluate", "demo")
 
 
-def build_ui(api_base_url: str, api_key: str | None) -> gr.Blocks:
-    """The Gradio app for the API at ``api_base_url``; without a key, the page asks for one."""
-    ctx = UiContext(api_base_url, api_key)
+def build_ui(api_base_url: str) -> gr.Blocks:
+    """The Gradio app for the API at ``api_base_url``, acting with each visitor's own signed-in key."""
+    ctx = UiContext(api_base_url)
     with gr.Blocks(title=strings.TITLE, analytics_enabled=False) as ui:
         with gr.Row():
             gr.Markdown(f"## {strings.TITLE}\n{strings.SUBTITLE}")
-            api_key_box = gr.Textbox(label=strings.API_KEY_LABEL, info=strings.API_KEY_INFO, type="password",
-                                     visible=api_key is None, min_width=240, scale=0)
+            with gr.Column(min_width=220, scale=0):
+                account = gr.Markdown(elem_id="studio-account")
+                gr.Button(strings.SIGN_OUT, link=SIGNOUT_PATH, size="sm", elem_id="studio-signout")
         with gr.Tabs() as tabs:
             with gr.Tab(strings.TAB_INSPECT, id="inspect") as inspect_tab_item:
-                inspect = build_inspect_tab(ctx, api_key_box)
+                inspect = build_inspect_tab(ctx)
             with gr.Tab(strings.TAB_TRAIN, id="train") as train_tab_item:
-                train = build_train_tab(ctx, api_key_box)
+                train = build_train_tab(ctx)
             with gr.Tab(strings.TAB_JOBS, id="jobs") as jobs_tab_item:
-                jobs = build_jobs_tab(ctx, api_key_box)
+                jobs = build_jobs_tab(ctx)
             with gr.Tab(strings.TAB_EVALUATE, id="evaluate") as evaluate_tab_item:
-                evaluate = build_evaluate_tab(ctx, api_key_box)
+                evaluate = build_evaluate_tab(ctx)
             with gr.Tab(strings.TAB_DEMO, id="demo") as demo_tab_item:
-                demo_model = build_demo_tab(ctx, api_key_box)
+                demo_model = build_demo_tab(ctx)
+
+        @readable_errors
+        def signed_in_as(request: gr.Request) -> str:
+            me = ctx.client(request).me()
+            return strings.SIGNED_IN_AS.format(name=me.name, prefix=me.prefix,
+                                               admin=strings.ADMIN_BADGE if me.admin else "")
+
+        ui.load(signed_in_as, None, account)
 
         # Model and dataset choices change as jobs finish: reload them whenever a tab is opened.
         single_models = [inspect.model, train.model, demo_model]
         datasets = [inspect.dataset, train.dataset, evaluate.dataset]
 
         @readable_errors
-        def refresh_choices(key: str, *current: Any) -> list[Any]:
-            client = ctx.client(key)
+        def refresh_choices(request: gr.Request, *current: Any) -> list[Any]:
+            client = ctx.client(request)
             models = model_choices(client.models())
             sets = dataset_choices(client.datasets())
             n_single = len(single_models)
@@ -67,9 +78,8 @@ def build_ui(api_base_url: str, api_key: str | None) -> gr.Blocks:
             return updates
 
         choice_components = [*single_models, inspect.compare_model, evaluate.models, *datasets]
-        choice_inputs = [api_key_box, *choice_components]
+        choice_inputs = choice_components
         ui.load(refresh_choices, choice_inputs, choice_components)
-        api_key_box.submit(refresh_choices, choice_inputs, choice_components)
         for item in (inspect_tab_item, train_tab_item, demo_tab_item, evaluate_tab_item):
             item.select(refresh_choices, choice_inputs, choice_components)
         evaluate_tab_item.select(evaluate.refresh_jobs, evaluate.refresh_inputs, evaluate.refresh_outputs)
@@ -86,14 +96,39 @@ def build_ui(api_base_url: str, api_key: str | None) -> gr.Blocks:
     return ui
 
 
+def standalone_app(api_base_url: str) -> Any:  # noqa: ANN401 - a FastAPI app
+    """The studio on its own FastAPI app: sign-in checks each key against the API's /api/keys/me."""
+    from fastapi import FastAPI
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import RedirectResponse
+
+    from frontend.client import ApiError, VopdClient
+    from frontend.signin import install_signin
+
+    def account_of(key: str) -> str | None:
+        try:
+            with VopdClient(api_base_url, key) as client:
+                return client.me().name
+        except ApiError:
+            return None
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(CORSMiddleware, allow_origins=[])  # same-origin only; also turns Gradio's CORS echo off
+    auth = install_signin(app, account_of)
+    app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
+    return gr.mount_gradio_app(app, build_ui(api_base_url), path="/ui", auth_dependency=auth)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Vision-OPD Studio UI against a running API.")
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="Vision-OPD Studio UI against a running API (sign in with a key).")
     parser.add_argument("--api", default="http://127.0.0.1:8000", help="base URL of the API")
-    parser.add_argument("--key", default=os.environ.get("VOPD_API_KEY"), help="API key (default $VOPD_API_KEY)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
-    build_ui(args.api, args.key).launch(server_name=args.host, server_port=args.port)
+    print(f"Vision-OPD Studio on http://{args.host}:{args.port}/ui/ (sign in with an API key)", flush=True)
+    uvicorn.run(standalone_app(args.api), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

@@ -198,6 +198,13 @@ class Health(_Model):
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+class KeyInfo(_Model):
+    id: int
+    name: str
+    prefix: str
+    admin: bool = False
+
+
 class ApiError(Exception):
     """A failed API call, with a message fit for a user: what went wrong and, where the API says, where."""
 
@@ -305,6 +312,10 @@ class VopdClient:
     # ------------------------------------------------------------------ health, models, datasets
     def health(self) -> Health:
         return self._get_json("/api/health", Health)
+
+    def me(self) -> KeyInfo:
+        """Whose key this client sends (``/api/keys/me``): the studio shows who is signed in."""
+        return self._get_json("/api/keys/me", KeyInfo)
 
     def models(self) -> list[ModelInfo]:
         return self._get_json("/api/models", _ModelList).items

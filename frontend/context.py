@@ -11,8 +11,10 @@ from typing import Any, ParamSpec, TypeVar
 
 import gradio as gr
 
+from frontend import strings
 from frontend.client import ApiError, Dataset, ModelInfo, VopdClient
 from frontend.render import UiInputError
+from frontend.signin import request_key
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -23,16 +25,18 @@ class UiContext:
     """One per mounted UI. Clients are cached per key, so every browser session reuses pooled connections."""
 
     api_base_url: str
-    api_key: str | None
     _clients: dict[str, VopdClient] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def client(self, typed_key: str | None = None) -> VopdClient:
-        """The client for the key typed in the UI, else the one the server was started with."""
-        key = (typed_key or "").strip() or self.api_key or ""
+    def client(self, request: gr.Request | None) -> VopdClient:
+        """The client for the signed-in user's key (the sign-in cookie or a Bearer header of the callback's
+        request). There is no fallback key: a request without one is refused, never served as someone else."""
+        key = request_key(request)
+        if not key:
+            raise ApiError(strings.NOT_SIGNED_IN, 401)
         with self._lock:
             if key not in self._clients:
-                self._clients[key] = VopdClient(self.api_base_url, key or None)
+                self._clients[key] = VopdClient(self.api_base_url, key)
             return self._clients[key]
 
 

@@ -8,8 +8,23 @@ SUBTITLE = (
     "in red, the **teacher** (the same model) sees the crop of that box. Training pulls the student's per-token "
     "distributions toward the teacher's."
 )
-API_KEY_LABEL = "API key"
-API_KEY_INFO = "Sent as 'Authorization: Bearer <key>'. `vopd apikey create` makes one."
+SIGNED_IN_AS = "Signed in as **{name}** · key `{prefix}…`{admin}"
+ADMIN_BADGE = " · admin"
+SIGN_OUT = "Sign out"
+NOT_SIGNED_IN = "Not signed in (or the key was revoked): reload the page to sign in with an API key."
+
+# ----------------------------------------------------------------------------- sign-in page
+SIGNIN_TITLE = "Sign in to Vision-OPD Studio"
+SIGNIN_INTRO = "The studio acts with your API key: every key is an account, with its own jobs and datasets."
+SIGNIN_KEY_LABEL = "API key"
+SIGNIN_BUTTON = "Sign in"
+SIGNIN_HELP = (
+    "Where to find a key: <code>vopd serve</code> prints a sign-in link carrying the local key (also in "
+    "<code>$VOPD_HOME/local_api_key</code>); <code>vopd apikey create --name you</code> makes a new one."
+)
+SIGNIN_BAD_KEY = "That key is unknown or revoked."
+SIGNIN_NO_KEY = "Paste an API key."
+SIGNED_OUT = "Signed out."
 
 # ----------------------------------------------------------------------------- tabs
 TAB_INSPECT = "Inspect"

@@ -145,3 +145,46 @@ def test_recipes_share_one_home() -> None:
     paper_arm = arm_train_config("paper", "base", data, "out", 0, settings)
     assert paper_arm.divergence.alpha == recipe("paper")["divergence"]["alpha"]
     assert paper_arm.teacher.mode == recipe("paper")["teacher"]["mode"] and paper_arm.lr == tiny_world["lr"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "bound"),
+    [
+        ({"batch_size": 10**9}, "1024"),
+        ({"grad_accum": 10**6}, "1024"),
+        ({"steps": 10**12}, "1000000"),
+        ({"steps": None, "epochs": 1e12}, "1000"),
+        ({"lr": 1e9}, "0.1"),
+        ({"warmup_steps": 10**12}, "1000000"),
+        ({"save_every": 10**12}, "1000000"),
+        ({"seed": 2**70}, str(2**63 - 1)),
+        ({"rollout": {"num_rollouts": 10**6}}, "64"),
+        ({"rollout": {"max_new_tokens": 10**9}}, "32768"),
+        ({"rollout": {"temperature": 1e9}}, "100"),
+        ({"divergence": {"topk": 10**9}}, "1000000"),
+        ({"lora": {"rank": 10**6}}, "4096"),
+        ({"collapse_guard": {"every": 10**12}}, "1000000"),
+        ({"views": {"max_pixels": 10**12}}, str(16384**2)),
+    ],
+)
+def test_absurd_train_settings_are_refused_with_the_bound(bad: dict, bound: str) -> None:
+    with pytest.raises(ValidationError, match=f"less than or equal to {bound}"):
+        TrainConfig.model_validate(merge_settings({"model": "m", "dataset": "d", "steps": 1}, bad))
+
+
+def test_absurd_eval_and_inspect_settings_are_refused() -> None:
+    for bad in ({"batch_size": 10**9}, {"limit": 10**12}, {"max_new_tokens": 10**6}):
+        with pytest.raises(ValidationError, match="less than or equal to"):
+            EvalConfig.model_validate({"model": "m", "dataset": "d", **bad})
+    box = (0, 0, 1, 1)
+    for bad in ({"temperature": 1e9}, {"max_new_tokens": 10**6}, {"options": [str(i) for i in range(27)]}):
+        with pytest.raises(ValidationError, match="less than or equal to|at most 26"):
+            InspectConfig.model_validate({"model": "m", "question": "q", "bbox": box, **bad})
+
+
+def test_every_recipe_stays_inside_the_bounds() -> None:
+    from vopd.config import RECIPES
+
+    for name in RECIPES:
+        config = load_config(TrainConfig, None, {"model": "a", "dataset": "b"}, preset=name)
+        assert config.model_dump()  # validated: the paper's 96 x 8 x 1024, one epoch, and the tiny recipes

@@ -8,6 +8,7 @@ Heavy imports (torch, transformers) happen inside the subcommands so ``vopd --he
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -102,6 +103,14 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         help="start from a named recipe: paper (the official run), tiny-world (reproduction), tiny-cpu (CPU demo)",
     )
     parser.add_argument(
+        "--nproc",
+        type=int,
+        help=(
+            "launch N training processes (one per device) with torchrun; runtime.strategy ddp unless the config "
+            "says fsdp. batch_size stays the prompts per micro-batch of the whole job, shared by the N processes"
+        ),
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="print the fully resolved config as one JSON object and exit (nothing is loaded or written)",
@@ -144,11 +153,41 @@ def _run_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         return 0
     if config.output is None:
         raise CliError("--output is required (the run folder)")
+    if args.nproc is not None:
+        return _launch_ranks(args, config)
     result = train(config, callbacks=[TqdmProgress("train")], resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 speaks for the job
     if result.stopped:
         print(f"stopped at step {result.step}/{result.total_steps}; resume with --resume")
         return 1
     print(f"final model: {result.final_dir}")
+    return 0
+
+
+def _launch_ranks(args: argparse.Namespace, config: Any) -> int:
+    """Run this very command in ``--nproc`` processes under torchrun (a free local port, one node)."""
+    import subprocess
+
+    if args.nproc < 1:
+        raise CliError("--nproc must be at least 1")
+    if config.batch_size % args.nproc:
+        raise CliError(
+            f"--batch-size {config.batch_size} must be a multiple of --nproc {args.nproc}: the processes share each "
+            "micro-batch's prompts"
+        )
+    argv = list(args.argv)
+    index = next(i for i, token in enumerate(argv) if token == "--nproc" or token.startswith("--nproc="))
+    del argv[index : index + (1 if "=" in argv[index] else 2)]
+    if config.runtime.strategy == "single":
+        argv += ["--runtime.strategy", "ddp"]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+        "-m", "vopd.cli", *argv,
+    ]
+    returncode = subprocess.run(command, check=False).returncode
+    if returncode:
+        raise CliError(f"the {args.nproc} training processes failed (exit {returncode}); each rank's error is above")
     return 0
 
 
@@ -415,16 +454,52 @@ def _run_worker(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 
 def _add_apikey(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["create"], help="create: make a new key and print it (last line)")
+    parser.description = (
+        "Each key is an account: jobs and datasets belong to the key that made them. create prints a new key as "
+        "its last line; list shows every key (id, prefix, name, admin, revoked); revoke ID_OR_PREFIX refuses the "
+        "key everywhere at once (its jobs and datasets stay). Reads DATABASE_URL / VOPD_HOME like the server."
+    )
+    parser.add_argument("action", choices=["create", "list", "revoke"],
+                        help="create: make a new key and print it (last line); list; revoke ID_OR_PREFIX")
+    parser.add_argument("target", nargs="?", metavar="ID_OR_PREFIX",
+                        help="revoke: the key's id or its prefix as list shows it (vopd_AbC123)")
     parser.add_argument("--name", default="user", help="who the key is for; jobs and datasets belong to the key")
+    parser.add_argument("--admin", action="store_true",
+                        help="create: the key may list and revoke every key over HTTP (/api/keys)")
 
 
 def _run_apikey(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from app.serve import create_key
+    from app.auth import KeyNotFound, create_api_key, list_api_keys, revoke_api_key
+    from app.db import make_engine, make_session_factory, run_migrations, session_scope
+    from app.settings import get_settings
 
-    key = create_key(args.name)
-    print(f"API key for {args.name!r} (shown once; send as 'Authorization: Bearer <key>'):")
-    print(key)
+    if args.action == "revoke" and not args.target:
+        raise CliError("revoke needs the key's id or prefix (see `vopd apikey list`)")
+    if args.action != "revoke" and args.target:
+        raise CliError(f"unrecognized arguments: {args.target}")
+    settings = get_settings()
+    engine = make_engine(settings)
+    try:
+        run_migrations(engine, settings)
+        with session_scope(make_session_factory(engine)) as session:
+            if args.action == "create":
+                _, key = create_api_key(session, args.name, admin=args.admin)
+                role = "admin " if args.admin else ""
+                print(f"{role}API key for {args.name!r} (shown once; send as 'Authorization: Bearer <key>'):")
+                print(key)
+            elif args.action == "list":
+                print(f"{'id':>4}  {'prefix':<12}  {'admin':<5}  {'revoked':<7}  {'created (UTC)':<16}  name")
+                for row in list_api_keys(session):
+                    print(f"{row.id:>4}  {row.prefix:<12}  {'yes' if row.admin else '':<5}  "
+                          f"{'yes' if row.revoked else '':<7}  {row.created_at:%Y-%m-%d %H:%M}  {row.name}")
+            else:
+                try:
+                    row = revoke_api_key(session, args.target)
+                except KeyNotFound as error:
+                    raise CliError(str(error)) from error
+                print(f"revoked key {row.id} ({row.prefix}, {row.name!r}): it is refused everywhere from now on")
+    finally:
+        engine.dispose()
     return 0
 
 
@@ -457,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `train --nproc` runs this same command in N processes
     if args.command is None:
         parser.print_help()
         return 0

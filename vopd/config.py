@@ -19,6 +19,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 PAPER_HINT = "Only focus on the objects inside the red bounding box in the image to answer this question."
 
 
+# Upper bounds that say what is sane: far above any real run (the paper's is 96 prompts x 8 rollouts x 1024 tokens,
+# one epoch of 65 steps), far below what would exhaust a machine before the first step or overflow a counter. A value
+# beyond one is refused with the bound named, instead of a job that grows to gigabytes and dies.
+MAX_STEPS = 1_000_000  # optimizer steps, warm-up, checkpoint and probe intervals
+MAX_EPOCHS = 1000.0
+MAX_BATCH = 1024  # prompts per micro-batch (train) or decoded together (eval)
+MAX_GRAD_ACCUM = 1024  # micro-batches per optimizer step
+MAX_LR = 0.1  # AdamW diverges far below this on any model (the paper: 2e-6; the tiny model: 1e-4)
+MAX_TEMPERATURE = 100.0
+MAX_VOCAB = 1_000_000  # top-k of the divergence: no tokenizer comes close
+MAX_IMAGE_SIDE = 16384  # pixels
+MAX_SAMPLES = 10_000_000  # eval limit
+MAX_SEED = 2**63 - 1
+
+
 class _Strict(BaseModel):
     """Refuse unknown keys: a misspelt knob must be an error, never a silent default."""
 
@@ -40,12 +55,16 @@ class ViewConfig(_Strict):
     )
     upscale: float = Field(2.0, gt=0.0, le=16.0, description="Factor by which the teacher's crop is enlarged.")
     min_crop_side: int = Field(
-        28, ge=1, description="The upscaled crop's shorter side is raised to at least this (one vision patch group)."
+        28, ge=1, le=MAX_IMAGE_SIDE,
+        description="The upscaled crop's shorter side is raised to at least this (one vision patch group).",
     )
-    max_crop_side: int = Field(1344, ge=1, description="The upscaled crop's longer side is capped at this.")
+    max_crop_side: int = Field(
+        1344, ge=1, le=MAX_IMAGE_SIDE, description="The upscaled crop's longer side is capped at this."
+    )
     max_pixels: int | None = Field(
         None,
         ge=28 * 28,
+        le=MAX_IMAGE_SIDE**2,
         description=(
             "Downscale the student's full image (aspect kept) to at most this many pixels before the processor; "
             "None (the official run) leaves the image to the processor's own pixel limit. 1003520 (= 1280 x 28 x 28, "
@@ -73,7 +92,8 @@ class DivergenceConfig(_Strict):
         ),
     )
     topk: int = Field(
-        100, ge=0, description="Compare distributions on the student's top-k tokens (0 = the full vocabulary)."
+        100, ge=0, le=MAX_VOCAB,
+        description="Compare distributions on the student's top-k tokens (0 = the full vocabulary).",
     )
     add_tail: bool = Field(True, description="Add one bucket holding the probability mass outside the top-k.")
     mode: Literal["full_logits", "sampled_token"] = Field(
@@ -83,10 +103,13 @@ class DivergenceConfig(_Strict):
             "advantage log p_T(y) - log p_S(y) at the sampled token (reverse-KL estimate)."
         ),
     )
-    temperature: float = Field(1.0, gt=0.0, description="Both logits are divided by this before the softmax.")
+    temperature: float = Field(
+        1.0, gt=0.0, le=MAX_TEMPERATURE, description="Both logits are divided by this before the softmax."
+    )
     is_clip: float | None = Field(
         2.0,
         gt=0.0,
+        le=1000.0,
         description=(
             "Clip of the importance weight p_current/p_behaviour for tokens sampled by an older policy "
             "(gradient accumulation, several rollouts); None disables it."
@@ -112,14 +135,16 @@ class TeacherConfig(_Strict):
     trust_region_mix: float = Field(
         0.05, ge=0.0, le=1.0, description="trust_region: weight c of the current student's logits in the mix."
     )
-    sync_every: int = Field(10, ge=1, description="progressive: copy the student into the teacher every N steps.")
+    sync_every: int = Field(
+        10, ge=1, le=MAX_STEPS, description="progressive: copy the student into the teacher every N steps."
+    )
 
 
 class RolloutConfig(_Strict):
     """How the student samples its own answers on the full image."""
 
     num_rollouts: int = Field(4, ge=1, le=64, description="Rollouts sampled per prompt.")
-    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (0 = greedy).")
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest response sampled.")
 
@@ -128,8 +153,8 @@ class LoraConfig(_Strict):
     """Low-rank adapters through peft; disabled means a full fine-tune of the language model."""
 
     enabled: bool = Field(False, description="Train LoRA adapters instead of the full weights.")
-    rank: int = Field(16, ge=1, description="LoRA rank r.")
-    alpha: float = Field(32.0, gt=0.0, description="LoRA scaling alpha (effective scale alpha / r).")
+    rank: int = Field(16, ge=1, le=4096, description="LoRA rank r.")
+    alpha: float = Field(32.0, gt=0.0, le=65536.0, description="LoRA scaling alpha (effective scale alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(
         default_factory=lambda: [
@@ -153,7 +178,9 @@ class CollapseGuardConfig(_Strict):
     """A probe set answered every N steps to catch letter collapse and teacher drift (see vopd.guard)."""
 
     enabled: bool = Field(True, description="Probe the student and the teacher during training.")
-    every: int = Field(25, ge=1, description="Probe every N optimizer steps (and at the start, for the baseline).")
+    every: int = Field(
+        25, ge=1, le=MAX_STEPS, description="Probe every N optimizer steps (and at the start, for the baseline)."
+    )
     probe_size: int = Field(16, ge=1, le=512, description="The first N multiple-choice samples of the dataset.")
     max_new_tokens: int = Field(8, ge=1, le=256, description="Greedy answer length on the probe.")
     min_letter_entropy: float = Field(
@@ -191,6 +218,20 @@ class RuntimeConfig(_Strict):
         ),
     )
     device: Device = Field("auto", description="auto = cuda when available, else cpu.")
+    strategy: Literal["single", "ddp", "fsdp"] = Field(
+        "single",
+        description=(
+            "Training only: single = one process; ddp = one process per device, each with the whole model "
+            "(DistributedDataParallel); fsdp = one process per device, weights, gradients, optimizer state and the "
+            "EMA teacher sharded over them (FSDP2). Launch several with `vopd train --nproc N` or torchrun."
+        ),
+    )
+    dist_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        le=86400,
+        description="Training across ranks: a collective that waits longer (a rank died or hangs) ends the job.",
+    )
     chat_template_kwargs: dict[str, Any] | None = Field(
         None,
         description=(
@@ -220,33 +261,42 @@ class TrainConfig(_Strict):
     model: str = Field(..., min_length=1, description="Model folder (or, in the service, a name from /api/models).")
     dataset: str = Field(..., min_length=1, description="JSONL/parquet file (or, in the service, a dataset id).")
     output: str | None = Field(None, description="Run folder: checkpoints/step-N/, final/, metrics.jsonl.")
-    steps: int | None = Field(None, ge=1, description="Optimizer steps to run (total, also when resuming).")
-    epochs: float | None = Field(None, gt=0, description="Alternative to steps: passes over the dataset.")
-    seed: int = Field(0, ge=0, description="Seeds data order, rollouts and initialisation; runs are reproducible.")
+    steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Optimizer steps to run (total, also when resuming)."
+    )
+    epochs: float | None = Field(
+        None, gt=0, le=MAX_EPOCHS, description="Alternative to steps: passes over the dataset."
+    )
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seeds data order, rollouts and initialisation; runs are reproducible."
+    )
     batch_size: int = Field(
         8,
         ge=1,
+        le=MAX_BATCH,
         description=(
             "Prompts per micro-batch, each sampled num_rollouts times. Prompts per optimizer step = batch_size x "
             "grad_accum; how a step is split into micro-batches changes memory, not what is sampled or learnt."
         ),
     )
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    grad_accum: int = Field(1, ge=1, le=MAX_GRAD_ACCUM, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(
         2e-6,
         gt=0.0,
+        le=MAX_LR,
         description="Peak learning rate. 2e-6 is the paper's full fine-tune of a 4B model; tiny models need ~1e-4.",
     )
     warmup_steps: int = Field(
         0,
         ge=0,
+        le=MAX_STEPS,
         description=(
             "Linear warm-up from 0 over this many steps (step s uses lr x s / warmup_steps), then constant; "
             "the schedule never depends on the run length, so runs can be extended. The official run uses 10."
         ),
     )
-    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, gt=0.0, description="Global gradient-norm clip.")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0.0, le=1e4, description="Global gradient-norm clip.")
     freeze_vision_tower: bool = Field(
         True,
         description="Keep the vision encoder frozen. The official run trains it (the `paper` recipe sets False).",
@@ -254,10 +304,13 @@ class TrainConfig(_Strict):
     vision_lr_scale: float = Field(
         1.0,
         gt=0.0,
+        le=10.0,
         description="With a trainable vision encoder, its learning rate is lr times this (keeps the crop view intact).",
     )
-    save_every: int = Field(50, ge=1, description="Checkpoint every N steps (and always at the last step).")
-    keep_checkpoints: int = Field(3, ge=1, description="Older checkpoints beyond this many are deleted.")
+    save_every: int = Field(
+        50, ge=1, le=MAX_STEPS, description="Checkpoint every N steps (and always at the last step)."
+    )
+    keep_checkpoints: int = Field(3, ge=1, le=1000, description="Older checkpoints beyond this many are deleted.")
     export_dtype: Literal["master", "float32", "bfloat16", "float16"] = Field(
         "master",
         description=(
@@ -303,9 +356,9 @@ class EvalConfig(_Strict):
         description="The benchmark's folder (or, in the service, a folder under VOPD_HOME/benchmarks).",
     )
     output: str | None = Field(None, description="Per-item JSONL records are written here when given.")
-    batch_size: int = Field(16, ge=1, description="Prompts decoded together.")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="Prompts decoded together.")
     max_new_tokens: int = Field(16, ge=1, le=4096, description="Greedy decoding length for the answer.")
-    limit: int | None = Field(None, ge=1, description="Evaluate only the first N samples.")
+    limit: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="Evaluate only the first N samples.")
     full_view: Literal["student", "plain"] = Field(
         "student",
         description=(
@@ -337,13 +390,15 @@ class InspectConfig(_Strict):
 
     model: str = Field(..., min_length=1, description="Model folder or checkpoint.")
     question: str = Field(..., min_length=1, description="The question asked about the image.")
-    options: list[str] | None = Field(None, description="Multiple-choice options, shown as A., B., ...")
+    options: list[str] | None = Field(
+        None, max_length=26, description="Multiple-choice options, shown as A., B., ... (at most 26: A to Z)."
+    )
     bbox: tuple[float, float, float, float] = Field(..., description="Evidence box [x0, y0, x1, y1] in pixels.")
     greedy: bool = Field(True, description="Greedy rollout; otherwise sampled with the temperature and top_p below.")
-    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature when not greedy.")
+    temperature: float = Field(1.0, gt=0.0, le=MAX_TEMPERATURE, description="Sampling temperature when not greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus threshold when not greedy.")
     max_new_tokens: int = Field(32, ge=1, le=4096, description="Longest rollout.")
-    seed: int = Field(0, ge=0, description="Seed of a sampled rollout.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of a sampled rollout.")
     show_topk: int = Field(10, ge=1, le=100, description="Tokens listed per position for each side.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     views: ViewConfig = Field(default_factory=ViewConfig)

@@ -9,6 +9,8 @@ the two argmaxes agree. The teacher's own answer on the crop stands beside the s
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from PIL import Image
@@ -21,6 +23,27 @@ from vopd.evaluate import generate_answers, parse_choice
 from vopd.models import LoadedModel, load_model_and_processor
 from vopd.rollout import response_logits, sample_rollouts
 from vopd.views import student_view, teacher_view, to_messages
+
+
+class InspectCancelled(RuntimeError):
+    """Raised by ``inspect_sample`` once its ``should_stop`` hook says so (a time budget ran out, the client left)."""
+
+
+@contextmanager
+def _stoppable(model: torch.nn.Module, should_stop: Callable[[], bool] | None) -> Iterator[Callable[[], None]]:
+    """Check ``should_stop`` before every forward pass of the model (each generated token, each scoring pass) and
+    between phases, so the work itself ends instead of running on for a caller who no longer waits."""
+
+    def check(*_: object) -> None:
+        if should_stop is not None and should_stop():
+            raise InspectCancelled("inspect stopped before it finished")
+
+    handle = model.register_forward_pre_hook(check) if should_stop is not None else None
+    try:
+        yield check
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 class TopToken(BaseModel):
@@ -77,9 +100,27 @@ def _top_tokens(tokenizer, ids: torch.Tensor, probs: torch.Tensor) -> list[TopTo
 
 
 @torch.no_grad()
-def inspect_sample(config: InspectConfig, image: Image.Image, *, loaded: LoadedModel | None = None) -> InspectResult:
-    """Run the student's rollout on the full image and compare it token by token with the crop teacher."""
+def inspect_sample(
+    config: InspectConfig,
+    image: Image.Image,
+    *,
+    loaded: LoadedModel | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> InspectResult:
+    """Run the student's rollout on the full image and compare it token by token with the crop teacher.
+
+    ``should_stop`` (optional) is polled before every forward pass and between phases; once it returns True the work
+    ends with ``InspectCancelled``."""
+    if should_stop is not None and should_stop():
+        raise InspectCancelled("inspect stopped before it started")
     loaded = loaded or load_model_and_processor(config.model, config.runtime)
+    with _stoppable(loaded.model, should_stop) as check:
+        return _inspect(config, image, loaded, check)
+
+
+def _inspect(
+    config: InspectConfig, image: Image.Image, loaded: LoadedModel, check: Callable[[], None]
+) -> InspectResult:
     width, height = image.size
     x0, y0, x1, y1 = config.bbox
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
@@ -90,7 +131,9 @@ def inspect_sample(config: InspectConfig, image: Image.Image, *, loaded: LoadedM
     student = student_view(sample, config.views)
     teacher = teacher_view(sample, config.views)
 
+    check()
     student_prompts, teacher_prompts = loaded.encode([to_messages(student)]), loaded.encode([to_messages(teacher)])
+    check()
     rollout = sample_rollouts(
         loaded.model,
         student_prompts,
@@ -107,6 +150,7 @@ def inspect_sample(config: InspectConfig, image: Image.Image, *, loaded: LoadedM
     teacher_logits = response_logits(loaded.model, teacher_prompts, rollout)[0, :length].float()  # (R, V)
     response_ids = rollout.response_ids[0, :length]
 
+    check()
     div = config.divergence
     common = {"topk": div.topk, "add_tail": div.add_tail, "temperature": div.temperature}
     chosen = token_divergence(student_logits, teacher_logits, alpha=div.alpha, **common)
@@ -145,6 +189,7 @@ def inspect_sample(config: InspectConfig, image: Image.Image, *, loaded: LoadedM
                 teacher_tail_mass=float(details["teacher_tail_mass"][position]),
             )
         )
+    check()
     student_text = tokenizer.decode(response_ids.tolist(), skip_special_tokens=True).strip()
     options = config.options or []
     student_choice = parse_choice(student_text, options) if options else None

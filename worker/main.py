@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 
+from worker.lifeline import SUPERVISOR_ENV, die_with_parent
+
 
 def run_worker(queue: str | None = None, loglevel: str = "INFO") -> int:
     if queue:
         os.environ["VOPD_QUEUE"] = queue  # read by worker.tasks' settings at import
+    supervisor = os.environ.get(SUPERVISOR_ENV, "")
+    if supervisor.isdigit():  # under `vopd serve`: never outlive it (it restarts us when we die)
+        die_with_parent(int(supervisor), whole_group=True)
     from app.db import make_engine, run_migrations
     from app.settings import get_settings
 

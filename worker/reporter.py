@@ -60,8 +60,9 @@ class DatabaseReporter(ProgressCallback):
                     heartbeat_at=utcnow(),
                 )
             )
-            if start:  # a resume: rows past the checkpoint will be recomputed, drop them so curves stay single
-                session.execute(delete(JobMetric).where(JobMetric.job_id == self.job_id, JobMetric.step > start))
+            # Rows past the starting point (the checkpoint resumed from, or none at all) belong to an attempt that
+            # died or was cancelled after them: they will be recomputed, so drop them and keep one row per step.
+            session.execute(delete(JobMetric).where(JobMetric.job_id == self.job_id, JobMetric.step > start))
         self._last_write = time.monotonic()
 
     def on_progress(self, *, done: int, total: int, metrics: dict[str, Any] | None = None) -> None:

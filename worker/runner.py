@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.crud import starts_since_queued
 from app.db import session_scope
 from app.models import TERMINAL_STATUSES, Artifact, Job, JobLog, utcnow
 from app.settings import Settings
@@ -92,6 +93,23 @@ def claim(factory: sessionmaker[Session], job_id: int, me: str, settings: Settin
             if not (stale or _process_gone(previous_worker)):
                 log.info("job %s runs on live worker %s; duplicate delivery skipped", job_id, previous_worker)
                 return None
+        starts = starts_since_queued(session, job_id)
+        if starts >= settings.max_attempts:  # every start so far ended with its process dying: stop redelivering
+            last = f" (the last on {previous_worker})" if previous_worker else ""
+            reason = (
+                f"gave up after {starts} attempts: the job's process died each time{last}, e.g. killed for using too "
+                f"much memory; lower batch_size or max_new_tokens, then resume it (VOPD_MAX_ATTEMPTS="
+                f"{settings.max_attempts})"
+            )
+            gave_up = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == job.status, Job.worker == previous_worker)
+                .values(status="failed", error=reason, finished_at=now)
+            ).rowcount
+            if gave_up:
+                _log(session, job_id, reason, "error")
+            return None
+        if takeover:
             won = session.execute(
                 claimed.where(Job.id == job_id, Job.status == "running", Job.worker == previous_worker)
             ).rowcount

@@ -21,6 +21,7 @@ from app.db import make_engine, make_session_factory, session_scope
 from app.models import Worker, utcnow
 from app.settings import get_settings
 from worker.celery_app import TASK_NAMES, make_celery
+from worker.lifeline import die_with_parent
 from worker.runner import run_job
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ def session_factory() -> sessionmaker[Session]:
 @signals.worker_process_init.connect
 def _fresh_engine_after_fork(**_: object) -> None:
     global _factory
+    # A pool process dies with its worker (killed, or killed with the API that supervised it): an orphan would
+    # go on training beside the worker that takes the job over. The job resumes from its newest checkpoint.
+    die_with_parent(os.getppid())
     if _factory is not None:  # leave the parent's pooled connections alone (closing them would break its sockets)
         _factory.kw["bind"].dispose(close=False)
     _factory = None

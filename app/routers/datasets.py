@@ -15,11 +15,12 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from sqlalchemy import or_, select
 
+from app.artifacts import folder_size
 from app.deps import ApiKeyDep, SessionDep, SettingsDep
 from app.models import Dataset
 from app.registry import visible_dataset
 from app.schemas import DatasetIssueOut, DatasetList, DatasetOut, DatasetRejected, SampleOut, SamplePage
-from app.uploads import MB, UploadRejected, save_stream, unpack_upload
+from app.uploads import MB, UploadRejected, quota_message, save_stream, storage_used, unpack_upload
 from vopd.config import ViewConfig
 from vopd.data import load_dataset, validate_dataset
 from vopd.views import student_view, teacher_view
@@ -56,6 +57,10 @@ def upload_dataset(
     declared = int(request.headers.get("content-length") or 0)
     if declared > max_bytes + MB:  # multipart framing adds a little
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"upload larger than {settings.max_upload_mb:g} MB")
+    used = storage_used(session, key.id)
+    quota_left = int(settings.user_quota_mb * MB) - used
+    if declared > quota_left + MB:  # refused before a byte is stored
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, quota_message(settings, used, declared))
     filename = file.filename or "upload"
     dataset_id = "ds-" + secrets.token_hex(5)
     target = settings.datasets_dir / dataset_id
@@ -63,7 +68,9 @@ def upload_dataset(
         with tempfile.TemporaryDirectory(dir=settings.home / "tmp") as scratch:
             saved = Path(scratch) / "upload"
             size = save_stream(file.file, saved, max_bytes)
-            data_file = unpack_upload(saved, filename, target, settings)
+            if size > quota_left:
+                raise UploadRejected(quota_message(settings, used, size), status.HTTP_413_CONTENT_TOO_LARGE)
+            data_file = unpack_upload(saved, filename, target, settings, quota_left)
         issues = validate_dataset(data_file)
         if issues:
             shutil.rmtree(target, ignore_errors=True)
@@ -73,6 +80,7 @@ def upload_dataset(
             )
             return JSONResponse(rejected.model_dump(), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
         n_samples = len(load_dataset(data_file, check_images=False))
+        size = folder_size(target)  # what it holds on disk, unpacked: the figure the quota counts
     except UploadRejected as error:
         shutil.rmtree(target, ignore_errors=True)
         raise HTTPException(error.status_code, str(error)) from error
@@ -126,7 +134,7 @@ def list_samples(
     dataset_id: str,
     session: SessionDep,
     key: ApiKeyDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=50)] = 8,
     thumbnail: Annotated[int, Query(ge=32, le=512, description="Longest side of each thumbnail in px.")] = 224,
 ) -> SamplePage:

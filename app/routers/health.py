@@ -9,7 +9,7 @@ from sqlalchemy import select, text
 
 from app.deps import ApiKeyDep, SessionDep, SettingsDep
 from app.models import Worker, utcnow
-from app.schemas import ComponentHealth, HealthOut, MeOut, WorkerOut
+from app.schemas import ComponentHealth, HealthOut, LocalWorkerOut, MeOut, WorkerOut
 
 router = APIRouter(prefix="/api", tags=["health"])
 
@@ -28,8 +28,12 @@ def health(request: Request, session: SessionDep, settings: SettingsDep) -> Heal
         database, workers = ComponentHealth(ok=False, detail=str(error)), []
     broker_ok, broker_detail = request.app.state.queue.check()
     broker = ComponentHealth(ok=broker_ok, detail=broker_detail)
-    status = "ok" if database.ok and broker.ok and workers else "degraded"
-    return HealthOut(status=status, database=database, broker=broker, workers=workers)
+    supervisor = getattr(request.app.state, "local_worker", None)
+    local = LocalWorkerOut(**supervisor.status()) if supervisor is not None else None
+    healthy = database.ok and broker.ok and workers and (local is None or local.alive)
+    return HealthOut(
+        status="ok" if healthy else "degraded", database=database, broker=broker, workers=workers, local_worker=local
+    )
 
 
 @router.get("/me", response_model=MeOut)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Body, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query, Request, status
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,7 +16,6 @@ from starlette.concurrency import run_in_threadpool
 from app import artifacts, crud
 from app.deps import ApiKeyDep, SessionDep, SettingsDep
 from app.models import TERMINAL_STATUSES, Job
-from app.queueing import BrokerUnavailable
 from app.registry import UnknownName
 from app.schemas import (
     ArtifactList,
@@ -32,6 +32,13 @@ from app.schemas import (
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
+# Ids are int4 on PostgreSQL (and at most int8 on SQLite): a larger one is no id at all, refused with 422 before it
+# reaches the database (where it overflowed into a 500).
+MAX_ID = 2**31 - 1
+JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="A job id from POST /api/jobs or GET /api/jobs.")]
+SinceId = Annotated[int, Query(ge=0, le=MAX_ID, description="Last id seen (exclusive).")]
+EVENT_ID_PATTERN = r"^[0-9]{1,9}-[0-9]{1,9}$"  # "METRIC-LOG": both below MAX_ID
+
 
 def _job_or_404(session: Session, owner_id: int, job_id: int) -> Job:
     job = crud.owned_job(session, owner_id, job_id)
@@ -47,15 +54,16 @@ def submit_job(
     """Queue a train or eval job. ``config`` is the CLI's TrainConfig / EvalConfig, with ``model`` a name from
     GET /api/models and ``dataset`` an id from GET /api/datasets; ``output`` is chosen by the server. An eval job
     may name a published ``benchmark`` instead, with ``data`` a folder inside VOPD_HOME/benchmarks (other server
-    paths are refused with 422)."""
+    paths are refused with 422). ``warnings`` says why the job may wait: no live worker serves its queue, or the
+    broker is down (the job stays queued and is published once the broker is back)."""
+    warnings: list[str] = []
     try:
-        job = crud.create_job(session, settings, request.app.state.queue, key.id, body)
+        job = crud.create_job(session, settings, request.app.state.queue, key.id, body, warnings)
     except UnknownName as error:
         detail = [{"loc": ["body", "config", error.field], "msg": str(error), "type": "value_error"}]
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from error
-    except BrokerUnavailable as error:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from error
-    return crud.job_out(session, job)
+    warnings += crud.queue_warnings(session, settings, job.queue)
+    return crud.job_out(session, job).model_copy(update={"warnings": warnings})
 
 
 @router.get("", response_model=JobPage)
@@ -65,7 +73,7 @@ def list_jobs(
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     kind: JobKind | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> JobPage:
     """Your jobs, newest first."""
     items, total = crud.list_jobs(session, key.id, status_filter, kind, limit, offset)
@@ -73,16 +81,16 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: int, session: SessionDep, key: ApiKeyDep) -> JobOut:
+def get_job(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> JobOut:
     return crud.job_out(session, _job_or_404(session, key.id, job_id))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricPage)
 def get_metrics(
-    job_id: int,
+    job_id: JobId,
     session: SessionDep,
     key: ApiKeyDep,
-    since: Annotated[int, Query(ge=0, description="Last metric id seen (exclusive).")] = 0,
+    since: SinceId = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> MetricPage:
     """One row per training step, oldest first."""
@@ -93,10 +101,10 @@ def get_metrics(
 
 @router.get("/{job_id}/logs", response_model=LogPage)
 def get_logs(
-    job_id: int,
+    job_id: JobId,
     session: SessionDep,
     key: ApiKeyDep,
-    since: Annotated[int, Query(ge=0, description="Last log id seen (exclusive).")] = 0,
+    since: SinceId = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> LogPage:
     _job_or_404(session, key.id, job_id)
@@ -114,23 +122,40 @@ def _poll_events(factory: sessionmaker[Session], job_id: int, since_metric: int,
         return crud.job_out(session, job), metrics, logs
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse)
+def _existing_job(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> None:
+    """A dependency, so a missing job is a 404 before the stream starts (a generator's body runs only once the 200
+    is on its way)."""
+    _job_or_404(session, key.id, job_id)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse, dependencies=[Depends(_existing_job)])
 async def job_events(
-    job_id: int,
+    job_id: JobId,
     request: Request,
     session: SessionDep,
     key: ApiKeyDep,
-    since_metric: Annotated[int, Query(ge=0)] = 0,
-    since_log: Annotated[int, Query(ge=0)] = 0,
+    since_metric: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+    since_log: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            pattern=EVENT_ID_PATTERN,
+            description="The id of the last event received (a browser's EventSource sends it when it reconnects).",
+        ),
+    ] = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: ``status`` (a JobOut, on every change), ``metric`` (MetricOut), ``log`` (LogOut), and a
-    final ``end`` once the job is terminal. Reconnect with since_metric / since_log to skip what you have.
+    final ``end`` once the job is terminal. Every event's id is the cursor ``METRIC-LOG`` (the last metric and log
+    ids sent so far): a reconnect with ``Last-Event-ID`` (or since_metric / since_log) skips what was received.
 
     Async, with the database polls in the thread pool: a waiting stream holds no thread and no connection."""
     await run_in_threadpool(_job_or_404, session, key.id, job_id)
     await run_in_threadpool(session.close)
     factory = request.app.state.session_factory
     poll_s = request.app.state.settings.events_poll_s
+    if last_event_id is not None:  # the header wins: the browser reconnects to the same URL with it
+        since_metric, since_log = (int(part) for part in last_event_id.split("-"))
     last_status: dict | None = None
     while True:
         current, metrics, logs = await run_in_threadpool(_poll_events, factory, job_id, since_metric, since_log)
@@ -138,22 +163,22 @@ async def job_events(
             return
         for metric in metrics:
             since_metric = metric.id
-            yield ServerSentEvent(event="metric", id=f"m{metric.id}", data=metric)
+            yield ServerSentEvent(event="metric", id=f"{since_metric}-{since_log}", data=metric)
         for line in logs:
             since_log = line.id
-            yield ServerSentEvent(event="log", id=f"l{line.id}", data=line)
+            yield ServerSentEvent(event="log", id=f"{since_metric}-{since_log}", data=line)
         status_now = current.model_dump(exclude={"eta_seconds", "heartbeat_at"})
         if status_now != last_status:
             last_status = status_now
-            yield ServerSentEvent(event="status", data=current)
+            yield ServerSentEvent(event="status", id=f"{since_metric}-{since_log}", data=current)
         if current.status in TERMINAL_STATUSES and not metrics and not logs:
-            yield ServerSentEvent(event="end", data={"status": current.status})
+            yield ServerSentEvent(event="end", id=f"{since_metric}-{since_log}", data={"status": current.status})
             return
         await asyncio.sleep(poll_s)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: int, session: SessionDep, key: ApiKeyDep) -> JobOut:
+def cancel_job(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next step (after a checkpoint)."""
     job = _job_or_404(session, key.id, job_id)
     try:
@@ -164,20 +189,20 @@ def cancel_job(job_id: int, session: SessionDep, key: ApiKeyDep) -> JobOut:
 
 
 @router.post("/{job_id}/resume", response_model=JobOut)
-def resume_job(job_id: int, request: Request, session: SessionDep, key: ApiKeyDep) -> JobOut:
+def resume_job(job_id: JobId, request: Request, session: SessionDep, key: ApiKeyDep) -> JobOut:
     """Queue a failed or cancelled job again: training continues from its newest checkpoint."""
     job = _job_or_404(session, key.id, job_id)
+    warnings: list[str] = []
     try:
-        job = crud.resume_job(session, request.app.state.queue, job)
+        job = crud.resume_job(session, request.app.state.queue, job, warnings)
     except crud.JobStateError as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
-    except BrokerUnavailable as error:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from error
-    return crud.job_out(session, job)
+    warnings += crud.queue_warnings(session, request.app.state.settings, job.queue)
+    return crud.job_out(session, job).model_copy(update={"warnings": warnings})
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList)
-def list_artifacts(job_id: int, session: SessionDep, key: ApiKeyDep) -> ArtifactList:
+def list_artifacts(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> ArtifactList:
     job = _job_or_404(session, key.id, job_id)
     return ArtifactList(items=[entry.out for entry in artifacts.job_artifacts(session, job)])
 
@@ -185,10 +210,13 @@ def list_artifacts(job_id: int, session: SessionDep, key: ApiKeyDep) -> Artifact
 @router.get(
     "/{job_id}/artifacts/{name:path}",
     response_class=FileResponse,
-    responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
+    responses={
+        200: {"content": {"application/zip": {}, "application/octet-stream": {}}},
+        409: {"description": "A folder that cannot be packed as a zip right now; the detail says why."},
+    },
 )
 def download_artifact(
-    job_id: int, name: str, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
+    job_id: JobId, name: str, session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> FileResponse:
     """A file as is; a folder (final model, checkpoint) as a zip archive that from_pretrained loads once
     extracted."""
@@ -197,6 +225,12 @@ def download_artifact(
     if entry is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no artifact {name!r}")
     if not entry.out.is_folder:
+        if not os.access(entry.path, os.R_OK):
+            raise HTTPException(status.HTTP_409_CONFLICT, f"artifact {name!r} cannot be read: permission denied")
         return FileResponse(entry.path, filename=entry.path.name, media_type="application/octet-stream")
-    archive = artifacts.folder_archive(entry.path, settings.job_dir(job.id) / "archives", name)
+    cache_dirs = [settings.job_dir(job.id) / "archives", settings.artifacts_dir / "archives" / f"job-{job.id}"]
+    try:
+        archive = artifacts.pack_folder(entry.path, cache_dirs, name)
+    except artifacts.ArtifactUnavailable as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
     return FileResponse(archive, filename=f"job-{job.id}-{name.replace('/', '-')}.zip", media_type="application/zip")

@@ -44,7 +44,7 @@ def answer(client: VopdClient, request: dict[str, Any]) -> str:
     return render.answer_text(result.student_text, result.student_choice)
 
 
-def build_demo_tab(ctx: UiContext, api_key: gr.Textbox) -> gr.Dropdown:
+def build_demo_tab(ctx: UiContext) -> gr.Dropdown:
     gr.Markdown(strings.DEMO_INTRO)
     with gr.Row(equal_height=False):
         image = gr.Image(label=strings.DEMO_IMAGE_LABEL, type="pil", image_mode="RGB", sources=["upload", "clipboard"],
@@ -58,12 +58,13 @@ def build_demo_tab(ctx: UiContext, api_key: gr.Textbox) -> gr.Dropdown:
             reply = gr.Textbox(label=strings.ANSWER_LABEL, interactive=False, lines=3, elem_id="demo-answer")
 
     @readable_errors
-    def on_ask(key: str, image_value: Image.Image | None, question_text: str, options_text: str, model_name: str | None,
-               tokens: float, progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008 - Gradio's idiom
-        request = demo_request(image_value, question_text, options_text, model_name, tokens)
+    def on_ask(request: gr.Request, image_value: Image.Image | None, question_text: str, options_text: str,
+               model_name: str | None, tokens: float,
+               progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008 - Gradio's idiom
+        question_body = demo_request(image_value, question_text, options_text, model_name, tokens)
         progress(0.2, desc="the model is reading the image...")
-        return answer(ctx.client(key), request)
+        return answer(ctx.client(request), question_body)
 
-    ask.click(on_ask, [api_key, image, question, options, model, max_new_tokens], reply)
-    question.submit(on_ask, [api_key, image, question, options, model, max_new_tokens], reply)
+    ask.click(on_ask, [image, question, options, model, max_new_tokens], reply)
+    question.submit(on_ask, [image, question, options, model, max_new_tokens], reply)
     return model

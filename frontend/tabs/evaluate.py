@@ -127,7 +127,7 @@ class EvaluateTab:
     refresh_outputs: list[Any]
 
 
-def build_evaluate_tab(ctx: UiContext, api_key: gr.Textbox) -> EvaluateTab:
+def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
     gr.Markdown(strings.EVAL_INTRO)
     with gr.Row():
         models = gr.Dropdown(label=strings.EVAL_MODELS_LABEL, choices=[], multiselect=True, min_width=260,
@@ -170,28 +170,34 @@ def build_evaluate_tab(ctx: UiContext, api_key: gr.Textbox) -> EvaluateTab:
     timer = gr.Timer(POLL_INTERVAL_S)
 
     @readable_errors
-    def refresh_jobs(key: str, current: list[int] | None, current_items: Any) -> tuple[Any, Any]:
-        jobs = ctx.client(key).jobs(kind="eval", limit=200).items
+    def refresh_jobs(request: gr.Request, current: list[int] | None, current_items: Any) -> tuple[Any, Any]:
+        jobs = ctx.client(request).jobs(kind="eval", limit=200).items
         choices = eval_job_choices(jobs)
         ids = [value for _, value in choices]
         kept = [job_id for job_id in current or [] if job_id in ids]
         finished = [value for (label, value), job in zip(choices, jobs, strict=True) if job.status == "succeeded"]
-        items_value = current_items if current_items in ids else (finished[0] if finished else None)
+        # The per-item browser (and the per-category table) follow the evaluation being compared once it is done,
+        # e.g. the one just run; otherwise they keep the user's choice, or show the newest finished one.
+        compared_done = [job_id for job_id in finished if job_id in kept]
+        if compared_done and current_items not in kept:
+            items_value = compared_done[0]
+        else:
+            items_value = current_items if current_items in ids else (finished[0] if finished else None)
         return gr.update(choices=choices, value=kept), gr.update(choices=choices, value=items_value)
 
     @readable_errors
-    def on_compare(key: str, job_ids: list[int] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-        return comparison(fetch_eval_jobs(ctx.client(key), job_ids))
+    def on_compare(request: gr.Request, job_ids: list[int] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        return comparison(fetch_eval_jobs(ctx.client(request), job_ids))
 
     @readable_errors
-    def on_categories(key: str, job_id: Any) -> pd.DataFrame:
-        return category_rows(ctx.client(key).job(int(job_id))) if job_id not in (None, "") else gr.skip()
+    def on_categories(request: gr.Request, job_id: Any) -> pd.DataFrame:
+        return category_rows(ctx.client(request).job(int(job_id))) if job_id not in (None, "") else gr.skip()
 
     @readable_errors
-    def on_run(key: str, model_names: list[str] | None, dataset_id: str | None, limit_value: float | None,
+    def on_run(request: gr.Request, model_names: list[str] | None, dataset_id: str | None, limit_value: float | None,
                tokens: float, view: str, suite: str | None, suite_data: str | None,
                current: list[int] | None) -> tuple[Any, ...]:
-        client = ctx.client(key)
+        client = ctx.client(request)
         jobs = submit_evals(client, eval_configs(model_names, dataset_id, limit_value, tokens, view, suite,
                                                  suite_data))
         gr.Info(strings.EVAL_SUBMITTED.format(ids=", ".join(f"#{job.id}" for job in jobs)))
@@ -200,36 +206,37 @@ def build_evaluate_tab(ctx: UiContext, api_key: gr.Textbox) -> EvaluateTab:
         table_value, chart_value = comparison(fetch_eval_jobs(client, chosen))
         return gr.update(choices=eval_job_choices(all_jobs), value=chosen), table_value, chart_value
 
-    def on_tick(key: str, job_ids: list[int] | None, table_value: Any, items_value: Any) -> tuple[Any, ...]:
+    def on_tick(request: gr.Request, job_ids: list[int] | None, table_value: Any, items_value: Any) -> tuple[Any, ...]:
         """While a compared evaluation is unfinished, keep its row, its bars and the job lists current."""
         if not job_ids or (isinstance(table_value, pd.DataFrame) and len(table_value) == len(job_ids)
                            and set(table_value["status"]) <= {"succeeded", "failed", "cancelled"}):
             return (gr.skip(),) * 4
         try:
-            table_now, chart_now = comparison(fetch_eval_jobs(ctx.client(key), job_ids))
-            picked_now, items_now = refresh_jobs(key, job_ids, items_value)
+            table_now, chart_now = comparison(fetch_eval_jobs(ctx.client(request), job_ids))
+            picked_now, items_now = refresh_jobs(request, job_ids, items_value)
         except Exception:  # a missed tick is retried by the next one; no toast every few seconds
             return (gr.skip(),) * 4
         return table_now, chart_now, picked_now, items_now
 
     @readable_errors
-    def on_load_items(key: str, job_id: Any) -> tuple[Any, ...]:
-        job, records = load_records(ctx.client(key), job_id)
+    def on_load_items(request: gr.Request, job_id: Any) -> tuple[Any, ...]:
+        job, records = load_records(ctx.client(request), job_id)
         return job, records, render.item_rows(records)
 
     @readable_errors
-    def on_item(key: str, job: Job | None, records: list[dict[str, Any]], event: gr.SelectData) -> tuple[Any, ...]:
+    def on_item(request: gr.Request, job: Job | None, records: list[dict[str, Any]],
+                event: gr.SelectData) -> tuple[Any, ...]:
         row = event.index[0] if isinstance(event.index, list | tuple) else event.index
-        return item_view(ctx.client(key), job, records, int(row))
+        return item_view(ctx.client(request), job, records, int(row))
 
-    refresh_inputs = [api_key, picked, items_job]
-    run_button.click(on_run, [api_key, models, dataset, limit, max_new_tokens, full_view, benchmark, benchmark_data,
+    refresh_inputs = [picked, items_job]
+    run_button.click(on_run, [models, dataset, limit, max_new_tokens, full_view, benchmark, benchmark_data,
                               picked], [picked, table, chart])
-    items_job.change(on_categories, [api_key, items_job], [categories])
-    compare_button.click(on_compare, [api_key, picked], [table, chart])
-    picked.input(on_compare, [api_key, picked], [table, chart])
-    timer.tick(on_tick, [api_key, picked, table, items_job], [table, chart, picked, items_job])
-    load_button.click(on_load_items, [api_key, items_job], [records_job, records_state, items])
-    items.select(on_item, [api_key, records_job, records_state], [item_text, student_image, teacher_image])
+    items_job.change(on_categories, [items_job], [categories])
+    compare_button.click(on_compare, [picked], [table, chart])
+    picked.input(on_compare, [picked], [table, chart])
+    timer.tick(on_tick, [picked, table, items_job], [table, chart, picked, items_job])
+    load_button.click(on_load_items, [items_job], [records_job, records_state, items])
+    items.select(on_item, [records_job, records_state], [item_text, student_image, teacher_image])
     return EvaluateTab(models=models, dataset=dataset, refresh_jobs=refresh_jobs, refresh_inputs=refresh_inputs,
                        refresh_outputs=[picked, items_job])

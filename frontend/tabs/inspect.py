@@ -216,7 +216,7 @@ class InspectTab:
     dataset: gr.Dropdown
 
 
-def build_inspect_tab(ctx: UiContext, api_key: gr.Textbox) -> InspectTab:
+def build_inspect_tab(ctx: UiContext) -> InspectTab:
     gr.Markdown(strings.INSPECT_INTRO)
     sample_state = gr.State(None)
     result_state = gr.State(None)
@@ -319,24 +319,24 @@ def build_inspect_tab(ctx: UiContext, api_key: gr.Textbox) -> InspectTab:
     gr.on([f.change for f in box_fields], previews, [source, annotator, *box_fields], [student_view, teacher_view])
 
     @readable_errors
-    def on_load_sample(key: str, dataset_id: str | None, index: float | None) -> tuple[Any, ...]:
-        return load_sample(ctx.client(key), dataset_id, index)
+    def on_load_sample(request: gr.Request, dataset_id: str | None, index: float | None) -> tuple[Any, ...]:
+        return load_sample(ctx.client(request), dataset_id, index)
 
-    load_button.click(on_load_sample, [api_key, dataset, sample_index],
+    load_button.click(on_load_sample, [dataset, sample_index],
                       [question, options, *box_fields, student_view, teacher_view, sample_state])
 
     # --- run and render
     @readable_errors
-    def on_run(key: str, src: str, annotation: dict | None, sample: SampleRef | None, question_text: str,
+    def on_run(request: gr.Request, src: str, annotation: dict | None, sample: SampleRef | None, question_text: str,
                options_text: str, x0: float | None, y0: float | None, x1: float | None, y1: float | None,
                model_name: str | None, compare_name: str | None, greedy_value: bool, tokens: float,
                alpha_value: float, topk: float, metric_name: str,
                progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008 - Gradio's idiom
         progress(0.1, desc="running the student and the teacher...")
-        request = build_request(source=src, annotation=annotation, sample=sample, question=question_text,
-                                options_text=options_text, box_values=(x0, y0, x1, y1), model=model_name,
-                                greedy=greedy_value, max_new_tokens=tokens, alpha=alpha_value, show_topk=topk)
-        result, compared = run_inspect(ctx.client(key), request, compare_name)
+        body = build_request(source=src, annotation=annotation, sample=sample, question=question_text,
+                             options_text=options_text, box_values=(x0, y0, x1, y1), model=model_name,
+                             greedy=greedy_value, max_new_tokens=tokens, alpha=alpha_value, show_topk=topk)
+        result, compared = run_inspect(ctx.client(request), body, compare_name)
         first = render_result(result, metric_name)
         second = render_result(compared, metric_name)
         detail = token_details(result, 0 if result.tokens else None)
@@ -346,7 +346,7 @@ def build_inspect_tab(ctx: UiContext, api_key: gr.Textbox) -> InspectTab:
     run_outputs = [result_state, compare_state, strip, legend, summary, student_answer, teacher_answer, details,
                    student_topk, teacher_topk, compare_box, compare_strip, compare_legend, compare_summary,
                    compare_student, compare_teacher]
-    run_button.click(on_run, [api_key, source, annotator, sample_state, question, options, *box_fields, model,
+    run_button.click(on_run, [source, annotator, sample_state, question, options, *box_fields, model,
                               compare_model, greedy, max_new_tokens, alpha, show_topk, metric], run_outputs)
 
     def on_metric(result: InspectResult | None, compared: InspectResult | None, metric_name: str) -> tuple[Any, ...]:

@@ -128,7 +128,7 @@ def download(client: VopdClient, job_id: int, name: str | None) -> str:
 class JobsTab:
     job_id: gr.Number
     on_show: Any
-    open_job: Any  # the wired "open" function: (key, job id, view) -> outputs; other tabs chain to it
+    open_job: Any  # the wired "open" function: (request, job id, view) -> outputs; other tabs chain to it
     open_inputs: list[Any]
     open_outputs: list[Any]
     table: gr.Dataframe
@@ -136,7 +136,7 @@ class JobsTab:
     table_inputs: list[Any]
 
 
-def build_jobs_tab(ctx: UiContext, api_key: gr.Textbox) -> JobsTab:
+def build_jobs_tab(ctx: UiContext) -> JobsTab:
     gr.Markdown(strings.JOBS_INTRO)
     view_state = gr.State(None)
     with gr.Row():
@@ -193,24 +193,25 @@ def build_jobs_tab(ctx: UiContext, api_key: gr.Textbox) -> JobsTab:
         )
 
     @readable_errors
-    def on_open(key: str, value: Any, view: JobView | None) -> tuple[Any, ...]:
+    def on_open(request: gr.Request, value: Any, view: JobView | None) -> tuple[Any, ...]:
         job = parse_job_id(value)
-        return render_snapshot(poll_job(ctx.client(key), None, job), first=True)
+        return render_snapshot(poll_job(ctx.client(request), None, job), first=True)
 
-    def on_tick(key: str, value: Any, view: JobView | None, status_filter: str, kind_filter: str) -> tuple[Any, ...]:
+    def on_tick(request: gr.Request, value: Any, view: JobView | None, status_filter: str,
+                kind_filter: str) -> tuple[Any, ...]:
         """Refresh the open job (if one is open) and the table."""
         try:
-            snapshot, table_value = poll_tick(ctx.client(key), view, status_filter, kind_filter)
+            snapshot, table_value = poll_tick(ctx.client(request), view, status_filter, kind_filter)
             if snapshot is None:
                 return (table_value, *(gr.skip(),) * len(page_outputs))
             return (table_value, *render_snapshot(snapshot, first=False))
         except Exception:  # a missed tick (server restarting) must not raise a toast every two seconds
             return (gr.skip(),) * (1 + len(page_outputs))
 
-    open_inputs = [api_key, job_id, view_state]
+    open_inputs = [job_id, view_state]
     open_button.click(on_open, open_inputs, page_outputs)
     job_id.submit(on_open, open_inputs, page_outputs)
-    timer.tick(on_tick, [api_key, job_id, view_state, status, kind], [table, *page_outputs])
+    timer.tick(on_tick, [job_id, view_state, status, kind], [table, *page_outputs])
 
     def on_select(event: gr.SelectData) -> Any:
         row = event.row_value or []
@@ -219,45 +220,45 @@ def build_jobs_tab(ctx: UiContext, api_key: gr.Textbox) -> JobsTab:
     table.select(on_select, None, job_id).then(on_open, open_inputs, page_outputs)
 
     @readable_errors
-    def refresh_table(key: str, status_filter: str, kind_filter: str) -> pd.DataFrame:
-        return jobs_table(ctx.client(key), status_filter, kind_filter)
+    def refresh_table(request: gr.Request, status_filter: str, kind_filter: str) -> pd.DataFrame:
+        return jobs_table(ctx.client(request), status_filter, kind_filter)
 
-    table_inputs = [api_key, status, kind]
+    table_inputs = [status, kind]
     gr.on([status.change, kind.change], refresh_table, table_inputs, table)
 
     @readable_errors
-    def on_cancel(key: str, view: JobView | None) -> tuple[Any, ...]:
+    def on_cancel(request: gr.Request, view: JobView | None) -> tuple[Any, ...]:
         if view is None:
             raise render.UiInputError(strings.NO_JOB)
-        client = ctx.client(key)
+        client = ctx.client(request)
         client.cancel(view.job_id)
         gr.Info(strings.CANCEL_SENT.format(id=view.job_id))
         return render_snapshot(poll_job(client, view, view.job_id), first=True)
 
     @readable_errors
-    def on_resume(key: str, view: JobView | None) -> tuple[Any, ...]:
+    def on_resume(request: gr.Request, view: JobView | None) -> tuple[Any, ...]:
         if view is None:
             raise render.UiInputError(strings.NO_JOB)
-        client = ctx.client(key)
+        client = ctx.client(request)
         client.resume(view.job_id)
         gr.Info(strings.RESUMED.format(id=view.job_id))
         return render_snapshot(poll_job(client, view, view.job_id), first=True)
 
-    cancel_button.click(on_cancel, [api_key, view_state], page_outputs)
-    resume_button.click(on_resume, [api_key, view_state], page_outputs)
+    cancel_button.click(on_cancel, [view_state], page_outputs)
+    resume_button.click(on_resume, [view_state], page_outputs)
 
     @readable_errors
-    def on_download(key: str, view: JobView | None, name: str | None) -> str:
+    def on_download(request: gr.Request, view: JobView | None, name: str | None) -> str:
         if view is None:
             raise render.UiInputError(strings.NO_JOB)
-        return download(ctx.client(key), view.job_id, name)
+        return download(ctx.client(request), view.job_id, name)
 
-    download_button.click(on_download, [api_key, view_state, artifact], download_file)
-    def on_show(key: str, value: Any, view: JobView | None) -> tuple[Any, ...]:
+    download_button.click(on_download, [view_state, artifact], download_file)
+    def on_show(request: gr.Request, value: Any, view: JobView | None) -> tuple[Any, ...]:
         """Opening the tab redraws the open job: plots drawn while the tab was hidden have no size."""
         if view is None:
             return (gr.skip(),) * len(page_outputs)
-        return on_open(key, view.job_id, view)
+        return on_open(request, view.job_id, view)
 
     return JobsTab(job_id=job_id, on_show=on_show, open_job=on_open, open_inputs=open_inputs, open_outputs=page_outputs,
                    table=table, refresh_table=refresh_table, table_inputs=table_inputs)

@@ -191,7 +191,7 @@ def _widget(spec: FieldSpec, value: Any) -> gr.components.Component:
     return gr.Number(value=value, precision=0 if spec.widget == "int" else None, **common)
 
 
-def build_train_tab(ctx: UiContext, api_key: gr.Textbox) -> TrainTab:
+def build_train_tab(ctx: UiContext) -> TrainTab:
     gr.Markdown(strings.TRAIN_INTRO)
     with gr.Row():
         preset = gr.Dropdown(list(PRESETS), value=strings.PRESET_TINY, label=strings.PRESET_LABEL, min_width=220)
@@ -222,10 +222,11 @@ def build_train_tab(ctx: UiContext, api_key: gr.Textbox) -> TrainTab:
     gr.on([component.change for component in form_inputs], on_change, form_inputs, [cli, rest])
 
     @readable_errors
-    def on_submit(key: str, model_name: str | None, dataset_id: str | None, extra_json: str, *values: Any) -> int:
-        job = submit(ctx.client(key), model_name, dataset_id, list(values), extra_json)
+    def on_submit(request: gr.Request, model_name: str | None, dataset_id: str | None, extra_json: str,
+                  *values: Any) -> int:
+        job = submit(ctx.client(request), model_name, dataset_id, list(values), extra_json)
         gr.Info(f"Training job {job.id} queued.")
         return job.id
 
-    submit_button.click(on_submit, [api_key, *form_inputs], submitted_job)
+    submit_button.click(on_submit, [*form_inputs], submitted_job)
     return TrainTab(model=model, dataset=dataset, submit_button=submit_button, submitted_job=submitted_job)

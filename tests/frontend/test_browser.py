@@ -46,6 +46,17 @@ class LiveServer:
     home: Path
     log: Path
 
+    @property
+    def local_api_key(self) -> str:
+        return (self.home / "local_api_key").read_text().strip()
+
+    @property
+    def signin_link(self) -> str:
+        """The sign-in link `vopd serve` prints (as Jupyter prints its token link)."""
+        match = re.search(r"(http://\S+/signin\?key=\S+)", self.log.read_text())
+        assert match, f"no sign-in link in the banner:\n{self.log.read_text()[-3000:]}"
+        return match.group(1)
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -60,7 +71,7 @@ def _wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
             raise RuntimeError(f"vopd serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         try:
             health = httpx.get(f"{url}/api/health", timeout=2).json()
-            if health.get("workers") and httpx.get(f"{url}/ui/", timeout=5).status_code == 200:
+            if health.get("workers") and httpx.get(f"{url}/signin", timeout=5).status_code == 200:
                 return
         except (httpx.HTTPError, ValueError):
             pass
@@ -128,7 +139,8 @@ def page(browser, live_server: LiveServer, request: pytest.FixtureRequest) -> It
     context = browser.new_context(viewport=WIDE)
     page = context.new_page()
     page.set_default_timeout(60_000)
-    page.goto(f"{live_server.url}/ui/")
+    assert live_server.signin_link == f"{live_server.url}/signin?key={live_server.local_api_key}"
+    page.goto(live_server.signin_link)  # signs in (an HttpOnly cookie) and lands on the studio
     page.wait_for_selector("#inspect-run")
     # the model and dataset choices arrive from the API just after the page loads
     page.wait_for_function("document.querySelector('#inspect-model input').value !== ''")
@@ -228,7 +240,7 @@ def _job_once_the_header_says(page, live_server: LiveServer, status: str, *, tim
     header = page.locator("#jobs-header")
     header.get_by_text(status).wait_for(timeout=timeout_ms)
     job_id = int(re.search(r"Job (\d+)", header.inner_text()).group(1))
-    key = (live_server.home / "local_api_key").read_text().strip()
+    key = live_server.local_api_key
     return httpx.get(f"{live_server.url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
 
 
@@ -278,7 +290,7 @@ def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveS
     page.locator("#eval-run").click()
     table = page.locator("#eval-table")
     table.get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=120_000)
-    key = (live_server.home / "local_api_key").read_text().strip()
+    key = live_server.local_api_key
     evals = httpx.get(f"{live_server.url}/api/jobs", params={"kind": "eval"},
                       headers={"Authorization": f"Bearer {key}"}).json()["items"]
     assert evals[0]["status"] == "succeeded" and evals[0]["result"]["n"] == 4
@@ -304,7 +316,7 @@ def test_evaluate_on_a_published_benchmark_shows_its_categories(page, live_serve
     page.locator("#eval-run").click()
     categories = page.locator("#eval-categories")
     categories.get_by_text("overall").filter(visible=True).first.wait_for(timeout=120_000)
-    key = (live_server.home / "local_api_key").read_text().strip()
+    key = live_server.local_api_key
     evals = httpx.get(f"{live_server.url}/api/jobs", params={"kind": "eval"},
                       headers={"Authorization": f"Bearer {key}"}).json()["items"]
     job = evals[0]
@@ -324,3 +336,47 @@ def test_demo_answers_a_question_about_a_plain_image(page, live_server: LiveServ
     page.locator("#demo-ask").click()
     page.wait_for_function("document.querySelector('#demo-answer textarea').value !== ''", timeout=60_000)
     _screenshots(page, "demo")
+
+
+def test_sign_in_page_then_the_studio_then_sign_out(browser, live_server: LiveServer) -> None:  # noqa: ANN001
+    """No key: the sign-in page; a wrong key: said so; the right key: the studio, naming who is signed in;
+    Sign out: the sign-in page again, and the studio stays closed."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport=WIDE)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(f"{live_server.url}/ui/", wait_until="load")
+        page.wait_for_selector("#signin-key")
+        assert page.url.startswith(f"{live_server.url}/signin"), page.url
+        assert page.locator("#inspect-run").count() == 0
+        _screenshots(page, "signin")
+
+        page.locator("#signin-key").fill("vopd_not-a-key")
+        page.locator("#signin-submit").click()
+        page.locator("#signin-error").get_by_text("unknown or revoked").wait_for()
+        page.screenshot(path=ARTIFACTS / "signin-wrong-key-1280.png", full_page=True)
+
+        page.locator("#signin-key").fill(live_server.local_api_key)
+        page.locator("#signin-submit").click()
+        page.wait_for_selector("#inspect-run")
+        assert page.url.rstrip("/") == f"{live_server.url}/ui"
+        account = page.locator("#studio-account")
+        account.get_by_text("Signed in as").wait_for()
+        assert "local" in account.inner_text() and "admin" in account.inner_text()
+        page.wait_for_function("document.querySelector('#inspect-model input').value !== ''")
+        cookie = next(c for c in context.cookies() if c["name"] == "vopd_key")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+        assert page.evaluate("document.cookie").find("vopd_key") == -1, "scripts cannot read the key"
+        _screenshots(page, "signed-in")
+
+        page.locator("#studio-signout").click()
+        page.wait_for_selector("#signin-key")
+        page.locator("#signin-note").get_by_text("Signed out").wait_for()
+        assert not [c for c in context.cookies() if c["name"] == "vopd_key"]
+        page.screenshot(path=ARTIFACTS / "signed-out-1280.png", full_page=True)
+        page.goto(f"{live_server.url}/ui/", wait_until="load")
+        page.wait_for_selector("#signin-key")
+        assert page.url.startswith(f"{live_server.url}/signin")
+    finally:
+        context.close()

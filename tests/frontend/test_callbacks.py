@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -358,7 +359,7 @@ def test_demo_answer_is_the_students_rollout(api: FakeApi) -> None:
 def test_build_ui_holds_no_torch_and_no_database() -> None:
     """The UI is a client of the API: importing and building it must not load torch, transformers or SQLAlchemy."""
     code = (
-        "import sys; from frontend.app import build_ui; build_ui('http://127.0.0.1:9', 'k'); "
+        "import sys; from frontend.app import build_ui; build_ui('http://127.0.0.1:9'); "
         "print(sorted(m for m in ('torch', 'transformers', 'sqlalchemy', 'vopd.models', 'app') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -376,3 +377,59 @@ def test_a_zero_run_length_box_means_the_other_length() -> None:
     paper[paths.index("steps")] = 0
     config = train.config_from_form("m", "d", paper, "")
     assert config.epochs == 1 and config.steps is None
+
+
+# ----------------------------------------------------------------------------- the signed-in key
+def _gradio_request(headers: dict[str, str] | None = None, cookies: dict[str, str] | None = None) -> Any:  # noqa: ANN401
+    import gradio as gr
+    from starlette.requests import Request
+
+    raw_headers = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    if cookies:
+        raw_headers.append((b"cookie", "; ".join(f"{k}={v}" for k, v in cookies.items()).encode()))
+    return gr.Request(request=Request({"type": "http", "method": "POST", "path": "/", "headers": raw_headers}))
+
+
+def test_callbacks_use_the_signed_in_key_and_never_a_fallback() -> None:
+    from frontend.client import ApiError
+    from frontend.context import UiContext
+
+    ctx = UiContext("http://api.test")
+    with pytest.raises(ApiError, match="Not signed in"):
+        ctx.client(_gradio_request())
+    with pytest.raises(ApiError, match="Not signed in"):
+        ctx.client(None)
+    by_cookie = ctx.client(_gradio_request(cookies={"vopd_key": "vopd_alice"}))
+    assert by_cookie._http.headers["Authorization"] == "Bearer vopd_alice"
+    by_header = ctx.client(_gradio_request(headers={"Authorization": "Bearer vopd_bob"}, cookies={"vopd_key": "x"}))
+    assert by_header._http.headers["Authorization"] == "Bearer vopd_bob"
+
+
+def test_every_callback_that_names_a_request_gets_gradios_request() -> None:
+    """gr.Request is injected only when the annotation resolves: an unresolvable hint would silently drop it."""
+    import inspect as pyinspect
+
+    import gradio as gr
+    from gradio.utils import get_type_hints
+
+    from frontend.app import build_ui
+
+    ui = build_ui("http://127.0.0.1:9")
+    functions = [block_fn.fn for block_fn in ui.fns.values() if block_fn.fn is not None]
+    named = [fn for fn in functions if "request" in pyinspect.signature(fn).parameters]
+    assert len(named) >= 20
+    for fn in named:
+        assert get_type_hints(fn).get("request") is gr.Request, fn.__name__
+    assert not any(isinstance(block, gr.Textbox) and block.label == "API key" for block in ui.blocks.values())
+
+
+def test_the_standalone_studio_asks_for_a_key_too() -> None:
+    from fastapi.testclient import TestClient
+
+    from frontend.app import standalone_app
+
+    with TestClient(standalone_app("http://127.0.0.1:9")) as client:
+        assert client.get("/ui/config").status_code == 401
+        page = client.get("/ui/", headers={"Accept": "text/html"})
+        assert page.status_code == 200 and 'id="signin-key"' in page.text  # followed to the sign-in page
+        assert client.post("/signin", data={"key": "vopd_x"}).status_code == 401  # the API is unreachable

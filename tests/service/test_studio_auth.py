@@ -1,0 +1,293 @@
+"""The studio behind the same keys as the API, on a real HTTP server (uvicorn) over SQLite and PostgreSQL + Redis.
+
+Every path under /ui (pages, Gradio's API, queue, uploads, files, static assets) refuses a request without a valid
+key; /signin turns a key into an HttpOnly cookie; Gradio callbacks call the API with the signed-in user's key (never
+the server's); keys can be listed and revoked (CLI and admin route), and a revoked key is refused everywhere at once;
+no foreign origin gets CORS headers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.serve import vopd_command
+from tests.service.conftest import SESSION_TAG
+
+pytestmark = pytest.mark.services
+
+FOREIGN_ORIGIN = "https://evil.example"
+
+
+@dataclass
+class Studio:
+    backend: str
+    url: str
+    env: dict[str, str]
+    admin: str  # the local key `vopd serve` would print
+    alice: str
+    bob: str
+    app: object
+
+    def bearer(self, key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    def new_key(self, name: str) -> tuple[int, str]:
+        created = httpx.post(f"{self.url}/api/keys", json={"name": name}, headers=self.bearer(self.admin))
+        assert created.status_code == 201, created.text
+        return created.json()["id"], created.json()["key"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def studio(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[Studio]:
+    import uvicorn
+
+    backend = request.param
+    home = tmp_path_factory.mktemp(f"vopd-studio-{backend}")
+    env = {"VOPD_HOME": str(home), "VOPD_QUEUE": f"vopd-studio-{backend}-{SESSION_TAG}", "OMP_NUM_THREADS": "1"}
+    if backend == "postgresql":
+        env["DATABASE_URL"] = request.getfixturevalue("postgres_url")
+        env["REDIS_URL"] = request.getfixturevalue("redis_url")
+    shutil.copytree(tiny_model_dir, home / "models" / "tiny")  # what ensure_default_assets would build
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("DATABASE_URL", "REDIS_URL"):
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        from app.auth import create_api_key
+        from app.bootstrap import ensure_default_assets, ensure_local_key
+        from app.db import session_scope
+        from app.main import create_app, mount_ui
+        from app.settings import get_settings
+
+        settings = get_settings()
+        app = create_app(settings)
+        ensure_default_assets(settings, app.state.session_factory)
+        admin = ensure_local_key(settings, app.state.session_factory)
+        with session_scope(app.state.session_factory) as session:
+            _, alice = create_api_key(session, "alice")
+            _, bob = create_api_key(session, "bob")
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        assert mount_ui(app, url)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, name="studio-server", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        try:
+            yield Studio(backend, url, {**os.environ}, admin, alice, bob, app)
+        finally:
+            server.should_exit = True
+            thread.join(30)
+
+
+def _gradio_routes(app: object) -> list[tuple[str, str]]:
+    """(method, path) of every route the mounted Gradio app serves, path parameters filled with a dummy."""
+    mount = next(route for route in app.routes if getattr(route, "path", None) == "/ui")  # type: ignore[attr-defined]
+    found: list[tuple[str, str]] = []
+
+    def walk(routes: list, prefix: str) -> None:  # noqa: ANN001 - starlette/fastapi routes
+        for route in routes:
+            if hasattr(route, "original_router"):  # FastAPI's lazily included router (APIRouter(prefix=...))
+                walk(route.original_router.routes, prefix + route.include_context.prefix)
+                continue
+            path = prefix + re.sub(r"\{[^}]+\}", "x", route.path)
+            methods = sorted((getattr(route, "methods", None) or {"GET"}) - {"HEAD", "OPTIONS"})
+            found.extend((method, path) for method in methods)
+
+    walk(mount.app.routes, "/ui")
+    return sorted(set(found))
+
+
+def _status(client: httpx.Client, method: str, path: str, **kwargs: object) -> httpx.Response:
+    """Only the status and headers: some Gradio routes stream forever (heartbeat, queue data)."""
+    with client.stream(method, path, **kwargs) as response:  # type: ignore[arg-type]
+        return response
+
+
+def test_every_gradio_route_refuses_a_request_without_a_valid_key(studio: Studio) -> None:
+    routes = _gradio_routes(studio.app)
+    paths = {path for _, path in routes}
+    for expected in ("/ui/", "/ui/config", "/ui/gradio_api/info", "/ui/gradio_api/queue/join",
+                     "/ui/gradio_api/queue/data", "/ui/gradio_api/upload", "/ui/gradio_api/file=x",
+                     "/ui/gradio_api/heartbeat/x", "/ui/assets/x", "/ui/static/x", "/ui/gradio_api/vibe-code"):
+        assert expected in paths, f"{expected} not among Gradio's routes: {sorted(paths)}"
+    revoked_id, revoked = studio.new_key("revoked-walker")
+    with httpx.Client(base_url=studio.url, timeout=10) as client:
+        assert client.post(f"/api/keys/{revoked_id}/revoke", headers=studio.bearer(revoked)).status_code == 200
+        refused = []
+        for method, path in routes:
+            for headers in ({}, studio.bearer("vopd_wrong"), studio.bearer(revoked), {"Cookie": "vopd_key=vopd_no"}):
+                response = _status(client, method, path, headers=headers)
+                if response.status_code != 401:
+                    refused.append((method, path, headers, response.status_code))
+            page = _status(client, method, path, headers={"Accept": "text/html"})
+            if method == "GET":  # a browser is sent to the sign-in page, the path it wanted kept
+                assert page.status_code == 303 and page.headers["location"].startswith("/signin?next=%2Fui"), path
+        assert refused == [], f"answered without a valid key: {refused}"
+        # With a key every route gets past the guard and Gradio's login check (404/405/422 on dummy values, and
+        # Gradio's own 401/403 of features it keeps off, such as monitoring or Hugging Face run history, are fine).
+        stopped = []
+        for method, path in routes:
+            with client.stream(method, path, headers=studio.bearer(studio.alice)) as response:
+                if response.status_code == 401:
+                    text = response.read().decode(errors="replace")
+                    if "/signin" in text or "Not authenticated" in text:  # the guard or Gradio login_check
+                        stopped.append((method, path, text))
+        assert stopped == []
+    websocket_like = httpx.get(f"{studio.url}/ui/gradio_api/queue/data", params={"session_hash": "x"})
+    assert websocket_like.status_code == 401
+
+
+def test_with_a_key_pages_config_upload_files_and_queued_calls_work(studio: Studio, tmp_path: Path) -> None:
+    from gradio_client import Client
+
+    with httpx.Client(base_url=studio.url, headers=studio.bearer(studio.alice), timeout=30) as client:
+        assert client.get("/ui/").status_code == 200
+        assert client.get("/ui/config").json()["username"] == "alice"
+        assert "named_endpoints" in client.get("/ui/gradio_api/info").json()
+        upload = client.post("/ui/gradio_api/upload", files={"files": ("note.txt", b"hello", "text/plain")})
+        assert upload.status_code == 200, upload.text
+        served = upload.json()[0]
+        assert client.get(f"/ui/gradio_api/file={served}").content == b"hello"
+        assert httpx.get(f"{studio.url}/ui/gradio_api/file={served}").status_code == 401
+    # A queued call (queue/join + queue/data) through gradio_client, as a script would drive the studio.
+    ui = Client(f"{studio.url}/ui/", headers=studio.bearer(studio.alice), verbose=False)
+    assert ui.predict(api_name="/signed_in_as").startswith("Signed in as **alice**")
+
+
+def test_callbacks_act_with_the_signed_in_users_key_not_the_servers(studio: Studio) -> None:
+    """Alice's job is listed by the studio to Alice, not to Bob, and to nobody without a key (no local fallback)."""
+    from gradio_client import Client
+
+    from frontend import strings
+
+    body = {"kind": "eval", "config": {"model": "tiny", "dataset": "synth-64", "limit": 2}}
+    created = httpx.post(f"{studio.url}/api/jobs", json=body, headers=studio.bearer(studio.alice))
+    assert created.status_code == 201, created.text  # queued: no worker runs here
+    ui_as = {name: Client(f"{studio.url}/ui/", headers=studio.bearer(key), verbose=False)
+             for name, key in (("alice", studio.alice), ("bob", studio.bob))}
+    ids = {name: [int(row[0]) for row in client.predict(strings.ANY, strings.ANY, api_name="/refresh_table")["data"]]
+           for name, client in ui_as.items()}
+    assert created.json()["id"] in ids["alice"] and created.json()["id"] not in ids["bob"], ids
+    with pytest.raises(Exception):  # noqa: B017, PT011 - gradio_client's own error on a 401
+        Client(f"{studio.url}/ui/", verbose=False)
+
+
+def test_signin_page_sets_an_httponly_cookie_and_signout_clears_it(studio: Studio) -> None:
+    with httpx.Client(base_url=studio.url, timeout=10) as browser:
+        page = browser.get("/ui/", headers={"Accept": "text/html"}, follow_redirects=True)
+        assert page.status_code == 200 and 'id="signin-key"' in page.text and page.url.path == "/signin"
+        wrong = browser.post("/signin", data={"key": "vopd_nope", "next": "/ui/"})
+        assert wrong.status_code == 401 and "unknown or revoked" in wrong.text and "vopd_key" not in wrong.cookies
+        signed = browser.post("/signin", data={"key": studio.bob, "next": "/ui/"})
+        assert signed.status_code == 303 and signed.headers["location"] == "/ui/"
+        cookie = signed.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=lax" in cookie and "path=/" in cookie
+        assert browser.get("/ui/").status_code == 200
+        assert browser.get("/ui/config").json()["username"] == "bob"
+        assert browser.get("/api/me").status_code == 401, "the REST API takes Bearer keys only (no cookie, no CSRF)"
+        assert browser.get("/signout").status_code == 200
+        assert browser.get("/ui/config").status_code == 401
+    # The link `vopd serve` prints; a foreign `next` never leaves the server; a cross-site form post is refused.
+    link = httpx.get(f"{studio.url}/signin", params={"key": studio.admin, "next": "//evil.example/x"})
+    assert link.status_code == 303 and link.headers["location"] == "/ui/"
+    assert httpx.get(f"{studio.url}/signin", params={"key": studio.admin, "next": "/ui/?x=1"}).headers[
+        "location"] == "/ui/?x=1"
+    foreign = httpx.post(f"{studio.url}/signin", data={"key": studio.alice}, headers={"Origin": FOREIGN_ORIGIN})
+    assert foreign.status_code == 403 and "set-cookie" not in foreign.headers
+
+
+def test_a_revoked_key_is_refused_everywhere_at_once(studio: Studio) -> None:
+    key_id, key = studio.new_key("soon-revoked")
+    with httpx.Client(base_url=studio.url, timeout=10) as browser:
+        assert browser.get("/signin", params={"key": key}).status_code == 303
+        checks = {"/ui/config": browser.get, "/api/me": lambda path: httpx.get(studio.url + path,
+                                                                                headers=studio.bearer(key))}
+        assert [checks[path](path).status_code for path in checks] == [200, 200]
+        revoked = httpx.post(f"{studio.url}/api/keys/{key_id}/revoke", headers=studio.bearer(studio.admin))
+        assert revoked.status_code == 200 and revoked.json()["revoked"] is True
+        assert [checks[path](path).status_code for path in checks] == [401, 401]
+        assert browser.get("/ui/", headers={"Accept": "text/html"}).headers["location"].startswith("/signin")
+        assert httpx.get(f"{studio.url}/ui/gradio_api/info", headers=studio.bearer(key)).status_code == 401
+
+
+def test_keys_route_lists_for_an_admin_only_and_revokes(studio: Studio) -> None:
+    listed = httpx.get(f"{studio.url}/api/keys", headers=studio.bearer(studio.admin))
+    assert listed.status_code == 200
+    rows = {row["name"]: row for row in listed.json()["items"]}
+    assert rows["local"]["admin"] is True and rows["alice"]["admin"] is False
+    assert all("key" not in row and "key_hash" not in row for row in rows.values())
+    assert rows["alice"]["prefix"] == studio.alice[: len(rows["alice"]["prefix"])]
+    for key in (studio.alice, studio.bob):
+        assert httpx.get(f"{studio.url}/api/keys", headers=studio.bearer(key)).status_code == 403
+        assert httpx.post(f"{studio.url}/api/keys", json={"name": "x"}, headers=studio.bearer(key)).status_code == 403
+    other = httpx.post(f"{studio.url}/api/keys/{rows['bob']['id']}/revoke", headers=studio.bearer(studio.alice))
+    assert other.status_code == 403
+    assert httpx.get(f"{studio.url}/api/me", headers=studio.bearer(studio.bob)).status_code == 200
+    for missing in (10**6, 2**63):
+        response = httpx.post(f"{studio.url}/api/keys/{missing}/revoke", headers=studio.bearer(studio.admin))
+        assert response.status_code in (404, 422), response.text
+    me_id, me_key = studio.new_key("self-revoker")
+    assert httpx.get(f"{studio.url}/api/keys/me", headers=studio.bearer(me_key)).json()["id"] == me_id
+    assert httpx.post(f"{studio.url}/api/keys/{me_id}/revoke", headers=studio.bearer(me_key)).status_code == 200
+    assert httpx.get(f"{studio.url}/api/keys/me", headers=studio.bearer(me_key)).status_code == 401
+
+
+def test_cli_lists_and_revokes_keys(studio: Studio) -> None:
+    def vopd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(vopd_command("apikey", *args), env=studio.env, capture_output=True, text=True,
+                              timeout=120, check=check)
+
+    key = vopd("create", "--name", "carol").stdout.strip().splitlines()[-1]
+    assert httpx.get(f"{studio.url}/api/me", headers=studio.bearer(key)).json()["name"] == "carol"
+    listing = vopd("list").stdout
+    carol = next(line for line in listing.splitlines() if line.endswith(" carol"))
+    prefix = carol.split()[1]
+    assert key.startswith(prefix) and key not in listing
+    assert re.search(r"\blocal$", listing, re.MULTILINE) and "yes" in next(
+        line for line in listing.splitlines() if line.endswith(" local"))
+    unknown = vopd("revoke", "vopd_zzzzzzzz", check=False)
+    assert unknown.returncode == 2 and "no API key" in unknown.stderr
+    assert "revoked key" in vopd("revoke", prefix).stdout
+    assert httpx.get(f"{studio.url}/api/me", headers=studio.bearer(key)).status_code == 401
+    assert httpx.get(f"{studio.url}/ui/config", headers=studio.bearer(key)).status_code == 401
+    revoked_line = next(line for line in vopd("list").stdout.splitlines() if line.endswith(" carol"))
+    assert "yes" in revoked_line
+    admin_key = vopd("create", "--name", "dora", "--admin").stdout.strip().splitlines()[-1]
+    assert httpx.get(f"{studio.url}/api/keys", headers=studio.bearer(admin_key)).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/api/health", "/ui/gradio_api/info", "/ui/config", "/ui/gradio_api/queue/join"])
+def test_no_foreign_origin_gets_cors_headers(studio: Studio, path: str) -> None:
+    """Not on loopback either: Gradio's own middleware echoes any Origin (with credentials) for other hosts."""
+    for host in ("127.0.0.1", "studio.example.org"):
+        headers = {**studio.bearer(studio.alice), "Origin": FOREIGN_ORIGIN, "Host": host}
+        simple = httpx.get(studio.url + path, headers=headers)
+        preflight = httpx.options(studio.url + path, headers={
+            **headers, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+        for response in (simple, preflight):
+            assert "access-control-allow-origin" not in response.headers, (host, response.headers)
+            assert "access-control-allow-credentials" not in response.headers, (host, response.headers)
