@@ -57,6 +57,7 @@ __all__ = [
     "resolve_dtype",
     "suppressed_token_ids",
     "unwrap_model",
+    "vision_tower_module",
     "vision_tower_parameters",
 ]
 
@@ -321,10 +322,15 @@ def _vision_tower_name(model: nn.Module) -> str:
     return min(candidates, key=lambda name: name.count("."))
 
 
-def vision_tower_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the vision encoder (for Qwen2-VL this includes its patch merger, which lives inside it)."""
+def vision_tower_module(model: nn.Module) -> nn.Module:
+    """The vision encoder sub-module (for Qwen2-VL this includes its patch merger, which lives inside it)."""
     base = unwrap_model(model)
-    return list(base.get_submodule(_vision_tower_name(base)).parameters())
+    return base.get_submodule(_vision_tower_name(base))
+
+
+def vision_tower_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the vision encoder."""
+    return list(vision_tower_module(model).parameters())
 
 
 def optimizer_param_groups(model: nn.Module, lr: float, vision_lr_scale: float = 1.0) -> list[dict[str, Any]]:

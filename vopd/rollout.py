@@ -92,13 +92,15 @@ def sample_rollouts(
     suppressed_token_ids: list[int],
     seed: int | None = None,
     row_seeds: list[int] | None = None,
+    synced_gpus: bool = False,
 ) -> RolloutBatch:
     """Sample one response per prompt row (repeat rows beforehand for several rollouts per prompt).
 
     ``temperature == 0`` means greedy. A ``seed`` makes the sample depend only on it, the weights and the batch;
     ``row_seeds`` (one per row) make each row's sample depend only on its own seed, the weights and its prompt, so
     the same prompt samples the same response in any batch. Either is what makes resumed training bit-identical to
-    an uninterrupted run. Temperature, top-p and
+    an uninterrupted run. ``synced_gpus`` keeps stepping until every rank has finished (sharded weights: every
+    forward is a collective). Temperature, top-p and
     token suppression are applied by our own processor chain (with generate's own warpers switched
     off), so the recorded behaviour log-probs are those of the distribution each token was drawn from,
     whatever defaults a model's generation_config.json carries.
@@ -138,6 +140,7 @@ def sample_rollouts(
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([gatherer]),
             use_cache=True,
+            synced_gpus=synced_gpus,
         )
     finally:
         model.train(was_training)

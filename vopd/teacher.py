@@ -27,6 +27,7 @@ from torch import nn
 from transformers import BatchFeature
 
 from vopd.config import TeacherConfig
+from vopd.distributed import copy_full_into, full_tensor, reshard
 from vopd.rollout import RolloutBatch, response_logits
 
 
@@ -41,7 +42,9 @@ def _is_peft(model: nn.Module) -> bool:
 class Teacher:
     """Scores rollouts on the crop view with the teacher's weights; updated after each step."""
 
-    def __init__(self, student: nn.Module, config: TeacherConfig) -> None:
+    def __init__(self, student: nn.Module, config: TeacherConfig, *, frozen_copy: nn.Module | None = None) -> None:
+        """``student`` is the model itself (not a DDP wrapper). ``frozen_copy`` is the teacher's own module when the
+        caller made it (``initial_copy``, then sharded like the student); otherwise it is copied here if needed."""
         self.config = config
         self.student = student
         self.uses_adapter = _is_peft(student)
@@ -55,18 +58,29 @@ class Teacher:
             self.shadow = {name: p.detach().clone() for name, p in trainable_parameters(student).items()}
         else:
             names = list(trainable_parameters(student))
-            self.frozen_copy = copy.deepcopy(student)
-            self.frozen_copy.requires_grad_(False)
-            self.frozen_copy.eval()
+            self.frozen_copy = frozen_copy if frozen_copy is not None else self.initial_copy(student, config)
             params = dict(self.frozen_copy.named_parameters())
             self.shadow = {name: params[name] for name in names}  # views into the copy: updates act on it
+
+    @staticmethod
+    def initial_copy(student: nn.Module, config: TeacherConfig) -> nn.Module | None:
+        """The separate frozen module a full fine-tune's teacher needs (None when it needs none)."""
+        if config.mode == "current" or _is_peft(student):
+            return None
+        frozen = copy.deepcopy(student)
+        frozen.requires_grad_(False)
+        frozen.eval()
+        return frozen
 
     @contextmanager
     def scoring(self) -> Iterator[nn.Module]:
         """Yield the module that holds the teacher's weights, with grad off (trust_region: its initial weights)."""
         with torch.no_grad():
             if self.frozen_copy is not None:
-                yield self.frozen_copy
+                try:
+                    yield self.frozen_copy
+                finally:
+                    reshard(self.frozen_copy)
             elif self.config.mode == "current":
                 yield self.student
             elif self.config.mode in ("fixed", "trust_region"):  # LoRA: base weights are the initial weights
@@ -104,7 +118,8 @@ class Teacher:
                 self.shadow[name].copy_(param.detach())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: tensor.detach().clone() for name, tensor in self.shadow.items()}
+        """Whole tensors, also when the teacher is sharded over ranks (every rank must call it then)."""
+        return {name: full_tensor(tensor).detach().clone() for name, tensor in self.shadow.items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -112,4 +127,4 @@ class Teacher:
         if missing:
             raise ValueError(f"teacher state lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
         for name, tensor in self.shadow.items():
-            tensor.copy_(state[name])
+            copy_full_into(tensor, state[name])

@@ -31,12 +31,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from vopd import distributed
 from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import TrainConfig
 from vopd.data import Sample, load_dataset
 from vopd.divergence import distillation_loss, distribution_stats
 from vopd.guard import CollapseGuard
-from vopd.models import LoadedModel, load_model_and_processor, optimizer_param_groups, resolve_dtype
+from vopd.models import (
+    LoadedModel,
+    load_model_and_processor,
+    optimizer_param_groups,
+    resolve_dtype,
+    vision_tower_module,
+)
 from vopd.rollout import RolloutBatch, response_logits, sample_rollouts
 from vopd.teacher import Teacher, trainable_parameters
 from vopd.views import student_view, teacher_view, to_messages
@@ -140,7 +147,14 @@ class OPDTrainer:
             raise ValueError("TrainConfig.output must name the run folder")
         self.config = config
         self.output_dir = Path(config.output)
-        self.callbacks = CallbackList(callbacks)
+        self.ranks = distributed.setup(config.runtime.strategy, config.runtime.dist_timeout_s)
+        if config.batch_size % self.ranks.world_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} (prompts per micro-batch, for the whole job) must be a multiple of "
+                f"the {self.ranks.world_size} ranks, which share each micro-batch's prompts"
+            )
+        # Rank 0 alone reports: progress, logs and the cancellation decision (broadcast to the others).
+        self.callbacks = CallbackList(callbacks if self.ranks.is_main else ())
         self.samples: list[Sample] = load_dataset(config.dataset)
         if not self.samples:
             raise ValueError(f"{config.dataset}: the dataset is empty")
@@ -154,8 +168,19 @@ class OPDTrainer:
 
         torch.manual_seed(config.seed)
         self.loaded = self._load_student(checkpoint)
+        # `student` is the model itself (generate, the teacher's copies, parameter names); `trained` is what the
+        # loss backpropagates through: the DDP wrapper under ddp, the same (sharded) module otherwise.
         self.student: nn.Module = self.loaded.model
-        self.teacher = Teacher(self.student, config.teacher)
+        frozen_copy = Teacher.initial_copy(self.student, config.teacher)
+        self.trained: nn.Module = self.student
+        if self.ranks.strategy == "fsdp":
+            for module in (self.student, frozen_copy):
+                if module is not None:
+                    distributed.shard(module, vision_tower_module(module))
+                    distributed.first_forward(module, self._two_token_ids())
+        elif self.ranks.strategy == "ddp":
+            self.trained = distributed.data_parallel(self.student, self.ranks)
+        self.teacher = Teacher(self.student, config.teacher, frozen_copy=frozen_copy)
         self.guard = CollapseGuard(config.collapse_guard, self.samples, config.views)
         if not trainable_parameters(self.student):
             raise ValueError("no trainable parameters: check lora/freeze settings")
@@ -202,9 +227,22 @@ class OPDTrainer:
             set_peft_model_state_dict(loaded.model, load_file(checkpoint / "adapter_model.safetensors"))
         return loaded
 
+    def _two_token_ids(self) -> torch.Tensor:
+        return torch.full((1, 2), self.loaded.pad_token_id, dtype=torch.long, device=self.loaded.device)
+
     def _load_state(self, checkpoint: Path) -> None:
         state = torch.load(checkpoint / STATE_FILE, map_location=self.loaded.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ranks.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                self.student,
+                self.optimizer,
+                optim_state_dict=state["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.teacher.load_state_dict(state["teacher"])
         if self.scaler is not None and state.get("scaler"):
@@ -216,8 +254,9 @@ class OPDTrainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
         config = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.json").write_text(config.model_dump_json(indent=2))
+        if self.ranks.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(config.model_dump_json(indent=2))
         metrics_log = self._open_metrics_log()
         self.callbacks.on_start(total=self.total_steps, start=self.step, unit="step")
         last_metrics: dict[str, float] = {}
@@ -228,7 +267,7 @@ class OPDTrainer:
             self.callbacks.on_log(f"collapse guard baseline at step {self.step}: {json.dumps(rounded)}")
         try:
             while self.step < self.total_steps:
-                if self.callbacks.should_stop():
+                if self.ranks.broadcast_object(self.callbacks.should_stop()):
                     stopped = True
                     break
                 last_metrics = self.train_step()
@@ -236,16 +275,18 @@ class OPDTrainer:
                 if self.guard.due(self.step):
                     guard_metrics, collapse_stop = self._guard_check()
                     last_metrics.update(guard_metrics)
-                    stopped = collapse_stop
-                metrics_log.write(json.dumps({"step": self.step, **last_metrics}) + "\n")
-                metrics_log.flush()
+                    stopped = self.ranks.broadcast_object(collapse_stop)
+                if metrics_log is not None:
+                    metrics_log.write(json.dumps({"step": self.step, **last_metrics}) + "\n")
+                    metrics_log.flush()
                 self.callbacks.on_progress(done=self.step, total=self.total_steps, metrics=last_metrics)
                 if self.step % config.save_every == 0 or self.step == self.total_steps:
                     self.save_checkpoint()
                 if stopped:
                     break
         finally:
-            metrics_log.close()
+            if metrics_log is not None:
+                metrics_log.close()
         if stopped:
             if latest_checkpoint(self.output_dir) != self._checkpoint_dir(self.step) and self.step > 0:
                 self.save_checkpoint()
@@ -264,9 +305,15 @@ class OPDTrainer:
             self.callbacks.on_log(warning, level="warning")
         return metrics, bool(warnings) and self.config.collapse_guard.stop_on_collapse
 
+    @property
+    def _share(self) -> int:
+        """Prompts of each micro-batch that this rank takes."""
+        return self.config.batch_size // self.ranks.world_size
+
     def _samples_for(self, micro_batch: int) -> list[Sample]:
-        start = micro_batch * self.config.batch_size
-        return [self.samples[self.order.index(start + i)] for i in range(self.config.batch_size)]
+        """This rank's contiguous share of micro-batch ``micro_batch`` (counted from the start of the run)."""
+        start = micro_batch * self.config.batch_size + self.ranks.rank * self._share
+        return [self.samples[self.order.index(start + i)] for i in range(self._share)]
 
     def _encode(self, samples: list[Sample], view_fn) -> Any:  # noqa: ANN001 - student_view or teacher_view
         repeats = self.config.rollout.num_rollouts
@@ -276,10 +323,10 @@ class OPDTrainer:
     def _row_seeds(self, micro: int) -> list[int]:
         """One sampling seed per rollout row: (run seed, step, the prompt's place in the step, rollout index)."""
         config = self.config
-        first = micro * config.batch_size
+        first = micro * config.batch_size + self.ranks.rank * self._share
         return [
             derive_seed(config.seed, self.step, first + prompt, rollout)
-            for prompt in range(config.batch_size)
+            for prompt in range(self._share)
             for rollout in range(config.rollout.num_rollouts)
         ]
 
@@ -298,6 +345,7 @@ class OPDTrainer:
                 pad_token_id=self.loaded.pad_token_id,
                 suppressed_token_ids=self.loaded.suppressed_token_ids,
                 row_seeds=self._row_seeds(micro),
+                synced_gpus=self.ranks.strategy == "fsdp",  # sharded ranks must run every forward together
             )
         return student_prompts, rollout
 
@@ -319,8 +367,11 @@ class OPDTrainer:
             # at once can outweigh the model at real image sizes).
             micro_batches.append((samples, student_prompts if config.grad_accum == 1 else None, rollout))
         timings["rollout_time"] = time.perf_counter() - tick
-        step_tokens = sum(int(rollout.response_mask.sum()) for _, _, rollout in micro_batches)
-        normalizer = float(max(step_tokens, 1))
+        local_tokens = sum(int(rollout.response_mask.sum()) for _, _, rollout in micro_batches)
+        (step_tokens,) = self.ranks.sum([float(local_tokens)], self.loaded.device)
+        # Each rank divides its token sum by the step's tokens over all ranks; DDP and FSDP then *average* the ranks'
+        # gradients, so the denominator is divided by the world size to make their sum the global token-mean.
+        normalizer = max(step_tokens, 1.0) / self.ranks.world_size
 
         # 2. Teacher on the crop, student on the full image, loss and backward, one micro-batch at a time.
         totals: dict[str, float] = {}
@@ -329,6 +380,7 @@ class OPDTrainer:
         rows = 0
         truncated = 0
         while micro_batches:
+            last_micro_batch = len(micro_batches) == 1
             samples, student_prompts, rollout = micro_batches.pop(0)
             if student_prompts is None:
                 student_prompts = self._encode(samples, student_view)
@@ -340,18 +392,19 @@ class OPDTrainer:
             timings["teacher_time"] += time.perf_counter() - tick
 
             tick = time.perf_counter()
-            with self.loaded.autocast():
-                student_logits = response_logits(self.student, student_prompts, rollout)  # (N, R, V)
-            loss, per_token = distillation_loss(
-                student_logits,
-                teacher_logits,
-                rollout.response_mask,
-                config.divergence,
-                response_ids=rollout.response_ids,
-                behaviour_logprobs=rollout.behaviour_logprobs if self._behaviour_comparable else None,
-                normalizer=normalizer,
-            )
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            with distributed.gradient_sync(self.trained, self.ranks, enabled=last_micro_batch):
+                with self.loaded.autocast():
+                    student_logits = response_logits(self.trained, student_prompts, rollout)  # (N, R, V)
+                loss, per_token = distillation_loss(
+                    student_logits,
+                    teacher_logits,
+                    rollout.response_mask,
+                    config.divergence,
+                    response_ids=rollout.response_ids,
+                    behaviour_logprobs=rollout.behaviour_logprobs if self._behaviour_comparable else None,
+                    normalizer=normalizer,
+                )
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             timings["student_time"] += time.perf_counter() - tick
 
             self._accumulate(totals, "loss", loss.item())
@@ -376,7 +429,7 @@ class OPDTrainer:
         parameters = [p for p in self.student.parameters() if p.requires_grad]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+        grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip))
         lr = self.scheduler.get_last_lr()[0]
         finite = bool(torch.isfinite(grad_norm))
         if finite:
@@ -396,10 +449,19 @@ class OPDTrainer:
         if self.scaler is not None:
             self.scaler.update()
         self.scheduler.step()
+        if self.ranks.distributed:  # the step's figures over every rank
+            stat_keys = [key for key in totals if key != "loss"]
+            loss_sum, divergence_sum, rows, truncated, *stat_sums = self.ranks.sum(
+                [totals.get("loss", 0.0), divergence_sum, rows, truncated, *(totals[key] for key in stat_keys)],
+                self.loaded.device,
+            )
+            totals = {"loss": loss_sum / self.ranks.world_size}
+            totals.update({key: value / self.ranks.world_size for key, value in zip(stat_keys, stat_sums, strict=True)})
+            divergence_max = self.ranks.max(divergence_max, self.loaded.device)
         step_time = time.perf_counter() - started
         return {
             **totals,
-            "divergence_mean": divergence_sum / normalizer,
+            "divergence_mean": divergence_sum / max(step_tokens, 1.0),
             "divergence_max": divergence_max,
             "response_length": step_tokens / max(rows, 1),
             "truncated_fraction": truncated / max(rows, 1),
@@ -418,6 +480,8 @@ class OPDTrainer:
     # ------------------------------------------------------------------ files
     def _open_metrics_log(self):  # noqa: ANN202
         """Append to metrics.jsonl, first dropping records past the resumed step (they will be redone)."""
+        if not self.ranks.is_main:
+            return None
         path = self.output_dir / METRICS_FILE
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
@@ -427,28 +491,51 @@ class OPDTrainer:
     def _checkpoint_dir(self, step: int) -> Path:
         return self.output_dir / CHECKPOINTS_DIR / f"step-{step}"
 
+    def _gathered_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Whole (unsharded) model and optimizer state dicts, on rank 0's CPU; every rank must call this."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.student, options=options)
+        return model_state, get_optimizer_state_dict(self.student, self.optimizer, options=options)
+
     def save_checkpoint(self) -> Path:
-        """Write into a temporary folder, then rename: a crash never leaves a half checkpoint behind."""
+        """Write into a temporary folder, then rename: a crash never leaves a half checkpoint behind.
+
+        Across ranks the checkpoint holds the gathered state (weights, optimizer, teacher), written by rank 0, so a
+        run resumes exactly on any number of ranks."""
         final = self._checkpoint_dir(self.step)
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        self.student.save_pretrained(partial)
-        self.loaded.processor.save_pretrained(partial)
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "skipped_steps": self.skipped_steps,
-            "rng": _rng_state(),
-            "config": self.config.model_dump(mode="json"),
-        }
-        torch.save(state, partial / STATE_FILE)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        self._prune_checkpoints()
+        model_state, optimizer_state = self._gathered_state() if self.ranks.distributed else ({}, {})
+        teacher_state = self.teacher.state_dict()
+        if self.ranks.is_main:
+            partial = final.with_name(final.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            if self.ranks.distributed:
+                self.student.save_pretrained(partial, state_dict=model_state)
+            else:
+                self.student.save_pretrained(partial)
+                optimizer_state = self.optimizer.state_dict()
+            self.loaded.processor.save_pretrained(partial)
+            state = {
+                "step": self.step,
+                "optimizer": optimizer_state,
+                "scheduler": self.scheduler.state_dict(),
+                "teacher": teacher_state,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "skipped_steps": self.skipped_steps,
+                "rng": _rng_state(),
+                "config": self.config.model_dump(mode="json"),
+            }
+            torch.save(state, partial / STATE_FILE)
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            self._prune_checkpoints()
+        self.ranks.barrier()  # no rank reads a checkpoint before rank 0 has written it
         self.callbacks.on_checkpoint(step=self.step, path=final)
         return final
 
@@ -468,9 +555,17 @@ class OPDTrainer:
         The weights keep the master dtype unless ``export_dtype`` names another; casting happens in place, so this
         is the run's last act."""
         final = self.output_dir / FINAL_DIR
+        model = self.student
+        if self.ranks.strategy == "fsdp":  # gather the shards; rank 0 rebuilds a whole model from them
+            model_state, _ = self._gathered_state()
+            model = self._rebuilt_on_cpu(model_state) if self.ranks.is_main else None
+        self.ranks.barrier()
+        if not self.ranks.is_main:
+            self.ranks.barrier()
+            return final
         partial = final.with_name(FINAL_DIR + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        model = self.student
+        assert model is not None
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         if self.config.export_dtype != "master":
@@ -479,11 +574,26 @@ class OPDTrainer:
         self.loaded.processor.save_pretrained(partial)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
+        self.ranks.barrier()
         return final
+
+    def _rebuilt_on_cpu(self, model_state: dict[str, Any]) -> nn.Module:
+        """An unsharded copy of the student on the CPU (built as at the start, then given the trained weights)."""
+        config = self.config
+        runtime = config.runtime.model_copy(update={"device": "cpu", "strategy": "single"})
+        rebuilt = load_model_and_processor(
+            config.model, runtime, lora=config.lora, freeze_vision_tower=config.freeze_vision_tower, trainable=True
+        ).model
+        rebuilt.load_state_dict(model_state)
+        return rebuilt
 
 
 def train(
     config: TrainConfig, *, callbacks: Sequence[ProgressCallback] = (), resume: bool = False
 ) -> TrainResult:
-    """Run (or resume, or extend) a Vision-OPD training run described by ``config``."""
-    return OPDTrainer(config, callbacks=callbacks, resume=resume).train()
+    """Run (or resume, or extend) a Vision-OPD training run described by ``config`` (on this rank, under torchrun)."""
+    trainer = OPDTrainer(config, callbacks=callbacks, resume=resume)
+    try:
+        return trainer.train()
+    finally:
+        distributed.teardown(trainer.ranks)
