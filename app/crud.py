@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import TERMINAL_STATUSES, Job, JobLog, JobMetric, Worker, utcnow
-from app.queueing import BrokerUnavailable, JobQueue
+from app.queueing import BrokerUnavailable, JobQueue, routed_queue, unrouted_queue
 from app.registry import UnknownName, resolve_dataset, resolve_model
 from app.schemas import EvalJobCreate, JobOut, TrainJobCreate
 from app.settings import Settings
@@ -44,12 +44,16 @@ def create_job(
         paths["dataset"] = str(resolve_dataset(session, owner_id, config.dataset))
     if getattr(config, "benchmark", None) is not None:
         paths["data"] = str(resolve_benchmark_data(settings, config.benchmark, config.data))
+    gpus = body.resources.gpus if isinstance(body, TrainJobCreate) else 1
+    if gpus > 1 and config.runtime.strategy == "single":  # several processes need a strategy that joins them
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"strategy": "ddp"})})
     resolved = config.model_copy(update=paths)
     job = Job(
         owner_id=owner_id,
         kind=body.kind,
         status="queued",
-        queue=body.queue or settings.queue,
+        queue=routed_queue(body.queue or settings.queue, gpus),
+        gpus=gpus,
         config=config.model_dump(mode="json"),
         resolved_config={},
         output_dir="",
@@ -111,14 +115,20 @@ def _publish(session: Session, queue: JobQueue, job: Job, warnings: list[str] | 
 
 
 def queue_warnings(session: Session, settings: Settings, queue: str) -> list[str]:
-    """Why a job on ``queue`` may wait forever: no live worker (one that said alive lately) serves that queue."""
+    """Why a job on (broker) ``queue`` may wait forever: no live worker (one that said alive lately) serves that
+    queue with as many devices as the job needs."""
+    base, gpus = unrouted_queue(queue)
     cutoff = utcnow() - timedelta(seconds=3 * settings.heartbeat_interval_s)
-    live = session.scalar(select(func.count()).where(Worker.queue == queue, Worker.last_seen_at >= cutoff))
+    live = session.scalar(
+        select(func.count()).where(Worker.queue == base, Worker.gpus >= gpus, Worker.last_seen_at >= cutoff)
+    )
     if live:
         return []
+    devices = f" with {gpus} devices" if gpus > 1 else ""
+    command = f"vopd worker --queue {base}" + (f" --gpus {gpus}" if gpus > 1 else "")
     return [
-        f"no live worker serves queue {queue!r} (none reported in the last {3 * settings.heartbeat_interval_s:g} s): "
-        f"the job waits until one starts (`vopd worker --queue {queue}`)"
+        f"no live worker serves queue {base!r}{devices} (none reported in the last "
+        f"{3 * settings.heartbeat_interval_s:g} s): the job waits until one starts (`{command}`)"
     ]
 
 

@@ -98,7 +98,8 @@ class Job(Base):
     owner_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
-    queue: Mapped[str] = mapped_column(String(100))
+    queue: Mapped[str] = mapped_column(String(100))  # the broker queue: the job's queue, routed by its gpus
+    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # processes (devices) the job runs on
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     resolved_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     output_dir: Mapped[str] = mapped_column(Text)
@@ -177,5 +178,6 @@ class Worker(Base):
 
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     queue: Mapped[str] = mapped_column(String(100))
+    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # takes jobs of up to this many
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)

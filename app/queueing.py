@@ -17,6 +17,18 @@ class BrokerUnavailable(RuntimeError):
     back (``app.crud.reconcile_queued``)."""
 
 
+def routed_queue(queue: str, gpus: int) -> str:
+    """The broker queue of a job that runs on ``gpus`` devices: the queue itself for one, ``QUEUE.gpusN`` for more.
+    A worker with G devices consumes its queue and QUEUE.gpus2 .. QUEUE.gpusG, so it only takes jobs that fit."""
+    return queue if gpus <= 1 else f"{queue}.gpus{gpus}"
+
+
+def unrouted_queue(queue: str) -> tuple[str, int]:
+    """(queue, gpus) of a broker queue name made by ``routed_queue``."""
+    base, _, suffix = queue.rpartition(".gpus")
+    return (base, int(suffix)) if base and suffix.isdigit() else (queue, 1)
+
+
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport names a queue's priority lists queue + this + step
 
 

@@ -22,6 +22,23 @@ class _Out(BaseModel):
 
 
 # --------------------------------------------------------------------------- jobs
+class Resources(BaseModel):
+    """What a job needs from the worker that runs it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Devices (processes) the job trains on, on one machine; only a worker with at least this many takes it "
+            "(`vopd worker --gpus N`). More than one means runtime.strategy ddp unless the config says fsdp; "
+            "batch_size must be a multiple of it."
+        ),
+    )
+
+
 class TrainJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt top-level key is an error, as inside config
 
@@ -37,7 +54,7 @@ class TrainJobCreate(BaseModel):
     queue: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Worker queue (one per GPU type); default: the server's."
     )
-
+    resources: Resources = Field(default_factory=Resources, description="Devices the job needs, e.g. {\"gpus\": 4}.")
 
     @model_validator(mode="before")
     @classmethod
@@ -48,6 +65,18 @@ class TrainJobCreate(BaseModel):
                 raise ValueError("recipe must be a recipe name")
             data = {**data, "config": merge_settings(recipe(data["recipe"]), data["config"])}
         return data
+
+    @model_validator(mode="after")
+    def _processes_share_the_prompts(self) -> TrainJobCreate:
+        gpus = self.resources.gpus
+        if self.config.batch_size % gpus:
+            raise ValueError(
+                f"config.batch_size {self.config.batch_size} must be a multiple of resources.gpus {gpus}: the "
+                "processes share each micro-batch's prompts"
+            )
+        if gpus == 1 and self.config.runtime.strategy != "single":
+            raise ValueError("runtime.strategy ddp or fsdp needs resources.gpus of 2 or more")
+        return self
 
 
 class EvalJobCreate(BaseModel):
@@ -73,6 +102,7 @@ class JobOut(_Out):
     kind: JobKind
     status: JobStatus
     queue: str
+    gpus: int = Field(1, description="Devices (processes) the job runs on.")
     queue_position: int | None = Field(None, description="1 = next to run; only while queued.")
     progress: float = Field(description="Fraction done, 0..1.")
     step: int = Field(description="Steps (train) or samples (eval) done.")
@@ -227,6 +257,7 @@ class ComponentHealth(BaseModel):
 class WorkerOut(_Out):
     name: str
     queue: str
+    gpus: int = Field(1, description="Devices it may give one job (jobs of up to this many resources.gpus).")
     last_seen_at: datetime
 
 

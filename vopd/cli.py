@@ -444,13 +444,21 @@ def _run_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 def _add_worker(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue", help="queue to consume (default VOPD_QUEUE or 'vopd'; one per GPU type)")
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        help="devices this worker may give one job (default: the CUDA devices it sees, else 1); it takes jobs of "
+        "up to this many (resources.gpus) and runs their processes with torchrun (on a CPU: gloo processes)",
+    )
     parser.add_argument("--loglevel", default="INFO", help="Celery log level")
 
 
 def _run_worker(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from worker.main import run_worker
 
-    return run_worker(args.queue, args.loglevel)
+    if args.gpus is not None and not 1 <= args.gpus <= 64:
+        raise CliError("--gpus must be between 1 and 64")
+    return run_worker(args.queue, args.loglevel, gpus=args.gpus)
 
 
 def _add_apikey(parser: argparse.ArgumentParser) -> None:
@@ -514,7 +522,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "reproduce": ("the toy-scale Vision-OPD experiment: arms x seeds", _add_reproduce, _run_reproduce, False),
     "serve": ("API + UI + a local worker on embedded defaults", _add_serve, _run_serve, False),
     "worker": ("a Celery worker for queued jobs (one at a time)", _add_worker, _run_worker, False),
-    "apikey": ("create an API key (printed as the last line)", _add_apikey, _run_apikey, False),
+    "apikey": ("create, list or revoke API keys", _add_apikey, _run_apikey, False),
 }
 
 

@@ -6,10 +6,20 @@ import os
 
 from worker.lifeline import SUPERVISOR_ENV, die_with_parent
 
+GPUS_ENV = "VOPD_WORKER_GPUS"
 
-def run_worker(queue: str | None = None, loglevel: str = "INFO") -> int:
+
+def detected_gpus() -> int:
+    """The CUDA devices this process sees (CUDA_VISIBLE_DEVICES applies), at least 1."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def run_worker(queue: str | None = None, loglevel: str = "INFO", *, gpus: int | None = None) -> int:
     if queue:
         os.environ["VOPD_QUEUE"] = queue  # read by worker.tasks' settings at import
+    os.environ[GPUS_ENV] = str(gpus or detected_gpus())  # read by worker.tasks (its presence row) at import
     supervisor = os.environ.get(SUPERVISOR_ENV, "")
     if supervisor.isdigit():  # under `vopd serve`: never outlive it (it restarts us when we die)
         die_with_parent(int(supervisor), whole_group=True)
@@ -22,15 +32,18 @@ def run_worker(queue: str | None = None, loglevel: str = "INFO") -> int:
     run_migrations(engine, settings)
     engine.dispose()
 
+    from app.queueing import routed_queue
     from worker.tasks import celery_app
 
+    # Its own queue, and one per job size it can hold: a job needing N devices is published to QUEUE.gpusN.
+    queues = [routed_queue(settings.queue, count) for count in range(1, int(os.environ[GPUS_ENV]) + 1)]
     celery_app.worker_main(
         [
             "worker",
             f"--loglevel={loglevel}",
             "--concurrency=1",
             "--pool=prefork",
-            f"--queues={settings.queue}",
+            f"--queues={','.join(queues)}",
             f"--hostname=vopd-{os.getpid()}@%h",
             # Liveness is kept in the database; these need a broadcast exchange the SQLite broker lacks.
             "--without-gossip",

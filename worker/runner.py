@@ -9,6 +9,7 @@ dead process on this host), and then training resumes from the newest checkpoint
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import socket
@@ -60,6 +61,7 @@ class Claim:
     config: dict[str, Any]
     output_dir: Path
     takeover: bool
+    gpus: int = 1
 
 
 def _log(session: Session, job_id: int, message: str, level: str = "info") -> None:
@@ -78,6 +80,7 @@ def claim(factory: sessionmaker[Session], job_id: int, me: str, settings: Settin
         now = utcnow()
         # Read before the UPDATEs below, which refresh ``job`` in the session.
         previous_worker, attempt, kind, output_dir = job.worker, job.attempts + 1, job.kind, Path(job.output_dir)
+        gpus = job.gpus
         config = dict(job.resolved_config)
         if job.status == "queued" and job.cancel_requested:
             session.execute(
@@ -119,7 +122,7 @@ def claim(factory: sessionmaker[Session], job_id: int, me: str, settings: Settin
             return None
         previous = f" (taking over from {previous_worker})" if takeover else ""
         _log(session, job_id, f"started on {me}, attempt {attempt}{previous}")
-        return Claim(job_id, kind, config, output_dir, takeover)
+        return Claim(job_id, kind, config, output_dir, takeover, gpus)
 
 
 class Heartbeat:
@@ -187,27 +190,76 @@ def _run_train(factory: sessionmaker[Session], job: Claim, me: str, reporter: Da
     from vopd.config import TrainConfig
     from vopd.trainer import METRICS_FILE, latest_checkpoint, train
 
-    config = TrainConfig.model_validate(job.config)
-    resume = latest_checkpoint(job.output_dir) is not None  # first attempt or a rerun after a crash/cancel
-    result = train(config, callbacks=[reporter], resume=resume)
+    if job.gpus > 1:
+        outcome = _train_on_ranks(job, me, reporter)
+    else:
+        config = TrainConfig.model_validate(job.config)
+        resume = latest_checkpoint(job.output_dir) is not None  # first attempt or a rerun after a crash/cancel
+        result = train(config, callbacks=[reporter], resume=resume)
+        outcome = {
+            "stopped": result.stopped,
+            "step": result.step,
+            "total_steps": result.total_steps,
+            "final_dir": str(result.final_dir) if result.final_dir else None,
+            "last_metrics": result.last_metrics,
+        }
     if (job.output_dir / METRICS_FILE).is_file():
         _add_artifact(factory, job.job_id, METRICS_FILE, "metrics", job.output_dir / METRICS_FILE)
-    summary = {"step": result.step, "total_steps": result.total_steps, "last_metrics": result.last_metrics}
-    if result.stopped:
-        _finish(factory, job.job_id, me, status="cancelled", step=result.step, result=json_safe(summary))
+    summary = {"step": outcome["step"], "total_steps": outcome["total_steps"], "last_metrics": outcome["last_metrics"]}
+    if outcome["stopped"]:
+        _finish(factory, job.job_id, me, status="cancelled", step=outcome["step"], result=json_safe(summary))
         return
-    assert result.final_dir is not None
-    _add_artifact(factory, job.job_id, "final", "model", result.final_dir)
+    assert outcome["final_dir"] is not None
+    _add_artifact(factory, job.job_id, "final", "model", Path(outcome["final_dir"]))
     summary["model"] = f"job-{job.job_id}/final"
     _finish(
         factory,
         job.job_id,
         me,
         status="succeeded",
-        step=result.step,
+        step=outcome["step"],
         progress=1.0,
-        latest_metrics=json_safe(result.last_metrics) or None,
+        latest_metrics=json_safe(outcome["last_metrics"]) or None,
         result=json_safe(summary),
+    )
+
+
+RANKS_LOG = "ranks.log"
+
+
+def _train_on_ranks(job: Claim, me: str, reporter: DatabaseReporter) -> dict[str, Any]:
+    """Run the job's ``gpus`` training processes with torchrun (``worker.ranks``) and return rank 0's outcome.
+
+    This process keeps the claim and the heartbeat; rank 0 reports progress under this worker's name and polls the
+    cancel flag (the trainer broadcasts its answer, so every rank stops at the same step and a checkpoint is saved).
+    Every rank's output goes to the job folder's ranks.log; when the job fails, its tail (each rank's traceback, and
+    torchrun's summary of which rank failed how) goes to the job's log.
+    """
+    import subprocess
+    import sys
+
+    from worker.ranks import RESULT_FILE
+
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    result_path = job.output_dir / RESULT_FILE
+    result_path.unlink(missing_ok=True)
+    log_path = job.output_dir / RANKS_LOG
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={job.gpus}",
+        "-m", "worker.ranks", str(job.job_id), me,
+    ]
+    reporter.on_log(f"training on {job.gpus} processes (torchrun; every rank's output in {RANKS_LOG})")
+    with log_path.open("ab") as output:
+        returncode = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, check=False).returncode
+    if returncode == 0 and result_path.is_file():
+        return json.loads(result_path.read_text(encoding="utf-8"))
+    tail = log_path.read_text(encoding="utf-8", errors="replace")[-6000:]
+    reporter.on_log(f"the {job.gpus} training processes failed (exit {returncode}); their last output:\n{tail}",
+                    level="error")
+    errors = [line for line in tail.splitlines() if "Error" in line and not line.startswith(" ")]
+    raise RuntimeError(
+        f"the job's {job.gpus} training processes failed (exit {returncode})"
+        + (f": {errors[-1].strip()}" if errors else "; see the job's log")
     )
 
 

@@ -27,6 +27,7 @@ from worker.runner import run_job
 log = logging.getLogger(__name__)
 settings = get_settings()
 celery_app = make_celery(settings)
+WORKER_GPUS = int(os.environ.get("VOPD_WORKER_GPUS", "1"))  # set by `vopd worker --gpus N` (worker.main)
 _factory: sessionmaker[Session] | None = None
 
 
@@ -70,10 +71,12 @@ class _Presence:
     def beat(self) -> None:
         with session_scope(session_factory()) as session:
             seen = session.execute(
-                update(Worker).where(Worker.name == self.name).values(last_seen_at=utcnow(), queue=settings.queue)
+                update(Worker)
+                .where(Worker.name == self.name)
+                .values(last_seen_at=utcnow(), queue=settings.queue, gpus=WORKER_GPUS)
             ).rowcount
             if not seen:
-                session.add(Worker(name=self.name, queue=settings.queue))
+                session.add(Worker(name=self.name, queue=settings.queue, gpus=WORKER_GPUS))
 
     def run(self) -> None:
         while True:

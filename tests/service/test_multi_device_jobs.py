@@ -1,0 +1,75 @@
+"""Jobs on several devices through the REST API: a worker with two "GPUs" (gloo processes on this CPU) takes a
+job that asks for two, runs both ranks with torchrun, and cancel and resume reach every rank."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from app.serve import stop_process, vopd_command
+from tests.service.conftest import Service, tiny_train_config
+
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
+
+def _metric_steps(service: Service, job_id: int) -> list[int]:
+    rows = service.client.get(f"/api/jobs/{job_id}/metrics", headers=service.alice).json()["items"]
+    return [row["step"] for row in rows]
+
+
+def _log_text(service: Service, job_id: int) -> str:
+    rows = service.client.get(f"/api/jobs/{job_id}/logs", headers=service.alice).json()["items"]
+    return "\n".join(row["message"] for row in rows)
+
+
+def _submit(service: Service, gpus: int, **config: object) -> dict:
+    body = {"kind": "train", "resources": {"gpus": gpus}, "config": tiny_train_config(**config)}
+    response = service.client.post("/api/jobs", headers=service.alice, json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_a_two_device_job_runs_on_both_ranks_and_cancel_and_resume_reach_them(service: Service, tmp_path: Path):
+    log = tmp_path / "worker-2-devices.log"
+    with log.open("wb") as handle:
+        worker = subprocess.Popen(vopd_command("worker", "--gpus", "2"), env=service.env, stdout=handle,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(w["gpus"] == 2 for w in service.client.get("/api/health").json()["workers"]):
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+
+        refused = service.client.post("/api/jobs", headers=service.alice, json={
+            "kind": "train", "resources": {"gpus": 2}, "config": tiny_train_config(batch_size=3)})
+        assert refused.status_code == 422 and "multiple of resources.gpus 2" in refused.text
+        too_big = _submit(service, 4, batch_size=4)
+        assert any("--gpus 4" in warning for warning in too_big["warnings"]), too_big
+        assert service.client.post(f"/api/jobs/{too_big['id']}/cancel", headers=service.alice).status_code == 200
+
+        job = _submit(service, 2, steps=4, batch_size=2, save_every=2)
+        assert job["gpus"] == 2 and job["queue"].endswith(".gpus2") and not job["warnings"]
+        assert job["resolved_config"]["runtime"]["strategy"] == "ddp"
+        done = service.wait_for(job["id"], {"succeeded", "failed"}, timeout_s=300)
+        assert done["status"] == "succeeded", (done["error"], _log_text(service, job["id"])[-3000:])
+        assert _metric_steps(service, job["id"]) == [1, 2, 3, 4]
+        assert "training on 2 processes" in _log_text(service, job["id"])
+        final = Path(done["resolved_config"]["output"]) / "final"
+        assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+
+        long = _submit(service, 2, steps=40, batch_size=2, save_every=100)
+        service.wait_for(long["id"], {"running"}, timeout_s=300, step=lambda step: step >= 1)
+        assert service.client.post(f"/api/jobs/{long['id']}/cancel", headers=service.alice).status_code == 200
+        cancelled = service.wait_for(long["id"], {"cancelled"}, timeout_s=120)
+        assert 0 < cancelled["step"] < 40  # both ranks stopped at the same step (a rank left behind would hang)
+        output = Path(long["resolved_config"]["output"])
+        assert (output / "checkpoints" / f"step-{cancelled['step']}" / "trainer_state.pt").is_file()
+        assert service.client.post(f"/api/jobs/{long['id']}/resume", headers=service.alice).status_code == 200
+        resumed = service.wait_for(long["id"], {"succeeded", "failed"}, timeout_s=300)
+        assert resumed["status"] == "succeeded", (resumed["error"], _log_text(service, long["id"])[-3000:])
+        assert _metric_steps(service, long["id"]) == list(range(1, 41))
+    finally:
+        stop_process(worker)
