@@ -8,8 +8,8 @@ import os
 import sqlite3
 from typing import Any
 
+from app.celery_app import PUBLISH_RETRY, TASK_NAMES, make_celery
 from app.settings import Settings
-from worker.celery_app import PUBLISH_RETRY, TASK_NAMES, make_celery
 
 
 class BrokerUnavailable(RuntimeError):

@@ -16,8 +16,9 @@ from app.auth import create_api_key
 from app.bootstrap import ensure_default_assets, ensure_local_key
 from app.db import make_engine, make_session_factory, run_migrations, session_scope
 from app.settings import Settings, get_settings
-from worker.lifeline import SUPERVISOR_ENV
 
+# The environment variable that tells `vopd worker` which process supervises it (it exits when that one does).
+SUPERVISOR_ENV = "VOPD_SUPERVISOR_PID"
 
 def vopd_command(*args: str) -> list[str]:
     """The ``vopd`` executable of this environment (what docker-compose runs), else ``python -m vopd.cli``."""

@@ -126,7 +126,7 @@ class Settings(BaseSettings):
 
     @property
     def broker_url(self) -> str:
-        """Redis when configured, else a SQLite file read by ``worker.embedded_broker`` (kombu's SQLAlchemy
+        """Redis when configured, else a SQLite file read by ``app.embedded_broker`` (kombu's SQLAlchemy
         transport with a faster poll)."""
         return self.redis_url or f"sqlite:///{self.home / 'broker.db'}"
 

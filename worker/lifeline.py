@@ -16,7 +16,6 @@ import threading
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
-SUPERVISOR_ENV = "VOPD_SUPERVISOR_PID"  # set by `vopd serve` for the worker it supervises
 
 
 def die_with_parent(parent_pid: int, *, whole_group: bool = False) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from worker.lifeline import SUPERVISOR_ENV, die_with_parent
+from app.serve import SUPERVISOR_ENV
+from worker.lifeline import die_with_parent
 
 GPUS_ENV = "VOPD_WORKER_GPUS"
 
