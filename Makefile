@@ -23,12 +23,15 @@ serve: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 # Everyday work on two cores: the library and the front end's callbacks, no services, no browser (a few minutes).
 test-fast: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not services and not browser" --ignore=tests/service
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .

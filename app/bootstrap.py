@@ -30,7 +30,7 @@ class DefaultAssets:
     dataset_id: str
 
 
-def _build_atomically(target: Path, build) -> None:  # noqa: ANN001 - build(folder) writes into folder
+def _build_atomically(target: Path, build) -> None:
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)

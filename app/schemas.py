@@ -54,7 +54,7 @@ class TrainJobCreate(BaseModel):
     queue: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Worker queue (one per GPU type); default: the server's."
     )
-    resources: Resources = Field(default_factory=Resources, description="Devices the job needs, e.g. {\"gpus\": 4}.")
+    resources: Resources = Field(default_factory=Resources, description='Devices the job needs, e.g. {"gpus": 4}.')
 
     @model_validator(mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from app.settings import Settings, get_settings
 # The environment variable that tells `vopd worker` which process supervises it (it exits when that one does).
 SUPERVISOR_ENV = "VOPD_SUPERVISOR_PID"
 
+
 def vopd_command(*args: str) -> list[str]:
     """The ``vopd`` executable of this environment (what docker-compose runs), else ``python -m vopd.cli``."""
     executable = shutil.which("vopd", path=os.path.dirname(sys.executable))
@@ -140,8 +141,12 @@ def serve(host: str, port: int, *, start_worker: bool = True, ui: bool = True) -
         base_url = f"http://{local_host}:{port}"
         mounted = ui and mount_ui(app, base_url)
         # As Jupyter does with its token: the studio opens only with a key, so print a link that signs in.
-        signin = f"sign in to the studio with this link (it carries the local admin key: keep it private):\n" \
-            f"    {base_url}/signin?key={key}\n" if mounted else ""
+        signin = (
+            f"sign in to the studio with this link (it carries the local admin key: keep it private):\n"
+            f"    {base_url}/signin?key={key}\n"
+            if mounted
+            else ""
+        )
         print(
             f"Vision-OPD Studio on {base_url}  (API docs {base_url}/docs"
             + (f", UI {base_url}/ui" if mounted else "")

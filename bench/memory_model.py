@@ -42,7 +42,7 @@ def formula_bytes(trainable: float, frozen: float, *, lora: bool = False, gpus: 
     return total / gpus if fsdp else total
 
 
-def _tensor_bytes(tensors) -> int:  # noqa: ANN001
+def _tensor_bytes(tensors) -> int:
     seen: set[int] = set()
     total = 0
     for tensor in tensors:
@@ -53,7 +53,7 @@ def _tensor_bytes(tensors) -> int:  # noqa: ANN001
     return total
 
 
-def measured_state_bytes(trainer) -> int:  # noqa: ANN001
+def measured_state_bytes(trainer) -> int:
     """Every weight, gradient, optimizer moment and teacher tensor the trainer holds (shared storage once)."""
     tensors = list(trainer.student.parameters())
     tensors += [p.grad for p in trainer.student.parameters()]
@@ -74,9 +74,15 @@ def measure(size: str, work: Path, freeze_vision_tower: bool) -> dict[str, float
     model = build_tiny_qwen2vl(work / f"tiny-{size}", size=size)  # type: ignore[arg-type]
     data = generate_dataset(work / f"data-{size}-{freeze_vision_tower}", SynthConfig(n=4, seed=0))
     config = TrainConfig(
-        model=str(model), dataset=str(data), output=str(work / f"run-{size}-{freeze_vision_tower}"), steps=1,
-        batch_size=2, freeze_vision_tower=freeze_vision_tower, collapse_guard={"enabled": False},
-        rollout={"num_rollouts": 1, "max_new_tokens": 4}, runtime={"device": "cpu", "dtype": "float32"},
+        model=str(model),
+        dataset=str(data),
+        output=str(work / f"run-{size}-{freeze_vision_tower}"),
+        steps=1,
+        batch_size=2,
+        freeze_vision_tower=freeze_vision_tower,
+        collapse_guard={"enabled": False},
+        rollout={"num_rollouts": 1, "max_new_tokens": 4},
+        runtime={"device": "cpu", "dtype": "float32"},
     )
     trainer = OPDTrainer(config)
     trainer.train_step()
@@ -84,8 +90,15 @@ def measure(size: str, work: Path, freeze_vision_tower: bool) -> dict[str, float
     frozen = sum(p.numel() for p in trainer.student.parameters() if not p.requires_grad)
     predicted = formula_bytes(trainable, frozen)
     measured = measured_state_bytes(trainer)
-    return {"size": size, "frozen_encoder": freeze_vision_tower, "trainable": trainable, "frozen": frozen,
-            "predicted_mib": predicted / 2**20, "measured_mib": measured / 2**20, "ratio": measured / predicted}
+    return {
+        "size": size,
+        "frozen_encoder": freeze_vision_tower,
+        "trainable": trainable,
+        "frozen": frozen,
+        "predicted_mib": predicted / 2**20,
+        "measured_mib": measured / 2**20,
+        "ratio": measured / predicted,
+    }
 
 
 def main() -> None:
@@ -97,16 +110,21 @@ def main() -> None:
     print("| model | encoder | trainable | frozen | formula MiB | measured MiB | measured / formula |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| tiny {row['size']} | {'frozen' if row['frozen_encoder'] else 'trained'} | {row['trainable']:,} | "
-              f"{row['frozen']:,} | {row['predicted_mib']:.1f} | {row['measured_mib']:.1f} | {row['ratio']:.3f} |")
+        print(
+            f"| tiny {row['size']} | {'frozen' if row['frozen_encoder'] else 'trained'} | {row['trainable']:,} | "
+            f"{row['frozen']:,} | {row['predicted_mib']:.1f} | {row['measured_mib']:.1f} | {row['ratio']:.3f} |"
+        )
     print()
     print("| model | params | full FT, 1 GPU | FSDP 2 | FSDP 4 | FSDP 8 | LoRA (r16), 1 GPU |")
     print("|---|---|---|---|---|---|---|")
     for name, params in MODELS.items():
         full = [formula_bytes(params, 0, gpus=gpus) / GIB for gpus in (1, 2, 4, 8)]
         lora = formula_bytes(0.01 * params, params, lora=True) / GIB  # adapters ~1% of the weights at rank 16
-        print(f"| {name} | {params / 1e9:.1f}B | " + " | ".join(f"{value:.0f} GiB" for value in full)
-              + f" | {lora:.0f} GiB |")
+        print(
+            f"| {name} | {params / 1e9:.1f}B | "
+            + " | ".join(f"{value:.0f} GiB" for value in full)
+            + f" | {lora:.0f} GiB |"
+        )
     worst = max(abs(row["ratio"] - 1) for row in rows)
     print(json.dumps({"max_relative_error": round(worst, 4), "measured": rows}))
 

@@ -25,7 +25,7 @@ from vopd.trainer import OPDTrainer, derive_seed
 from vopd.views import student_view, teacher_view
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:  # noqa: ANN001
+def timed(fn, repeats: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeats):
         start = time.perf_counter()
@@ -48,8 +48,13 @@ def main() -> None:
     model_dir = build_tiny_qwen2vl(work / "tiny", size="5m")
     data = generate_dataset(work / "data", SynthConfig(n=32, seed=0, size=args.size, box_size=args.size // 4))
     config = TrainConfig(
-        model=str(model_dir), dataset=str(data), output=str(work / "run"), steps=1000, batch_size=args.batch,
-        lr=1e-4, rollout={"num_rollouts": 1, "max_new_tokens": args.new_tokens, "temperature": 1.0},
+        model=str(model_dir),
+        dataset=str(data),
+        output=str(work / "run"),
+        steps=1000,
+        batch_size=args.batch,
+        lr=1e-4,
+        rollout={"num_rollouts": 1, "max_new_tokens": args.new_tokens, "temperature": 1.0},
         # force full-length responses so every part sees the same number of tokens
     )
     trainer = OPDTrainer(config)
@@ -61,22 +66,28 @@ def main() -> None:
     student_prompts = trainer._encode(samples, student_view)
     teacher_prompts = trainer._encode(samples, teacher_view)
 
-    def generate():  # noqa: ANN202
+    def generate():
         return sample_rollouts(
-            trainer.student, student_prompts, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0,
-            eos_token_ids=never, pad_token_id=loaded.pad_token_id,
-            suppressed_token_ids=loaded.suppressed_token_ids, seed=derive_seed(0, 0, 0),
+            trainer.student,
+            student_prompts,
+            max_new_tokens=args.new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            eos_token_ids=never,
+            pad_token_id=loaded.pad_token_id,
+            suppressed_token_ids=loaded.suppressed_token_ids,
+            seed=derive_seed(0, 0, 0),
         )
 
     generation_time, rollout = timed(generate, args.repeats)
 
-    def teacher_forward():  # noqa: ANN202
+    def teacher_forward():
         with trainer.teacher.scoring() as module:
             return response_logits(module, teacher_prompts, rollout)
 
     teacher_time, _ = timed(teacher_forward, args.repeats)
 
-    def student_forward_backward():  # noqa: ANN202
+    def student_forward_backward():
         logits = response_logits(trainer.student, student_prompts, rollout)
         logits.float().logsumexp(-1).mean().backward()
         trainer.optimizer.step()
@@ -94,14 +105,18 @@ def main() -> None:
         ("sum of parts", parts),
         ("full OPD step", step_time),
     ]
-    print(f"tiny 5m Qwen2-VL, {args.size} px, {args.batch} rollouts x {args.new_tokens} tokens, "
-          f"{args.threads} threads, median of {args.repeats}")
+    print(
+        f"tiny 5m Qwen2-VL, {args.size} px, {args.batch} rollouts x {args.new_tokens} tokens, "
+        f"{args.threads} threads, median of {args.repeats}"
+    )
     print(f"{'part':<38} {'seconds':>8}")
     for name, seconds in rows:
         print(f"{name:<38} {seconds:8.3f}")
     print(f"{'step / sum of parts':<38} {step_time / parts:8.2f}")
-    print(f"in-step: rollout {metrics['rollout_time']:.3f}s teacher {metrics['teacher_time']:.3f}s "
-          f"student {metrics['student_time']:.3f}s")
+    print(
+        f"in-step: rollout {metrics['rollout_time']:.3f}s teacher {metrics['teacher_time']:.3f}s "
+        f"student {metrics['student_time']:.3f}s"
+    )
 
 
 if __name__ == "__main__":

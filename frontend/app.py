@@ -12,22 +12,22 @@ from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import gradio as gr  # noqa: E402 - the analytics switch must be set before gradio is imported
+import gradio as gr
 
-from frontend import strings  # noqa: E402
-from frontend.context import (  # noqa: E402
+from frontend import strings
+from frontend.context import (
     UiContext,
     choices_update,
     dataset_choices,
     model_choices,
     readable_errors,
 )
-from frontend.signin import SIGNOUT_PATH  # noqa: E402
-from frontend.tabs.demo import build_demo_tab  # noqa: E402
-from frontend.tabs.evaluate import build_evaluate_tab  # noqa: E402
-from frontend.tabs.inspect import build_inspect_tab  # noqa: E402
-from frontend.tabs.jobs import build_jobs_tab  # noqa: E402
-from frontend.tabs.train import build_train_tab  # noqa: E402
+from frontend.signin import SIGNOUT_PATH
+from frontend.tabs.demo import build_demo_tab
+from frontend.tabs.evaluate import build_evaluate_tab
+from frontend.tabs.inspect import build_inspect_tab
+from frontend.tabs.jobs import build_jobs_tab
+from frontend.tabs.train import build_train_tab
 
 TAB_IDS = ("inspect", "train", "jobs", "evaluate", "demo")
 
@@ -56,8 +56,9 @@ def build_ui(api_base_url: str) -> gr.Blocks:
         @readable_errors
         def signed_in_as(request: gr.Request) -> str:
             me = ctx.client(request).me()
-            return strings.SIGNED_IN_AS.format(name=me.name, prefix=me.prefix,
-                                               admin=strings.ADMIN_BADGE if me.admin else "")
+            return strings.SIGNED_IN_AS.format(
+                name=me.name, prefix=me.prefix, admin=strings.ADMIN_BADGE if me.admin else ""
+            )
 
         ui.load(signed_in_as, None, account)
 
@@ -74,7 +75,7 @@ def build_ui(api_base_url: str) -> gr.Blocks:
             updates = [choices_update(models, value) for value in current[:n_single]]
             updates.append(choices_update(models, current[n_single], optional=True))
             updates.append(choices_update(models, current[n_single + 1], multiselect=True))
-            updates.extend(choices_update(sets, value) for value in current[n_single + 2:])
+            updates.extend(choices_update(sets, value) for value in current[n_single + 2 :])
             return updates
 
         choice_components = [*single_models, inspect.compare_model, evaluate.models, *datasets]
@@ -96,7 +97,7 @@ def build_ui(api_base_url: str) -> gr.Blocks:
     return ui
 
 
-def standalone_app(api_base_url: str) -> Any:  # noqa: ANN401 - a FastAPI app
+def standalone_app(api_base_url: str) -> Any:
     """The studio on its own FastAPI app: sign-in checks each key against the API's /api/keys/me."""
     from fastapi import FastAPI
     from fastapi.middleware.cors import CORSMiddleware

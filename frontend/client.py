@@ -331,9 +331,7 @@ class VopdClient:
     def submit_job(self, kind: Literal["train", "eval"], config: dict[str, Any]) -> Job:
         return self._parse(self._request("POST", "/api/jobs", json={"kind": kind, "config": config}), Job)
 
-    def jobs(
-        self, status: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0
-    ) -> JobPage:
+    def jobs(self, status: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0) -> JobPage:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status:
             params["status"] = status
@@ -400,4 +398,3 @@ class _DatasetList(_Model):
 
 class _ArtifactList(_Model):
     items: list[Artifact]
-

@@ -105,7 +105,7 @@ def legend_html(scale: ColourScale, metric: str) -> str:
         f'<span style="display:inline-block;width:160px;height:12px;border:1px solid #8884;'
         f'background:linear-gradient(to right, rgba({red},0), rgba({red},1))"></span>'
         f"<span>≥ {scale.high:.3g}</span>"
-        f"<span style=\"opacity:0.7\">(clamped at mean ± {ROBUST_SIGMAS:g}σ)</span></div>"
+        f'<span style="opacity:0.7">(clamped at mean ± {ROBUST_SIGMAS:g}σ)</span></div>'
     )
 
 
@@ -173,8 +173,11 @@ def rollout_summary_markdown(result: InspectResult, metric: str) -> str:
     return (
         f"Model `{result.model}` · alpha {result.alpha:g} · {len(tokens)} tokens · mean {metric} "
         f"{sum(values) / len(values):.4f} · highest at #{peak} `{display_token(tokens[peak].token)}`.  \n"
-        + (f"Argmaxes disagree at {len(disagree)} of {len(tokens)} positions: {where}{more}." if disagree
-           else "Student and teacher argmaxes agree at every position.")
+        + (
+            f"Argmaxes disagree at {len(disagree)} of {len(tokens)} positions: {where}{more}."
+            if disagree
+            else "Student and teacher argmaxes agree at every position."
+        )
     )
 
 
@@ -337,12 +340,14 @@ def plot_value(frame: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def _long_frame(metrics: Sequence[Metric], keys: Sequence[str]) -> pd.DataFrame:
-    return curve_frame([
-        {"step": m.step, "value": float(m.data[key]), "series": key}
-        for m in metrics
-        for key in keys
-        if isinstance(m.data.get(key), int | float) and math.isfinite(float(m.data[key]))
-    ])
+    return curve_frame(
+        [
+            {"step": m.step, "value": float(m.data[key]), "series": key}
+            for m in metrics
+            for key in keys
+            if isinstance(m.data.get(key), int | float) and math.isfinite(float(m.data[key]))
+        ]
+    )
 
 
 def metric_keys(metrics: Sequence[Metric]) -> set[str]:
@@ -407,8 +412,16 @@ def eval_table(jobs: Sequence[Job]) -> pd.DataFrame:
             return round(float(value), 4) if isinstance(value, int | float) and math.isfinite(value) else None
 
         rows.append(
-            [job.id, job.model_name, job.dataset_id, job.status, number("full_accuracy"), number("crop_accuracy"),
-             number("gap"), result.get("n")]
+            [
+                job.id,
+                job.model_name,
+                job.dataset_id,
+                job.status,
+                number("full_accuracy"),
+                number("crop_accuracy"),
+                number("gap"),
+                result.get("n"),
+            ]
         )
     return pd.DataFrame(rows, columns=strings.EVAL_TABLE_COLUMNS)
 

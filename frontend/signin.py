@@ -40,7 +40,7 @@ def key_from(headers: Mapping[str, str], cookies: Mapping[str, str]) -> str | No
     return (cookies.get(COOKIE_NAME) or "").strip() or None
 
 
-def request_key(request: Any) -> str | None:  # noqa: ANN401 - a gr.Request, live or unpickled
+def request_key(request: Any) -> str | None:
     """The signed-in key of a Gradio callback's ``gr.Request`` (None when there is none)."""
     if request is None:
         return None
@@ -139,17 +139,29 @@ _PAGE = """<!doctype html>
 """
 
 
-def signin_page(next_path: str, *, error: str | None = None, note: str | None = None, status_code: int = 200,
-                action: str = SIGNIN_PATH) -> HTMLResponse:
+def signin_page(
+    next_path: str,
+    *,
+    error: str | None = None,
+    note: str | None = None,
+    status_code: int = 200,
+    action: str = SIGNIN_PATH,
+) -> HTMLResponse:
     message = ""
     if error:
         message = f'<p class="error" id="signin-error" role="alert">{html.escape(error)}</p>'
     elif note:
         message = f'<p class="note" id="signin-note">{html.escape(note)}</p>'
-    body = _PAGE.format(title=html.escape(strings.SIGNIN_TITLE), intro=html.escape(strings.SIGNIN_INTRO),
-                        message=message, action=html.escape(action), key_label=html.escape(strings.SIGNIN_KEY_LABEL),
-                        next=html.escape(next_path), button=html.escape(strings.SIGNIN_BUTTON),
-                        help=strings.SIGNIN_HELP)
+    body = _PAGE.format(
+        title=html.escape(strings.SIGNIN_TITLE),
+        intro=html.escape(strings.SIGNIN_INTRO),
+        message=message,
+        action=html.escape(action),
+        key_label=html.escape(strings.SIGNIN_KEY_LABEL),
+        next=html.escape(next_path),
+        button=html.escape(strings.SIGNIN_BUTTON),
+        help=strings.SIGNIN_HELP,
+    )
     # The page must not be framed (clickjacking) nor cached with a key in its URL; same-origin referrers only (a
     # no-referrer page makes Chromium send "Origin: null" with the form, which the cross-site check refuses).
     headers = {"X-Frame-Options": "DENY", "Cache-Control": "no-store", "Referrer-Policy": "same-origin"}
@@ -166,14 +178,21 @@ def install_signin(app: FastAPI, account_of: AccountOf, *, prefix: str = "/ui") 
             error = strings.SIGNIN_BAD_KEY if key else strings.SIGNIN_NO_KEY
             return signin_page(next_path, error=error, status_code=401)
         response = RedirectResponse(next_path, status_code=303)
-        response.set_cookie(COOKIE_NAME, key, max_age=COOKIE_MAX_AGE_S, path="/", httponly=True, samesite="lax",
-                            secure=request.url.scheme == "https")
+        response.set_cookie(
+            COOKIE_NAME,
+            key,
+            max_age=COOKIE_MAX_AGE_S,
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",
+        )
         response.headers["Cache-Control"] = "no-store"
         response.headers["Referrer-Policy"] = "same-origin"
         return response
 
     @app.get(SIGNIN_PATH, include_in_schema=False)
-    async def signin_form(request: Request, key: str | None = None, next: str | None = None) -> Response:  # noqa: A002
+    async def signin_form(request: Request, key: str | None = None, next: str | None = None) -> Response:
         """The sign-in page; ``?key=`` (the link ``vopd serve`` prints) signs in at once."""
         next_path = _safe_next(next, home)
         if key is not None:
@@ -185,8 +204,9 @@ def install_signin(app: FastAPI, account_of: AccountOf, *, prefix: str = "/ui") 
         if not _same_origin(request):
             return JSONResponse({"detail": "cross-site sign-in refused"}, status_code=403)
         form = await request.form()
-        return await signed_in(request, str(form.get("key") or "").strip(), _safe_next(str(form.get("next") or ""),
-                                                                                      home))
+        return await signed_in(
+            request, str(form.get("key") or "").strip(), _safe_next(str(form.get("next") or ""), home)
+        )
 
     @app.api_route(SIGNOUT_PATH, methods=["GET", "POST"], include_in_schema=False)
     async def signout(request: Request) -> Response:

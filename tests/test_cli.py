@@ -21,9 +21,27 @@ def test_help_lists_the_subcommands() -> None:
 def test_train_then_resume_to_more_steps(tiny_model_dir, tmp_path, capsys) -> None:
     data = write_dataset(tmp_path / "data", count=4)
     run = tmp_path / "run"
-    common = ["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output", str(run), "--seed", "1",
-              "--lr", "1e-3", "--batch-size", "2", "--rollout.num_rollouts", "1", "--rollout.max_new_tokens", "4",
-              "--divergence.topk", "8"]
+    common = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--output",
+        str(run),
+        "--seed",
+        "1",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "2",
+        "--rollout.num_rollouts",
+        "1",
+        "--rollout.max_new_tokens",
+        "4",
+        "--divergence.topk",
+        "8",
+    ]
     assert main([*common, "--steps", "1"]) == 0
     assert (run / "final" / "config.json").exists() and (run / "checkpoints" / "step-1").is_dir()
     assert main([*common, "--steps", "2", "--resume"]) == 0
@@ -35,21 +53,51 @@ def test_train_then_resume_to_more_steps(tiny_model_dir, tmp_path, capsys) -> No
 
 def test_bad_settings_are_one_line_errors(tiny_model_dir, tmp_path, capsys) -> None:
     data = write_dataset(tmp_path / "data", count=2)
-    code = main(["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output", str(tmp_path / "r"),
-                 "--steps", "1", "--divergence.alpha", "3"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(data),
+            "--output",
+            str(tmp_path / "r"),
+            "--steps",
+            "1",
+            "--divergence.alpha",
+            "3",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "alpha" in err and "Traceback" not in err
-    assert main(["train", "--model", str(tiny_model_dir), "--dataset", str(tmp_path / "missing.jsonl"),
-                 "--output", str(tmp_path / "r2"), "--steps", "1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(tmp_path / "missing.jsonl"),
+                "--output",
+                str(tmp_path / "r2"),
+                "--steps",
+                "1",
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
-    [("--rollouts", "0", "--rollouts must be at least 1"), ("--batch-size", "0", "--batch-size must be at least 1"),
-     ("--vision-lr-scale", "0", "--vision-lr-scale must be positive")],
+    [
+        ("--rollouts", "0", "--rollouts must be at least 1"),
+        ("--batch-size", "0", "--batch-size must be at least 1"),
+        ("--vision-lr-scale", "0", "--vision-lr-scale must be positive"),
+    ],
 )
-def test_reproduce_refuses_bad_run_settings_before_any_work(tmp_path, capsys, flag, value, message) -> None:  # noqa: ANN001
+def test_reproduce_refuses_bad_run_settings_before_any_work(tmp_path, capsys, flag, value, message) -> None:
     output = tmp_path / "exp"
     assert main(["reproduce", "--output", str(output), flag, value]) == 2
     assert message in capsys.readouterr().err
@@ -58,8 +106,24 @@ def test_reproduce_refuses_bad_run_settings_before_any_work(tmp_path, capsys, fl
 
 def test_dry_run_prints_the_resolved_config_and_writes_nothing(tmp_path, capsys) -> None:
     run = tmp_path / "run"
-    code = main(["train", "--preset", "paper", "--model", "m", "--dataset", "d.jsonl", "--output", str(run),
-                 "--grad_accum", "24", "--batch-size", "4", "--dry-run"])
+    code = main(
+        [
+            "train",
+            "--preset",
+            "paper",
+            "--model",
+            "m",
+            "--dataset",
+            "d.jsonl",
+            "--output",
+            str(run),
+            "--grad_accum",
+            "24",
+            "--batch-size",
+            "4",
+            "--dry-run",
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     resolved = json.loads(captured.out)

@@ -111,7 +111,12 @@ def test_the_paper_recipe_is_the_official_run() -> None:
     assert (paper.lr, paper.warmup_steps, paper.weight_decay, paper.grad_clip) == (2e-6, 10, 0.01, 1.0)
     assert not paper.freeze_vision_tower and paper.vision_lr_scale == 1.0
     assert paper.divergence.model_dump() == {
-        "alpha": 0.5, "topk": 100, "add_tail": True, "mode": "full_logits", "temperature": 1.0, "is_clip": 2.0,
+        "alpha": 0.5,
+        "topk": 100,
+        "add_tail": True,
+        "mode": "full_logits",
+        "temperature": 1.0,
+        "is_clip": 2.0,
     }
     assert paper.teacher.mode == "ema" and paper.teacher.ema_rate == 0.05
     assert paper.epochs == 1 and paper.steps is None
@@ -125,7 +130,8 @@ def test_a_run_length_override_replaces_the_recipes_other_length() -> None:
     epochs = load_config(TrainConfig, None, {"model": "a", "dataset": "b", "epochs": 2}, preset="tiny-cpu")
     assert epochs.epochs == 2 and epochs.steps is None
     assert merge_settings({"steps": 5, "rollout": {"top_p": 0.9}}, {"epochs": 1, "rollout": {"max_new_tokens": 3}}) == {
-        "epochs": 1, "rollout": {"top_p": 0.9, "max_new_tokens": 3}
+        "epochs": 1,
+        "rollout": {"top_p": 0.9, "max_new_tokens": 3},
     }
 
 

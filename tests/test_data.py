@@ -278,10 +278,22 @@ def write_parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema | No
 
 def test_parquet_plain_columns(tmp_path: Path) -> None:
     rows = [
-        {"id": "p1", "image": png_bytes(), "question": "Which?", "options": ["x", "y"], "answer": "B",
-         "bbox": [1.0, 2.0, 10.0, 12.0]},
-        {"id": "p2", "image": png_bytes((20, 20)), "question": "Free?", "options": None, "answer": "seven",
-         "bbox": [0.0, 0.0, 20.0, 20.0]},
+        {
+            "id": "p1",
+            "image": png_bytes(),
+            "question": "Which?",
+            "options": ["x", "y"],
+            "answer": "B",
+            "bbox": [1.0, 2.0, 10.0, 12.0],
+        },
+        {
+            "id": "p2",
+            "image": png_bytes((20, 20)),
+            "question": "Free?",
+            "options": None,
+            "answer": "seven",
+            "bbox": [0.0, 0.0, 20.0, 20.0],
+        },
     ]
     first, second = load_dataset(write_parquet(tmp_path / "data.parquet", rows))
     assert (first.id, first.answer, first.answer_letter, first.bbox) == ("p1", "y", "B", (1.0, 2.0, 10.0, 12.0))

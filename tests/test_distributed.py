@@ -22,9 +22,30 @@ from vopd.cli import main
 pytestmark = pytest.mark.slow
 
 # 8 prompts per step for the whole job: one process takes all 8, two take 4 each.
-COMMON = ["--steps", "2", "--batch-size", "8", "--lr", "1e-3", "--seed", "3", "--rollout.num_rollouts", "1",
-          "--rollout.max_new_tokens", "4", "--divergence.topk", "20", "--collapse_guard.enabled", "false",
-          "--runtime.device", "cpu", "--runtime.dtype", "float32", "--runtime.dist_timeout_s", "60"]
+COMMON = [
+    "--steps",
+    "2",
+    "--batch-size",
+    "8",
+    "--lr",
+    "1e-3",
+    "--seed",
+    "3",
+    "--rollout.num_rollouts",
+    "1",
+    "--rollout.max_new_tokens",
+    "4",
+    "--divergence.topk",
+    "20",
+    "--collapse_guard.enabled",
+    "false",
+    "--runtime.device",
+    "cpu",
+    "--runtime.dtype",
+    "float32",
+    "--runtime.dist_timeout_s",
+    "60",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +56,12 @@ def data(tmp_path_factory) -> Path:
 def _vopd_train(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`vopd train` in its own process (torchrun needs a command line of its own)."""
     return subprocess.run(
-        [sys.executable, "-m", "vopd.cli", "train", *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, check=False,
+        [sys.executable, "-m", "vopd.cli", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
 
 
@@ -61,8 +86,19 @@ def test_two_data_parallel_processes_train_the_single_process_weights(tiny_model
     """DDP: 2 processes x 4 prompts against 1 process x 8 (FSDP's equality is the resume test's, below)."""
     strategy = "ddp"
     run = tmp_path / strategy
-    done = _vopd_train("--model", str(tiny_model_dir), "--dataset", str(data), "--output", str(run), *COMMON,
-                       "--nproc", "2", "--runtime.strategy", strategy)
+    done = _vopd_train(
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--output",
+        str(run),
+        *COMMON,
+        "--nproc",
+        "2",
+        "--runtime.strategy",
+        strategy,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_same_weights(_weights(single_run), _weights(run))
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -76,8 +112,18 @@ def test_a_sharded_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_mode
     run = tmp_path / "resumed"
     first = [*COMMON]
     first[first.index("--steps") + 1] = "1"
-    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--output", str(run), "--nproc", "2",
-            "--runtime.strategy", "fsdp"]
+    args = [
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--output",
+        str(run),
+        "--nproc",
+        "2",
+        "--runtime.strategy",
+        "fsdp",
+    ]
     done = _vopd_train(*args, *first)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
@@ -95,8 +141,23 @@ def test_lora_across_sharded_processes_exports_merged_weights(tiny_model_dir, da
     run = tmp_path / f"lora-{strategy}"
     one_step = [*COMMON]
     one_step[one_step.index("--steps") + 1] = "1"
-    done = _vopd_train("--model", str(tiny_model_dir), "--dataset", str(data), "--output", str(run), *one_step,
-                       "--nproc", "2", "--runtime.strategy", strategy, "--lora.enabled", "true", "--lora.rank", "4")
+    done = _vopd_train(
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--output",
+        str(run),
+        *one_step,
+        "--nproc",
+        "2",
+        "--runtime.strategy",
+        strategy,
+        "--lora.enabled",
+        "true",
+        "--lora.rank",
+        "4",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     merged = AutoModelForImageTextToText.from_pretrained(run / "final", local_files_only=True)
     assert not any("lora" in name for name, _ in merged.named_parameters())
@@ -127,9 +188,25 @@ def test_a_rank_that_dies_ends_the_job_with_an_error_not_a_hang(tiny_model_dir, 
     long_run[long_run.index("--steps") + 1] = "500"
     run = tmp_path / "dies"
     process = subprocess.Popen(
-        [sys.executable, "-m", "vopd.cli", "train", "--model", str(tiny_model_dir), "--dataset", str(data),
-         "--output", str(run), *long_run, "--nproc", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "VOPD_TEST_RUN": marker},
+        [
+            sys.executable,
+            "-m",
+            "vopd.cli",
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(data),
+            "--output",
+            str(run),
+            *long_run,
+            "--nproc",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "VOPD_TEST_RUN": marker},
     )
     try:
         deadline = time.monotonic() + 180

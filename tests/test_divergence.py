@@ -494,16 +494,21 @@ def test_micro_batch_losses_with_the_step_normalizer_sum_to_the_whole_token_mean
     (whole_grad,) = torch.autograd.grad(whole, student)
     tokens = float(mask.sum())
     parts = [
-        distillation_loss(
-            student[rows], teacher[rows], mask[rows], config, response_ids=ids[rows], normalizer=tokens
-        )[0]
+        distillation_loss(student[rows], teacher[rows], mask[rows], config, response_ids=ids[rows], normalizer=tokens)[
+            0
+        ]
         for rows in (slice(0, 2), slice(2, 4))
     ]
     (split_grad,) = torch.autograd.grad(sum(parts), student)
     torch.testing.assert_close(sum(parts), whole)
     torch.testing.assert_close(split_grad, whole_grad)
-    mean_of_means = sum(distillation_loss(student[r], teacher[r], mask[r], config, response_ids=ids[r])[0]
-                        for r in (slice(0, 2), slice(2, 4))) / 2
+    mean_of_means = (
+        sum(
+            distillation_loss(student[r], teacher[r], mask[r], config, response_ids=ids[r])[0]
+            for r in (slice(0, 2), slice(2, 4))
+        )
+        / 2
+    )
     assert not torch.isclose(mean_of_means, whole)
     with pytest.raises(ValueError, match="positive token count"):
         distillation_loss(student, teacher, mask, config, response_ids=ids, normalizer=0.0)

@@ -76,16 +76,18 @@ def test_evaluate_on_the_tiny_model_is_self_consistent(tiny_model_dir, tmp_path)
 
     data = write_dataset(tmp_path / "data", count=5)
     out = tmp_path / "records.jsonl"
-    result = evaluate(EvalConfig(model=str(tiny_model_dir), dataset=str(data), output=str(out), batch_size=3,
-                                 max_new_tokens=4))
+    result = evaluate(
+        EvalConfig(model=str(tiny_model_dir), dataset=str(data), output=str(out), batch_size=3, max_new_tokens=4)
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert result.n == len(records) == 5
     assert result.full_accuracy == sum(r["full_correct"] for r in records) / 5
     assert result.crop_accuracy == sum(r["crop_correct"] for r in records) / 5
     assert result.gap == pytest.approx(result.crop_accuracy - result.full_accuracy)
     for record in records:
-        assert record["full_correct"] == (record["full_choice"] is not None
-                                          and "ABCD".index(record["full_choice"]) == OPTIONS.index(record["answer"]))
+        assert record["full_correct"] == (
+            record["full_choice"] is not None and "ABCD".index(record["full_choice"]) == OPTIONS.index(record["answer"])
+        )
 
 
 def test_eval_cli_ends_with_one_json_line(tiny_model_dir, tmp_path, capsys) -> None:

@@ -26,8 +26,12 @@ def image() -> Image.Image:
 
 def config(tiny_model_dir, **overrides) -> InspectConfig:
     values = {
-        "model": str(tiny_model_dir), "question": "What color is the shape inside the box?",
-        "options": ["red", "green", "blue", "yellow"], "bbox": (34, 34, 58, 58), "max_new_tokens": 6, "show_topk": 5,
+        "model": str(tiny_model_dir),
+        "question": "What color is the shape inside the box?",
+        "options": ["red", "green", "blue", "yellow"],
+        "bbox": (34, 34, 58, 58),
+        "max_new_tokens": 6,
+        "show_topk": 5,
         "divergence": {"alpha": 0.3, "topk": 0},
     }
     values.update(overrides)
@@ -85,9 +89,26 @@ def test_box_outside_the_image_is_refused(tiny_model_dir, loaded, image) -> None
 def test_inspect_cli_prints_a_table(tiny_model_dir, image, tmp_path, capsys) -> None:
     path = tmp_path / "img.png"
     image.save(path)
-    code = main(["inspect", "--model", str(tiny_model_dir), "--image", str(path), "--question", "Which color?",
-                 "--options", "red,green,blue,yellow", "--bbox", "34,34,58,58", "--max_new_tokens", "4"])
+    code = main(
+        [
+            "inspect",
+            "--model",
+            str(tiny_model_dir),
+            "--image",
+            str(path),
+            "--question",
+            "Which color?",
+            "--options",
+            "red,green,blue,yellow",
+            "--bbox",
+            "34,34,58,58",
+            "--max_new_tokens",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "student:" in out and "teacher:" in out and "p_S" in out
-    assert main(["inspect", "--model", str(tiny_model_dir), "--image", str(path), "--question", "q",
-                 "--bbox", "1,2,3"]) == 2
+    assert (
+        main(["inspect", "--model", str(tiny_model_dir), "--image", str(path), "--question", "q", "--bbox", "1,2,3"])
+        == 2
+    )

@@ -22,10 +22,30 @@ def _modules_after_import(modules: list[str]) -> set[str]:
     return set(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-LIBRARY = ["vopd." + name for name in (
-    "benchmarks", "callbacks", "config", "data", "distributed", "divergence", "evaluate", "guard", "inspect",
-    "models", "reproduce", "rollout", "synth", "teacher", "tiny", "tiny_models", "trainer", "views", "cli",
-)]
+LIBRARY = [
+    "vopd." + name
+    for name in (
+        "benchmarks",
+        "callbacks",
+        "config",
+        "data",
+        "distributed",
+        "divergence",
+        "evaluate",
+        "guard",
+        "inspect",
+        "models",
+        "reproduce",
+        "rollout",
+        "synth",
+        "teacher",
+        "tiny",
+        "tiny_models",
+        "trainer",
+        "views",
+        "cli",
+    )
+]
 
 
 def test_the_library_imports_no_web_code() -> None:

@@ -121,7 +121,12 @@ def test_a_non_finite_gradient_skips_the_step_and_training_carries_on(tiny_model
 
 def test_fp16_compute_scales_the_loss(tiny_model_dir, dataset, tmp_path) -> None:
     config = _config(
-        tiny_model_dir, dataset, tmp_path / "run", {"dtype": "float16"}, steps=1, lr=1e-3,
+        tiny_model_dir,
+        dataset,
+        tmp_path / "run",
+        {"dtype": "float16"},
+        steps=1,
+        lr=1e-3,
         rollout={"num_rollouts": 1, "max_new_tokens": 2},
     )
     trainer = OPDTrainer(config)

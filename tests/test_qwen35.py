@@ -74,7 +74,7 @@ def _mixed_size_samples() -> list[Sample]:
     ]
 
 
-def _sample(loaded: LoadedModel, prompts, *, temperature: float, max_new_tokens: int = 6, seed: int = 1):  # noqa: ANN001, ANN202
+def _sample(loaded: LoadedModel, prompts, *, temperature: float, max_new_tokens: int = 6, seed: int = 1):
     return sample_rollouts(
         loaded.model,
         prompts,
@@ -200,7 +200,7 @@ def test_rollouts_never_emit_suppressed_tokens(loaded: LoadedModel) -> None:
     prompts = loaded.encode([to_messages(student_view(s, ViewConfig())) for s in _mixed_size_samples()])
     suppressed = torch.tensor(loaded.suppressed_token_ids)
 
-    def favour_placeholders(module, inputs, output):  # noqa: ANN001, ANN202
+    def favour_placeholders(module, inputs, output):
         output = output.clone()
         output[..., suppressed] += 20.0
         return output

@@ -47,8 +47,11 @@ def test_arms_are_summarised_over_seeds_and_the_headline_checks_the_goal() -> No
     results = {
         "opd": [
             {"seed": 0, "eval": {"heldout": summary(0.72, 1.0), "fresh": summary(0.70, 1.0, {"A": 3})}},
-            {"seed": 1, "eval": {"heldout": summary(0.76, 0.99), "fresh": summary(0.74, 0.98, {"A": 1, "C": 2})},
-             "guard_warnings": ["collapse guard: teacher stability 0.75 < 0.85"]},
+            {
+                "seed": 1,
+                "eval": {"heldout": summary(0.76, 0.99), "fresh": summary(0.74, 0.98, {"A": 1, "C": 2})},
+                "guard_warnings": ["collapse guard: teacher stability 0.75 < 0.85"],
+            },
         ],
         "sft": [
             {"seed": 0, "eval": {"heldout": summary(0.74, 1.0), "fresh": summary(0.74, 1.0)}},

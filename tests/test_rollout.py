@@ -29,8 +29,13 @@ def loaded(tiny_model_dir):
 @pytest.fixture(scope="module")
 def prompts(loaded):
     samples = [
-        Sample(id=str(i), question="What color is the shape?", options=["red", "blue"], bbox=(10, 10, 40, 40),
-               image_bytes=_png_bytes(Image.new("RGB", (112 + 28 * i, 112), (200, 40 * i, 90))))
+        Sample(
+            id=str(i),
+            question="What color is the shape?",
+            options=["red", "blue"],
+            bbox=(10, 10, 40, 40),
+            image_bytes=_png_bytes(Image.new("RGB", (112 + 28 * i, 112), (200, 40 * i, 90))),
+        )
         for i in range(3)
     ]
     return encode_prompts(loaded.processor, [to_messages(student_view(s, ViewConfig())) for s in samples])
@@ -47,8 +52,13 @@ def test_mask_after_end_keeps_the_end_token_and_pads_the_rest() -> None:
 
 def rollout(loaded, prompts, **overrides):
     kwargs = {
-        "max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "eos_token_ids": loaded.eos_token_ids,
-        "pad_token_id": loaded.pad_token_id, "suppressed_token_ids": loaded.suppressed_token_ids, "seed": 3,
+        "max_new_tokens": 8,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "eos_token_ids": loaded.eos_token_ids,
+        "pad_token_id": loaded.pad_token_id,
+        "suppressed_token_ids": loaded.suppressed_token_ids,
+        "seed": 3,
     }
     kwargs.update(overrides)
     return sample_rollouts(loaded.model, prompts, **kwargs)
@@ -68,8 +78,9 @@ def test_temperature_enters_the_behaviour_distribution(loaded, prompts) -> None:
     logits = response_logits(loaded.model, prompts, hot)
     logits[..., loaded.suppressed_token_ids] = float("-inf")
     scored = torch.log_softmax(logits.float() / 2.0, -1).gather(-1, hot.response_ids.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(scored[hot.response_mask], hot.behaviour_logprobs[hot.response_mask], atol=2e-4,
-                               rtol=1e-4)
+    torch.testing.assert_close(
+        scored[hot.response_mask], hot.behaviour_logprobs[hot.response_mask], atol=2e-4, rtol=1e-4
+    )
 
 
 def test_seeded_sampling_is_reproducible_and_never_emits_suppressed_tokens(loaded, prompts) -> None:
@@ -92,15 +103,21 @@ def test_greedy_is_argmax(loaded, prompts) -> None:
 def test_a_row_seed_samples_the_same_response_in_any_batch(loaded) -> None:
     """Per-row seeds: a prompt's rollout depends on its own seed, not on the rows that share its batch."""
     samples = [
-        Sample(id=str(i), question="What color is the shape?", options=["red", "blue"], bbox=(10, 10, 40, 40),
-               image_bytes=_png_bytes(Image.new("RGB", (112, 112), (200, 40 * i, 90))))
+        Sample(
+            id=str(i),
+            question="What color is the shape?",
+            options=["red", "blue"],
+            bbox=(10, 10, 40, 40),
+            image_bytes=_png_bytes(Image.new("RGB", (112, 112), (200, 40 * i, 90))),
+        )
         for i in range(4)
     ]
     conversations = [to_messages(student_view(s, ViewConfig())) for s in samples]
     whole = rollout(loaded, encode_prompts(loaded.processor, conversations), seed=None, row_seeds=[101, 102, 103, 104])
     pair = rollout(loaded, encode_prompts(loaded.processor, conversations[2:]), seed=None, row_seeds=[103, 104])
-    swapped = rollout(loaded, encode_prompts(loaded.processor, conversations[2:][::-1]), seed=None,
-                      row_seeds=[104, 103])
+    swapped = rollout(
+        loaded, encode_prompts(loaded.processor, conversations[2:][::-1]), seed=None, row_seeds=[104, 103]
+    )
     width = pair.response_ids.shape[1]
     assert torch.equal(whole.response_ids[2:, :width], pair.response_ids)
     assert torch.equal(swapped.response_ids.flip(0), pair.response_ids)

@@ -85,8 +85,19 @@ def test_training_updates_weights_and_ema_teacher_moves_by_the_rate(tiny_model_d
     for name in changed[:20]:
         expected = (1 - rate) * before[name] + rate * after[name]
         torch.testing.assert_close(teacher[name], expected, rtol=1e-5, atol=1e-7)
-    for key in ("divergence_mean", "divergence_max", "argmax_agreement", "topk_overlap", "grad_norm", "lr",
-                "tokens_per_second", "step_time", "truncated_fraction", "student_topk_mass", "teacher_topk_mass"):
+    for key in (
+        "divergence_mean",
+        "divergence_max",
+        "argmax_agreement",
+        "topk_overlap",
+        "grad_norm",
+        "lr",
+        "tokens_per_second",
+        "step_time",
+        "truncated_fraction",
+        "student_topk_mass",
+        "teacher_topk_mass",
+    ):
         assert key in metrics, key
 
 
@@ -118,8 +129,15 @@ def test_divergence_falls_against_a_fixed_teacher(tiny_model_dir, tmp_path) -> N
     """The learning test: one prompt, a frozen teacher, plain gradient steps -> the divergence shrinks."""
     one = write_dataset(tmp_path / "one", count=1)
     config = make_config(
-        tiny_model_dir, one, tmp_path / "run", steps=12, batch_size=1, lr=3e-3,
-        teacher={"mode": "fixed"}, rollout={"num_rollouts": 4, "max_new_tokens": 4}, divergence={"topk": 0},
+        tiny_model_dir,
+        one,
+        tmp_path / "run",
+        steps=12,
+        batch_size=1,
+        lr=3e-3,
+        teacher={"mode": "fixed"},
+        rollout={"num_rollouts": 4, "max_new_tokens": 4},
+        divergence={"topk": 0},
     )
     trainer = OPDTrainer(config)
     losses = [trainer.train_step()["divergence_mean"] for _ in range(config.steps)]
@@ -170,7 +188,11 @@ def test_refuses_to_overwrite_a_run_without_resume(tiny_model_dir, dataset, tmp_
 def test_lora_with_ema_adapter_and_fixed_teacher(tiny_model_dir, dataset, tmp_path) -> None:
     for mode in ("ema", "fixed", "current"):
         config = make_config(
-            tiny_model_dir, dataset, tmp_path / mode, steps=1, lora={"enabled": True, "rank": 4},
+            tiny_model_dir,
+            dataset,
+            tmp_path / mode,
+            steps=1,
+            lora={"enabled": True, "rank": 4},
             teacher={"mode": mode},
         )
         trainer = OPDTrainer(config)
@@ -198,10 +220,10 @@ def test_cancellation_checkpoints_and_stops(tiny_model_dir, dataset, tmp_path) -
             self.done = 0
             self.checkpoints: list[int] = []
 
-        def on_progress(self, *, done, total, metrics=None) -> None:  # noqa: ANN001
+        def on_progress(self, *, done, total, metrics=None) -> None:
             self.done = done
 
-        def on_checkpoint(self, *, step, path) -> None:  # noqa: ANN001
+        def on_checkpoint(self, *, step, path) -> None:
             self.checkpoints.append(step)
 
         def should_stop(self) -> bool:
@@ -219,7 +241,7 @@ def _step_gradients(trainer: OPDTrainer) -> tuple[dict[str, torch.Tensor], dict[
     names = {id(p): n for n, p in trainer.student.named_parameters()}
     original_step = trainer.optimizer.step
 
-    def recording_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def recording_step(*args, **kwargs):
         for group in trainer.optimizer.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
@@ -268,8 +290,9 @@ def test_trust_region_teacher_mixes_initial_and_current_logits(tiny_model_dir, d
 
 
 def test_progressive_teacher_is_replaced_by_the_student_every_n_steps(tiny_model_dir, dataset, tmp_path) -> None:
-    config = make_config(tiny_model_dir, dataset, tmp_path / "run", steps=4, teacher={"mode": "progressive",
-                                                                                      "sync_every": 2})
+    config = make_config(
+        tiny_model_dir, dataset, tmp_path / "run", steps=4, teacher={"mode": "progressive", "sync_every": 2}
+    )
     trainer = OPDTrainer(config)
     initial = trainer.teacher.state_dict()
     trainer.train_step()

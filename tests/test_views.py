@@ -169,8 +169,14 @@ def dataset(tmp_path: Path) -> Path:
     (tmp_path / "images").mkdir()
     noise_image(64, 48).save(tmp_path / "images" / "a.png")
     records = [
-        {"id": "set/one", "image": "images/a.png", "question": "Which?", "options": ["x", "y"], "answer": "A",
-         "bbox": [20, 20, 30, 30]},
+        {
+            "id": "set/one",
+            "image": "images/a.png",
+            "question": "Which?",
+            "options": ["x", "y"],
+            "answer": "A",
+            "bbox": [20, 20, 30, 30],
+        },
         {"id": "two", "image": "images/a.png", "question": "What?", "bbox": [0, 0, 16, 8]},
     ]
     path = tmp_path / "data.jsonl"

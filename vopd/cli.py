@@ -182,8 +182,14 @@ def _launch_ranks(args: argparse.Namespace, config: Any) -> int:
     if config.runtime.strategy == "single":
         argv += ["--runtime.strategy", "ddp"]
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-        "-m", "vopd.cli", *argv,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc}",
+        "-m",
+        "vopd.cli",
+        *argv,
     ]
     returncode = subprocess.run(command, check=False).returncode
     if returncode:
@@ -467,13 +473,21 @@ def _add_apikey(parser: argparse.ArgumentParser) -> None:
         "its last line; list shows every key (id, prefix, name, admin, revoked); revoke ID_OR_PREFIX refuses the "
         "key everywhere at once (its jobs and datasets stay). Reads DATABASE_URL / VOPD_HOME like the server."
     )
-    parser.add_argument("action", choices=["create", "list", "revoke"],
-                        help="create: make a new key and print it (last line); list; revoke ID_OR_PREFIX")
-    parser.add_argument("target", nargs="?", metavar="ID_OR_PREFIX",
-                        help="revoke: the key's id or its prefix as list shows it (vopd_AbC123)")
+    parser.add_argument(
+        "action",
+        choices=["create", "list", "revoke"],
+        help="create: make a new key and print it (last line); list; revoke ID_OR_PREFIX",
+    )
+    parser.add_argument(
+        "target",
+        nargs="?",
+        metavar="ID_OR_PREFIX",
+        help="revoke: the key's id or its prefix as list shows it (vopd_AbC123)",
+    )
     parser.add_argument("--name", default="user", help="who the key is for; jobs and datasets belong to the key")
-    parser.add_argument("--admin", action="store_true",
-                        help="create: the key may list and revoke every key over HTTP (/api/keys)")
+    parser.add_argument(
+        "--admin", action="store_true", help="create: the key may list and revoke every key over HTTP (/api/keys)"
+    )
 
 
 def _run_apikey(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -498,8 +512,10 @@ def _run_apikey(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             elif args.action == "list":
                 print(f"{'id':>4}  {'prefix':<12}  {'admin':<5}  {'revoked':<7}  {'created (UTC)':<16}  name")
                 for row in list_api_keys(session):
-                    print(f"{row.id:>4}  {row.prefix:<12}  {'yes' if row.admin else '':<5}  "
-                          f"{'yes' if row.revoked else '':<7}  {row.created_at:%Y-%m-%d %H:%M}  {row.name}")
+                    print(
+                        f"{row.id:>4}  {row.prefix:<12}  {'yes' if row.admin else '':<5}  "
+                        f"{'yes' if row.revoked else '':<7}  {row.created_at:%Y-%m-%d %H:%M}  {row.name}"
+                    )
             else:
                 try:
                     row = revoke_api_key(session, args.target)

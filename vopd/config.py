@@ -55,7 +55,9 @@ class ViewConfig(_Strict):
     )
     upscale: float = Field(2.0, gt=0.0, le=16.0, description="Factor by which the teacher's crop is enlarged.")
     min_crop_side: int = Field(
-        28, ge=1, le=MAX_IMAGE_SIDE,
+        28,
+        ge=1,
+        le=MAX_IMAGE_SIDE,
         description="The upscaled crop's shorter side is raised to at least this (one vision patch group).",
     )
     max_crop_side: int = Field(
@@ -92,7 +94,9 @@ class DivergenceConfig(_Strict):
         ),
     )
     topk: int = Field(
-        100, ge=0, le=MAX_VOCAB,
+        100,
+        ge=0,
+        le=MAX_VOCAB,
         description="Compare distributions on the student's top-k tokens (0 = the full vocabulary).",
     )
     add_tail: bool = Field(True, description="Add one bucket holding the probability mass outside the top-k.")
@@ -235,8 +239,8 @@ class RuntimeConfig(_Strict):
     chat_template_kwargs: dict[str, Any] | None = Field(
         None,
         description=(
-            "Extra variables for the chat template of both views, e.g. {\"enable_thinking\": false}. None = "
-            "{\"enable_thinking\": false} for templates that know the switch (Qwen3, Qwen3.5: the official run's "
+            'Extra variables for the chat template of both views, e.g. {"enable_thinking": false}. None = '
+            '{"enable_thinking": false} for templates that know the switch (Qwen3, Qwen3.5: the official run\'s '
             "non-thinking prompt), nothing otherwise."
         ),
     )

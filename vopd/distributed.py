@@ -99,9 +99,7 @@ def setup(strategy: Strategy, timeout_s: float) -> Ranks:
     if use_cuda:
         torch.cuda.set_device(local_rank)  # "cuda" now names this rank's own device
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
-        )
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return Ranks(strategy, dist.get_rank(), dist.get_world_size(), local_rank)
 
 

@@ -92,7 +92,7 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _top_tokens(tokenizer, ids: torch.Tensor, probs: torch.Tensor) -> list[TopToken]:  # noqa: ANN001
+def _top_tokens(tokenizer, ids: torch.Tensor, probs: torch.Tensor) -> list[TopToken]:
     return [
         TopToken(token=tokenizer.decode([token_id]), token_id=token_id, prob=prob, rank=rank + 1)
         for rank, (token_id, prob) in enumerate(zip(ids.tolist(), probs.tolist(), strict=True))

@@ -339,7 +339,14 @@ def reproduce(
     if settings_path.is_file():  # finished runs are reused: they must have been made the same way
         previous = json.loads(settings_path.read_text())
         fixed = (
-            "steps", "lr", "batch_size", "num_rollouts", "train_items", "eval_items", "base", "freeze_vision_tower",
+            "steps",
+            "lr",
+            "batch_size",
+            "num_rollouts",
+            "train_items",
+            "eval_items",
+            "base",
+            "freeze_vision_tower",
             "vision_lr_scale",
         )
         # experiments recorded before these options existed: 8 prompts x 2 rollouts, frozen tower, one rate

@@ -315,7 +315,7 @@ class OPDTrainer:
         start = micro_batch * self.config.batch_size + self.ranks.rank * self._share
         return [self.samples[self.order.index(start + i)] for i in range(self._share)]
 
-    def _encode(self, samples: list[Sample], view_fn) -> Any:  # noqa: ANN001 - student_view or teacher_view
+    def _encode(self, samples: list[Sample], view_fn) -> Any:
         repeats = self.config.rollout.num_rollouts
         conversations = [to_messages(view_fn(sample, self.config.views)) for sample in samples for _ in range(repeats)]
         return self.loaded.encode(conversations)
@@ -478,7 +478,7 @@ class OPDTrainer:
         totals[key] = totals.get(key, 0.0) + value
 
     # ------------------------------------------------------------------ files
-    def _open_metrics_log(self):  # noqa: ANN202
+    def _open_metrics_log(self):
         """Append to metrics.jsonl, first dropping records past the resumed step (they will be redone)."""
         if not self.ranks.is_main:
             return None
@@ -542,9 +542,7 @@ class OPDTrainer:
     def _prune_checkpoints(self) -> None:
         folder = self.output_dir / CHECKPOINTS_DIR
         steps = sorted(
-            (int(path.name.split("-")[1]), path)
-            for path in folder.glob("step-*")
-            if path.name.split("-")[1].isdigit()
+            (int(path.name.split("-")[1]), path) for path in folder.glob("step-*") if path.name.split("-")[1].isdigit()
         )
         for _, path in steps[: -self.config.keep_checkpoints]:
             shutil.rmtree(path, ignore_errors=True)
@@ -588,9 +586,7 @@ class OPDTrainer:
         return rebuilt
 
 
-def train(
-    config: TrainConfig, *, callbacks: Sequence[ProgressCallback] = (), resume: bool = False
-) -> TrainResult:
+def train(config: TrainConfig, *, callbacks: Sequence[ProgressCallback] = (), resume: bool = False) -> TrainResult:
     """Run (or resume, or extend) a Vision-OPD training run described by ``config`` (on this rank, under torchrun)."""
     trainer = OPDTrainer(config, callbacks=callbacks, resume=resume)
     try:

@@ -55,8 +55,9 @@ def _fit_to_pixels(image: Image.Image, max_pixels: int | None) -> Image.Image:
     return image.resize(new_size, _RESAMPLE)
 
 
-def _draw_box_outline(image: Image.Image, box: tuple[float, float, float, float], color: tuple[int, int, int],
-                      width: int) -> None:
+def _draw_box_outline(
+    image: Image.Image, box: tuple[float, float, float, float], color: tuple[int, int, int], width: int
+) -> None:
     """Draw the outline just *outside* the box so the evidence pixels stay untouched; at an image border, where
     outside does not exist, the line moves inward so the box stays visible."""
     image_width, image_height = image.size

@@ -45,7 +45,7 @@ class DatabaseReporter(ProgressCallback):
         self._last_poll = 0.0
         self._stop = False
 
-    def _mine(self):  # noqa: ANN202 - an UPDATE restricted to this attempt of the job
+    def _mine(self):
         return update(Job).where(Job.id == self.job_id, Job.worker == self.worker_name)
 
     def on_start(self, *, total: int, start: int, unit: str) -> None:

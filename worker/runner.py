@@ -245,8 +245,15 @@ def _train_on_ranks(job: Claim, me: str, reporter: DatabaseReporter) -> dict[str
     result_path.unlink(missing_ok=True)
     log_path = job.output_dir / RANKS_LOG
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={job.gpus}",
-        "-m", "worker.ranks", str(job.job_id), me,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={job.gpus}",
+        "-m",
+        "worker.ranks",
+        str(job.job_id),
+        me,
     ]
     reporter.on_log(f"training on {job.gpus} processes (torchrun; every rank's output in {RANKS_LOG})")
     with log_path.open("ab") as output:
@@ -254,8 +261,9 @@ def _train_on_ranks(job: Claim, me: str, reporter: DatabaseReporter) -> dict[str
     if returncode == 0 and result_path.is_file():
         return json.loads(result_path.read_text(encoding="utf-8"))
     tail = log_path.read_text(encoding="utf-8", errors="replace")[-6000:]
-    reporter.on_log(f"the {job.gpus} training processes failed (exit {returncode}); their last output:\n{tail}",
-                    level="error")
+    reporter.on_log(
+        f"the {job.gpus} training processes failed (exit {returncode}); their last output:\n{tail}", level="error"
+    )
     errors = [line for line in tail.splitlines() if "Error" in line and not line.startswith(" ")]
     raise RuntimeError(
         f"the job's {job.gpus} training processes failed (exit {returncode})"

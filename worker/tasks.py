@@ -99,7 +99,7 @@ _presence = _Presence()
 @signals.worker_init.connect
 def _preload_library(**_: object) -> None:
     """Import torch and the loops once in the parent, so each forked pool process starts warm."""
-    import vopd.evaluate  # noqa: F401
+    import vopd.evaluate
     import vopd.trainer  # noqa: F401
 
     # Keep the garbage collector off these long-lived objects: forked children share their pages instead of

@@ -112,7 +112,7 @@ def get_logs(
     return LogPage(items=[LogOut.model_validate(r) for r in rows], next_since=rows[-1].id if rows else since)
 
 
-def _poll_events(factory: sessionmaker[Session], job_id: int, since_metric: int, since_log: int):  # noqa: ANN202
+def _poll_events(factory: sessionmaker[Session], job_id: int, since_metric: int, since_log: int):
     with factory() as session:
         job = session.get(Job, job_id)
         if job is None:

@@ -17,8 +17,9 @@ from frontend.client import InspectResult, VopdClient
 from frontend.context import UiContext, readable_errors
 
 
-def demo_request(image: Image.Image | None, question: str, options_text: str, model: str | None,
-                 max_new_tokens: float) -> dict[str, Any]:
+def demo_request(
+    image: Image.Image | None, question: str, options_text: str, model: str | None, max_new_tokens: float
+) -> dict[str, Any]:
     if image is None:
         raise render.UiInputError(strings.NEED_IMAGE)
     if not question or not question.strip():
@@ -47,8 +48,15 @@ def answer(client: VopdClient, request: dict[str, Any]) -> str:
 def build_demo_tab(ctx: UiContext) -> gr.Dropdown:
     gr.Markdown(strings.DEMO_INTRO)
     with gr.Row(equal_height=False):
-        image = gr.Image(label=strings.DEMO_IMAGE_LABEL, type="pil", image_mode="RGB", sources=["upload", "clipboard"],
-                         height=360, min_width=280, elem_id="demo-image")
+        image = gr.Image(
+            label=strings.DEMO_IMAGE_LABEL,
+            type="pil",
+            image_mode="RGB",
+            sources=["upload", "clipboard"],
+            height=360,
+            min_width=280,
+            elem_id="demo-image",
+        )
         with gr.Column(min_width=260):
             question = gr.Textbox(label=strings.QUESTION_LABEL, lines=2, elem_id="demo-question")
             options = gr.Textbox(label=strings.OPTIONS_LABEL, lines=2)
@@ -58,9 +66,15 @@ def build_demo_tab(ctx: UiContext) -> gr.Dropdown:
             reply = gr.Textbox(label=strings.ANSWER_LABEL, interactive=False, lines=3, elem_id="demo-answer")
 
     @readable_errors
-    def on_ask(request: gr.Request, image_value: Image.Image | None, question_text: str, options_text: str,
-               model_name: str | None, tokens: float,
-               progress: gr.Progress = gr.Progress()) -> str:  # noqa: B008 - Gradio's idiom
+    def on_ask(
+        request: gr.Request,
+        image_value: Image.Image | None,
+        question_text: str,
+        options_text: str,
+        model_name: str | None,
+        tokens: float,
+        progress: gr.Progress = gr.Progress(),
+    ) -> str:
         question_body = demo_request(image_value, question_text, options_text, model_name, tokens)
         progress(0.2, desc="the model is reading the image...")
         return answer(ctx.client(request), question_body)

@@ -32,8 +32,13 @@ def eval_job_choices(jobs: list[Job]) -> list[tuple[str, int]]:
 
 
 def eval_configs(
-    models: list[str] | None, dataset: str | None, limit: float | None, max_new_tokens: float, full_view: str,
-    benchmark: str | None = None, benchmark_data: str | None = None,
+    models: list[str] | None,
+    dataset: str | None,
+    limit: float | None,
+    max_new_tokens: float,
+    full_view: str,
+    benchmark: str | None = None,
+    benchmark_data: str | None = None,
 ) -> list[dict[str, Any]]:
     """One validated EvalConfig body per chosen model, ready for POST /api/jobs.
 
@@ -46,7 +51,8 @@ def eval_configs(
     if not use_benchmark and not dataset:
         raise render.UiInputError(strings.NEED_DATASET)
     source: dict[str, Any] = (
-        {"benchmark": benchmark, "data": (benchmark_data or "").strip()} if use_benchmark
+        {"benchmark": benchmark, "data": (benchmark_data or "").strip()}
+        if use_benchmark
         else {"dataset": dataset, "full_view": full_view}
     )
     bodies = []
@@ -113,8 +119,11 @@ def item_view(client: VopdClient, job: Job | None, records: list[dict[str, Any]]
     if not page.items:
         return render.item_markdown(record), None, None
     sample = page.items[0]
-    return (render.item_markdown(record), render.image_from_data_url(sample.student_image),
-            render.image_from_data_url(sample.teacher_image))
+    return (
+        render.item_markdown(record),
+        render.image_from_data_url(sample.student_image),
+        render.image_from_data_url(sample.teacher_image),
+    )
 
 
 # ----------------------------------------------------------------------------- layout and wiring
@@ -130,40 +139,62 @@ class EvaluateTab:
 def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
     gr.Markdown(strings.EVAL_INTRO)
     with gr.Row():
-        models = gr.Dropdown(label=strings.EVAL_MODELS_LABEL, choices=[], multiselect=True, min_width=260,
-                             elem_id="eval-models")
+        models = gr.Dropdown(
+            label=strings.EVAL_MODELS_LABEL, choices=[], multiselect=True, min_width=260, elem_id="eval-models"
+        )
         dataset = gr.Dropdown(label=strings.DATASET_LABEL, choices=[], min_width=220, elem_id="eval-dataset")
     with gr.Row():
-        limit = gr.Number(32, label=strings.EVAL_LIMIT_LABEL, precision=0, minimum=0, min_width=140,
-                          elem_id="eval-limit")
+        limit = gr.Number(
+            32, label=strings.EVAL_LIMIT_LABEL, precision=0, minimum=0, min_width=140, elem_id="eval-limit"
+        )
         max_new_tokens = gr.Number(16, label=strings.MAX_NEW_TOKENS_LABEL, precision=0, minimum=1, min_width=140)
         full_view = gr.Radio(list(FULL_VIEWS), value="student", label=strings.FULL_VIEW_LABEL, min_width=200)
     with gr.Row():
-        benchmark = gr.Dropdown([NO_BENCHMARK, *BENCHMARK_CHOICES], value=NO_BENCHMARK, label=BENCHMARK_LABEL,
-                                min_width=220, elem_id="eval-benchmark")
-        benchmark_data = gr.Textbox(label=BENCHMARK_DATA_LABEL, placeholder="e.g. vstar", min_width=260,
-                                    elem_id="eval-benchmark-data")
+        benchmark = gr.Dropdown(
+            [NO_BENCHMARK, *BENCHMARK_CHOICES],
+            value=NO_BENCHMARK,
+            label=BENCHMARK_LABEL,
+            min_width=220,
+            elem_id="eval-benchmark",
+        )
+        benchmark_data = gr.Textbox(
+            label=BENCHMARK_DATA_LABEL, placeholder="e.g. vstar", min_width=260, elem_id="eval-benchmark-data"
+        )
     run_button = gr.Button(strings.RUN_EVAL, variant="primary", elem_id="eval-run")
     with gr.Row():
-        picked = gr.Dropdown(label=strings.EVAL_JOBS_LABEL, choices=[], multiselect=True, min_width=300, scale=4,
-                             elem_id="eval-jobs")
+        picked = gr.Dropdown(
+            label=strings.EVAL_JOBS_LABEL, choices=[], multiselect=True, min_width=300, scale=4, elem_id="eval-jobs"
+        )
         compare_button = gr.Button(strings.COMPARE, min_width=100, scale=1)
-    chart = gr.BarPlot(x="bar", y="accuracy", color="condition", y_lim=[0, 1], sort=None, x_label_angle=-30,
-                       label="Accuracy")  # no fixed height: it would clip the legend (Gradio 6.31)
+    chart = gr.BarPlot(
+        x="bar", y="accuracy", color="condition", y_lim=[0, 1], sort=None, x_label_angle=-30, label="Accuracy"
+    )  # no fixed height: it would clip the legend (Gradio 6.31)
     table = gr.Dataframe(headers=strings.EVAL_TABLE_COLUMNS, interactive=False, wrap=True, elem_id="eval-table")
-    categories = gr.Dataframe(headers=["category", "n", "accuracy"], interactive=False, wrap=True,
-                              label="Per category (benchmark jobs)", elem_id="eval-categories")
+    categories = gr.Dataframe(
+        headers=["category", "n", "accuracy"],
+        interactive=False,
+        wrap=True,
+        label="Per category (benchmark jobs)",
+        elem_id="eval-categories",
+    )
     with gr.Accordion("Per-item browser", open=True):
         with gr.Row():
-            items_job = gr.Dropdown(label=strings.ITEMS_JOB_LABEL, choices=[], min_width=260, scale=4,
-                                    elem_id="eval-items-job")
+            items_job = gr.Dropdown(
+                label=strings.ITEMS_JOB_LABEL, choices=[], min_width=260, scale=4, elem_id="eval-items-job"
+            )
             load_button = gr.Button(strings.LOAD_ITEMS, min_width=100, scale=1, elem_id="eval-load-items")
-        items = gr.Dataframe(headers=strings.ITEM_COLUMNS, interactive=False, wrap=True, max_height=300,
-                             elem_id="eval-items")
+        items = gr.Dataframe(
+            headers=strings.ITEM_COLUMNS, interactive=False, wrap=True, max_height=300, elem_id="eval-items"
+        )
         item_text = gr.Markdown(elem_id="eval-item-text")
         with gr.Row():
-            student_image = gr.Image(label=strings.STUDENT_VIEW_LABEL, interactive=False, height=220, min_width=160,
-                                     elem_id="eval-item-student")
+            student_image = gr.Image(
+                label=strings.STUDENT_VIEW_LABEL,
+                interactive=False,
+                height=220,
+                min_width=160,
+                elem_id="eval-item-student",
+            )
             teacher_image = gr.Image(label=strings.TEACHER_VIEW_LABEL, interactive=False, height=220, min_width=160)
     records_state = gr.State([])
     records_job = gr.State(None)
@@ -194,12 +225,19 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         return category_rows(ctx.client(request).job(int(job_id))) if job_id not in (None, "") else gr.skip()
 
     @readable_errors
-    def on_run(request: gr.Request, model_names: list[str] | None, dataset_id: str | None, limit_value: float | None,
-               tokens: float, view: str, suite: str | None, suite_data: str | None,
-               current: list[int] | None) -> tuple[Any, ...]:
+    def on_run(
+        request: gr.Request,
+        model_names: list[str] | None,
+        dataset_id: str | None,
+        limit_value: float | None,
+        tokens: float,
+        view: str,
+        suite: str | None,
+        suite_data: str | None,
+        current: list[int] | None,
+    ) -> tuple[Any, ...]:
         client = ctx.client(request)
-        jobs = submit_evals(client, eval_configs(model_names, dataset_id, limit_value, tokens, view, suite,
-                                                 suite_data))
+        jobs = submit_evals(client, eval_configs(model_names, dataset_id, limit_value, tokens, view, suite, suite_data))
         gr.Info(strings.EVAL_SUBMITTED.format(ids=", ".join(f"#{job.id}" for job in jobs)))
         all_jobs = client.jobs(kind="eval", limit=200).items
         chosen = [job.id for job in jobs]
@@ -208,8 +246,11 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
 
     def on_tick(request: gr.Request, job_ids: list[int] | None, table_value: Any, items_value: Any) -> tuple[Any, ...]:
         """While a compared evaluation is unfinished, keep its row, its bars and the job lists current."""
-        if not job_ids or (isinstance(table_value, pd.DataFrame) and len(table_value) == len(job_ids)
-                           and set(table_value["status"]) <= {"succeeded", "failed", "cancelled"}):
+        if not job_ids or (
+            isinstance(table_value, pd.DataFrame)
+            and len(table_value) == len(job_ids)
+            and set(table_value["status"]) <= {"succeeded", "failed", "cancelled"}
+        ):
             return (gr.skip(),) * 4
         try:
             table_now, chart_now = comparison(fetch_eval_jobs(ctx.client(request), job_ids))
@@ -224,19 +265,28 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         return job, records, render.item_rows(records)
 
     @readable_errors
-    def on_item(request: gr.Request, job: Job | None, records: list[dict[str, Any]],
-                event: gr.SelectData) -> tuple[Any, ...]:
+    def on_item(
+        request: gr.Request, job: Job | None, records: list[dict[str, Any]], event: gr.SelectData
+    ) -> tuple[Any, ...]:
         row = event.index[0] if isinstance(event.index, list | tuple) else event.index
         return item_view(ctx.client(request), job, records, int(row))
 
     refresh_inputs = [picked, items_job]
-    run_button.click(on_run, [models, dataset, limit, max_new_tokens, full_view, benchmark, benchmark_data,
-                              picked], [picked, table, chart])
+    run_button.click(
+        on_run,
+        [models, dataset, limit, max_new_tokens, full_view, benchmark, benchmark_data, picked],
+        [picked, table, chart],
+    )
     items_job.change(on_categories, [items_job], [categories])
     compare_button.click(on_compare, [picked], [table, chart])
     picked.input(on_compare, [picked], [table, chart])
     timer.tick(on_tick, [picked, table, items_job], [table, chart, picked, items_job])
     load_button.click(on_load_items, [items_job], [records_job, records_state, items])
     items.select(on_item, [records_job, records_state], [item_text, student_image, teacher_image])
-    return EvaluateTab(models=models, dataset=dataset, refresh_jobs=refresh_jobs, refresh_inputs=refresh_inputs,
-                       refresh_outputs=[picked, items_job])
+    return EvaluateTab(
+        models=models,
+        dataset=dataset,
+        refresh_jobs=refresh_jobs,
+        refresh_inputs=refresh_inputs,
+        refresh_outputs=[picked, items_job],
+    )

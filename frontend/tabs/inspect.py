@@ -223,16 +223,26 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
     compare_state = gr.State(None)
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=300):
-            source = gr.Radio([strings.SOURCE_UPLOAD, strings.SOURCE_SAMPLE], value=strings.SOURCE_UPLOAD,
-                              label=strings.SOURCE_LABEL)
+            source = gr.Radio(
+                [strings.SOURCE_UPLOAD, strings.SOURCE_SAMPLE], value=strings.SOURCE_UPLOAD, label=strings.SOURCE_LABEL
+            )
             with gr.Row(visible=False) as sample_row:
                 dataset = gr.Dropdown(label=strings.DATASET_LABEL, choices=[], scale=3, min_width=160)
-                sample_index = gr.Number(0, label=strings.SAMPLE_INDEX_LABEL, precision=0, minimum=0, scale=1,
-                                         min_width=100)
+                sample_index = gr.Number(
+                    0, label=strings.SAMPLE_INDEX_LABEL, precision=0, minimum=0, scale=1, min_width=100
+                )
                 load_button = gr.Button(strings.LOAD_SAMPLE, scale=1, min_width=100, elem_id="inspect-load-sample")
-            annotator = image_annotator(label=strings.ANNOTATOR_LABEL, image_type="pil", single_box=True,
-                                        disable_edit_boxes=True, sources=["upload", "clipboard"], height=360,
-                                        boxes_alpha=0.15, elem_id="inspect-annotator", show_download_button=False)
+            annotator = image_annotator(
+                label=strings.ANNOTATOR_LABEL,
+                image_type="pil",
+                single_box=True,
+                disable_edit_boxes=True,
+                sources=["upload", "clipboard"],
+                height=360,
+                boxes_alpha=0.15,
+                elem_id="inspect-annotator",
+                show_download_button=False,
+            )
             with gr.Row():
                 box_fields = [
                     gr.Number(label=name, precision=0, minimum=0, min_width=70, elem_id=f"inspect-box-{name}")
@@ -242,42 +252,65 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
         with gr.Column(scale=2, min_width=280):
             question = gr.Textbox(label=strings.QUESTION_LABEL, lines=2, elem_id="inspect-question")
             options = gr.Textbox(label=strings.OPTIONS_LABEL, lines=2, elem_id="inspect-options")
-            model = gr.Dropdown(label=strings.MODEL_LABEL, info=strings.MODEL_INFO, choices=[],
-                                elem_id="inspect-model")
-            compare_model = gr.Dropdown(label=strings.COMPARE_MODEL_LABEL, info=strings.COMPARE_MODEL_INFO,
-                                        choices=[], value=None)
+            model = gr.Dropdown(label=strings.MODEL_LABEL, info=strings.MODEL_INFO, choices=[], elem_id="inspect-model")
+            compare_model = gr.Dropdown(
+                label=strings.COMPARE_MODEL_LABEL, info=strings.COMPARE_MODEL_INFO, choices=[], value=None
+            )
             with gr.Accordion("Decoding and divergence", open=False):
                 greedy = gr.Checkbox(True, label=strings.GREEDY_LABEL)
-                max_new_tokens = gr.Slider(1, 256, value=32, step=1, label=strings.MAX_NEW_TOKENS_LABEL,
-                                           elem_id="inspect-max-new-tokens")
+                max_new_tokens = gr.Slider(
+                    1, 256, value=32, step=1, label=strings.MAX_NEW_TOKENS_LABEL, elem_id="inspect-max-new-tokens"
+                )
                 alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label=strings.ALPHA_LABEL)
                 show_topk = gr.Slider(1, 50, value=10, step=1, label=strings.TOPK_LABEL)
             run_button = gr.Button(strings.RUN_INSPECT, variant="primary", elem_id="inspect-run")
     with gr.Row():
-        student_view = gr.Image(label=strings.STUDENT_VIEW_LABEL, type="pil", interactive=False, height=280,
-                                min_width=200)
-        teacher_view = gr.Image(label=strings.TEACHER_VIEW_LABEL, type="pil", interactive=False, height=280,
-                                min_width=200)
+        student_view = gr.Image(
+            label=strings.STUDENT_VIEW_LABEL, type="pil", interactive=False, height=280, min_width=200
+        )
+        teacher_view = gr.Image(
+            label=strings.TEACHER_VIEW_LABEL, type="pil", interactive=False, height=280, min_width=200
+        )
     with gr.Row():
-        student_answer = gr.Textbox(label=strings.STUDENT_ANSWER_LABEL, interactive=False, min_width=200,
-                                    elem_id="inspect-student-answer")
-        teacher_answer = gr.Textbox(label=strings.TEACHER_ANSWER_LABEL, interactive=False, min_width=200,
-                                    elem_id="inspect-teacher-answer")
+        student_answer = gr.Textbox(
+            label=strings.STUDENT_ANSWER_LABEL, interactive=False, min_width=200, elem_id="inspect-student-answer"
+        )
+        teacher_answer = gr.Textbox(
+            label=strings.TEACHER_ANSWER_LABEL, interactive=False, min_width=200, elem_id="inspect-teacher-answer"
+        )
     metric = gr.Radio(list(render.METRIC_FIELDS), value=strings.METRIC_JSD, label=strings.METRIC_LABEL)
     legend = gr.HTML()
-    strip = gr.HighlightedText(label=strings.TOKEN_STRIP_LABEL, show_legend=False, show_inline_category=False,
-                               combine_adjacent=False, elem_id="inspect-strip")
+    strip = gr.HighlightedText(
+        label=strings.TOKEN_STRIP_LABEL,
+        show_legend=False,
+        show_inline_category=False,
+        combine_adjacent=False,
+        elem_id="inspect-strip",
+    )
     summary = gr.Markdown()
     details = gr.Markdown(strings.SELECT_TOKEN_HINT, elem_id="inspect-token-details")
     with gr.Row():
-        student_topk = gr.Dataframe(headers=strings.TOPK_COLUMNS, label=strings.STUDENT_TOPK_LABEL,
-                                    interactive=False, wrap=True, min_width=260, elem_id="inspect-student-topk")
-        teacher_topk = gr.Dataframe(headers=strings.TOPK_COLUMNS, label=strings.TEACHER_TOPK_LABEL,
-                                    interactive=False, wrap=True, min_width=260, elem_id="inspect-teacher-topk")
+        student_topk = gr.Dataframe(
+            headers=strings.TOPK_COLUMNS,
+            label=strings.STUDENT_TOPK_LABEL,
+            interactive=False,
+            wrap=True,
+            min_width=260,
+            elem_id="inspect-student-topk",
+        )
+        teacher_topk = gr.Dataframe(
+            headers=strings.TOPK_COLUMNS,
+            label=strings.TEACHER_TOPK_LABEL,
+            interactive=False,
+            wrap=True,
+            min_width=260,
+            elem_id="inspect-teacher-topk",
+        )
     with gr.Accordion(strings.COMPARE_STRIP_LABEL, open=True, visible=False) as compare_box:
         compare_legend = gr.HTML()
-        compare_strip = gr.HighlightedText(label=strings.COMPARE_STRIP_LABEL, show_legend=False,
-                                           show_inline_category=False)
+        compare_strip = gr.HighlightedText(
+            label=strings.COMPARE_STRIP_LABEL, show_legend=False, show_inline_category=False
+        )
         compare_summary = gr.Markdown()
         with gr.Row():
             compare_student = gr.Textbox(label=strings.STUDENT_ANSWER_LABEL, interactive=False, min_width=200)
@@ -322,39 +355,112 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
     def on_load_sample(request: gr.Request, dataset_id: str | None, index: float | None) -> tuple[Any, ...]:
         return load_sample(ctx.client(request), dataset_id, index)
 
-    load_button.click(on_load_sample, [dataset, sample_index],
-                      [question, options, *box_fields, student_view, teacher_view, sample_state])
+    load_button.click(
+        on_load_sample,
+        [dataset, sample_index],
+        [question, options, *box_fields, student_view, teacher_view, sample_state],
+    )
 
     # --- run and render
     @readable_errors
-    def on_run(request: gr.Request, src: str, annotation: dict | None, sample: SampleRef | None, question_text: str,
-               options_text: str, x0: float | None, y0: float | None, x1: float | None, y1: float | None,
-               model_name: str | None, compare_name: str | None, greedy_value: bool, tokens: float,
-               alpha_value: float, topk: float, metric_name: str,
-               progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008 - Gradio's idiom
+    def on_run(
+        request: gr.Request,
+        src: str,
+        annotation: dict | None,
+        sample: SampleRef | None,
+        question_text: str,
+        options_text: str,
+        x0: float | None,
+        y0: float | None,
+        x1: float | None,
+        y1: float | None,
+        model_name: str | None,
+        compare_name: str | None,
+        greedy_value: bool,
+        tokens: float,
+        alpha_value: float,
+        topk: float,
+        metric_name: str,
+        progress: gr.Progress = gr.Progress(),
+    ) -> tuple[Any, ...]:
         progress(0.1, desc="running the student and the teacher...")
-        body = build_request(source=src, annotation=annotation, sample=sample, question=question_text,
-                             options_text=options_text, box_values=(x0, y0, x1, y1), model=model_name,
-                             greedy=greedy_value, max_new_tokens=tokens, alpha=alpha_value, show_topk=topk)
+        body = build_request(
+            source=src,
+            annotation=annotation,
+            sample=sample,
+            question=question_text,
+            options_text=options_text,
+            box_values=(x0, y0, x1, y1),
+            model=model_name,
+            greedy=greedy_value,
+            max_new_tokens=tokens,
+            alpha=alpha_value,
+            show_topk=topk,
+        )
         result, compared = run_inspect(ctx.client(request), body, compare_name)
         first = render_result(result, metric_name)
         second = render_result(compared, metric_name)
         detail = token_details(result, 0 if result.tokens else None)
-        return (result, compared, *first, *detail, gr.update(visible=compared is not None), second[0], second[1],
-                second[2], second[3], second[4])
+        return (
+            result,
+            compared,
+            *first,
+            *detail,
+            gr.update(visible=compared is not None),
+            second[0],
+            second[1],
+            second[2],
+            second[3],
+            second[4],
+        )
 
-    run_outputs = [result_state, compare_state, strip, legend, summary, student_answer, teacher_answer, details,
-                   student_topk, teacher_topk, compare_box, compare_strip, compare_legend, compare_summary,
-                   compare_student, compare_teacher]
-    run_button.click(on_run, [source, annotator, sample_state, question, options, *box_fields, model,
-                              compare_model, greedy, max_new_tokens, alpha, show_topk, metric], run_outputs)
+    run_outputs = [
+        result_state,
+        compare_state,
+        strip,
+        legend,
+        summary,
+        student_answer,
+        teacher_answer,
+        details,
+        student_topk,
+        teacher_topk,
+        compare_box,
+        compare_strip,
+        compare_legend,
+        compare_summary,
+        compare_student,
+        compare_teacher,
+    ]
+    run_button.click(
+        on_run,
+        [
+            source,
+            annotator,
+            sample_state,
+            question,
+            options,
+            *box_fields,
+            model,
+            compare_model,
+            greedy,
+            max_new_tokens,
+            alpha,
+            show_topk,
+            metric,
+        ],
+        run_outputs,
+    )
 
     def on_metric(result: InspectResult | None, compared: InspectResult | None, metric_name: str) -> tuple[Any, ...]:
         first, second = render_result(result, metric_name), render_result(compared, metric_name)
         return first[0], first[1], first[2], second[0], second[1], second[2]
 
-    metric.change(on_metric, [result_state, compare_state, metric],
-                  [strip, legend, summary, compare_strip, compare_legend, compare_summary])
+    metric.change(
+        on_metric,
+        [result_state, compare_state, metric],
+        [strip, legend, summary, compare_strip, compare_legend, compare_summary],
+    )
 
     def on_select(result: InspectResult | None, event: gr.SelectData) -> tuple[Any, ...]:
         return token_details(result, event.index if isinstance(event.index, int) else None)

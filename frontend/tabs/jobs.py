@@ -49,8 +49,11 @@ class JobSnapshot:
 
 # ----------------------------------------------------------------------------- pure callbacks
 def jobs_table(client: VopdClient, status: str | None, kind: str | None) -> pd.DataFrame:
-    page = client.jobs(status=None if status in (None, strings.ANY) else status,
-                       kind=None if kind in (None, strings.ANY) else kind, limit=100)
+    page = client.jobs(
+        status=None if status in (None, strings.ANY) else status,
+        kind=None if kind in (None, strings.ANY) else kind,
+        limit=100,
+    )
     return render.job_rows(page.items)
 
 
@@ -82,12 +85,14 @@ def poll_job(client: VopdClient, view: JobView | None, job_id: int) -> JobSnapsh
     status_changed = view.status != job.status
     view.status = job.status
     eval_jobs = client.jobs(kind="eval", limit=200).items if job.kind == "train" else []
-    return JobSnapshot(job, view, bool(metrics.items), bool(logs.items), status_changed, client.artifacts(job_id),
-                       eval_jobs)
+    return JobSnapshot(
+        job, view, bool(metrics.items), bool(logs.items), status_changed, client.artifacts(job_id), eval_jobs
+    )
 
 
-def poll_tick(client: VopdClient, view: JobView | None, status: str | None,
-              kind: str | None) -> tuple[JobSnapshot | None, pd.DataFrame]:
+def poll_tick(
+    client: VopdClient, view: JobView | None, status: str | None, kind: str | None
+) -> tuple[JobSnapshot | None, pd.DataFrame]:
     """One timer tick: the open job first, then the table, so the table is never older than the job's header
     (fetched the other way round, a job ending between the two requests read "succeeded" above a "running" row)."""
     snapshot = poll_job(client, view, view.job_id) if view is not None else None
@@ -100,8 +105,9 @@ def curves(snapshot: JobSnapshot) -> tuple[pd.DataFrame | None, ...]:
     accuracy = pd.concat(
         [frames["accuracy"], render.eval_accuracy_frame(snapshot.job, snapshot.eval_jobs)], ignore_index=True
     )
-    return tuple(render.plot_value(frame) for frame in
-                 (frames["loss"], frames["divergence"], frames["agreement"], accuracy))
+    return tuple(
+        render.plot_value(frame) for frame in (frames["loss"], frames["divergence"], frames["agreement"], accuracy)
+    )
 
 
 def artifact_table(artifacts: list[Artifact]) -> pd.DataFrame:
@@ -144,36 +150,56 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
         kind = gr.Dropdown(ANY_KIND, value=strings.ANY, label=strings.KIND_FILTER, min_width=120)
         job_id = gr.Number(label=strings.JOB_ID_LABEL, precision=0, minimum=1, min_width=120, elem_id="jobs-job-id")
         open_button = gr.Button(strings.OPEN_JOB, min_width=100, elem_id="jobs-open")
-    table = gr.Dataframe(headers=strings.JOB_TABLE_COLUMNS, interactive=False, wrap=True, max_height=320,
-                         elem_id="jobs-table")
+    table = gr.Dataframe(
+        headers=strings.JOB_TABLE_COLUMNS, interactive=False, wrap=True, max_height=320, elem_id="jobs-table"
+    )
     header = gr.Markdown(strings.NO_JOB, elem_id="jobs-header")
     progress = gr.HTML()
     with gr.Row():
-        cancel_button = gr.Button(strings.CANCEL, variant="stop", interactive=False, min_width=100,
-                                  elem_id="jobs-cancel")
+        cancel_button = gr.Button(
+            strings.CANCEL, variant="stop", interactive=False, min_width=100, elem_id="jobs-cancel"
+        )
         resume_button = gr.Button(strings.RESUME, interactive=False, min_width=100, elem_id="jobs-resume")
     # No fixed height: Gradio 6.31 sizes a LinePlot's height without its legend, and clips the series names.
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.LOSS_PLOT, min_width=260)
-        divergence_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.DIVERGENCE_PLOT,
-                                      min_width=260, elem_id="jobs-divergence-plot")
+        divergence_plot = gr.LinePlot(
+            x="step",
+            y="value",
+            color="series",
+            label=strings.DIVERGENCE_PLOT,
+            min_width=260,
+            elem_id="jobs-divergence-plot",
+        )
     with gr.Row():
-        agreement_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.AGREEMENT_PLOT,
-                                     min_width=260)
-        accuracy_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.ACCURACY_PLOT,
-                                    min_width=260)
-    log = gr.Textbox(label=strings.LOG_LABEL, lines=10, max_lines=10, autoscroll=True, interactive=False,
-                     elem_id="jobs-log")
-    artifacts = gr.Dataframe(headers=strings.ARTIFACT_COLUMNS, label=strings.ARTIFACTS_LABEL, interactive=False,
-                             wrap=True)
+        agreement_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.AGREEMENT_PLOT, min_width=260)
+        accuracy_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.ACCURACY_PLOT, min_width=260)
+    log = gr.Textbox(
+        label=strings.LOG_LABEL, lines=10, max_lines=10, autoscroll=True, interactive=False, elem_id="jobs-log"
+    )
+    artifacts = gr.Dataframe(
+        headers=strings.ARTIFACT_COLUMNS, label=strings.ARTIFACTS_LABEL, interactive=False, wrap=True
+    )
     with gr.Row():
         artifact = gr.Dropdown(label=strings.ARTIFACT_PICK, choices=[], min_width=200, elem_id="jobs-artifact")
         download_button = gr.Button(strings.DOWNLOAD, min_width=120, elem_id="jobs-download")
         download_file = gr.File(label=None, interactive=False, min_width=200, elem_id="jobs-file")
     timer = gr.Timer(POLL_INTERVAL_S)
 
-    page_outputs = [view_state, header, progress, cancel_button, resume_button, loss_plot, divergence_plot,
-                    agreement_plot, accuracy_plot, log, artifacts, artifact]
+    page_outputs = [
+        view_state,
+        header,
+        progress,
+        cancel_button,
+        resume_button,
+        loss_plot,
+        divergence_plot,
+        agreement_plot,
+        accuracy_plot,
+        log,
+        artifacts,
+        artifact,
+    ]
 
     def render_snapshot(snapshot: JobSnapshot, first: bool) -> tuple[Any, ...]:
         job = snapshot.job
@@ -197,8 +223,9 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
         job = parse_job_id(value)
         return render_snapshot(poll_job(ctx.client(request), None, job), first=True)
 
-    def on_tick(request: gr.Request, value: Any, view: JobView | None, status_filter: str,
-                kind_filter: str) -> tuple[Any, ...]:
+    def on_tick(
+        request: gr.Request, value: Any, view: JobView | None, status_filter: str, kind_filter: str
+    ) -> tuple[Any, ...]:
         """Refresh the open job (if one is open) and the table."""
         try:
             snapshot, table_value = poll_tick(ctx.client(request), view, status_filter, kind_filter)
@@ -254,11 +281,20 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
         return download(ctx.client(request), view.job_id, name)
 
     download_button.click(on_download, [view_state, artifact], download_file)
+
     def on_show(request: gr.Request, value: Any, view: JobView | None) -> tuple[Any, ...]:
         """Opening the tab redraws the open job: plots drawn while the tab was hidden have no size."""
         if view is None:
             return (gr.skip(),) * len(page_outputs)
         return on_open(request, view.job_id, view)
 
-    return JobsTab(job_id=job_id, on_show=on_show, open_job=on_open, open_inputs=open_inputs, open_outputs=page_outputs,
-                   table=table, refresh_table=refresh_table, table_inputs=table_inputs)
+    return JobsTab(
+        job_id=job_id,
+        on_show=on_show,
+        open_job=on_open,
+        open_inputs=open_inputs,
+        open_outputs=page_outputs,
+        table=table,
+        refresh_table=refresh_table,
+        table_inputs=table_inputs,
+    )

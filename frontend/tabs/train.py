@@ -130,7 +130,7 @@ def config_from_form(model: str | None, dataset: str | None, values: list[Any], 
         except json.JSONDecodeError as error:
             raise render.UiInputError(f"other fields: not valid JSON ({error.msg} at line {error.lineno})") from error
         if not isinstance(extra, dict):
-            raise render.UiInputError("other fields: give a JSON object such as {\"views\": {\"upscale\": 3}}")
+            raise render.UiInputError('other fields: give a JSON object such as {"views": {"upscale": 3}}')
         data = _deep_merge(data, extra)
     try:
         return TrainConfig.model_validate(data)
@@ -155,8 +155,9 @@ def equivalents(config: TrainConfig, api_base_url: str) -> tuple[str, str]:
     return cli, rest
 
 
-def preview(model: str | None, dataset: str | None, values: list[Any], extra_json: str, api_base_url: str
-            ) -> tuple[str, str]:
+def preview(
+    model: str | None, dataset: str | None, values: list[Any], extra_json: str, api_base_url: str
+) -> tuple[str, str]:
     """Live preview: the equivalents, or the validation problem in their place."""
     try:
         config = config_from_form(model, dataset, values, extra_json)
@@ -180,8 +181,12 @@ class TrainTab:
 
 
 def _widget(spec: FieldSpec, value: Any) -> gr.components.Component:
-    common = {"label": spec.label, "info": _field_info(spec.path), "min_width": 180,
-              "elem_id": "train-" + spec.path.replace(".", "-").replace("_", "-")}
+    common = {
+        "label": spec.label,
+        "info": _field_info(spec.path),
+        "min_width": 180,
+        "elem_id": "train-" + spec.path.replace(".", "-").replace("_", "-"),
+    }
     if spec.widget == "checkbox":
         return gr.Checkbox(value=value, **common)
     if spec.widget == "dropdown":
@@ -202,15 +207,19 @@ def build_train_tab(ctx: UiContext) -> TrainTab:
     per_row = 3
     for start in range(0, len(FIELDS), per_row):
         with gr.Row():
-            widgets.extend(_widget(spec, value) for spec, value in
-                           zip(FIELDS[start:start + per_row], initial[start:start + per_row], strict=True))
+            widgets.extend(
+                _widget(spec, value)
+                for spec, value in zip(FIELDS[start : start + per_row], initial[start : start + per_row], strict=True)
+            )
     extra = gr.Code("{}", language="json", label=strings.EXTRA_LABEL, lines=3)
     submit_button = gr.Button(strings.SUBMIT_TRAIN, variant="primary", elem_id="train-submit")
     with gr.Row():
-        cli = gr.Code(label=strings.CLI_LABEL, language="shell", lines=3, interactive=False, min_width=300,
-                      wrap_lines=True)
-        rest = gr.Code(label=strings.REST_LABEL, language="shell", lines=8, interactive=False, min_width=300,
-                       wrap_lines=True)
+        cli = gr.Code(
+            label=strings.CLI_LABEL, language="shell", lines=3, interactive=False, min_width=300, wrap_lines=True
+        )
+        rest = gr.Code(
+            label=strings.REST_LABEL, language="shell", lines=8, interactive=False, min_width=300, wrap_lines=True
+        )
     submitted_job = gr.State(None)
 
     preset.change(preset_values, preset, widgets)
@@ -222,8 +231,9 @@ def build_train_tab(ctx: UiContext) -> TrainTab:
     gr.on([component.change for component in form_inputs], on_change, form_inputs, [cli, rest])
 
     @readable_errors
-    def on_submit(request: gr.Request, model_name: str | None, dataset_id: str | None, extra_json: str,
-                  *values: Any) -> int:
+    def on_submit(
+        request: gr.Request, model_name: str | None, dataset_id: str | None, extra_json: str, *values: Any
+    ) -> int:
         job = submit(ctx.client(request), model_name, dataset_id, list(values), extra_json)
         gr.Info(f"Training job {job.id} queued.")
         return job.id

@@ -27,8 +27,15 @@ pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 CHROMIUM = Path(os.environ.get("VOPD_TEST_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SERVER_START_TIMEOUT_S = 180
 WIDE = {"width": 1280, "height": 800}
 NARROW = {"width": 420, "height": 800}
@@ -104,8 +111,13 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     log = home / "serve.log"
     with log.open("wb") as handle:
         # Its own process group, so the worker it starts is stopped with it even if serve dies abruptly.
-        server = subprocess.Popen(vopd_command("serve", "--port", str(port)), env=env, stdout=handle,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            vopd_command("serve", "--port", str(port)),
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_ready(url, server, log)
@@ -124,7 +136,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
 
 
 @pytest.fixture(scope="module")
-def browser(live_server: LiveServer) -> Iterator:  # noqa: ANN401 - playwright's Browser
+def browser(live_server: LiveServer) -> Iterator:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -134,7 +146,7 @@ def browser(live_server: LiveServer) -> Iterator:  # noqa: ANN401 - playwright's
 
 
 @pytest.fixture
-def page(browser, live_server: LiveServer, request: pytest.FixtureRequest) -> Iterator:  # noqa: ANN001, ANN401
+def page(browser, live_server: LiveServer, request: pytest.FixtureRequest) -> Iterator:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     context = browser.new_context(viewport=WIDE)
     page = context.new_page()
@@ -149,7 +161,7 @@ def page(browser, live_server: LiveServer, request: pytest.FixtureRequest) -> It
     context.close()
 
 
-def _screenshots(page, name: str) -> None:  # noqa: ANN001
+def _screenshots(page, name: str) -> None:
     """Wide and narrow screenshots; the narrow page must not scroll sideways (tables scroll inside themselves)."""
     page.set_viewport_size(WIDE)
     page.screenshot(path=ARTIFACTS / f"{name}-1280.png", full_page=True)
@@ -167,7 +179,7 @@ def _first_sample(live_server: LiveServer) -> tuple[Path, dict]:
     return dataset / sample["image"], sample
 
 
-def _upload(page, image: Path) -> None:  # noqa: ANN001
+def _upload(page, image: Path) -> None:
     """Upload into the drawing and wait for its default box (the centre quarter) to reach the number fields."""
     from PIL import Image
 
@@ -179,14 +191,14 @@ def _upload(page, image: Path) -> None:  # noqa: ANN001
         page.wait_for_function(f"document.querySelector('#inspect-box-{name} input').value === '{value}'")
 
 
-def _set_box(page, box: list[float]) -> None:  # noqa: ANN001
+def _set_box(page, box: list[float]) -> None:
     for name, value in zip(("x0", "y0", "x1", "y1"), box, strict=True):
         field = page.locator(f"#inspect-box-{name} input")
         field.fill(str(int(value)))
         field.press("Enter")
 
 
-def test_inspect_shows_coloured_tokens_and_topk_tables(page, live_server: LiveServer) -> None:  # noqa: ANN001
+def test_inspect_shows_coloured_tokens_and_topk_tables(page, live_server: LiveServer) -> None:
     image, sample = _first_sample(live_server)
     _upload(page, image)  # the upload gets a default box at once; then the typed box replaces it
     _set_box(page, sample["bbox"])
@@ -213,7 +225,7 @@ def test_inspect_shows_coloured_tokens_and_topk_tables(page, live_server: LiveSe
     _screenshots(page, "inspect")
 
 
-def test_a_bad_box_is_reported_in_words(page, live_server: LiveServer) -> None:  # noqa: ANN001
+def test_a_bad_box_is_reported_in_words(page, live_server: LiveServer) -> None:
     image, sample = _first_sample(live_server)
     _upload(page, image)
     _set_box(page, [50, 10, 20, 30])
@@ -223,11 +235,15 @@ def test_a_bad_box_is_reported_in_words(page, live_server: LiveServer) -> None: 
     page.screenshot(path=ARTIFACTS / "inspect-bad-box-1280.png")
 
 
-def _submit_train_form(page, *, steps: int, batch_size: int, rollouts: int) -> None:  # noqa: ANN001
+def _submit_train_form(page, *, steps: int, batch_size: int, rollouts: int) -> None:
     """Fill the Train form's size fields (4-token rollouts keep a CPU job short) and submit the job."""
     page.get_by_role("tab", name="Train").click()
-    fields = {"#train-steps input": steps, "#train-batch-size input": batch_size,
-              "#train-rollout-max-new-tokens input": 4, "#train-rollout-num-rollouts input": rollouts}
+    fields = {
+        "#train-steps input": steps,
+        "#train-batch-size input": batch_size,
+        "#train-rollout-max-new-tokens input": 4,
+        "#train-rollout-num-rollouts input": rollouts,
+    }
     for selector, value in fields.items():
         page.locator(selector).fill(str(value))
         page.locator(selector).press("Tab")
@@ -235,7 +251,7 @@ def _submit_train_form(page, *, steps: int, batch_size: int, rollouts: int) -> N
     page.locator("#train-submit").click()
 
 
-def _job_once_the_header_says(page, live_server: LiveServer, status: str, *, timeout_ms: int) -> dict:  # noqa: ANN001
+def _job_once_the_header_says(page, live_server: LiveServer, status: str, *, timeout_ms: int) -> dict:
     """Wait until the open job's header shows ``status``; return that job as the REST API reports it."""
     header = page.locator("#jobs-header")
     header.get_by_text(status).wait_for(timeout=timeout_ms)
@@ -244,7 +260,7 @@ def _job_once_the_header_says(page, live_server: LiveServer, status: str, *, tim
     return httpx.get(f"{live_server.url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
 
 
-def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_server: LiveServer) -> None:  # noqa: ANN001
+def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_server: LiveServer) -> None:
     _submit_train_form(page, steps=2, batch_size=2, rollouts=2)
 
     job = _job_once_the_header_says(page, live_server, "succeeded", timeout_ms=150_000)
@@ -265,7 +281,7 @@ def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_serve
     _screenshots(page, "jobs")
 
 
-def test_cancel_then_resume_from_the_jobs_tab(page, live_server: LiveServer) -> None:  # noqa: ANN001
+def test_cancel_then_resume_from_the_jobs_tab(page, live_server: LiveServer) -> None:
     """Click Cancel on a running job, then Resume: it stops with a checkpoint and finishes from it."""
     _submit_train_form(page, steps=150, batch_size=1, rollouts=1)
 
@@ -281,7 +297,7 @@ def test_cancel_then_resume_from_the_jobs_tab(page, live_server: LiveServer) -> 
     page.wait_for_function("document.querySelector('#jobs-log textarea').value.includes('resumed from')")
 
 
-def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveServer) -> None:  # noqa: ANN001
+def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveServer) -> None:
     page.get_by_role("tab", name="Evaluate").click()
     page.wait_for_function("document.querySelector('#eval-dataset input').value !== ''")
     limit = page.locator("#eval-limit input")
@@ -291,8 +307,9 @@ def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveS
     table = page.locator("#eval-table")
     table.get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=120_000)
     key = live_server.local_api_key
-    evals = httpx.get(f"{live_server.url}/api/jobs", params={"kind": "eval"},
-                      headers={"Authorization": f"Bearer {key}"}).json()["items"]
+    evals = httpx.get(
+        f"{live_server.url}/api/jobs", params={"kind": "eval"}, headers={"Authorization": f"Bearer {key}"}
+    ).json()["items"]
     assert evals[0]["status"] == "succeeded" and evals[0]["result"]["n"] == 4
     # the finished job becomes the default of the per-item browser
     page.wait_for_function("document.querySelector('#eval-items-job input').value.includes('succeeded')")
@@ -303,7 +320,7 @@ def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveS
     _screenshots(page, "evaluate")
 
 
-def test_evaluate_on_a_published_benchmark_shows_its_categories(page, live_server: LiveServer) -> None:  # noqa: ANN001
+def test_evaluate_on_a_published_benchmark_shows_its_categories(page, live_server: LiveServer) -> None:
     """A V* Bench copy in the server's benchmarks folder, chosen in the Evaluate tab: per-category accuracy."""
     from tests.test_benchmarks import write_vstar
 
@@ -317,8 +334,9 @@ def test_evaluate_on_a_published_benchmark_shows_its_categories(page, live_serve
     categories = page.locator("#eval-categories")
     categories.get_by_text("overall").filter(visible=True).first.wait_for(timeout=120_000)
     key = live_server.local_api_key
-    evals = httpx.get(f"{live_server.url}/api/jobs", params={"kind": "eval"},
-                      headers={"Authorization": f"Bearer {key}"}).json()["items"]
+    evals = httpx.get(
+        f"{live_server.url}/api/jobs", params={"kind": "eval"}, headers={"Authorization": f"Bearer {key}"}
+    ).json()["items"]
     job = evals[0]
     assert job["status"] == "succeeded" and job["config"]["benchmark"] == "vstar", job
     for category in job["result"]["categories"]:
@@ -326,7 +344,7 @@ def test_evaluate_on_a_published_benchmark_shows_its_categories(page, live_serve
     _screenshots(page, "evaluate-benchmark")
 
 
-def test_demo_answers_a_question_about_a_plain_image(page, live_server: LiveServer) -> None:  # noqa: ANN001
+def test_demo_answers_a_question_about_a_plain_image(page, live_server: LiveServer) -> None:
     image, sample = _first_sample(live_server)
     page.get_by_role("tab", name="Demo").click()
     page.wait_for_function("document.querySelector('#demo-model input').value !== ''")
@@ -338,7 +356,7 @@ def test_demo_answers_a_question_about_a_plain_image(page, live_server: LiveServ
     _screenshots(page, "demo")
 
 
-def test_sign_in_page_then_the_studio_then_sign_out(browser, live_server: LiveServer) -> None:  # noqa: ANN001
+def test_sign_in_page_then_the_studio_then_sign_out(browser, live_server: LiveServer) -> None:
     """No key: the sign-in page; a wrong key: said so; the right key: the studio, naming who is signed in;
     Sign out: the sign-in page again, and the studio stays closed."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

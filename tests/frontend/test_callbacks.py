@@ -32,8 +32,9 @@ def test_drawn_boxes_reach_the_numbers_but_echoes_of_the_uis_own_boxes_do_not() 
     drawn = {"image": _image(), "boxes": [{"xmin": 5, "ymin": 6, "xmax": 20, "ymax": 30, "label": ""}]}
     assert inspect.box_after_annotation(drawn) == (5, 6, 20, 30)
     moved = inspect.annotation_with_box(drawn, (1, 2, 40, 44))
-    assert moved["boxes"] == [{"xmin": 1, "ymin": 2, "xmax": 40, "ymax": 44, "label": "1,2,40,44",
-                               "color": "rgb(255, 0, 0)"}]
+    assert moved["boxes"] == [
+        {"xmin": 1, "ymin": 2, "xmax": 40, "ymax": 44, "label": "1,2,40,44", "color": "rgb(255, 0, 0)"}
+    ]
     assert Path(moved["image"]).is_file()  # a finished PNG file, never a PIL image Gradio would re-encode
     assert inspect.box_after_annotation(moved) is None  # our own echo
     dragged = {**moved, "boxes": [{**moved["boxes"][0], "xmax": 50}]}  # the user resized our box
@@ -65,11 +66,19 @@ def test_upload_previews_follow_the_box() -> None:
     assert inspect.upload_previews({"image": _image()}, (None, 1, 2, 3)) == (None, None)
 
 
-def _request(**overrides):  # noqa: ANN003, ANN202
+def _request(**overrides):
     values = {
-        "source": strings.SOURCE_UPLOAD, "annotation": {"image": _image()}, "sample": None,
-        "question": " What colour? ", "options_text": "red, blue", "box_values": (1, 2, 30, 40),
-        "model": "tiny", "greedy": True, "max_new_tokens": 8.0, "alpha": 0.3, "show_topk": 5.0,
+        "source": strings.SOURCE_UPLOAD,
+        "annotation": {"image": _image()},
+        "sample": None,
+        "question": " What colour? ",
+        "options_text": "red, blue",
+        "box_values": (1, 2, 30, 40),
+        "model": "tiny",
+        "greedy": True,
+        "max_new_tokens": 8.0,
+        "alpha": 0.3,
+        "show_topk": 5.0,
     }
     return inspect.build_request(**(values | overrides))
 
@@ -133,10 +142,23 @@ def test_load_sample_fills_the_form(api: FakeApi) -> None:
     buffer = io.BytesIO()
     _image(8, 8).save(buffer, format="JPEG")
     thumbnail = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-    api.routes["GET /api/datasets/synth-64/samples"] = {"total": 64, "items": [{
-        "index": 2, "id": "s2", "question": "Which?", "options": ["a", "b"], "answer": "a", "bbox": [1, 2, 3, 4],
-        "student_text": "", "teacher_text": "", "student_image": thumbnail, "teacher_image": thumbnail,
-    }]}
+    api.routes["GET /api/datasets/synth-64/samples"] = {
+        "total": 64,
+        "items": [
+            {
+                "index": 2,
+                "id": "s2",
+                "question": "Which?",
+                "options": ["a", "b"],
+                "answer": "a",
+                "bbox": [1, 2, 3, 4],
+                "student_text": "",
+                "teacher_text": "",
+                "student_image": thumbnail,
+                "teacher_image": thumbnail,
+            }
+        ],
+    }
     question, options, x0, y0, x1, y1, student, teacher, ref = inspect.load_sample(api.client(), "synth-64", 2)
     assert (question, options, (x0, y0, x1, y1)) == ("Which?", "a\nb", (1, 2, 3, 4))
     assert student.size == (8, 8) and ref == inspect.SampleRef("synth-64", 2)
@@ -186,7 +208,7 @@ def test_config_from_form_validates_with_the_libraries_model() -> None:
         ("m", "d", '{"stepz": 3}', "stepz: Extra inputs are not permitted"),
     ],
 )
-def test_config_from_form_errors_name_the_field(model, dataset, extra, message) -> None:  # noqa: ANN001
+def test_config_from_form_errors_name_the_field(model, dataset, extra, message) -> None:
     with pytest.raises(render.UiInputError, match=message):
         train.config_from_form(model, dataset, train.preset_values(strings.PRESET_TINY), extra)
 
@@ -214,15 +236,21 @@ def test_submit_posts_the_validated_config(api: FakeApi) -> None:
 
 # ----------------------------------------------------------------------------- jobs
 def test_poll_job_reads_only_what_is_new_and_keeps_one_row_per_step(api: FakeApi) -> None:
-    metric_pages = iter([
-        {"items": [{"id": 1, "step": 1, "data": {"loss": 0.9}}, {"id": 2, "step": 2, "data": {"loss": 0.8}}],
-         "next_since": 2},
-        {"items": [{"id": 5, "step": 2, "data": {"loss": 0.7}}], "next_since": 5},  # step 2 recomputed on resume
-    ])
+    metric_pages = iter(
+        [
+            {
+                "items": [{"id": 1, "step": 1, "data": {"loss": 0.9}}, {"id": 2, "step": 2, "data": {"loss": 0.8}}],
+                "next_since": 2,
+            },
+            {"items": [{"id": 5, "step": 2, "data": {"loss": 0.7}}], "next_since": 5},  # step 2 recomputed on resume
+        ]
+    )
     api.routes["GET /api/jobs/4"] = job_json(4)
     api.routes["GET /api/jobs/4/metrics"] = lambda request: httpx.Response(200, json=next(metric_pages))
-    api.routes["GET /api/jobs/4/logs"] = {"items": [
-        {"id": 3, "level": "info", "message": "started", "created_at": "2026-01-01T00:00:00Z"}], "next_since": 3}
+    api.routes["GET /api/jobs/4/logs"] = {
+        "items": [{"id": 3, "level": "info", "message": "started", "created_at": "2026-01-01T00:00:00Z"}],
+        "next_since": 3,
+    }
     api.routes["GET /api/jobs/4/artifacts"] = {"items": []}
     api.routes["GET /api/jobs"] = {"items": [], "total": 0, "limit": 200, "offset": 0}
     client = api.client()
@@ -249,8 +277,9 @@ def test_a_tick_never_shows_a_table_older_than_the_open_jobs_header(api: FakeApi
     api.routes["GET /api/jobs/4/metrics"] = {"items": [], "next_since": 0}
     api.routes["GET /api/jobs/4/logs"] = {"items": [], "next_since": 0}
     api.routes["GET /api/jobs/4/artifacts"] = {"items": []}
-    api.routes["GET /api/jobs"] = lambda request: httpx.Response(200, json={
-        "items": [job_json(4, status=state["status"])], "total": 1, "limit": 100, "offset": 0})
+    api.routes["GET /api/jobs"] = lambda request: httpx.Response(
+        200, json={"items": [job_json(4, status=state["status"])], "total": 1, "limit": 100, "offset": 0}
+    )
     snapshot, table = jobs.poll_tick(api.client(), jobs.JobView(4), strings.ANY, strings.ANY)
     assert snapshot is not None and snapshot.job.status == "succeeded"
     assert table["status"].tolist() == ["succeeded"]
@@ -259,7 +288,7 @@ def test_a_tick_never_shows_a_table_older_than_the_open_jobs_header(api: FakeApi
 
 
 def test_cancel_and_resume_availability() -> None:
-    def job(**overrides) -> Job:  # noqa: ANN003
+    def job(**overrides) -> Job:
         return Job.model_validate(job_json(1, **overrides))
 
     assert jobs.can_cancel(job(status="running")) and not jobs.can_cancel(job(status="succeeded"))
@@ -304,28 +333,42 @@ def test_benchmark_choices_are_the_librarys_registry() -> None:
 
 
 def test_a_benchmark_job_shows_its_suite_and_categories() -> None:
-    result = {"benchmark": "vstar", "accuracy": 0.6, "full_accuracy": 0.6, "n": 5,
-              "categories": {"direct_attributes": {"n": 3, "correct": 2, "accuracy": 2 / 3},
-                             "relative_position": {"n": 2, "correct": 1, "accuracy": 0.5}}}
-    done = Job.model_validate(job_json(4, kind="eval", status="succeeded", result=result,
-                                       config={"model": "tiny", "benchmark": "vstar", "data": "vstar"}))
+    result = {
+        "benchmark": "vstar",
+        "accuracy": 0.6,
+        "full_accuracy": 0.6,
+        "n": 5,
+        "categories": {
+            "direct_attributes": {"n": 3, "correct": 2, "accuracy": 2 / 3},
+            "relative_position": {"n": 2, "correct": 1, "accuracy": 0.5},
+        },
+    }
+    done = Job.model_validate(
+        job_json(
+            4,
+            kind="eval",
+            status="succeeded",
+            result=result,
+            config={"model": "tiny", "benchmark": "vstar", "data": "vstar"},
+        )
+    )
     table, chart = evaluate.comparison([done])
     assert table.iloc[0]["dataset"] == "vstar:vstar" and table.iloc[0]["full-image acc."] == 0.6
     assert chart["bar"].tolist() == ["tiny (#4) · full image"]  # no crop bar: there is no box to crop
     rows = evaluate.category_rows(done)
-    assert rows.values.tolist() == [["direct_attributes", 3, 2 / 3], ["relative_position", 2, 0.5],
-                                    ["overall", 5, 0.6]]
+    assert rows.values.tolist() == [["direct_attributes", 3, 2 / 3], ["relative_position", 2, 0.5], ["overall", 5, 0.6]]
     assert evaluate.eval_job_choices([done]) == [("#4 tiny on vstar:vstar (succeeded)", 4)]
-    assert evaluate.item_view(None, done, [{"id": "0", "question": "q", "options": ["a", "b"]}], 0)[1:] == (None,
-                                                                                                            None)
+    assert evaluate.item_view(None, done, [{"id": "0", "question": "q", "options": ["a", "b"]}], 0)[1:] == (None, None)
 
 
 def test_load_records_reads_the_records_artifact(api: FakeApi) -> None:
     api.routes["GET /api/jobs/9"] = job_json(9, kind="eval", status="succeeded")
-    api.routes["GET /api/jobs/9/artifacts"] = {"items": [
-        {"name": "records.jsonl", "kind": "records", "is_folder": False, "size_bytes": 10}]}
+    api.routes["GET /api/jobs/9/artifacts"] = {
+        "items": [{"name": "records.jsonl", "kind": "records", "is_folder": False, "size_bytes": 10}]
+    }
     api.routes["GET /api/jobs/9/artifacts/records.jsonl"] = httpx.Response(
-        200, text='{"id": "a", "full_correct": true}\n\n{"id": "b", "full_correct": false}\n')
+        200, text='{"id": "a", "full_correct": true}\n\n{"id": "b", "full_correct": false}\n'
+    )
     job, records = evaluate.load_records(api.client(), 9)
     assert job.id == 9 and [r["id"] for r in records] == ["a", "b"]
     api.routes["GET /api/jobs/9/artifacts"] = {"items": []}
@@ -334,8 +377,14 @@ def test_load_records_reads_the_records_artifact(api: FakeApi) -> None:
 
 
 def test_comparison_puts_model_and_condition_on_each_bar() -> None:
-    done = Job.model_validate(job_json(3, kind="eval", status="succeeded",
-                                       result={"full_accuracy": 0.25, "crop_accuracy": 0.75, "gap": 0.5, "n": 4}))
+    done = Job.model_validate(
+        job_json(
+            3,
+            kind="eval",
+            status="succeeded",
+            result={"full_accuracy": 0.25, "crop_accuracy": 0.75, "gap": 0.5, "n": 4},
+        )
+    )
     table, chart = evaluate.comparison([done])
     assert chart["bar"].tolist() == ["tiny (#3) · full image", "tiny (#3) · crop"]
     assert table.iloc[0]["gap"] == 0.5
@@ -380,7 +429,7 @@ def test_a_zero_run_length_box_means_the_other_length() -> None:
 
 
 # ----------------------------------------------------------------------------- the signed-in key
-def _gradio_request(headers: dict[str, str] | None = None, cookies: dict[str, str] | None = None) -> Any:  # noqa: ANN401
+def _gradio_request(headers: dict[str, str] | None = None, cookies: dict[str, str] | None = None) -> Any:
     import gradio as gr
     from starlette.requests import Request
 

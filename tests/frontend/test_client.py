@@ -57,7 +57,7 @@ def test_inspect_parses_token_records(api: FakeApi) -> None:
     assert api.bodies("POST /api/inspect")[0]["bbox"] == [0, 0, 4, 4]
 
 
-def test_download_artifact_streams_to_the_servers_filename(api: FakeApi, tmp_path) -> None:  # noqa: ANN001
+def test_download_artifact_streams_to_the_servers_filename(api: FakeApi, tmp_path) -> None:
     api.routes["GET /api/jobs/2/artifacts/final"] = httpx.Response(
         200, content=b"PK-zip-bytes", headers={"content-disposition": 'attachment; filename="job-2-final.zip"'}
     )
@@ -66,16 +66,21 @@ def test_download_artifact_streams_to_the_servers_filename(api: FakeApi, tmp_pat
     assert path.read_bytes() == b"PK-zip-bytes"
 
 
-def _error(status: int, **kwargs) -> ApiError:  # noqa: ANN003
+def _error(status: int, **kwargs) -> ApiError:
     request = httpx.Request("POST", f"{BASE_URL}/api/jobs")
     return error_from_response(httpx.Response(status, request=request, **kwargs))
 
 
 def test_validation_errors_become_field_paths_with_messages() -> None:
-    error = _error(422, json={"detail": [
-        {"loc": ["body", "config", "steps"], "msg": "Input should be greater than or equal to 1", "type": "x"},
-        {"loc": ["body", "config", "model"], "msg": "Value error, unknown model 'nope'", "type": "value_error"},
-    ]})
+    error = _error(
+        422,
+        json={
+            "detail": [
+                {"loc": ["body", "config", "steps"], "msg": "Input should be greater than or equal to 1", "type": "x"},
+                {"loc": ["body", "config", "model"], "msg": "Value error, unknown model 'nope'", "type": "value_error"},
+            ]
+        },
+    )
     assert str(error) == (
         "config.steps: Input should be greater than or equal to 1; config.model: unknown model 'nope' [HTTP 422]"
     )
@@ -84,10 +89,16 @@ def test_validation_errors_become_field_paths_with_messages() -> None:
 
 def test_plain_detail_and_rejected_dataset_issues() -> None:
     assert str(_error(409, json={"detail": "job 3 already finished"})) == "job 3 already finished [HTTP 409]"
-    rejected = _error(422, json={"detail": "2 problem(s) in the dataset; nothing was stored", "issues": [
-        {"line": 3, "field": "bbox", "message": "x1 must exceed x0"},
-        {"line": 9, "field": "image", "message": "file not found"},
-    ]})
+    rejected = _error(
+        422,
+        json={
+            "detail": "2 problem(s) in the dataset; nothing was stored",
+            "issues": [
+                {"line": 3, "field": "bbox", "message": "x1 must exceed x0"},
+                {"line": 9, "field": "image", "message": "file not found"},
+            ],
+        },
+    )
     assert "line 3: bbox: x1 must exceed x0" in str(rejected) and "line 9: image: file not found" in str(rejected)
 
 

@@ -136,8 +136,9 @@ def test_stable_png_path_is_lossless_and_reused() -> None:
 
 
 def test_job_table_and_header() -> None:
-    queued = Job.model_validate(job_json(2, status="queued", queue_position=3, progress=0.0, step=0,
-                                              total_steps=None, eta_seconds=None))
+    queued = Job.model_validate(
+        job_json(2, status="queued", queue_position=3, progress=0.0, step=0, total_steps=None, eta_seconds=None)
+    )
     running = Job.model_validate(job_json(1, eta_seconds=125.0))
     table = render.job_rows([queued, running])
     assert table["queue pos."].tolist() == [3, ""]
@@ -156,10 +157,29 @@ def test_format_eta(seconds: float | None, text: str) -> None:
 
 def test_curve_frames_group_metrics_by_name() -> None:
     metrics = [
-        Metric(id=1, step=1, data={"loss": 0.5, "divergence_mean": 0.2, "divergence_max": 0.9,
-                                   "argmax_agreement": 0.4, "lr": 1e-4, "note": "x"}),
-        Metric(id=2, step=2, data={"loss": 0.4, "divergence_mean": 0.1, "divergence_max": None,
-                                   "argmax_agreement": 0.5, "eval_accuracy": 0.3}),
+        Metric(
+            id=1,
+            step=1,
+            data={
+                "loss": 0.5,
+                "divergence_mean": 0.2,
+                "divergence_max": 0.9,
+                "argmax_agreement": 0.4,
+                "lr": 1e-4,
+                "note": "x",
+            },
+        ),
+        Metric(
+            id=2,
+            step=2,
+            data={
+                "loss": 0.4,
+                "divergence_mean": 0.1,
+                "divergence_max": None,
+                "argmax_agreement": 0.5,
+                "eval_accuracy": 0.3,
+            },
+        ),
     ]
     frames = render.curve_frames(metrics)
     assert frames["loss"]["value"].tolist() == [0.5, 0.4]
@@ -181,31 +201,74 @@ def test_empty_curves_are_typed_so_plots_keep_numeric_axes() -> None:
 def test_eval_accuracy_frame_places_checkpoint_evaluations_by_step() -> None:
     train = Job.model_validate(job_json(5, status="succeeded", step=4, total_steps=4))
     evals = [
-        Job.model_validate(job_json(6, kind="eval", status="succeeded", config={"model": "job-5/step-2"},
-                                    result={"full_accuracy": 0.25, "crop_accuracy": 0.5})),
-        Job.model_validate(job_json(7, kind="eval", status="succeeded", config={"model": "job-5/final"},
-                                    result={"full_accuracy": 0.4, "crop_accuracy": 0.5})),
-        Job.model_validate(job_json(8, kind="eval", status="succeeded", config={"model": "job-55/final"},
-                                    result={"full_accuracy": 0.9, "crop_accuracy": 0.9})),
+        Job.model_validate(
+            job_json(
+                6,
+                kind="eval",
+                status="succeeded",
+                config={"model": "job-5/step-2"},
+                result={"full_accuracy": 0.25, "crop_accuracy": 0.5},
+            )
+        ),
+        Job.model_validate(
+            job_json(
+                7,
+                kind="eval",
+                status="succeeded",
+                config={"model": "job-5/final"},
+                result={"full_accuracy": 0.4, "crop_accuracy": 0.5},
+            )
+        ),
+        Job.model_validate(
+            job_json(
+                8,
+                kind="eval",
+                status="succeeded",
+                config={"model": "job-55/final"},
+                result={"full_accuracy": 0.9, "crop_accuracy": 0.9},
+            )
+        ),
         Job.model_validate(job_json(9, kind="eval", status="running", config={"model": "job-5/step-3"})),
     ]
     frame = render.eval_accuracy_frame(train, evals)
     assert sorted(map(tuple, frame.values.tolist())) == [
-        (2, 0.25, "full image"), (2, 0.5, "crop"), (4, 0.4, "full image"), (4, 0.5, "crop")
+        (2, 0.25, "full image"),
+        (2, 0.5, "crop"),
+        (4, 0.4, "full image"),
+        (4, 0.5, "crop"),
     ]
 
 
 def test_eval_table_chart_and_items() -> None:
-    done = Job.model_validate(job_json(3, kind="eval", status="succeeded", config={"model": "tiny", "dataset": "d"},
-                                       result={"full_accuracy": 0.25, "crop_accuracy": 0.75, "gap": 0.5, "n": 4}))
+    done = Job.model_validate(
+        job_json(
+            3,
+            kind="eval",
+            status="succeeded",
+            config={"model": "tiny", "dataset": "d"},
+            result={"full_accuracy": 0.25, "crop_accuracy": 0.75, "gap": 0.5, "n": 4},
+        )
+    )
     pending = Job.model_validate(job_json(4, kind="eval", status="queued", config={"model": "job-1/final"}))
     table = render.eval_table([done, pending])
     assert table.iloc[0][["full-image acc.", "crop acc.", "gap", "n"]].tolist() == [0.25, 0.75, 0.5, 4]
     assert table.iloc[1]["status"] == "queued"
     chart = render.eval_chart_frame([done, pending])
     assert chart.values.tolist() == [["tiny (#3)", 0.25, "full image"], ["tiny (#3)", 0.75, "crop"]]
-    records = [{"id": "s1", "question": "q?", "options": ["a", "b"], "answer": "b", "full_text": "A",
-                "full_choice": "A", "full_correct": False, "crop_text": "B", "crop_choice": "B", "crop_correct": True}]
+    records = [
+        {
+            "id": "s1",
+            "question": "q?",
+            "options": ["a", "b"],
+            "answer": "b",
+            "full_text": "A",
+            "full_choice": "A",
+            "full_correct": False,
+            "crop_text": "B",
+            "crop_choice": "B",
+            "crop_correct": True,
+        }
+    ]
     rows = render.item_rows(records)
     assert rows.iloc[0][["✓ student", "✓ teacher"]].tolist() == ["✗", "✓"]
     assert "Teacher (crop): B — B ✓" in render.item_markdown(records[0])

@@ -191,8 +191,11 @@ def test_failing_job_stores_the_error(service: Service) -> None:
 
 
 def test_a_train_job_may_name_a_recipe_that_its_config_is_merged_over(service: Service) -> None:
-    body = {"kind": "train", "recipe": "tiny-cpu",
-            "config": {"model": "tiny", "dataset": "synth-64", "steps": 1, "collapse_guard": {"enabled": False}}}
+    body = {
+        "kind": "train",
+        "recipe": "tiny-cpu",
+        "config": {"model": "tiny", "dataset": "synth-64", "steps": 1, "collapse_guard": {"enabled": False}},
+    }
     response = service.client.post("/api/jobs", headers=service.alice, json=body)
     assert response.status_code == 201, response.text
     job = response.json()

@@ -35,16 +35,20 @@ def _submit(service: Service, gpus: int, **config: object) -> dict:
 def test_a_two_device_job_runs_on_both_ranks_and_cancel_and_resume_reach_them(service: Service, tmp_path: Path):
     log = tmp_path / "worker-2-devices.log"
     with log.open("wb") as handle:
-        worker = subprocess.Popen(vopd_command("worker", "--gpus", "2"), env=service.env, stdout=handle,
-                                  stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            vopd_command("worker", "--gpus", "2"), env=service.env, stdout=handle, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 120
         while not any(w["gpus"] == 2 for w in service.client.get("/api/health").json()["workers"]):
             assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
 
-        refused = service.client.post("/api/jobs", headers=service.alice, json={
-            "kind": "train", "resources": {"gpus": 2}, "config": tiny_train_config(batch_size=3)})
+        refused = service.client.post(
+            "/api/jobs",
+            headers=service.alice,
+            json={"kind": "train", "resources": {"gpus": 2}, "config": tiny_train_config(batch_size=3)},
+        )
         assert refused.status_code == 422 and "multiple of resources.gpus 2" in refused.text
         too_big = _submit(service, 4, batch_size=4)
         assert any("--gpus 4" in warning for warning in too_big["warnings"]), too_big

@@ -38,7 +38,7 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.1):  # noqa: ANN001, ANN202
+def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
@@ -144,8 +144,16 @@ def test_no_job_is_lost_to_a_down_or_flushed_broker(
     down = create_app(Settings(**common, redis_url=CLOSED_PORT_REDIS))
     ensure_default_assets(down.state.settings, down.state.session_factory)
     headers = {"Authorization": f"Bearer {ensure_local_key(down.state.settings, down.state.session_factory)}"}
-    body = {"kind": "eval", "config": {"model": "tiny", "dataset": "synth-64", "limit": 1, "max_new_tokens": 2,
-                                       "runtime": {"device": "cpu"}}}
+    body = {
+        "kind": "eval",
+        "config": {
+            "model": "tiny",
+            "dataset": "synth-64",
+            "limit": 1,
+            "max_new_tokens": 2,
+            "runtime": {"device": "cpu"},
+        },
+    }
 
     # 1. The broker is unreachable: the job is accepted and waits, queued (it used to be marked failed, 503).
     with TestClient(down) as client:
@@ -171,12 +179,20 @@ def test_no_job_is_lost_to_a_down_or_flushed_broker(
         assert any("message was gone from the broker" in row["message"] for row in logs)
 
         # 4. A worker then runs each of them once (duplicates from the republishing are skipped).
-        env = {**os.environ, "VOPD_HOME": str(tmp_path), "DATABASE_URL": own_postgres, "REDIS_URL": flushable_redis,
-               "VOPD_QUEUE": queue, "VOPD_HEARTBEAT_INTERVAL_S": "1", "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "VOPD_HOME": str(tmp_path),
+            "DATABASE_URL": own_postgres,
+            "REDIS_URL": flushable_redis,
+            "VOPD_QUEUE": queue,
+            "VOPD_HEARTBEAT_INTERVAL_S": "1",
+            "OMP_NUM_THREADS": "1",
+        }
         log_path = tmp_path / "worker.log"
         with log_path.open("wb") as log_file:
             worker = subprocess.Popen(vopd_command("worker"), env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
+
             def done() -> list[dict] | None:
                 jobs = [client.get(f"/api/jobs/{job_id}", headers=headers).json() for job_id in sorted(both)]
                 return jobs if all(job["status"] == "succeeded" for job in jobs) else None
@@ -204,7 +220,7 @@ class Served:
         assert response.status_code == 201, response.text
         return response.json()
 
-    def wait_job(self, job_id: int, check, what: str, timeout_s: float = 120) -> dict:  # noqa: ANN001
+    def wait_job(self, job_id: int, check, what: str, timeout_s: float = 120) -> dict:
         def ready() -> dict | None:
             job = self.get(f"/api/jobs/{job_id}")
             if job["status"] == "failed" and "failed" not in what:
@@ -229,9 +245,18 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
     home = tmp_path_factory.mktemp("vopd-served")
     shutil.copytree(tiny_model_dir, home / "models" / "tiny")
     env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
-    env.update({"VOPD_HOME": str(home), "VOPD_HEARTBEAT_INTERVAL_S": "1", "VOPD_REAPER_INTERVAL_S": "0.3",
-                "VOPD_PROGRESS_INTERVAL_S": "0.05", "VOPD_EMBEDDED_POLL_S": "0.1", "VOPD_EVENTS_POLL_S": "0.1",
-                "VOPD_MAX_ATTEMPTS": "2", "OMP_NUM_THREADS": "1"})
+    env.update(
+        {
+            "VOPD_HOME": str(home),
+            "VOPD_HEARTBEAT_INTERVAL_S": "1",
+            "VOPD_REAPER_INTERVAL_S": "0.3",
+            "VOPD_PROGRESS_INTERVAL_S": "0.05",
+            "VOPD_EMBEDDED_POLL_S": "0.1",
+            "VOPD_EVENTS_POLL_S": "0.1",
+            "VOPD_MAX_ATTEMPTS": "2",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     port = _free_port()
     log = home / "serve.log"
     with log.open("w") as out:
@@ -283,7 +308,8 @@ def test_a_killed_worker_is_restarted_and_its_job_ends_with_the_weights_of_an_un
 
     _wait(lambda: not _alive(pool_pid), 10, "its pool process to die with it (no orphan trains on)")
     restarted = _wait(
-        lambda: (w := served.get("/api/health")["local_worker"])["restarts"] == 1 and w["alive"] and w, 60,
+        lambda: (w := served.get("/api/health")["local_worker"])["restarts"] == 1 and w["alive"] and w,
+        60,
         "the supervisor to start a new worker",
     )
     assert restarted["pid"] != first_worker["pid"] and restarted["last_exit_code"] == -signal.SIGKILL

@@ -108,7 +108,7 @@ def _gradio_routes(app: object) -> list[tuple[str, str]]:
     mount = next(route for route in app.routes if getattr(route, "path", None) == "/ui")  # type: ignore[attr-defined]
     found: list[tuple[str, str]] = []
 
-    def walk(routes: list, prefix: str) -> None:  # noqa: ANN001 - starlette/fastapi routes
+    def walk(routes: list, prefix: str) -> None:
         for route in routes:
             if hasattr(route, "original_router"):  # FastAPI's lazily included router (APIRouter(prefix=...))
                 walk(route.original_router.routes, prefix + route.include_context.prefix)
@@ -130,9 +130,19 @@ def _status(client: httpx.Client, method: str, path: str, **kwargs: object) -> h
 def test_every_gradio_route_refuses_a_request_without_a_valid_key(studio: Studio) -> None:
     routes = _gradio_routes(studio.app)
     paths = {path for _, path in routes}
-    for expected in ("/ui/", "/ui/config", "/ui/gradio_api/info", "/ui/gradio_api/queue/join",
-                     "/ui/gradio_api/queue/data", "/ui/gradio_api/upload", "/ui/gradio_api/file=x",
-                     "/ui/gradio_api/heartbeat/x", "/ui/assets/x", "/ui/static/x", "/ui/gradio_api/vibe-code"):
+    for expected in (
+        "/ui/",
+        "/ui/config",
+        "/ui/gradio_api/info",
+        "/ui/gradio_api/queue/join",
+        "/ui/gradio_api/queue/data",
+        "/ui/gradio_api/upload",
+        "/ui/gradio_api/file=x",
+        "/ui/gradio_api/heartbeat/x",
+        "/ui/assets/x",
+        "/ui/static/x",
+        "/ui/gradio_api/vibe-code",
+    ):
         assert expected in paths, f"{expected} not among Gradio's routes: {sorted(paths)}"
     revoked_id, revoked = studio.new_key("revoked-walker")
     with httpx.Client(base_url=studio.url, timeout=10) as client:
@@ -187,12 +197,16 @@ def test_callbacks_act_with_the_signed_in_users_key_not_the_servers(studio: Stud
     body = {"kind": "eval", "config": {"model": "tiny", "dataset": "synth-64", "limit": 2}}
     created = httpx.post(f"{studio.url}/api/jobs", json=body, headers=studio.bearer(studio.alice))
     assert created.status_code == 201, created.text  # queued: no worker runs here
-    ui_as = {name: Client(f"{studio.url}/ui/", headers=studio.bearer(key), verbose=False)
-             for name, key in (("alice", studio.alice), ("bob", studio.bob))}
-    ids = {name: [int(row[0]) for row in client.predict(strings.ANY, strings.ANY, api_name="/refresh_table")["data"]]
-           for name, client in ui_as.items()}
+    ui_as = {
+        name: Client(f"{studio.url}/ui/", headers=studio.bearer(key), verbose=False)
+        for name, key in (("alice", studio.alice), ("bob", studio.bob))
+    }
+    ids = {
+        name: [int(row[0]) for row in client.predict(strings.ANY, strings.ANY, api_name="/refresh_table")["data"]]
+        for name, client in ui_as.items()
+    }
     assert created.json()["id"] in ids["alice"] and created.json()["id"] not in ids["bob"], ids
-    with pytest.raises(Exception):  # noqa: B017, PT011 - gradio_client's own error on a 401
+    with pytest.raises(Exception):  # noqa: B017 - gradio_client's own error on a 401
         Client(f"{studio.url}/ui/", verbose=False)
 
 
@@ -214,8 +228,10 @@ def test_signin_page_sets_an_httponly_cookie_and_signout_clears_it(studio: Studi
     # The link `vopd serve` prints; a foreign `next` never leaves the server; a cross-site form post is refused.
     link = httpx.get(f"{studio.url}/signin", params={"key": studio.admin, "next": "//evil.example/x"})
     assert link.status_code == 303 and link.headers["location"] == "/ui/"
-    assert httpx.get(f"{studio.url}/signin", params={"key": studio.admin, "next": "/ui/?x=1"}).headers[
-        "location"] == "/ui/?x=1"
+    assert (
+        httpx.get(f"{studio.url}/signin", params={"key": studio.admin, "next": "/ui/?x=1"}).headers["location"]
+        == "/ui/?x=1"
+    )
     foreign = httpx.post(f"{studio.url}/signin", data={"key": studio.alice}, headers={"Origin": FOREIGN_ORIGIN})
     assert foreign.status_code == 403 and "set-cookie" not in foreign.headers
 
@@ -224,8 +240,10 @@ def test_a_revoked_key_is_refused_everywhere_at_once(studio: Studio) -> None:
     key_id, key = studio.new_key("soon-revoked")
     with httpx.Client(base_url=studio.url, timeout=10) as browser:
         assert browser.get("/signin", params={"key": key}).status_code == 303
-        checks = {"/ui/config": browser.get, "/api/me": lambda path: httpx.get(studio.url + path,
-                                                                                headers=studio.bearer(key))}
+        checks = {
+            "/ui/config": browser.get,
+            "/api/me": lambda path: httpx.get(studio.url + path, headers=studio.bearer(key)),
+        }
         assert [checks[path](path).status_code for path in checks] == [200, 200]
         revoked = httpx.post(f"{studio.url}/api/keys/{key_id}/revoke", headers=studio.bearer(studio.admin))
         assert revoked.status_code == 200 and revoked.json()["revoked"] is True
@@ -258,8 +276,9 @@ def test_keys_route_lists_for_an_admin_only_and_revokes(studio: Studio) -> None:
 
 def test_cli_lists_and_revokes_keys(studio: Studio) -> None:
     def vopd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(vopd_command("apikey", *args), env=studio.env, capture_output=True, text=True,
-                              timeout=120, check=check)
+        return subprocess.run(
+            vopd_command("apikey", *args), env=studio.env, capture_output=True, text=True, timeout=120, check=check
+        )
 
     key = vopd("create", "--name", "carol").stdout.strip().splitlines()[-1]
     assert httpx.get(f"{studio.url}/api/me", headers=studio.bearer(key)).json()["name"] == "carol"
@@ -269,7 +288,8 @@ def test_cli_lists_and_revokes_keys(studio: Studio) -> None:
     prefix = next(prefix for prefix in carols if key.startswith(prefix))
     assert len(prefix) < len(key) and key not in listing
     assert re.search(r"\blocal$", listing, re.MULTILINE) and "yes" in next(
-        line for line in listing.splitlines() if line.endswith(" local"))
+        line for line in listing.splitlines() if line.endswith(" local")
+    )
     unknown = vopd("revoke", "vopd_zzzzzzzz", check=False)
     assert unknown.returncode == 2 and "no API key" in unknown.stderr
     assert "revoked key" in vopd("revoke", prefix).stdout
@@ -287,8 +307,14 @@ def test_no_foreign_origin_gets_cors_headers(studio: Studio, path: str) -> None:
     for host in ("127.0.0.1", "studio.example.org"):
         headers = {**studio.bearer(studio.alice), "Origin": FOREIGN_ORIGIN, "Host": host}
         simple = httpx.get(studio.url + path, headers=headers)
-        preflight = httpx.options(studio.url + path, headers={
-            **headers, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+        preflight = httpx.options(
+            studio.url + path,
+            headers={
+                **headers,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization",
+            },
+        )
         for response in (simple, preflight):
             assert "access-control-allow-origin" not in response.headers, (host, response.headers)
             assert "access-control-allow-credentials" not in response.headers, (host, response.headers)
