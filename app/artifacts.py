@@ -15,8 +15,8 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Artifact, Checkpoint, Job
 from app.schemas import ArtifactOut
+from app.tables import Artifact, Checkpoint, Job
 
 
 @dataclass

@@ -13,7 +13,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey
+from app.tables import ApiKey
 
 KEY_PREFIX = "vopd_"
 

@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth import create_api_key, find_api_key
 from app.db import make_engine, make_session_factory, run_migrations, session_scope
-from app.models import Dataset
 from app.settings import Settings
+from app.tables import Dataset
 
 DEFAULT_MODEL_NAME = "tiny"
 DEFAULT_DATASET_ID = "synth-64"

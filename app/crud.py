@@ -11,11 +11,11 @@ from pathlib import Path
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import TERMINAL_STATUSES, Job, JobLog, JobMetric, Worker, utcnow
 from app.queueing import BrokerUnavailable, JobQueue, routed_queue, unrouted_queue
 from app.registry import UnknownName, resolve_dataset, resolve_model
 from app.schemas import EvalJobCreate, JobOut, TrainJobCreate
 from app.settings import Settings
+from app.tables import TERMINAL_STATUSES, Job, JobLog, JobMetric, Worker, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from app.auth import find_api_key
 from app.db import session_scope
-from app.models import ApiKey
 from app.settings import Settings
+from app.tables import ApiKey
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `vopd apikey create` (or printed by serve).")
 

@@ -72,7 +72,7 @@ class InferencePool:
     """One dedicated inference thread fed by a bounded queue: request threads never run (or wait on) inference, so
     health and job routes answer while inspects run, and a flood of inspects is refused (503) instead of queued
     without end. A task whose deadline passes or whose client leaves is skipped, or stopped mid-way through its
-    ``should_stop`` hook (vopd.inspect checks it before every forward pass)."""
+    ``should_stop`` hook (vopd.token_inspection checks it before every forward pass)."""
 
     def __init__(self, queue_size: int) -> None:
         self._queue: queue.Queue[InferenceTask | None] = queue.Queue(maxsize=queue_size)

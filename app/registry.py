@@ -12,9 +12,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Checkpoint, Dataset, Job
 from app.schemas import ModelOut
 from app.settings import Settings
+from app.tables import Checkpoint, Dataset, Job
 
 JOB_MODEL_NAME = re.compile(r"^job-(\d+)/(final|step-(\d+))$")
 _MODEL_MARKERS = ("config.json", "adapter_config.json")

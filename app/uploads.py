@@ -14,8 +14,8 @@ from typing import BinaryIO
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.models import Artifact, Dataset, Job
 from app.settings import Settings
+from app.tables import Artifact, Dataset, Job
 
 CHUNK = 1 << 20
 MB = 1 << 20

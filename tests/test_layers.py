@@ -33,7 +33,7 @@ LIBRARY = [
         "divergence",
         "evaluate",
         "guard",
-        "inspect",
+        "token_inspection",
         "models",
         "reproduce",
         "rollout",

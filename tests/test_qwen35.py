@@ -364,7 +364,7 @@ def test_evaluate(qwen35_dir: Path, synth_data: Path, loaded: LoadedModel, tmp_p
 
 def test_inspect(qwen35_dir: Path, loaded: LoadedModel) -> None:
     from vopd.divergence import token_divergence
-    from vopd.inspect import _png_bytes, inspect_sample
+    from vopd.token_inspection import _png_bytes, inspect_sample
 
     image = Image.new("RGB", (112, 112), (230, 230, 230))
     ImageDraw.Draw(image).ellipse([40, 40, 52, 52], fill=(30, 170, 60))

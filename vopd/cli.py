@@ -256,7 +256,7 @@ def _run_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if args.options:
         values["options"] = [o.strip() for o in args.options.split(",") if o.strip()]
     config = load_config(InspectConfig, None, {**values, **overrides})
-    from vopd.inspect import inspect_sample
+    from vopd.token_inspection import inspect_sample
 
     result = inspect_sample(config, decode_image(Path(args.image)))
     if args.json:

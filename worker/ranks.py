@@ -24,8 +24,8 @@ def main(argv: list[str]) -> int:
     job_id, worker_name = int(argv[0]), argv[1]
 
     from app.db import make_engine, make_session_factory
-    from app.models import Job
     from app.settings import get_settings
+    from app.tables import Job
     from vopd.config import TrainConfig
     from vopd.trainer import latest_checkpoint, train
     from worker.reporter import DatabaseReporter, json_safe

@@ -16,7 +16,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import session_scope
-from app.models import Checkpoint, Job, JobLog, JobMetric, utcnow
+from app.tables import Checkpoint, Job, JobLog, JobMetric, utcnow
 from vopd.callbacks import ProgressCallback
 
 

@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.crud import starts_since_queued
 from app.db import session_scope
-from app.models import TERMINAL_STATUSES, Artifact, Job, JobLog, utcnow
 from app.settings import Settings
+from app.tables import TERMINAL_STATUSES, Artifact, Job, JobLog, utcnow
 from worker.reporter import DatabaseReporter, json_safe
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.celery_app import TASK_NAMES, make_celery
 from app.db import make_engine, make_session_factory, session_scope
-from app.models import Worker, utcnow
 from app.settings import get_settings
+from app.tables import Worker, utcnow
 from worker.lifeline import die_with_parent
 from worker.runner import run_job
 

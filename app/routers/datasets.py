@@ -17,9 +17,9 @@ from sqlalchemy import or_, select
 
 from app.artifacts import folder_size
 from app.deps import ApiKeyDep, SessionDep, SettingsDep
-from app.models import Dataset
 from app.registry import visible_dataset
 from app.schemas import DatasetIssueOut, DatasetList, DatasetOut, DatasetRejected, SampleOut, SamplePage
+from app.tables import Dataset
 from app.uploads import MB, UploadRejected, quota_message, save_stream, storage_used, unpack_upload
 from vopd.config import ViewConfig
 from vopd.data import load_dataset, validate_dataset

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 from sqlalchemy import select, text
 
 from app.deps import ApiKeyDep, SessionDep, SettingsDep
-from app.models import Worker, utcnow
 from app.schemas import ComponentHealth, HealthOut, LocalWorkerOut, MeOut, WorkerOut
+from app.tables import Worker, utcnow
 
 router = APIRouter(prefix="/api", tags=["health"])
 

@@ -24,7 +24,7 @@ from app.schemas import InspectRequest
 from app.settings import Settings
 from vopd.config import InspectConfig
 from vopd.data import decode_image, load_dataset
-from vopd.inspect import InspectCancelled, InspectResult, inspect_sample
+from vopd.token_inspection import InspectCancelled, InspectResult, inspect_sample
 
 router = APIRouter(prefix="/api", tags=["inspect"])
 

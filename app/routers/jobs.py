@@ -15,7 +15,6 @@ from starlette.concurrency import run_in_threadpool
 
 from app import artifacts, crud
 from app.deps import ApiKeyDep, SessionDep, SettingsDep
-from app.models import TERMINAL_STATUSES, Job
 from app.registry import UnknownName
 from app.schemas import (
     ArtifactList,
@@ -29,6 +28,7 @@ from app.schemas import (
     MetricOut,
     MetricPage,
 )
+from app.tables import TERMINAL_STATUSES, Job
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 

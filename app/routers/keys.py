@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth import create_api_key, list_api_keys
 from app.deps import AdminKeyDep, ApiKeyDep, SessionDep
-from app.models import ApiKey
+from app.tables import ApiKey
 
 router = APIRouter(prefix="/api/keys", tags=["keys"])
 

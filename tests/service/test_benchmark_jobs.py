@@ -12,10 +12,10 @@ import pytest
 from app import crud
 from app.auth import create_api_key
 from app.db import make_engine, make_session_factory, run_migrations, session_scope
-from app.models import Job
 from app.registry import UnknownName
 from app.schemas import EvalJobCreate
 from app.settings import Settings
+from app.tables import Job
 from tests.service.conftest import Service
 from tests.test_benchmarks import TINY_BASE, write_vstar
 

@@ -16,7 +16,7 @@ from schemathesis import GenerationMode
 
 from app.auth import create_api_key
 from app.db import session_scope
-from app.models import Artifact, Job
+from app.tables import Artifact, Job
 from tests.service.conftest import Service
 
 pytestmark = pytest.mark.services

@@ -55,7 +55,7 @@ def test_absurd_settings_and_unknown_keys_are_refused_and_an_unserved_queue_is_w
     from app.bootstrap import ensure_default_assets, ensure_local_key
     from app.db import session_scope
     from app.main import create_app
-    from app.models import Worker
+    from app.tables import Worker
 
     settings = Settings(home=tmp_path, database_url_env=f"sqlite:///{tmp_path}/vopd.db", queue="served")
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")

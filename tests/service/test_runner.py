@@ -16,8 +16,8 @@ from sqlalchemy import select
 from app.auth import create_api_key
 from app.crud import requeue_orphans
 from app.db import make_engine, make_session_factory, run_migrations, session_scope
-from app.models import Job, JobLog, JobMetric, utcnow
 from app.settings import Settings
+from app.tables import Job, JobLog, JobMetric, utcnow
 from worker.reporter import DatabaseReporter, json_safe
 from worker.runner import claim, describe_error, worker_name
 

@@ -8,8 +8,8 @@ from PIL import Image, ImageDraw
 
 from vopd.cli import main
 from vopd.config import InspectConfig
-from vopd.inspect import inspect_sample
 from vopd.models import load_model_and_processor
+from vopd.token_inspection import inspect_sample
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +61,9 @@ def test_divergences_match_the_divergence_module(tiny_model_dir, loaded, image) 
     """Recompute the student and teacher logits independently and compare per-token values."""
     from vopd.data import Sample
     from vopd.divergence import token_divergence
-    from vopd.inspect import _png_bytes
     from vopd.models import encode_prompts
     from vopd.rollout import RolloutBatch, response_logits
+    from vopd.token_inspection import _png_bytes
     from vopd.views import student_view, teacher_view, to_messages
 
     cfg = config(tiny_model_dir)
