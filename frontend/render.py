@@ -39,7 +39,7 @@ class UiInputError(ValueError):
 
 # ----------------------------------------------------------------------------- colour scale
 @dataclass(frozen=True)
-class ColourScale:
+class ColorScale:
     """Maps a divergence to [0, 1] linearly between ``low`` and ``high``, clamping outside.
 
     ``low``/``high`` are mean -/+ 2.5 sigma of the rollout's values, narrowed to the values' own range: one
@@ -58,15 +58,15 @@ class ColourScale:
         return min(1.0, max(0.0, (value - self.low) / span))
 
 
-def robust_scale(values: Sequence[float], sigmas: float = ROBUST_SIGMAS) -> ColourScale:
+def robust_scale(values: Sequence[float], sigmas: float = ROBUST_SIGMAS) -> ColorScale:
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
-        return ColourScale(0.0, 0.0)
+        return ColorScale(0.0, 0.0)
     mean = sum(finite) / len(finite)
     sigma = math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))
     low = max(min(finite), mean - sigmas * sigma)
     high = min(max(finite), mean + sigmas * sigma)
-    return ColourScale(low, high)
+    return ColorScale(low, high)
 
 
 METRIC_FIELDS = {
@@ -89,14 +89,14 @@ def display_token(text: str) -> str:
     return text if text else EMPTY_TOKEN
 
 
-def token_strip(tokens: Sequence[TokenRecord], metric: str) -> tuple[list[tuple[str, float]], ColourScale]:
+def token_strip(tokens: Sequence[TokenRecord], metric: str) -> tuple[list[tuple[str, float]], ColorScale]:
     """HighlightedText value: one (token, score in [0, 1]) pair per rollout position, and the scale used."""
     values = metric_values(tokens, metric)
     scale = robust_scale(values)
     return [(display_token(t.token), round(scale.score(v), 4)) for t, v in zip(tokens, values, strict=True)], scale
 
 
-def legend_html(scale: ColourScale, metric: str) -> str:
+def legend_html(scale: ColorScale, metric: str) -> str:
     """A gradient bar labelled with the divergence values at both ends of the scale."""
     red = ",".join(str(c) for c in SCORE_RGB)
     return (

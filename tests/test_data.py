@@ -81,7 +81,7 @@ def only_issue(issues: list[DatasetIssue]) -> DatasetIssue:
 
 
 # --------------------------------------------------------------------------- valid data
-def test_valid_jsonl_loads_with_letter_answer_normalised_and_default_ids(folder: Path) -> None:
+def test_valid_jsonl_loads_with_letter_answer_normalized_and_default_ids(folder: Path) -> None:
     (folder / "images" / "crop.png").write_bytes(png_bytes((8, 6), (1, 2, 3)))
     path = write_jsonl(
         folder / "data.jsonl",

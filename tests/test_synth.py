@@ -95,7 +95,7 @@ def test_target_alone_in_box_and_distractors_clear(question: str) -> None:
             assert clear, f"item {index}: distractor {shape} touches the box {scene.bbox}"
 
 
-def test_crop_holds_only_the_target_in_its_colour() -> None:
+def test_crop_holds_only_the_target_in_its_color() -> None:
     config = SynthConfig(n=24, seed=5, question="both")
     for index in range(config.n):
         image, record = generate_item(config, index)
@@ -115,7 +115,7 @@ def test_crop_holds_only_the_target_in_its_colour() -> None:
         assert not outside.any()
 
 
-def test_answer_is_the_colour_at_the_target_centre() -> None:
+def test_answer_is_the_color_at_the_target_centre() -> None:
     config = SynthConfig(n=20, seed=2)
     for image, record in generate_items(config):
         assert record["options"] == list(COLOR_OPTIONS)
@@ -124,18 +124,18 @@ def test_answer_is_the_colour_at_the_target_centre() -> None:
         assert tuple(int(v) for v in centre) == PALETTE[record["answer"]]
 
 
-def test_background_is_light_and_distractors_use_every_colour() -> None:
+def test_background_is_light_and_distractors_use_every_color() -> None:
     config = SynthConfig(n=30, seed=9)
-    colours_seen: Counter[str] = Counter()
+    colors_seen: Counter[str] = Counter()
     for index in range(config.n):
         image, _ = generate_item(config, index)
         scene = plan_item(config, index)
-        colours_seen.update(shape.color for shape in scene.distractors)
+        colors_seen.update(shape.color for shape in scene.distractors)
         corner = np.asarray(image)[:2, :2].reshape(-1, 3)
         covered = any(s.extent[0] <= 1 and s.extent[1] <= 1 for s in scene.distractors)
         if not covered:
             assert corner.min() >= 185
-    assert set(colours_seen) == set(PALETTE)
+    assert set(colors_seen) == set(PALETTE)
 
 
 def test_answers_balanced_for_any_n() -> None:

@@ -26,8 +26,8 @@ def write_dataset(folder: Path, count: int = 6, *, with_answers: bool = True) ->
         image = Image.new("RGB", (112, 112), (235, 235, 235))
         draw = ImageDraw.Draw(image)
         x0, y0 = 10 + 13 * index % 70, 20 + 7 * index % 60
-        colour = names[index % 4]
-        draw.ellipse([x0 + 6, y0 + 6, x0 + 18, y0 + 18], fill=COLORS[colour])
+        color = names[index % 4]
+        draw.ellipse([x0 + 6, y0 + 6, x0 + 18, y0 + 18], fill=COLORS[color])
         image.save(folder / "images" / f"{index}.png")
         record = {
             "id": f"item-{index}",
@@ -37,7 +37,7 @@ def write_dataset(folder: Path, count: int = 6, *, with_answers: bool = True) ->
             "bbox": [x0, y0, x0 + 24, y0 + 24],
         }
         if with_answers:
-            record["answer"] = colour
+            record["answer"] = color
         lines.append(json.dumps(record))
     path = folder / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")

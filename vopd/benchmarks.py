@@ -500,13 +500,13 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 }
 
 
-def _normalise_name(name: str) -> str:
+def _normalize_name(name: str) -> str:
     return re.sub(r"[\s_]+", "-", name.strip().lower())
 
 
 def get_benchmark(name: str) -> BenchmarkSpec:
     """The suite registered under ``name`` or one of its aliases (case, '_' and '-' do not matter)."""
-    wanted = _normalise_name(name)
+    wanted = _normalize_name(name)
     for spec in BENCHMARKS.values():
         if wanted == spec.name or wanted in spec.aliases:
             return spec

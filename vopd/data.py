@@ -93,7 +93,7 @@ def _options_problem(options: list[str] | None) -> str | None:
     return None
 
 
-def _normalise_answer(answer: str | None, options: list[str] | None) -> tuple[str | None, str | None]:
+def _resolve_answer_option(answer: str | None, options: list[str] | None) -> tuple[str | None, str | None]:
     """Return (answer as option text, problem). Exact option text wins over a letter, so options such as
     ["A", "B"] keep their meaning."""
     if answer is None or not options:
@@ -208,7 +208,7 @@ class Sample(BaseModel):
         problems = _sample_problems(self)
         if problems:
             raise ValueError("; ".join(f"{field}: {message}" for field, message in problems))
-        self.answer, _ = _normalise_answer(self.answer, self.options)
+        self.answer, _ = _resolve_answer_option(self.answer, self.options)
         return self
 
     @property
@@ -252,7 +252,7 @@ def _sample_problems(sample: Sample) -> list[tuple[str, str]]:
         problems.append(("question", "question must not be empty"))
     if (problem := _options_problem(sample.options)) is not None:
         problems.append(("options", problem))
-    elif (problem := _normalise_answer(sample.answer, sample.options)[1]) is not None:
+    elif (problem := _resolve_answer_option(sample.answer, sample.options)[1]) is not None:
         problems.append(("answer", problem))
     if (sample.image_path is None) == (sample.image_bytes is None):
         problems.append(("image", "give exactly one of image_path and image_bytes"))
@@ -455,7 +455,7 @@ def _checked_fields(record: _RawRecord, found: list[tuple[str, str]]) -> dict[st
         answer = str(answer)  # free-form numeric answers
     if answer is not None and not isinstance(answer, str):
         found.append(("answer", f"answer must be a string, got {type(answer).__name__}"))
-    elif options is not None and (problem := _normalise_answer(answer, options)[1]) is not None:
+    elif options is not None and (problem := _resolve_answer_option(answer, options)[1]) is not None:
         found.append(("answer", problem))
 
     bbox = values.get("bbox")

@@ -53,7 +53,7 @@ __all__ = [
 # Qwen2-VL and LLaVA
 
 
-_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray", "cyan")
+_COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray", "cyan")
 _SHAPES = ("circle", "square", "triangle", "star", "rectangle", "diamond", "hexagon", "cross", "ring", "dot")
 _PLACES = ("top left", "top right", "bottom left", "bottom right", "centre", "left", "right", "top", "bottom")
 
@@ -68,16 +68,16 @@ def default_tokenizer_corpus() -> Iterator[str]:
     yield PAPER_HINT
     yield "You are a helpful assistant."
     yield "Answer with the option's letter from the given choices directly."
-    for round_index, (colour, shape, place) in enumerate(itertools.product(_COLOURS, _SHAPES, _PLACES)):
-        options = [_COLOURS[(_COLOURS.index(colour) + shift * 5) % len(_COLOURS)] for shift in range(4)]
+    for round_index, (color, shape, place) in enumerate(itertools.product(_COLORS, _SHAPES, _PLACES)):
+        options = [_COLORS[(_COLORS.index(color) + shift * 5) % len(_COLORS)] for shift in range(4)]
         answer = letters[round_index % 4]
         options[round_index % 4], options[0] = options[0], options[round_index % 4]
         yield f"What colour is the {shape} inside the red box?"
         yield "\n".join(f"{letter}. {option}" for letter, option in zip(letters, options, strict=True))
         yield f"Answer: {answer}"
-        yield f"The {colour} {shape} is in the {place} of the image."
+        yield f"The {color} {shape} is in the {place} of the image."
         yield f"Which shape is in the {place} corner of the box? The answer is {answer}."
-        yield f"How many {shape}s are there? There are {round_index % 10} {shape}s, {round_index % 7} {colour} ones."
+        yield f"How many {shape}s are there? There are {round_index % 10} {shape}s, {round_index % 7} {color} ones."
         yield f"The box [{round_index % 97}, {round_index % 53}, {round_index % 89 + 10}, {round_index % 61 + 10}]"
 
 

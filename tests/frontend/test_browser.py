@@ -198,7 +198,7 @@ def _set_box(page, box: list[float]) -> None:
         field.press("Enter")
 
 
-def test_inspect_shows_coloured_tokens_and_topk_tables(page, live_server: LiveServer) -> None:
+def test_inspect_shows_colored_tokens_and_topk_tables(page, live_server: LiveServer) -> None:
     image, sample = _first_sample(live_server)
     _upload(page, image)  # the upload gets a default box at once; then the typed box replaces it
     _set_box(page, sample["bbox"])

@@ -46,7 +46,7 @@ def _tokens(*divergences: float) -> list[TokenRecord]:
     return [TokenRecord.model_validate(token_json(i, f"t{i}", i, d)) for i, d in enumerate(divergences)]
 
 
-def test_token_strip_colours_by_the_chosen_divergence() -> None:
+def test_token_strip_colors_by_the_chosen_divergence() -> None:
     tokens = _tokens(0.1, 0.4, 0.2)
     tokens[0] = tokens[0].model_copy(update={"reverse_kl": 9.0, "token": ""})
     jsd, _ = render.token_strip(tokens, strings.METRIC_JSD)
@@ -59,7 +59,7 @@ def test_token_strip_colours_by_the_chosen_divergence() -> None:
 
 
 def test_legend_names_the_metric_and_both_ends() -> None:
-    legend = render.legend_html(render.ColourScale(0.012, 0.5), "reverse KL")
+    legend = render.legend_html(render.ColorScale(0.012, 0.5), "reverse KL")
     assert "reverse KL" in legend and "0.012" in legend and "0.5" in legend and "2.5σ" in legend
 
 
