@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.queueing import BrokerUnavailable, JobQueue, routed_queue, unrouted_queue
-from app.registry import UnknownName, resolve_dataset, resolve_model
+from app.registry import UnknownName, parse_job_model_name, resolve_dataset, resolve_model
 from app.schemas import EvalJobCreate, JobOut, TrainJobCreate
 from app.settings import Settings
 from app.tables import TERMINAL_STATUSES, Job, JobLog, JobMetric, Worker, utcnow
@@ -170,7 +170,15 @@ def eta_seconds(job: Job) -> float | None:
 
 def job_out(session: Session, job: Job) -> JobOut:
     out = JobOut.model_validate(job)
-    return out.model_copy(update={"queue_position": queue_position(session, job), "eta_seconds": eta_seconds(job)})
+    source = parse_job_model_name(str((job.config or {}).get("model", "")))
+    return out.model_copy(
+        update={
+            "queue_position": queue_position(session, job),
+            "eta_seconds": eta_seconds(job),
+            "model_job_id": source[0] if source else None,
+            "model_step": source[1] if source else None,
+        }
+    )
 
 
 def metrics_since(session: Session, job_id: int, since: int, limit: int) -> list[JobMetric]:

@@ -20,6 +20,15 @@ JOB_MODEL_NAME = re.compile(r"^job-(\d+)/(final|step-(\d+))$")
 _MODEL_MARKERS = ("config.json", "adapter_config.json")
 
 
+def parse_job_model_name(name: str) -> tuple[int, int | None] | None:
+    """(job id, checkpoint step or None for final) of a model name made from a job's weights; None for others.
+    The one place that reads these names: job responses carry the result as data (JobOut.model_job_id/model_step)."""
+    match = JOB_MODEL_NAME.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(3)) if match.group(3) else None
+
+
 class UnknownName(ValueError):
     """A model or dataset name that does not resolve; the message tells where to find valid names."""
 

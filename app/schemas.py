@@ -103,6 +103,10 @@ class JobOut(_Out):
     status: JobStatus
     queue: str
     gpus: int = Field(1, description="Devices (processes) the job runs on.")
+    model_job_id: int | None = Field(
+        None, description="When config.model names a job's weights (job-N/final or job-N/step-M): that job's id."
+    )
+    model_step: int | None = Field(None, description="...and that checkpoint's step; None for the final weights.")
     queue_position: int | None = Field(None, description="1 = next to run; only while queued.")
     progress: float = Field(description="Fraction done, 0..1.")
     step: int = Field(description="Steps (train) or samples (eval) done.")

@@ -46,6 +46,8 @@ class Job(_Model):
     attempts: int = 0
     worker: str | None = None
     config: dict[str, Any]
+    model_job_id: int | None = None  # the training job whose weights config.model names, if any
+    model_step: int | None = None  # ...and its checkpoint step (None: its final weights)
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -164,6 +166,7 @@ class TokenRecord(_Model):
     student_entropy: float
     teacher_entropy: float
     argmax_agree: bool
+    student_in_topk: bool = True  # the sampled token is among the student's top-k (else only the tail holds it)
     student_top: list[TopToken]
     teacher_top: list[TopToken]
     student_tail_mass: float

@@ -12,7 +12,6 @@ import html
 import io
 import math
 import os
-import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -370,17 +369,13 @@ def curve_frames(metrics: Sequence[Metric]) -> dict[str, pd.DataFrame]:
     return {name: _long_frame(metrics, group) for name, group in groups.items()}
 
 
-_JOB_MODEL = re.compile(r"^job-(\d+)/(final|step-(\d+))$")
-
-
 def eval_accuracy_frame(train_job: Job, eval_jobs: Sequence[Job]) -> pd.DataFrame:
     """Full-image and crop accuracy of the succeeded evaluations of this training job's checkpoints, by step."""
     rows = []
     for job in eval_jobs:
-        match = _JOB_MODEL.match(job.model_name)
-        if job.status != "succeeded" or not job.result or not match or int(match.group(1)) != train_job.id:
+        if job.status != "succeeded" or not job.result or job.model_job_id != train_job.id:
             continue
-        step = int(match.group(3)) if match.group(3) else (train_job.total_steps or train_job.step)
+        step = job.model_step if job.model_step is not None else (train_job.total_steps or train_job.step)
         for condition, key in (("full image", "full_accuracy"), ("crop", "crop_accuracy")):
             value = job.result.get(key)
             if isinstance(value, int | float) and math.isfinite(value):

@@ -50,7 +50,11 @@ def api() -> FakeApi:
 
 
 def job_json(job_id: int = 1, **overrides: Any) -> dict[str, Any]:
-    """A JobOut as the service returns it."""
+    """A JobOut as the service returns it: validated and dumped by the server's own schema, so a field the server
+    renames or drops fails here rather than in a browser."""
+    from app.registry import parse_job_model_name
+    from app.schemas import JobOut
+
     job = {
         "id": job_id,
         "kind": "train",
@@ -76,7 +80,10 @@ def job_json(job_id: int = 1, **overrides: Any) -> dict[str, Any]:
         "heartbeat_at": None,
     }
     job.update(overrides)
-    return job
+    source = parse_job_model_name(str(job["config"].get("model", "")))  # what the server derives from the name
+    job.setdefault("model_job_id", source[0] if source else None)
+    job.setdefault("model_step", source[1] if source else None)
+    return JobOut.model_validate(job).model_dump(mode="json")
 
 
 def top(tokens: list[tuple[str, int, float]]) -> list[dict[str, Any]]:
