@@ -1,0 +1,262 @@
+"""One Vision-OPD step at the paper's real model sizes, on a GPU: time, tokens per second, peak memory, MFU.
+
+Builds the architecture locally with random weights (no download): Qwen3.5-4B's shape (32 layers, hidden 2560, 16
+heads / 4 KV heads of 256, FFN 9216, vocabulary 248,320, Gated DeltaNet 3 : 1 full attention, as public training
+scripts give it; the vision tower is the family's default encoder, 27 x 1152, since the 4B's own could not be
+confirmed. Built this way it has 3.7B parameters against the release's 4.7B (its file size), so treat its figures as
+a lower bound) and Qwen2.5-VL-3B's (36 layers, hidden 2048, 16 / 2 heads, FFN 11008, tied embeddings; vision
+32 x 1280: 3.76B parameters). The tokenizer and processor are the tiny builders' (a
+small vocabulary inside the real one: only the token ids differ, not the cost). Training runs as the `paper` recipe
+does: fp32 master weights, bf16 autocast, EMA teacher, JSD over top-100 + tail; responses are forced to full length.
+
+Prints a table and ends with one JSON line. FLOPs per step are estimated as 2 x parameters x tokens for each
+forward (generation, teacher, student) plus 4 x parameters x tokens for the student's backward; MFU divides them by
+the step time and `--peak-tflops` (989, dense bf16 on H100/H200).
+
+    python bench/gpu_step.py                      # both architectures, full fine-tune and LoRA
+    python bench/gpu_step.py --arch qwen3.5-4b --batch 2 --rollouts 4 --new-tokens 256
+    python bench/gpu_step.py --smoke              # shrunk shapes on the CPU: checks the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REAL_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3.5-4b": {
+        "text": {
+            "hidden_size": 2560,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 4,
+            "head_dim": 256,
+            "intermediate_size": 9216,
+            "vocab_size": 248320,
+            "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 8,
+        },
+        "vision": {
+            "hidden_size": 1152,
+            "depth": 27,
+            "num_heads": 16,
+            "intermediate_size": 4304,
+            "out_hidden_size": 2560,
+        },
+    },
+    "qwen2.5-vl-3b": {
+        "text": {
+            "hidden_size": 2048,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 2,
+            "intermediate_size": 11008,
+            "vocab_size": 151936,
+            "max_window_layers": 36,
+            "tie_word_embeddings": True,
+        },
+        "vision": {
+            "hidden_size": 1280,
+            "depth": 32,
+            "num_heads": 16,
+            "intermediate_size": 3420,
+            "out_hidden_size": 2048,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+        },
+    },
+}
+SMOKE_SHAPES: dict[str, dict[str, Any]] = {  # the same families, a few layers of small width, for a CPU check
+    "qwen3.5-4b": {
+        "text": {
+            "hidden_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "intermediate_size": 256,
+            "vocab_size": 4096,
+            "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+        },
+        "vision": {"hidden_size": 64, "depth": 2, "num_heads": 4, "intermediate_size": 128, "out_hidden_size": 128},
+    },
+    "qwen2.5-vl-3b": {
+        "text": {
+            "hidden_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 256,
+            "vocab_size": 4096,
+            "max_window_layers": 4,
+        },
+        "vision": {
+            "hidden_size": 64,
+            "depth": 2,
+            "num_heads": 4,
+            "intermediate_size": 128,
+            "out_hidden_size": 128,
+            "fullatt_block_indexes": [1],
+        },
+    },
+}
+
+
+def build(arch: str, shapes: dict[str, Any], folder: Path, device: torch.device) -> Path:
+    """A model folder of the architecture at ``shapes``: the tiny builder's tokenizer and processor, random bf16
+    weights of the real size (initialised on the device, so a 4B model is written in seconds)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if arch == "qwen3.5-4b":
+        from vopd.tiny_models import build_tiny_qwen35
+
+        build_tiny_qwen35(folder)
+    else:
+        build_qwen25vl_processor(folder)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    for key, value in shapes["text"].items():
+        setattr(config.text_config, key, value)
+    config.tie_word_embeddings = getattr(config.text_config, "tie_word_embeddings", False)
+    if "layer_types" not in shapes["text"] and getattr(config.text_config, "layer_types", None) is not None:
+        config.text_config.layer_types = ["full_attention"] * config.text_config.num_hidden_layers
+    for key, value in shapes["vision"].items():
+        setattr(config.vision_config, key, value)
+    if arch == "qwen3.5-4b":  # M-RoPE over a quarter of each 256-wide head: 32 frequencies, split as Qwen3.5 does
+        rotary = int(config.text_config.head_dim * 0.25) // 2
+        config.text_config.rope_parameters["mrope_section"] = [rotary - 2 * (rotary // 3), rotary // 3, rotary // 3]
+    else:  # Qwen2.5-VL splits half of each head's frequencies 2 : 3 : 3 over (time, height, width): 16/24/24 at 128
+        half = config.text_config.hidden_size // config.text_config.num_attention_heads // 2
+        config.text_config.rope_parameters["mrope_section"] = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return folder
+
+
+def build_qwen25vl_processor(folder: Path) -> None:
+    """Qwen2.5-VL's config class with the tiny Qwen2-VL tokenizer and processor (the same dialect)."""
+    from transformers import Qwen2_5_VLConfig
+
+    from vopd.tiny_models import build_tiny_qwen2vl
+
+    build_tiny_qwen2vl(folder)
+    tiny = json.loads((folder / "config.json").read_text())
+    config = Qwen2_5_VLConfig(
+        text_config=tiny["text_config"],
+        vision_config={"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112},
+        image_token_id=tiny["image_token_id"],
+        video_token_id=tiny["video_token_id"],
+        vision_start_token_id=tiny["vision_start_token_id"],
+        vision_end_token_id=tiny["vision_end_token_id"],
+    )
+    config.save_pretrained(folder)
+    for stale in folder.glob("model*.safetensors"):
+        stale.unlink()
+
+
+def run(arch: str, lora: bool, args: argparse.Namespace, work: Path, device: torch.device) -> dict[str, Any]:
+    from vopd.config import TrainConfig
+    from vopd.synth import SynthConfig, generate_dataset
+    from vopd.trainer import OPDTrainer
+
+    shapes = (SMOKE_SHAPES if args.smoke else REAL_SHAPES)[arch]
+    folder = build(arch, shapes, work / arch, device)
+    data = generate_dataset(work / f"data-{arch}", SynthConfig(n=16, seed=0, size=args.image, box_size=args.image // 4))
+    config = TrainConfig(
+        model=str(folder),
+        dataset=str(data),
+        output=str(work / f"run-{arch}-{lora}"),
+        steps=1000,
+        batch_size=args.batch,
+        lr=2e-6,
+        freeze_vision_tower=lora,
+        collapse_guard={"enabled": False},
+        rollout={"num_rollouts": args.rollouts, "max_new_tokens": args.new_tokens},
+        lora={"enabled": lora, "rank": 16},
+        runtime={"device": device.type, "dtype": "bfloat16" if device.type == "cuda" else "float32"},
+    )
+    trainer = OPDTrainer(config)
+    trainer.loaded.eos_token_ids = [trainer.loaded.suppressed_token_ids[0]]  # never sampled: full-length rollouts
+    parameters = sum(p.numel() for p in trainer.student.parameters())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, metrics = [], {}
+    for index in range(args.warmup + args.steps):
+        started = time.perf_counter()
+        metrics = trainer.train_step()
+        trainer.step += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if index >= args.warmup:
+            times.append(time.perf_counter() - started)
+    step_time = statistics.median(times)
+    rows = args.batch * args.rollouts
+    response_tokens = rows * args.new_tokens
+    prompt_tokens = rows * _prompt_tokens(trainer)
+    # generation ~ one forward over prompt + response; teacher and student forwards likewise; backward = 2 forwards
+    flops = 2 * parameters * (prompt_tokens + response_tokens) * 3 + 4 * parameters * (prompt_tokens + response_tokens)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {
+        "arch": arch,
+        "mode": "lora" if lora else "full",
+        "parameters_b": parameters / 1e9,
+        "step_s": step_time,
+        "response_tokens_per_s": response_tokens / step_time,
+        "peak_gib": peak,
+        "mfu": flops / step_time / (args.peak_tflops * 1e12),
+        "rollout_s": metrics["rollout_time"],
+        "teacher_s": metrics["teacher_time"],
+        "student_s": metrics["student_time"],
+    }
+
+
+def _prompt_tokens(trainer) -> int:
+    from vopd.views import student_view
+
+    return int(trainer._encode(trainer._samples_for(0)[:1], student_view)["input_ids"].shape[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=[*REAL_SHAPES, "both"], default="both")
+    parser.add_argument("--modes", default="full,lora", help="full, lora or both (comma-separated)")
+    parser.add_argument("--batch", type=int, default=2, help="prompts per step")
+    parser.add_argument("--rollouts", type=int, default=4, help="rollouts per prompt")
+    parser.add_argument("--new-tokens", type=int, default=256, help="response length (forced)")
+    parser.add_argument("--image", type=int, default=448, help="image side in pixels")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak")
+    parser.add_argument("--smoke", action="store_true", help="shrunk shapes on the CPU (checks the script)")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke to check the script on a CPU")
+    work = Path(tempfile.mkdtemp(prefix="vopd-gpu-step-"))
+    arches = list(REAL_SHAPES) if args.arch == "both" else [args.arch]
+    results = [run(arch, mode == "lora", args, work, device) for arch in arches for mode in args.modes.split(",")]
+    print(
+        f"{args.batch} prompts x {args.rollouts} rollouts x {args.new_tokens} tokens, {args.image} px, "
+        f"median of {args.steps} steps after {args.warmup} warm-up, {'CPU smoke' if args.smoke else device}"
+    )
+    print("| arch | mode | params (B) | step (s) | response tok/s | peak GiB | MFU | rollout / teacher / student (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in results:
+        print(
+            f"| {row['arch']} | {row['mode']} | {row['parameters_b']:.2f} | {row['step_s']:.2f} | "
+            f"{row['response_tokens_per_s']:.0f} | {row['peak_gib']:.1f} | {row['mfu']:.3f} | "
+            f"{row['rollout_s']:.2f} / {row['teacher_s']:.2f} / {row['student_s']:.2f} |"
+        )
+    print(json.dumps({"results": results}))
+
+
+if __name__ == "__main__":
+    main()
