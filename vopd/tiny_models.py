@@ -427,23 +427,10 @@ QWEN3_5_CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
-# Qwen3.5's special tokens in Qwen's order (ids 248044-248057 in the real vocabulary, right after the merges).
-QWEN3_5_SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+# Qwen3.5's special tokens are Qwen2-VL's, in the same order (ids 248044-248057 in the real vocabulary, right after
+# the merges).
+QWEN3_5_SPECIAL_TOKENS = QWEN2_VL_SPECIAL_TOKENS
+
 # The added tokens that follow them (248058-248069). Qwen marks these not special: decoding with
 # skip_special_tokens keeps "<think>...</think>" and tool calls in the text, as it does for the real model.
 QWEN3_5_TEXT_TOKENS = (
