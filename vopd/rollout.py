@@ -44,21 +44,24 @@ class _RecordProcessedScores(LogitsProcessor):
 
 
 class _SampleEachRowWithItsOwnSeed(LogitsProcessor):
-    """After the recorder: draws each row's token from the processed distribution with that row's own generator and
-    leaves only that token possible, so generate()'s greedy pick returns it.
+    """After the recorder: draws each row's token from the distribution the recorder just computed (so the sampling
+    distribution and the recorded behaviour log-probs are one tensor, computed once per token) with that row's own
+    generator, and leaves only that token possible, so generate()'s greedy pick returns it.
 
     ``generate(do_sample=True)`` draws every row from one global random stream, so what a prompt samples depends on
     which other prompts share its batch. With one generator per row, seeded by (run seed, step, prompt's place in the
     step, rollout), a prompt samples the same tokens however a step is split into micro-batches (or ranks).
     """
 
-    def __init__(self, row_seeds: list[int], device: torch.device) -> None:
+    def __init__(self, recorder: _RecordProcessedScores, row_seeds: list[int], device: torch.device) -> None:
+        self.recorder = recorder
         self.generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in row_seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"{len(self.generators)} row seeds for a batch of {scores.shape[0]} rows")
-        probs = torch.softmax(scores.float(), dim=-1)  # (N, V)
+        assert self.recorder.last_logprobs is not None
+        probs = self.recorder.last_logprobs.exp()  # (N, V)
         chosen = torch.cat(
             [torch.multinomial(probs[row], 1, generator=generator) for row, generator in enumerate(self.generators)]
         )  # (N,)
@@ -123,7 +126,7 @@ def sample_rollouts(
     per_row = row_seeds is not None and not greedy
     if per_row:
         assert row_seeds is not None
-        processors.append(_SampleEachRowWithItsOwnSeed(row_seeds, prompts["input_ids"].device))
+        processors.append(_SampleEachRowWithItsOwnSeed(recorder, row_seeds, prompts["input_ids"].device))
     gatherer = _GatherSampledLogprob(recorder)
     was_training = model.training
     model.eval()
