@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import traceback
@@ -264,11 +265,24 @@ def _train_on_ranks(job: Claim, me: str, reporter: DatabaseReporter) -> dict[str
     reporter.on_log(
         f"the {job.gpus} training processes failed (exit {returncode}); their last output:\n{tail}", level="error"
     )
-    errors = [line for line in tail.splitlines() if "Error" in line and not line.startswith(" ")]
+    cause = _rank_error(tail)
     raise RuntimeError(
         f"the job's {job.gpus} training processes failed (exit {returncode})"
-        + (f": {errors[-1].strip()}" if errors else "; see the job's log")
+        + (f": {cause}" if cause else "; see the job's log")
     )
+
+
+# A rank's own exception line, as torchrun prefixes it: "[rank1]: ValueError: ..."
+_RANK_ERROR = re.compile(r"^\[rank\d+\]:\s*([A-Za-z_.]*(?:Error|Exception)\b.*)$")
+
+
+def _rank_error(output: str) -> str | None:
+    """The first exception a rank raised: the cause, not torchrun's summary that the others were stopped."""
+    for line in output.splitlines():
+        match = _RANK_ERROR.match(line.strip())
+        if match:
+            return match.group(0)
+    return None
 
 
 def _run_eval(factory: sessionmaker[Session], job: Claim, me: str, reporter: DatabaseReporter) -> None:

@@ -64,6 +64,14 @@ def test_a_two_device_job_runs_on_both_ranks_and_cancel_and_resume_reach_them(se
         final = Path(done["resolved_config"]["output"]) / "final"
         assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
 
+        # A failure inside the ranks fails the job with the ranks' own error, and every rank's output in its log.
+        broken = _submit(service, 2, steps=2, batch_size=2, lora={"enabled": True, "target_modules": ["no_such_proj"]})
+        failed = service.wait_for(broken["id"], {"succeeded", "failed"}, timeout_s=300)
+        assert failed["status"] == "failed" and "2 training processes failed" in failed["error"], failed["error"]
+        assert "match no linear layer" in failed["error"]
+        log_text = _log_text(service, broken["id"])
+        assert "[rank0]" in log_text and "[rank1]" in log_text, log_text[-2000:]
+
         long = _submit(service, 2, steps=40, batch_size=2, save_every=100)
         service.wait_for(long["id"], {"running"}, timeout_s=300, step=lambda step: step >= 1)
         assert service.client.post(f"/api/jobs/{long['id']}/cancel", headers=service.alice).status_code == 200
