@@ -226,3 +226,25 @@ def test_a_rank_that_dies_ends_the_job_with_an_error_not_a_hang(tiny_model_dir, 
     assert process.returncode == 2
     assert "the 2 training processes failed" in stderr and "exitcode  : -9" in stderr
     assert not _rank_processes(marker)  # no rank left behind
+
+
+def test_a_strategy_without_its_launcher_and_a_lone_single_rank_are_refused(monkeypatch) -> None:
+    from vopd.distributed import setup
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="needs a launcher"):
+        setup("fsdp", timeout_s=5)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="set runtime.strategy to ddp or fsdp"):
+        setup("single", timeout_s=5)
+
+
+def test_nproc_refuses_a_batch_the_processes_cannot_share(tiny_model_dir, data, tmp_path, capsys) -> None:
+    run = tmp_path / "refused"
+    args = ["train", "--model", str(tiny_model_dir), "--dataset", str(data), "--output", str(run), "--steps", "1"]
+    assert main([*args, "--batch-size", "3", "--nproc", "2"]) == 2
+    assert "--batch-size 3 must be a multiple of --nproc 2" in capsys.readouterr().err
+    assert main([*args, "--batch-size", "2", "--nproc", "0"]) == 2
+    assert "--nproc must be at least 1" in capsys.readouterr().err
+    assert not run.exists()  # refused before anything was launched or written
