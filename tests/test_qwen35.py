@@ -17,6 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+from tests.test_trainer import make_config as qwen2vl_make_config
+from tests.test_trainer import trainable_snapshot
 from vopd.config import EvalConfig, InspectConfig, LoraConfig, RuntimeConfig, TrainConfig, ViewConfig
 from vopd.data import Sample
 from vopd.models import (
@@ -89,26 +91,13 @@ def _sample(loaded: LoadedModel, prompts, *, temperature: float, max_new_tokens:
 
 
 def make_config(model: Path, dataset: Path, output: Path, **overrides) -> TrainConfig:
+    """The Qwen2-VL tests' small run (tests.test_trainer), with 4-token rollouts and no collapse guard."""
     values = {
-        "model": str(model),
-        "dataset": str(dataset),
-        "output": str(output),
-        "steps": 2,
-        "seed": 0,
-        "batch_size": 2,
-        "lr": 1e-3,
-        "save_every": 100,
         "rollout": {"num_rollouts": 2, "max_new_tokens": 4},
-        "divergence": {"topk": 20},
         "collapse_guard": {"enabled": False},
         "runtime": {"device": "cpu", "dtype": "float32"},
     }
-    values.update(overrides)
-    return TrainConfig.model_validate(values)
-
-
-def trainable_snapshot(trainer: OPDTrainer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainer.student.named_parameters() if p.requires_grad}
+    return qwen2vl_make_config(model, dataset, output, **{**values, **overrides})
 
 
 # --------------------------------------------------------------------------------------------- build and load

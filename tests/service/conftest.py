@@ -8,6 +8,7 @@ Redis, as docker-compose runs). Under CI=true a missing server fails the tests; 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -43,22 +44,31 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_postgres_database(name: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database (an old one of that name is dropped first), dropped again afterwards."""
     from sqlalchemy import create_engine, text
 
-    name = f"vopd_test_{SESSION_TAG}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             connection.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as error:  # any driver error: server down, auth refused
         admin.dispose()
         unavailable(f"PostgreSQL at {PG_ADMIN_URL} is not usable: {error}")
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    with fresh_postgres_database(f"vopd_test_{SESSION_TAG}") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,13 @@ from fastapi.testclient import TestClient
 
 from app.serve import stop_process, vopd_command
 from app.settings import Settings
-from tests.service.conftest import PG_ADMIN_URL, REDIS_BASE, SESSION_TAG, tiny_train_config, unavailable
+from tests.service.conftest import (
+    REDIS_BASE,
+    SESSION_TAG,
+    fresh_postgres_database,
+    tiny_train_config,
+    unavailable,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -97,21 +103,8 @@ def test_absurd_settings_and_unknown_keys_are_refused_and_an_unserved_queue_is_w
 # ------------------------------------------------------------------------------------------ the broker
 @pytest.fixture
 def own_postgres() -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-
-    name = f"vopd_rel_{SESSION_TAG}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as error:  # any driver error: server down, auth refused
-        admin.dispose()
-        unavailable(f"PostgreSQL at {PG_ADMIN_URL} is not usable: {error}")
-    yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_postgres_database(f"vopd_rel_{SESSION_TAG}") as url:
+        yield url
 
 
 @pytest.fixture
