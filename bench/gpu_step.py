@@ -21,6 +21,7 @@ the step time and `--peak-tflops` (989, dense bf16 on H100/H200).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -168,8 +169,12 @@ def run(arch: str, lora: bool, args: argparse.Namespace, work: Path, device: tor
     from vopd.trainer import OPDTrainer
 
     shapes = (SMOKE_SHAPES if args.smoke else REAL_SHAPES)[arch]
-    folder = build(arch, shapes, work / arch, device)
-    data = generate_dataset(work / f"data-{arch}", SynthConfig(n=16, seed=0, size=args.image, box_size=args.image // 4))
+    folder = work / arch
+    if not (folder / "config.json").exists() or not list(folder.glob("model*.safetensors")):
+        folder = build(arch, shapes, folder, device)  # once per architecture: both modes load the same weights
+    data = work / f"data-{arch}" / "data.jsonl"
+    if not data.exists():
+        data = generate_dataset(data.parent, SynthConfig(n=16, seed=0, size=args.image, box_size=args.image // 4))
     config = TrainConfig(
         model=str(folder),
         dataset=str(data),
@@ -204,6 +209,10 @@ def run(arch: str, lora: bool, args: argparse.Namespace, work: Path, device: tor
     # generation ~ one forward over prompt + response; teacher and student forwards likewise; backward = 2 forwards
     flops = 2 * parameters * (prompt_tokens + response_tokens) * 3 + 4 * parameters * (prompt_tokens + response_tokens)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    del trainer  # the next configuration starts from an empty device
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return {
         "arch": arch,
         "mode": "lora" if lora else "full",
@@ -242,7 +251,13 @@ def main() -> None:
         raise SystemExit("no CUDA device: run with --smoke to check the script on a CPU")
     work = Path(tempfile.mkdtemp(prefix="vopd-gpu-step-"))
     arches = list(REAL_SHAPES) if args.arch == "both" else [args.arch]
-    results = [run(arch, mode == "lora", args, work, device) for arch in arches for mode in args.modes.split(",")]
+    results = []
+    for arch in arches:
+        for mode in args.modes.split(","):
+            started = time.perf_counter()
+            results.append(run(arch, mode == "lora", args, work, device))
+            # each row as soon as it is measured, so a run stopped at its time limit still reports what it finished
+            print(f"row: {json.dumps(results[-1])} ({time.perf_counter() - started:.0f} s)", flush=True)
     print(
         f"{args.batch} prompts x {args.rollouts} rollouts x {args.new_tokens} tokens, {args.image} px, "
         f"median of {args.steps} steps after {args.warmup} warm-up, {'CPU smoke' if args.smoke else device}"
