@@ -10,7 +10,7 @@ from celery import Celery
 
 from app.settings import Settings
 
-TASK_NAMES = {"train": "vopd.run_train", "eval": "vopd.run_eval"}
+TASK_NAMES = {"train": "vopd.run_train", "eval": "vopd.run_eval", "join": "vopd.join_ranks"}
 EMBEDDED_TRANSPORT = "app.embedded_broker:Transport"
 # A publish retries this often before the API answers 503: a dead broker must not hang a request.
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}

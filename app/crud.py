@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.queueing import BrokerUnavailable, JobQueue, routed_queue, unrouted_queue
+from app.queueing import BrokerUnavailable, JobQueue, queue_shape, routed_queue
 from app.registry import UnknownName, parse_job_model_name, resolve_dataset, resolve_model
 from app.schemas import EvalJobCreate, JobOut, TrainJobCreate
 from app.settings import Settings
@@ -45,15 +45,17 @@ def create_job(
     if getattr(config, "benchmark", None) is not None:
         paths["data"] = str(resolve_benchmark_data(settings, config.benchmark, config.data))
     gpus = body.resources.gpus if isinstance(body, TrainJobCreate) else 1
-    if gpus > 1 and config.runtime.strategy == "single":  # several processes need a strategy that joins them
+    nodes = body.resources.nodes if isinstance(body, TrainJobCreate) else 1
+    if gpus * nodes > 1 and config.runtime.strategy == "single":  # several processes need a strategy that joins them
         config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"strategy": "ddp"})})
     resolved = config.model_copy(update=paths)
     job = Job(
         owner_id=owner_id,
         kind=body.kind,
         status="queued",
-        queue=routed_queue(body.queue or settings.queue, gpus),
+        queue=routed_queue(body.queue or settings.queue, gpus, nodes),
         gpus=gpus,
+        nodes=nodes,
         config=config.model_dump(mode="json"),
         resolved_config={},
         output_dir="",
@@ -117,15 +119,21 @@ def _publish(session: Session, queue: JobQueue, job: Job, warnings: list[str] | 
 def queue_warnings(session: Session, settings: Settings, queue: str) -> list[str]:
     """Why a job on (broker) ``queue`` may wait forever: no live worker (one that said alive lately) serves that
     queue with as many devices as the job needs."""
-    base, gpus = unrouted_queue(queue)
+    base, gpus, nodes = queue_shape(queue)
     cutoff = utcnow() - timedelta(seconds=3 * settings.heartbeat_interval_s)
-    live = session.scalar(
-        select(func.count()).where(Worker.queue == base, Worker.gpus >= gpus, Worker.last_seen_at >= cutoff)
-    )
+    # A job over M machines is taken by machine 0 of a group of exactly M; others are the group's machine 0 alone
+    # when they share its queue (its other machines only start the processes they are asked to).
+    fits = [Worker.queue == base, Worker.gpus >= gpus, Worker.node_rank == 0, Worker.last_seen_at >= cutoff]
+    if nodes > 1:
+        fits.append(Worker.nodes == nodes)
+    live = session.scalar(select(func.count()).where(*fits))
     if live:
         return []
     devices = f" with {gpus} devices" if gpus > 1 else ""
     command = f"vopd worker --queue {base}" + (f" --gpus {gpus}" if gpus > 1 else "")
+    if nodes > 1:
+        devices += f" on each of a group of {nodes} machines"
+        command += f" --nodes {nodes} --node-rank 0 --master-addr HOST (and --node-rank 1..{nodes - 1} on the others)"
     return [
         f"no live worker serves queue {base!r}{devices} (none reported in the last "
         f"{3 * settings.heartbeat_interval_s:g} s): the job waits until one starts (`{command}`)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import sqlite3
 from typing import Any
 
@@ -17,16 +18,31 @@ class BrokerUnavailable(RuntimeError):
     back (``app.crud.reconcile_queued``)."""
 
 
-def routed_queue(queue: str, gpus: int) -> str:
-    """The broker queue of a job that runs on ``gpus`` devices: the queue itself for one, ``QUEUE.gpusN`` for more.
-    A worker with G devices consumes its queue and QUEUE.gpus2 .. QUEUE.gpusG, so it only takes jobs that fit."""
+def routed_queue(queue: str, gpus: int, nodes: int = 1) -> str:
+    """The broker queue of a job that runs on ``gpus`` devices (of each of ``nodes`` machines): the queue itself for
+    one device, ``QUEUE.gpusN`` for N on one machine, ``QUEUE.nodesM.gpusN`` for a job over M machines.
+    A worker with G devices consumes its queue and QUEUE.gpus2 .. QUEUE.gpusG, so it only takes jobs that fit; the
+    first worker of a group of M machines also consumes QUEUE.nodesM.gpus1 .. QUEUE.nodesM.gpusG."""
+    if nodes > 1:
+        return f"{queue}.nodes{nodes}.gpus{gpus}"
     return queue if gpus <= 1 else f"{queue}.gpus{gpus}"
 
 
-def unrouted_queue(queue: str) -> tuple[str, int]:
-    """(queue, gpus) of a broker queue name made by ``routed_queue``."""
-    base, _, suffix = queue.rpartition(".gpus")
-    return (base, int(suffix)) if base and suffix.isdigit() else (queue, 1)
+def join_queue(queue: str, nodes: int, node_rank: int) -> str:
+    """Where the first machine of a node group asks machine ``node_rank`` to start its share of a job's processes;
+    only that machine's worker consumes it (one node group per queue name)."""
+    return f"{queue}.nodes{nodes}.rank{node_rank}"
+
+
+_ROUTED = re.compile(r"^(?P<base>.+?)(?:\.nodes(?P<nodes>\d+))?\.gpus(?P<gpus>\d+)$")
+
+
+def queue_shape(queue: str) -> tuple[str, int, int]:
+    """(queue, gpus per machine, machines) of a broker queue name made by ``routed_queue``."""
+    match = _ROUTED.match(queue)
+    if match is None:
+        return queue, 1, 1
+    return match["base"], int(match["gpus"]), int(match["nodes"] or 1)
 
 
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport names a queue's priority lists queue + this + step

@@ -32,9 +32,18 @@ class Resources(BaseModel):
         ge=1,
         le=64,
         description=(
-            "Devices (processes) the job trains on, on one machine; only a worker with at least this many takes it "
-            "(`vopd worker --gpus N`). More than one means runtime.strategy ddp unless the config says fsdp; "
-            "batch_size must be a multiple of it."
+            "Devices (processes) the job trains on, on each machine; only a worker with at least this many takes it "
+            "(`vopd worker --gpus N`). More than one process means runtime.strategy ddp unless the config says fsdp; "
+            "batch_size must be a multiple of gpus x nodes."
+        ),
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Machines the job trains on, gpus processes on each: only a node group of exactly this many machines "
+            "takes it (`vopd worker --nodes M --node-rank K --master-addr HOST` on each)."
         ),
     )
 
@@ -54,7 +63,9 @@ class TrainJobCreate(BaseModel):
     queue: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Worker queue (one per GPU type); default: the server's."
     )
-    resources: Resources = Field(default_factory=Resources, description='Devices the job needs, e.g. {"gpus": 4}.')
+    resources: Resources = Field(
+        default_factory=Resources, description='Devices the job needs, e.g. {"gpus": 4} or {"gpus": 8, "nodes": 2}.'
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -68,14 +79,16 @@ class TrainJobCreate(BaseModel):
 
     @model_validator(mode="after")
     def _processes_share_the_prompts(self) -> TrainJobCreate:
-        gpus = self.resources.gpus
-        if self.config.batch_size % gpus:
+        gpus, nodes = self.resources.gpus, self.resources.nodes
+        processes = gpus * nodes
+        if self.config.batch_size % processes:
+            where = f"resources.gpus {gpus}" if nodes == 1 else f"resources.gpus x nodes ({gpus} x {nodes})"
             raise ValueError(
-                f"config.batch_size {self.config.batch_size} must be a multiple of resources.gpus {gpus}: the "
+                f"config.batch_size {self.config.batch_size} must be a multiple of {where}: the "
                 "processes share each micro-batch's prompts"
             )
-        if gpus == 1 and self.config.runtime.strategy != "single":
-            raise ValueError("runtime.strategy ddp or fsdp needs resources.gpus of 2 or more")
+        if processes == 1 and self.config.runtime.strategy != "single":
+            raise ValueError("runtime.strategy ddp or fsdp needs resources.gpus (or nodes) of 2 or more")
         return self
 
 
@@ -102,7 +115,8 @@ class JobOut(_Out):
     kind: JobKind
     status: JobStatus
     queue: str
-    gpus: int = Field(1, description="Devices (processes) the job runs on.")
+    gpus: int = Field(1, description="Devices (processes) the job runs on, on each machine.")
+    nodes: int = Field(1, description="Machines the job runs on.")
     model_job_id: int | None = Field(
         None, description="When config.model names a job's weights (job-N/final or job-N/step-M): that job's id."
     )
@@ -262,6 +276,8 @@ class WorkerOut(_Out):
     name: str
     queue: str
     gpus: int = Field(1, description="Devices it may give one job (jobs of up to this many resources.gpus).")
+    nodes: int = Field(1, description="Machines in its node group (jobs of exactly this many resources.nodes).")
+    node_rank: int = Field(0, description="Its place in the group: 0 takes the group's jobs.")
     last_seen_at: datetime
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_QUEUE = "vopd"
@@ -36,6 +36,29 @@ class Settings(BaseSettings):
         description="Celery broker; absent = the embedded SQLite broker at $VOPD_HOME/broker.db.",
     )
     queue: str = Field(DEFAULT_QUEUE, min_length=1, description="Queue a worker consumes (one per GPU type).")
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Machines in this worker's node group: with M > 1, the group's workers together run jobs that ask for "
+            "resources.nodes M, each machine starting resources.gpus processes under torchrun (one group per queue)."
+        ),
+    )
+    node_rank: int = Field(
+        0,
+        ge=0,
+        description=(
+            "This machine's place in its node group: 0 takes the group's jobs and hosts the rendezvous; 1 .. M-1 only "
+            "start their share of the processes when machine 0 asks."
+        ),
+    )
+    master_addr: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address of the node group's machine 0, as every machine of the group reaches it (torchrun).",
+    )
+    master_port: int = Field(29500, ge=1, le=65535, description="Port of the group's rendezvous on machine 0.")
     max_upload_mb: float = Field(1024.0, gt=0, description="Largest accepted dataset upload.")
     max_unzipped_mb: float = Field(4096.0, gt=0, description="Largest total uncompressed size of an uploaded zip.")
     max_zip_entries: int = Field(200_000, ge=1, description="Most files an uploaded zip may hold.")
@@ -110,6 +133,12 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_home(cls, home: Path) -> Path:
         return home.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _node_rank_in_group(self) -> Settings:
+        if self.node_rank >= self.nodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nodes {self.nodes} (machines count from 0)")
+        return self
 
     @cached_property
     def database_url(self) -> str:

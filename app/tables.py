@@ -99,7 +99,8 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     queue: Mapped[str] = mapped_column(String(100))  # the broker queue: the job's queue, routed by its gpus
-    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # processes (devices) the job runs on
+    gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # processes (devices) per machine
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # machines the job runs on
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     resolved_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     output_dir: Mapped[str] = mapped_column(Text)
@@ -179,5 +180,7 @@ class Worker(Base):
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     queue: Mapped[str] = mapped_column(String(100))
     gpus: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # takes jobs of up to this many
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # machines in its node group
+    node_rank: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # its place; 0 takes the jobs
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)

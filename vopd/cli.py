@@ -456,14 +456,32 @@ def _add_worker(parser: argparse.ArgumentParser) -> None:
         help="devices this worker may give one job (default: the CUDA devices it sees, else 1); it takes jobs of "
         "up to this many (resources.gpus) and runs their processes with torchrun (on a CPU: gloo processes)",
     )
+    group = parser.add_argument_group(
+        "node group", "several machines that run one job together: start a worker on each with the same --queue"
+    )
+    group.add_argument("--nodes", type=int, help="machines in this worker's group (VOPD_NODES; default 1)")
+    group.add_argument(
+        "--node-rank", type=int, help="this machine's place, 0 .. nodes-1; 0 takes the jobs (VOPD_NODE_RANK)"
+    )
+    group.add_argument("--master-addr", help="machine 0's address as the others reach it (VOPD_MASTER_ADDR)")
+    group.add_argument("--master-port", type=int, help="the group's rendezvous port on machine 0 (VOPD_MASTER_PORT)")
     parser.add_argument("--loglevel", default="INFO", help="Celery log level")
 
 
 def _run_worker(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    import os
+
     from worker.main import run_worker
 
     if args.gpus is not None and not 1 <= args.gpus <= 64:
         raise CliError("--gpus must be between 1 and 64")
+    # The node group's settings travel as the environment the worker's settings (and its pool processes) read.
+    for flag in ("nodes", "node_rank", "master_addr", "master_port"):
+        if getattr(args, flag) is not None:
+            os.environ[f"VOPD_{flag.upper()}"] = str(getattr(args, flag))
+    from app.settings import get_settings
+
+    get_settings()  # a bad group (node rank beyond the nodes, say) fails here, before Celery starts
     return run_worker(args.queue, args.loglevel, gpus=args.gpus)
 
 

@@ -17,6 +17,22 @@ def detected_gpus() -> int:
     return max(1, torch.cuda.device_count())
 
 
+def consumed_queues(queue: str, gpus: int, nodes: int, node_rank: int) -> list[str]:
+    """The broker queues a worker takes messages from.
+
+    Its own queue and one per job size it can hold (a job needing N devices is published to QUEUE.gpusN); machine 0
+    of a node group of M also takes the jobs over M machines (QUEUE.nodesM.gpusN); the group's other machines take
+    only the requests to start their share of such a job (they are never busy with another when one comes)."""
+    from app.queueing import join_queue, routed_queue
+
+    if node_rank > 0:
+        return [join_queue(queue, nodes, node_rank)]
+    queues = [routed_queue(queue, count) for count in range(1, gpus + 1)]
+    if nodes > 1:
+        queues += [routed_queue(queue, count, nodes) for count in range(1, gpus + 1)]
+    return queues
+
+
 def run_worker(queue: str | None = None, loglevel: str = "INFO", *, gpus: int | None = None) -> int:
     if queue:
         os.environ["VOPD_QUEUE"] = queue  # read by worker.tasks' settings at import
@@ -33,11 +49,9 @@ def run_worker(queue: str | None = None, loglevel: str = "INFO", *, gpus: int | 
     run_migrations(engine, settings)
     engine.dispose()
 
-    from app.queueing import routed_queue
     from worker.tasks import celery_app
 
-    # Its own queue, and one per job size it can hold: a job needing N devices is published to QUEUE.gpusN.
-    queues = [routed_queue(settings.queue, count) for count in range(1, int(os.environ[GPUS_ENV]) + 1)]
+    queues = consumed_queues(settings.queue, int(os.environ[GPUS_ENV]), settings.nodes, settings.node_rank)
     celery_app.worker_main(
         [
             "worker",

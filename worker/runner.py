@@ -63,6 +63,7 @@ class Claim:
     output_dir: Path
     takeover: bool
     gpus: int = 1
+    nodes: int = 1
 
 
 def _log(session: Session, job_id: int, message: str, level: str = "info") -> None:
@@ -81,7 +82,7 @@ def claim(factory: sessionmaker[Session], job_id: int, me: str, settings: Settin
         now = utcnow()
         # Read before the UPDATEs below, which refresh ``job`` in the session.
         previous_worker, attempt, kind, output_dir = job.worker, job.attempts + 1, job.kind, Path(job.output_dir)
-        gpus = job.gpus
+        gpus, nodes = job.gpus, job.nodes
         config = dict(job.resolved_config)
         if job.status == "queued" and job.cancel_requested:
             session.execute(
@@ -123,7 +124,7 @@ def claim(factory: sessionmaker[Session], job_id: int, me: str, settings: Settin
             return None
         previous = f" (taking over from {previous_worker})" if takeover else ""
         _log(session, job_id, f"started on {me}, attempt {attempt}{previous}")
-        return Claim(job_id, kind, config, output_dir, takeover, gpus)
+        return Claim(job_id, kind, config, output_dir, takeover, gpus, nodes)
 
 
 class Heartbeat:
@@ -191,7 +192,7 @@ def _run_train(factory: sessionmaker[Session], job: Claim, me: str, reporter: Da
     from vopd.config import TrainConfig
     from vopd.trainer import METRICS_FILE, latest_checkpoint, train
 
-    if job.gpus > 1:
+    if job.gpus * job.nodes > 1:
         outcome = _train_on_ranks(job, me, reporter)
     else:
         config = TrainConfig.model_validate(job.config)
@@ -228,61 +229,151 @@ def _run_train(factory: sessionmaker[Session], job: Claim, me: str, reporter: Da
 RANKS_LOG = "ranks.log"
 
 
-def _train_on_ranks(job: Claim, me: str, reporter: DatabaseReporter) -> dict[str, Any]:
-    """Run the job's ``gpus`` training processes with torchrun (``worker.ranks``) and return rank 0's outcome.
+def torchrun_command(
+    job_id: int, leader: str, gpus: int, nodes: int, node_rank: int, settings: Settings, timeout_s: float = 600.0
+) -> list[str]:
+    """The torchrun command that starts one machine's ``gpus`` processes of a job (``worker.ranks``).
 
-    This process keeps the claim and the heartbeat; rank 0 reports progress under this worker's name and polls the
-    cancel flag (the trainer broadcasts its answer, so every rank stops at the same step and a checkpoint is saved).
-    Every rank's output goes to the job folder's ranks.log; when the job fails, its tail (each rank's traceback, and
-    torchrun's summary of which rank failed how) goes to the job's log.
-    """
-    import subprocess
+    On one machine, a standalone rendezvous on a free port; over a node group, the static rendezvous at the group's
+    machine 0 (``master_addr``:``master_port`` from the workers' settings), where machine K's processes take global
+    ranks K x gpus .. (K+1) x gpus - 1, so rank 0, which reports, is always on machine 0; a machine missing past
+    ``timeout_s`` (the job's runtime.dist_timeout_s) fails the rendezvous instead of leaving the others waiting."""
     import sys
 
-    from worker.ranks import RESULT_FILE
-
-    job.output_dir.mkdir(parents=True, exist_ok=True)
-    result_path = job.output_dir / RESULT_FILE
-    result_path.unlink(missing_ok=True)
-    log_path = job.output_dir / RANKS_LOG
-    command = [
+    if nodes == 1:
+        where = ["--standalone"]
+    else:
+        where = [
+            f"--nnodes={nodes}",
+            f"--node-rank={node_rank}",
+            f"--master-addr={settings.master_addr}",
+            f"--master-port={settings.master_port}",
+            f"--rdzv-conf=timeout={max(1, round(timeout_s))}",
+        ]
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={job.gpus}",
+        *where,
+        f"--nproc-per-node={gpus}",
         "-m",
         "worker.ranks",
-        str(job.job_id),
-        me,
+        str(job_id),
+        leader,
     ]
-    reporter.on_log(f"training on {job.gpus} processes (torchrun; every rank's output in {RANKS_LOG})")
+
+
+def _ranks_log(output_dir: Path, node_rank: int) -> Path:
+    """Every process's output of one machine: ranks.log on machine 0, ranks-nodeK.log on machine K."""
+    return output_dir / (RANKS_LOG if node_rank == 0 else f"ranks-node{node_rank}.log")
+
+
+def _train_on_ranks(job: Claim, me: str, reporter: DatabaseReporter) -> dict[str, Any]:
+    """Run the job's training processes with torchrun (``worker.ranks``) and return rank 0's outcome.
+
+    This process keeps the claim and the heartbeat; rank 0 reports progress under this worker's name and polls the
+    cancel flag (the trainer broadcasts its answer, so every rank stops at the same step and a checkpoint is saved).
+    A job over several machines first asks the group's other machines to start their share (``join_ranks``); they
+    meet at the group's rendezvous, and a machine that never comes makes the rendezvous fail after
+    ``runtime.dist_timeout_s``. Every machine's output goes to the job folder (ranks.log, ranks-nodeK.log: the
+    group shares the artifacts folder, as it shares models and datasets); when the job fails, their tails (each
+    rank's traceback, and torchrun's summary of which rank failed how) go to the job's log.
+    """
+    import subprocess
+
+    from app.settings import get_settings
+    from worker.ranks import RESULT_FILE
+
+    settings = get_settings()
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    result_path = job.output_dir / RESULT_FILE
+    result_path.unlink(missing_ok=True)
+    processes = job.gpus * job.nodes
+    if job.nodes > 1:
+        _ask_group_to_join(settings, job, me)
+        reporter.on_log(
+            f"training on {processes} processes: {job.gpus} on each of {job.nodes} machines (torchrun, rendezvous at "
+            f"{settings.master_addr}:{settings.master_port}; each machine's output in ranks.log / ranks-nodeK.log)"
+        )
+    else:
+        reporter.on_log(f"training on {processes} processes (torchrun; every rank's output in {RANKS_LOG})")
+    timeout_s = job.config.get("runtime", {}).get("dist_timeout_s", 600.0)
+    command = torchrun_command(job.job_id, me, job.gpus, job.nodes, 0, settings, timeout_s)
+    log_path = _ranks_log(job.output_dir, 0)
     with log_path.open("ab") as output:
         returncode = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, check=False).returncode
     if returncode == 0 and result_path.is_file():
         return json.loads(result_path.read_text(encoding="utf-8"))
-    tail = log_path.read_text(encoding="utf-8", errors="replace")[-6000:]
+    logs = [_ranks_log(job.output_dir, rank) for rank in range(job.nodes)]
+    tail = "\n".join(
+        (f"--- {path.name}\n" if job.nodes > 1 else "") + path.read_text(encoding="utf-8", errors="replace")[-6000:]
+        for path in logs
+        if path.is_file()
+    )
     reporter.on_log(
-        f"the {job.gpus} training processes failed (exit {returncode}); their last output:\n{tail}", level="error"
+        f"the {processes} training processes failed (exit {returncode}); their last output:\n{tail}", level="error"
     )
     cause = _rank_error(tail)
     raise RuntimeError(
-        f"the job's {job.gpus} training processes failed (exit {returncode})"
+        f"the job's {processes} training processes failed (exit {returncode})"
         + (f": {cause}" if cause else "; see the job's log")
     )
 
 
+def _ask_group_to_join(settings: Settings, job: Claim, me: str) -> None:
+    """Publish one request per other machine of the node group to start its share of the job's processes."""
+    from app.celery_app import TASK_NAMES, make_celery
+    from app.queueing import join_queue
+
+    if settings.nodes != job.nodes:
+        raise RuntimeError(
+            f"the job needs {job.nodes} machines but this worker's node group has {settings.nodes} (VOPD_NODES)"
+        )
+    celery = make_celery(settings)
+    for node_rank in range(1, job.nodes):
+        queue = join_queue(settings.queue, job.nodes, node_rank)
+        celery.send_task(TASK_NAMES["join"], args=[job.job_id, me], queue=queue)
+
+
+def join_job(factory: sessionmaker[Session], settings: Settings, job_id: int, leader: str) -> str:
+    """On machine K > 0 of a node group: start this machine's share of job ``job_id``'s processes, which machine 0
+    (``leader``) runs and reports; returns how they ended. A request for a job no longer running on that leader (it
+    failed or was cancelled before this machine came) is skipped."""
+    import subprocess
+
+    with factory() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "running" or job.worker != leader:
+            log.info("join request for job %s skipped: it no longer runs on %s", job_id, leader)
+            return "skipped"
+        gpus, nodes, output_dir = job.gpus, job.nodes, Path(job.output_dir)
+        timeout_s = job.resolved_config.get("runtime", {}).get("dist_timeout_s", 600.0)
+    if nodes != settings.nodes:
+        log.error("join request for job %s over %s machines, but this group has %s", job_id, nodes, settings.nodes)
+        return "skipped"
+    command = torchrun_command(job_id, leader, gpus, nodes, settings.node_rank, settings, timeout_s)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with _ranks_log(output_dir, settings.node_rank).open("ab") as output:
+        returncode = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, check=False).returncode
+    return "finished" if returncode == 0 else f"failed (exit {returncode})"
+
+
 # A rank's own exception line, as torchrun prefixes it: "[rank1]: ValueError: ..."
 _RANK_ERROR = re.compile(r"^\[rank\d+\]:\s*([A-Za-z_.]*(?:Error|Exception)\b.*)$")
+# Else an exception of torchrun itself, e.g. "torch.distributed.DistStoreError: Timed out ... 1/2 clients joined."
+_LAUNCH_ERROR = re.compile(r"^[A-Za-z_.]*(?:Error|Exception): .+$")
 
 
 def _rank_error(output: str) -> str | None:
-    """The first exception a rank raised: the cause, not torchrun's summary that the others were stopped."""
-    for line in output.splitlines():
-        match = _RANK_ERROR.match(line.strip())
+    """The first exception a rank raised: the cause, not torchrun's summary that the others were stopped; without
+    one, the launcher's own last exception (a rendezvous that timed out, say)."""
+    lines = [line.strip() for line in output.splitlines()]
+    for line in lines:
+        match = _RANK_ERROR.match(line)
         if match:
             return match.group(0)
-    return None
+    launch = [line for line in lines if _LAUNCH_ERROR.match(line) and "ChildFailedError" not in line]
+    return launch[-1] if launch else None
 
 
 def _run_eval(factory: sessionmaker[Session], job: Claim, me: str, reporter: DatabaseReporter) -> None:

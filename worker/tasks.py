@@ -22,7 +22,7 @@ from app.db import make_engine, make_session_factory, session_scope
 from app.settings import get_settings
 from app.tables import Worker, utcnow
 from worker.lifeline import die_with_parent
-from worker.runner import run_job
+from worker.runner import join_job, run_job
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -60,23 +60,34 @@ def run_eval(job_id: int) -> str:
     return run_job(session_factory(), settings, job_id)
 
 
+@celery_app.task(name=TASK_NAMES["join"], acks_late=False)
+def join_ranks(job_id: int, leader: str) -> str:
+    """Machine K of a node group starts its share of a job that machine 0 runs (not redelivered: if this machine
+    dies, the job's rendezvous or collectives fail on machine 0, which fails or resumes the job as a whole)."""
+    return join_job(session_factory(), settings, job_id, leader)
+
+
 # --------------------------------------------------------------------------- presence
 class _Presence:
     """A row in ``workers`` refreshed every heartbeat: how /api/health counts live workers on any broker."""
 
     def __init__(self) -> None:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.shape = {
+            "queue": settings.queue,
+            "gpus": WORKER_GPUS,
+            "nodes": settings.nodes,
+            "node_rank": settings.node_rank,
+        }
         self.stop = threading.Event()
 
     def beat(self) -> None:
         with session_scope(session_factory()) as session:
             seen = session.execute(
-                update(Worker)
-                .where(Worker.name == self.name)
-                .values(last_seen_at=utcnow(), queue=settings.queue, gpus=WORKER_GPUS)
+                update(Worker).where(Worker.name == self.name).values(last_seen_at=utcnow(), **self.shape)
             ).rowcount
             if not seen:
-                session.add(Worker(name=self.name, queue=settings.queue, gpus=WORKER_GPUS))
+                session.add(Worker(name=self.name, **self.shape))
 
     def run(self) -> None:
         while True:

@@ -1,8 +1,10 @@
 """Jobs on several devices through the REST API: a worker with two "GPUs" (gloo processes on this CPU) takes a
-job that asks for two, runs both ranks with torchrun, and cancel and resume reach every rank."""
+job that asks for two, runs both ranks with torchrun, and cancel and resume reach every rank; a node group of two
+"machines" (two workers on this host, one process each) runs a job that asks for two nodes."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -85,3 +87,85 @@ def test_a_two_device_job_runs_on_both_ranks_and_cancel_and_resume_reach_them(se
         assert _metric_steps(service, long["id"]) == list(range(1, 41))
     finally:
         stop_process(worker)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_job_over_two_machines_runs_on_a_node_group(service: Service, tmp_path: Path):
+    if service.backend != "postgresql":
+        pytest.skip("a node group's machines share a database server: exercised on PostgreSQL + Redis")
+    queue = f"{service.env['VOPD_QUEUE']}-group"
+    group_env = {
+        **service.env,
+        "VOPD_NODES": "2",
+        "VOPD_MASTER_ADDR": "127.0.0.1",
+        "VOPD_MASTER_PORT": str(_free_port()),
+    }
+    workers = []
+    try:
+        for node_rank in (0, 1):
+            with (tmp_path / f"node{node_rank}.log").open("wb") as handle:
+                workers.append(
+                    subprocess.Popen(
+                        vopd_command("worker", "--queue", queue, "--node-rank", str(node_rank)),
+                        env=group_env,
+                        stdout=handle,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + 120
+        group = {(2, 0), (2, 1)}  # (nodes, node_rank) of the two machines, once both say alive
+        while not group <= {(w["nodes"], w["node_rank"]) for w in service.client.get("/api/health").json()["workers"]}:
+            assert all(w.poll() is None for w in workers) and time.monotonic() < deadline, [
+                (tmp_path / f"node{rank}.log").read_text()[-2000:] for rank in (0, 1)
+            ]
+            time.sleep(0.5)
+
+        refused = service.client.post(
+            "/api/jobs",
+            headers=service.alice,
+            json={
+                "kind": "train",
+                "queue": queue,
+                "resources": {"nodes": 2},
+                "config": tiny_train_config(batch_size=3),
+            },
+        )
+        assert refused.status_code == 422 and "multiple of resources.gpus x nodes (1 x 2)" in refused.text
+        body = {"kind": "train", "queue": queue, "resources": {"gpus": 1, "nodes": 2}}
+        job = service.client.post(
+            "/api/jobs", headers=service.alice, json={**body, "config": tiny_train_config(steps=2, batch_size=2)}
+        ).json()
+        assert job["nodes"] == 2 and job["queue"] == f"{queue}.nodes2.gpus1" and not job["warnings"], job
+        assert job["resolved_config"]["runtime"]["strategy"] == "ddp"
+        done = service.wait_for(job["id"], {"succeeded", "failed"}, timeout_s=300)
+        logs = (tmp_path / "node0.log").read_text()[-2000:], (tmp_path / "node1.log").read_text()[-2000:]
+        assert done["status"] == "succeeded", (done["error"], _log_text(service, job["id"])[-3000:], logs)
+        assert _metric_steps(service, job["id"]) == [1, 2]
+        assert "1 on each of 2 machines" in _log_text(service, job["id"])
+        output = Path(done["resolved_config"]["output"])
+        assert (output / "final" / "model.safetensors").is_file()
+        assert (output / "ranks-node1.log").is_file()  # machine 1 ran its share: its worker says how it ended
+        assert "vopd.join_ranks" in logs[1] and "'finished'" in logs[1], logs[1]
+
+        # A machine that never comes fails the job at the rendezvous, with the launcher's reason, instead of a hang.
+        stop_process(workers[1])
+        config = tiny_train_config(steps=2, batch_size=2, runtime={"device": "cpu", "dist_timeout_s": 10})
+        alone = service.client.post("/api/jobs", headers=service.alice, json={**body, "config": config}).json()
+        failed = service.wait_for(alone["id"], {"succeeded", "failed"}, timeout_s=120)
+        assert failed["status"] == "failed" and "1/2 clients joined" in failed["error"], failed["error"]
+
+        lonely = service.client.post(
+            "/api/jobs",
+            headers=service.alice,
+            json={**body, "resources": {"gpus": 1, "nodes": 3}, "config": tiny_train_config(batch_size=3)},
+        ).json()
+        assert any("--nodes 3" in warning for warning in lonely["warnings"]), lonely
+        assert service.client.post(f"/api/jobs/{lonely['id']}/cancel", headers=service.alice).status_code == 200
+    finally:
+        for worker in workers:
+            stop_process(worker)

@@ -19,7 +19,7 @@ from app.db import make_engine, make_session_factory, run_migrations, session_sc
 from app.settings import Settings
 from app.tables import Job, JobLog, JobMetric, utcnow
 from worker.reporter import DatabaseReporter, json_safe
-from worker.runner import claim, describe_error, worker_name
+from worker.runner import _rank_error, claim, describe_error, worker_name
 
 
 @pytest.fixture
@@ -155,3 +155,48 @@ def test_errors_are_named_and_json_is_strict() -> None:
         "b": [1.5, None],
         "c": 2.0,
     }
+
+
+def test_jobs_over_several_machines_route_to_node_groups_and_start_at_the_groups_rendezvous(db) -> None:
+    from app.queueing import join_queue, queue_shape, routed_queue
+    from worker.main import consumed_queues
+    from worker.runner import join_job, torchrun_command
+
+    assert [routed_queue("q", 1), routed_queue("q", 4), routed_queue("q", 2, 3)] == ["q", "q.gpus4", "q.nodes3.gpus2"]
+    assert [queue_shape(name) for name in ("q", "q.gpus4", "a.b.nodes3.gpus2")] == [
+        ("q", 1, 1),
+        ("q", 4, 1),
+        ("a.b", 2, 3),
+    ]
+    # Machine 0 of a group of 2 takes one-machine jobs and the group's jobs; machine 1 only its join requests.
+    assert consumed_queues("q", 2, 2, 0) == ["q", "q.gpus2", "q.nodes2.gpus1", "q.nodes2.gpus2"]
+    assert consumed_queues("q", 2, 2, 1) == [join_queue("q", 2, 1)] == ["q.nodes2.rank1"]
+    assert consumed_queues("q", 1, 1, 0) == ["q"]
+
+    settings = Settings(home=db[0].home, master_addr="10.0.0.5", master_port=29511, nodes=2, node_rank=1)
+    command = torchrun_command(7, "host:1", 4, 2, 1, settings, timeout_s=30)
+    assert command[command.index("torch.distributed.run") + 1 :] == [
+        "--nnodes=2",
+        "--node-rank=1",
+        "--master-addr=10.0.0.5",
+        "--master-port=29511",
+        "--rdzv-conf=timeout=30",
+        "--nproc-per-node=4",
+        "-m",
+        "worker.ranks",
+        "7",
+        "host:1",
+    ]
+    assert "--standalone" in torchrun_command(7, "host:1", 2, 1, 0, settings)
+    # A machine that never came: the job's error is the launcher's own, not torchrun's generic summary.
+    reason = "torch.distributed.DistStoreError: Timed out after 11 seconds waiting for clients. 1/2 clients joined."
+    assert _rank_error(f"Traceback ...\n{reason}\n") == reason
+    rank_failed = "[rank1]: ValueError: bad\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: x"
+    assert _rank_error(rank_failed) == "[rank1]: ValueError: bad"
+
+    # A join request for a job that no longer runs on the machine that asked is skipped (it failed meanwhile).
+    _, factory, owner_id = db
+    job_id = _job(factory, owner_id, status="failed", worker="host:1", nodes=2)
+    assert join_job(factory, settings, job_id, "host:1") == "skipped"
+    with pytest.raises(ValueError, match="node_rank 2 must be below nodes 2"):
+        Settings(home=db[0].home, nodes=2, node_rank=2)
