@@ -12,6 +12,7 @@ from vopd.divergence import (
     distillation_loss,
     distribution_stats,
     gather_token_logprobs,
+    linear_divergence_loss,
     masked_token_mean,
     per_token_details,
     sampled_token_loss,
@@ -512,3 +513,72 @@ def test_micro_batch_losses_with_the_step_normalizer_sum_to_the_whole_token_mean
     assert not torch.isclose(mean_of_means, whole)
     with pytest.raises(ValueError, match="positive token count"):
         distillation_loss(student, teacher, mask, config, response_ids=ids, normalizer=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear_divergence_loss: the same loss from hidden states and LM heads, never building the logits
+
+
+def _hidden_pair(rows=23, hidden=6, vocab=40, dtype=torch.float64, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(rows, hidden, generator=generator, dtype=dtype, requires_grad=True)
+    student_head = torch.randn(vocab, hidden, generator=generator, dtype=dtype, requires_grad=True)
+    teacher_hidden = student_hidden.detach() + torch.randn(rows, hidden, generator=generator, dtype=dtype)
+    teacher_head = torch.randn(vocab, hidden, generator=generator, dtype=dtype)
+    return student_hidden, student_head, teacher_hidden, teacher_head
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize(("topk", "add_tail"), [(0, True), (7, True), (7, False)])
+def test_linear_loss_equals_the_loss_on_projected_logits(alpha, topk, add_tail):
+    """Same values, loss and gradients (hidden states and head) as token_divergence on hidden @ head.T, over chunks
+    that do not divide the rows, with padding rows left out of the token-mean."""
+    student_hidden, student_head, teacher_hidden, teacher_head = _hidden_pair()
+    mask = torch.ones(23, dtype=torch.bool)
+    mask[[3, 10, 22]] = False
+    options = {"alpha": alpha, "topk": topk, "add_tail": add_tail, "temperature": 1.3}
+    loss, values = linear_divergence_loss(
+        student_hidden, student_head, teacher_hidden, teacher_head, mask.double() / mask.sum(), chunk_size=5, **options
+    )
+    expected_values = token_divergence(student_hidden @ student_head.T, teacher_hidden @ teacher_head.T, **options)
+    expected = masked_token_mean(expected_values, mask)
+    torch.testing.assert_close(values, expected_values.detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-10)
+    grads = torch.autograd.grad(loss * 3.0, [student_hidden, student_head])  # the incoming gradient is applied
+    expected_grads = torch.autograd.grad(expected * 3.0, [student_hidden, student_head])
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=1e-10)
+    assert not values.requires_grad
+
+
+def test_linear_loss_in_float32_matches_the_reference_and_ignores_padding_rows():
+    """fp32 as the trainer runs it, against the float64 reference; a padding row whose teacher has no mass where
+    the student has all of it (an infinite forward KL) gets weight 0 and changes neither the loss nor a gradient."""
+    student_hidden, student_head, teacher_hidden, teacher_head = (t.detach().float() for t in _hidden_pair(vocab=300))
+    student_hidden.requires_grad_(True)
+    student_head.requires_grad_(True)
+    weights = torch.full((23,), 1 / 22)
+    weights[0] = 0.0
+    teacher_hidden[0] = 1e4 * teacher_head[0] / teacher_head[0].norm()  # one-hot teacher
+    loss, values = linear_divergence_loss(
+        student_hidden, student_head, teacher_hidden, teacher_head, weights, alpha=0.0, topk=100
+    )
+    reference = reference_divergence(
+        student_hidden @ student_head.T, teacher_hidden @ teacher_head.T, alpha=0.0, topk=100, add_tail=True
+    )
+    torch.testing.assert_close(values[1:].double(), reference[1:].detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss.double(), reference[1:].mean().detach(), atol=1e-5, rtol=1e-4)
+    loss.backward()
+    assert torch.isfinite(student_hidden.grad).all() and torch.isfinite(student_head.grad).all()
+    assert student_hidden.grad[0].abs().max() == 0
+
+
+def test_linear_loss_refuses_mismatched_shapes():
+    student_hidden, student_head, teacher_hidden, teacher_head = _hidden_pair()
+    weights = torch.ones(23)
+    with pytest.raises(ValueError, match="same N rows"):
+        linear_divergence_loss(student_hidden, student_head, teacher_hidden[:5], teacher_head, weights)
+    with pytest.raises(ValueError, match="share the vocabulary"):
+        linear_divergence_loss(student_hidden, student_head, teacher_hidden, teacher_head[:5], weights)
+    with pytest.raises(ValueError, match="row_weights"):
+        linear_divergence_loss(student_hidden, student_head, teacher_hidden, teacher_head, weights[:3])

@@ -31,8 +31,10 @@ differentiable entry points run through ``_ChunkedRows``: the forward keeps noth
 the backward recomputes one chunk at a time and writes its gradient straight into the logits' gradient, with
 closed-form gradients so that a chunk needs only a few [chunk, V] temporaries (autograd through a chunk would keep
 ~14). Extra memory is thus the gradient itself (which autograd needs anyway) plus a few chunks: 1.3-1.4x the
-logits in all at V=32k, 256 rows per chunk, against 12x for the naive version (``bench/divergence_memory.py``). The
-default is 256 rows: with V ~ 150k a [1024, V] fp32 temporary would already be 0.6 GB.
+logits in all at V=32k, 256 rows per chunk, against 12x for the naive version. The default is 256 rows: with
+V ~ 150k a [1024, V] fp32 temporary would already be 0.6 GB. ``linear_divergence_loss`` goes one step further and
+starts from the hidden states and the LM heads, so that neither side's logits exist at all (``bench/loss_memory.py``
+measures both against a naive loss, TRL's and Liger's).
 
 Numerics: entries with zero probability (``-inf`` logits, underflow of near-one-hot rows) contribute 0 to a KL
 (0 log 0 = 0) and are guarded with "safe" substitutions so that no NaN appears in values *or* gradients; the tail
@@ -60,6 +62,7 @@ __all__ = [
     "distillation_loss",
     "distribution_stats",
     "gather_token_logprobs",
+    "linear_divergence_loss",
     "masked_token_mean",
     "per_token_details",
     "sampled_token_loss",
@@ -316,6 +319,23 @@ class _DivergenceOp:
         logprobs = _log_softmax(student_rows, self.temperature)  # (n, V)
         student = _bucket_logprobs_from(logprobs, topk_ids, self.add_tail)  # (n, m)
         teacher = self._teacher_buckets(teacher_rows, aux)  # (n, m)
+        return self.grads_from(logprobs, student, teacher, topk_ids, grad_values)
+
+    def values_and_grads(
+        self, student_rows: Tensor, teacher_rows: Tensor | None, aux: tuple[Tensor, ...], grad_values: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``values`` and ``grads`` of one chunk sharing one log-softmax and one bucketing (the fused LM-head loss)."""
+        topk_ids = aux[0] if aux else None
+        logprobs = _log_softmax(student_rows, self.temperature)  # (n, V)
+        student = _bucket_logprobs_from(logprobs, topk_ids, self.add_tail)  # (n, m)
+        teacher = self._teacher_buckets(teacher_rows, aux)  # (n, m)
+        values = _divergence_from_logprobs(student, teacher, self.alpha)  # (n,)
+        return values, self.grads_from(logprobs, student, teacher, topk_ids, grad_values)
+
+    def grads_from(
+        self, logprobs: Tensor, student: Tensor, teacher: Tensor, topk_ids: Tensor | None, grad_values: Tensor
+    ) -> Tensor:
+        """``grads`` from the chunk's student log-probs (n, V) and both sides' buckets (n, m); consumes ``logprobs``."""
         grad_buckets = _divergence_bucket_grad(student, teacher, self.alpha).mul_(grad_values[:, None])  # (n, m)
         del teacher
         if topk_ids is None:
@@ -395,6 +415,133 @@ def token_divergence(
         return _ChunkedRows.apply(op, chunk_size, student_logits, teacher_logits)
     aux = _topk_buckets(student_logits, teacher_logits, topk, float(temperature), add_tail, chunk_size)
     return _ChunkedRows.apply(op, chunk_size, student_logits, None, *aux)
+
+
+class _FusedLinearDivergence(torch.autograd.Function):
+    """``sum_r row_weights[r] * D(student_r, teacher_r)`` from hidden states and LM heads, rows in chunks.
+
+    Neither side's [N, V] logits ever exist: each chunk projects its rows through both heads, and because the loss is
+    a *known* weighted sum of the per-row divergences (the token-mean weights are fixed before the forward), the
+    chunk's gradient is finished in the forward too (closed form, as in ``_DivergenceOp.grads``) and folded into
+    the hidden states' and the head's gradients at once. The backward only scales them by the incoming scalar, so
+    each projection runs once: 4 matmuls in all against 5 for a recomputing backward (TRL's kernel does 8).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        op: _DivergenceOp,
+        chunk_size: int,
+        topk: int,
+        row_weights: Tensor,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        rows_total = student_hidden.shape[0]
+        vocab = student_weight.shape[0]
+        compute = _compute_dtype(student_hidden.dtype)
+        values = torch.empty(rows_total, dtype=compute, device=student_hidden.device)
+        needs_hidden, needs_weight = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        grad_hidden = torch.zeros_like(student_hidden, dtype=compute) if needs_hidden else None
+        grad_weight = torch.zeros_like(student_weight, dtype=compute) if needs_weight else None
+        full_vocabulary = topk == 0 or topk >= vocab
+        for start in range(0, rows_total, chunk_size):
+            end = min(start + chunk_size, rows_total)
+            hidden = student_hidden[start:end]  # (n, H)
+            student_rows = hidden @ student_weight.t()  # (n, V)
+            teacher_rows = teacher_hidden[start:end] @ teacher_weight.t()  # (n, V)
+            aux: tuple[Tensor, ...] = ()
+            if not full_vocabulary:
+                ids = student_rows.topk(topk, dim=-1).indices  # (n, k)
+                aux = (ids, _bucket_logprobs(teacher_rows, ids, op.temperature, op.add_tail))
+                teacher_rows = None  # (the buckets are all the top-k divergence needs of the teacher)
+            weights = row_weights[start:end]
+            if grad_hidden is None and grad_weight is None or not bool((weights != 0).any()):
+                values[start:end] = op.values(student_rows, teacher_rows, aux)
+                continue
+            values[start:end], grad_rows = op.values_and_grads(student_rows, teacher_rows, aux, weights.to(compute))
+            # Rows outside the loss may hold inf/NaN divergences (padding): select them away, never multiply by 0.
+            grad_rows = grad_rows.masked_fill_((weights == 0)[:, None], 0.0).to(student_weight.dtype)
+            del student_rows, teacher_rows, aux
+            if grad_hidden is not None:
+                grad_hidden[start:end] = grad_rows @ student_weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_rows.t(), hidden)
+        loss = torch.where(row_weights != 0, values * row_weights, 0.0).sum()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(values)
+        return loss, values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_values: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if bool((grad_loss != 1).any()):  # (a plain loss.backward() passes 1: no copy of the head-sized gradient)
+            grad_hidden, grad_weight = (
+                None if grad is None else grad * grad_loss.to(grad.dtype) for grad in (grad_hidden, grad_weight)
+            )
+        return (None, None, None, None, grad_hidden, grad_weight, None, None)
+
+
+def linear_divergence_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    row_weights: Tensor,
+    *,
+    alpha: float = 0.5,
+    topk: int = 100,
+    add_tail: bool = True,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+) -> tuple[Tensor, Tensor]:
+    """``token_divergence`` of the logits ``hidden @ weight.T``, weighted and summed, without building the logits.
+
+    ``student_hidden`` (N, H) and ``teacher_hidden`` (N, H_t) are the final hidden states at the response positions
+    (the LM head's inputs), ``student_weight`` (V, H) and ``teacher_weight`` (V, H_t) the two LM heads. Returns
+    (scalar ``sum_r row_weights[r] * D_r``, per-row divergences (N,) detached). ``row_weights`` (N,) holds each
+    row's weight in the loss, e.g. ``mask / normalizer`` for the token-mean: rows with weight 0 get no gradient and
+    their (possibly inf or NaN, for padding) divergence is not added. Gradients reach the student's hidden states and
+    head (both optional), never the teacher's.
+
+    Why: with V ~ 150k the two [N, V] logits of a long rollout, their gradient and a log-softmax copy dwarf the
+    model's activations. Here the extra memory is the head's gradient (which training needs anyway) plus a few
+    [chunk_size, V] fp32 temporaries: ``bench/loss_memory.py`` measures it against a naive loss, TRL's and Liger's.
+    The values equal ``token_divergence(hidden @ weight.T, ...)`` up to the matmuls' rounding.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {alpha}")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0 (0 = full vocabulary), got {topk}")
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or student_hidden.shape[0] != teacher_hidden.shape[0]:
+        raise ValueError(
+            "student_hidden and teacher_hidden must be (N, H) with the same N rows, got "
+            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
+        )
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"both LM heads must share the vocabulary, got {student_weight.shape[0]} and {teacher_weight.shape[0]} rows"
+        )
+    if student_weight.shape[1] != student_hidden.shape[1] or teacher_weight.shape[1] != teacher_hidden.shape[1]:
+        raise ValueError("each LM head must be (V, H) with the H of its hidden states")
+    if row_weights.shape != student_hidden.shape[:1]:
+        raise ValueError(f"row_weights must have shape ({student_hidden.shape[0]},), got {tuple(row_weights.shape)}")
+    op = _DivergenceOp(alpha=float(alpha), add_tail=add_tail, temperature=float(temperature))
+    return _FusedLinearDivergence.apply(
+        op,
+        chunk_size,
+        topk,
+        row_weights.detach().to(_compute_dtype(student_hidden.dtype)),
+        student_hidden,
+        student_weight,
+        teacher_hidden.detach(),
+        teacher_weight.detach(),
+    )
 
 
 @dataclass(frozen=True)

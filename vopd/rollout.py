@@ -44,29 +44,32 @@ class _RecordProcessedScores(LogitsProcessor):
 
 
 class _SampleEachRowWithItsOwnSeed(LogitsProcessor):
-    """After the recorder: draws each row's token from the distribution the recorder just computed (so the sampling
-    distribution and the recorded behaviour log-probs are one tensor, computed once per token) with that row's own
-    generator, and leaves only that token possible, so generate()'s greedy pick returns it.
+    """Last in the chain: draws each row's token with that row's own generator, records its log-prob, and leaves the
+    token the only maximum (+inf), so generate()'s greedy pick returns it.
+
+    One log-softmax per token serves both the sampling distribution and the recorded behaviour log-prob (they are one
+    tensor), and the log-prob is read here rather than by a stopping criterion after the append: per decoded token
+    this is a handful of tensor ops, which is what a tiny model's step costs on a CPU.
 
     ``generate(do_sample=True)`` draws every row from one global random stream, so what a prompt samples depends on
     which other prompts share its batch. With one generator per row, seeded by (run seed, step, prompt's place in the
     step, rollout), a prompt samples the same tokens however a step is split into micro-batches (or ranks).
     """
 
-    def __init__(self, recorder: _RecordProcessedScores, row_seeds: list[int], device: torch.device) -> None:
-        self.recorder = recorder
+    def __init__(self, row_seeds: list[int], device: torch.device) -> None:
         self.generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in row_seeds]
+        self.logprobs: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"{len(self.generators)} row seeds for a batch of {scores.shape[0]} rows")
-        assert self.recorder.last_logprobs is not None
-        probs = self.recorder.last_logprobs.exp()  # (N, V)
+        logprobs = torch.log_softmax(scores.float(), dim=-1)  # (N, V)
+        probs = logprobs.exp()  # (N, V)
         chosen = torch.cat(
             [torch.multinomial(probs[row], 1, generator=generator) for row, generator in enumerate(self.generators)]
-        )  # (N,)
-        only_chosen = torch.full_like(scores, float("-inf"))
-        return only_chosen.scatter_(-1, chosen.unsqueeze(-1), 0.0)
+        )[:, None]  # (N, 1)
+        self.logprobs.append(logprobs.gather(-1, chosen).squeeze(-1))
+        return logprobs.scatter_(-1, chosen, float("inf"))
 
 
 class _GatherSampledLogprob(StoppingCriteria):
@@ -121,13 +124,18 @@ def sample_rollouts(
         processors.append(TemperatureLogitsWarper(temperature))
     if not greedy and top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p))
-    recorder = _RecordProcessedScores()
-    processors.append(recorder)
     per_row = row_seeds is not None and not greedy
+    sampler: _SampleEachRowWithItsOwnSeed | None = None
+    stopping = StoppingCriteriaList()
     if per_row:
         assert row_seeds is not None
-        processors.append(_SampleEachRowWithItsOwnSeed(recorder, row_seeds, prompts["input_ids"].device))
-    gatherer = _GatherSampledLogprob(recorder)
+        sampler = _SampleEachRowWithItsOwnSeed(row_seeds, prompts["input_ids"].device)
+        processors.append(sampler)
+    else:
+        recorder = _RecordProcessedScores()
+        processors.append(recorder)
+        gatherer = _GatherSampledLogprob(recorder)
+        stopping.append(gatherer)
     was_training = model.training
     model.eval()
     sampling = not greedy and not per_row  # per-row sampling draws in its processor; generate then picks greedily
@@ -141,14 +149,14 @@ def sample_rollouts(
             eos_token_id=eos_token_ids,
             pad_token_id=pad_token_id,
             logits_processor=processors,
-            stopping_criteria=StoppingCriteriaList([gatherer]),
+            stopping_criteria=stopping,
             use_cache=True,
             synced_gpus=synced_gpus,
         )
     finally:
         model.train(was_training)
     response_ids = sequences[:, prompts["input_ids"].shape[1] :]  # (N, R)
-    behaviour = torch.stack(gatherer.logprobs, dim=1)  # (N, R)
+    behaviour = torch.stack(sampler.logprobs if sampler is not None else gatherer.logprobs, dim=1)  # (N, R)
     return _mask_after_end(response_ids, behaviour, eos_token_ids, pad_token_id)
 
 
