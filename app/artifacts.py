@@ -17,6 +17,10 @@ from sqlalchemy.orm import Session
 
 from app.schemas import ArtifactOut
 from app.tables import Artifact, Checkpoint, Job
+from vopd.trackers import MLFLOW_DIR, TENSORBOARD_DIR
+
+# Tracker logs the trainer writes into the run folder (TrainConfig.report_to): listed when present, as folders.
+TRACKER_FOLDERS = ((TENSORBOARD_DIR, "tensorboard"), (MLFLOW_DIR, "mlflow"))
 
 
 @dataclass
@@ -51,6 +55,12 @@ def job_artifacts(session: Session, job: Job) -> list[ArtifactEntry]:
             name=row.name, kind=row.kind, is_folder=path.is_dir(), size_bytes=row.size_bytes, model_name=model_name
         )
         entries.append(ArtifactEntry(out, path))
+    if job.kind == "train" and job.output_dir:
+        for folder_name, kind in TRACKER_FOLDERS:
+            path = Path(job.output_dir) / folder_name
+            if path.is_dir() and any(path.iterdir()):
+                out = ArtifactOut(name=folder_name, kind=kind, is_folder=True, size_bytes=folder_size(path))
+                entries.append(ArtifactEntry(out, path))
     for row in session.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step)):
         path = Path(row.path)
         if not path.is_dir():

@@ -6,7 +6,6 @@ minutes later, and the worker runs exactly the paths stored in the job's ``resol
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from sqlalchemy import select
@@ -16,17 +15,22 @@ from app.schemas import ModelOut
 from app.settings import Settings
 from app.tables import Checkpoint, Dataset, Job
 
-JOB_MODEL_NAME = re.compile(r"^job-(\d+)/(final|step-(\d+))$")
-_MODEL_MARKERS = ("config.json", "adapter_config.json")
+# The names' grammar and the on-disk layout live in the library (vopd.home), shared with the CLI, which resolves the
+# same names through VOPD_HOME without a database; this module adds the database and each key's ownership.
+from vopd.home import JOB_MODEL_NAME, is_model_folder, parse_job_model_name
+from vopd.home import base_model_names as _base_model_names
 
-
-def parse_job_model_name(name: str) -> tuple[int, int | None] | None:
-    """(job id, checkpoint step or None for final) of a model name made from a job's weights; None for others.
-    The one place that reads these names: job responses carry the result as data (JobOut.model_job_id/model_step)."""
-    match = JOB_MODEL_NAME.match(name)
-    if match is None:
-        return None
-    return int(match.group(1)), int(match.group(3)) if match.group(3) else None
+__all__ = [
+    "JOB_MODEL_NAME",
+    "UnknownName",
+    "base_model_names",
+    "is_model_folder",
+    "list_models",
+    "parse_job_model_name",
+    "resolve_dataset",
+    "resolve_model",
+    "visible_dataset",
+]
 
 
 class UnknownName(ValueError):
@@ -37,26 +41,9 @@ class UnknownName(ValueError):
         self.field = field
 
 
-def is_model_folder(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / marker).is_file() for marker in _MODEL_MARKERS)
-
-
 def base_model_names(settings: Settings) -> list[str]:
     """Model folders directly under VOPD_HOME/models, or one level deeper (``org/name``)."""
-    root = settings.models_dir
-    if not root.is_dir():
-        return []
-    names = []
-    for child in sorted(root.iterdir()):
-        if is_model_folder(child):
-            names.append(child.name)
-        elif child.is_dir():
-            names.extend(
-                f"{child.name}/{grandchild.name}"
-                for grandchild in sorted(child.iterdir())
-                if is_model_folder(grandchild)
-            )
-    return names
+    return _base_model_names(settings.models_dir)
 
 
 def list_models(session: Session, settings: Settings, owner_id: int) -> list[ModelOut]:

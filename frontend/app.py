@@ -31,13 +31,25 @@ from frontend.tabs.train import build_train_tab
 
 TAB_IDS = ("inspect", "train", "jobs", "evaluate", "demo")
 
+# Page-wide rules, as a <style> element (Gradio scopes a component's own css_template to that component). Gradio's
+# notices sit fixed at the top right, over the account and Sign out (on a phone, over the whole header): here they
+# sit at the bottom, spanning a phone's width.
+STUDIO_CSS = """
+.toast-wrap { top: auto !important; bottom: var(--size-3, 12px) !important; }
+@media (max-width: 640px) {
+  .toast-wrap { left: var(--size-2, 8px) !important; right: var(--size-2, 8px) !important; width: auto !important; }
+}
+"""
+
 
 def build_ui(api_base_url: str) -> gr.Blocks:
     """The Gradio app for the API at ``api_base_url``, acting with each visitor's own signed-in key."""
     ctx = UiContext(api_base_url)
     with gr.Blocks(title=strings.TITLE, analytics_enabled=False) as ui:
+        gr.HTML(f"<style>{STUDIO_CSS}</style>", js_on_load=None, elem_id="studio-style", padding=False)
         with gr.Row():
-            gr.Markdown(f"## {strings.TITLE}\n{strings.SUBTITLE}")
+            with gr.Column(min_width=320, scale=1):  # on a phone the account wraps below the title, not beside it
+                gr.Markdown(f"## {strings.TITLE}\n{strings.SUBTITLE}")
             with gr.Column(min_width=220, scale=0):
                 account = gr.Markdown(elem_id="studio-account")
                 gr.Button(strings.SIGN_OUT, link=SIGNOUT_PATH, size="sm", elem_id="studio-signout")

@@ -173,6 +173,14 @@ class TokenRecord(_Model):
     teacher_tail_mass: float
 
 
+class Evidence(_Model):
+    """Where the model looked: the box it was given, or the crop its own evidence search chose."""
+
+    box: tuple[float, float, float, float]
+    source: str = "given"  # "given" (the request's or the sample's box) or "search" (the model chose it)
+    confidence: float | None = None  # the search's confidence in its crop; None for a given box
+
+
 class InspectResult(_Model):
     model: str
     student_text: str
@@ -184,6 +192,7 @@ class InspectResult(_Model):
     alpha: float
     mean_divergence: float
     tokens: list[TokenRecord]
+    evidence: Evidence | None = None  # absent from servers older than box-free inspection
 
 
 class ComponentHealth(_Model):
@@ -331,8 +340,13 @@ class VopdClient:
         return self._get_json(f"/api/datasets/{dataset_id}/samples", SamplePage, params=params)
 
     # ------------------------------------------------------------------ jobs
-    def submit_job(self, kind: Literal["train", "eval"], config: dict[str, Any]) -> Job:
-        return self._parse(self._request("POST", "/api/jobs", json={"kind": kind, "config": config}), Job)
+    def submit_job(
+        self, kind: Literal["train", "eval"], config: dict[str, Any], resources: dict[str, int] | None = None
+    ) -> Job:
+        body: dict[str, Any] = {"kind": kind, "config": config}
+        if resources:
+            body["resources"] = resources
+        return self._parse(self._request("POST", "/api/jobs", json=body), Job)
 
     def jobs(self, status: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0) -> JobPage:
         params: dict[str, Any] = {"limit": limit, "offset": offset}

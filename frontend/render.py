@@ -12,6 +12,7 @@ import html
 import io
 import math
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from frontend.client import InspectResult, Job, Metric, TokenRecord, TopToken
 from vopd.config import ViewConfig
 
 ROBUST_SIGMAS = 2.5
+_BARE_LETTER = re.compile(r"(?:answer:?\s*)?\(?[A-Z]\)?\.?", re.IGNORECASE)
 EMPTY_TOKEN = "∅"
 # Gradio's HighlightedText paints a positive score s as rgba(239, 68, 60, s): the legend uses the same colour.
 SCORE_RGB = (239, 68, 60)
@@ -84,8 +86,34 @@ def metric_values(tokens: Sequence[TokenRecord], metric: str) -> list[float]:
 
 
 def display_token(text: str) -> str:
-    """Tokens as they read; an empty decode (a special token) still gets a clickable glyph."""
-    return text if text else EMPTY_TOKEN
+    """Tokens as they read. Unprintable characters (control bytes such as a newline or a tab) show by their byte value,
+    ``<0x0A>``, as tokenizers name byte tokens; a token that is only part of a multi-byte character (decoded alone it
+    is U+FFFD; the server names such bytes itself, older servers did not) shows as ``<byte>``; an empty decode (a
+    special token) still gets a clickable glyph."""
+    if not text:
+        return EMPTY_TOKEN
+    if set(text) == {"\ufffd"}:
+        return "<byte>" * len(text)
+    return "".join(
+        "".join(f"<0x{byte:02X}>" for byte in char.encode("utf-8")) if _unprintable(char) else char for char in text
+    )
+
+
+def _unprintable(char: str) -> bool:
+    return (not char.isprintable() and char != " ") or char == "\ufffd"
+
+
+def probability_text(prob: float) -> str:
+    """A probability as a percentage to three significant figures: 60.0%, 0.412%, 3.10e-05%, 0%.
+    (Rounded to 4 decimals, most of a top-k list printed as 0.)"""
+    if not math.isfinite(prob) or prob <= 0:
+        return "0%"
+    percent = prob * 100
+    if percent >= 99.95:
+        return "100%"
+    if percent < 0.01:
+        return f"{percent:.2e}%"
+    return f"{percent:#.3g}".rstrip(".") + "%"
 
 
 def token_strip(tokens: Sequence[TokenRecord], metric: str) -> tuple[list[tuple[str, float]], ColorScale]:
@@ -120,13 +148,21 @@ def topk_frame(own: Sequence[TopToken], other: Sequence[TopToken], tail_mass: fl
     rows: list[list[Any]] = []
     for entry in own:
         if entry.token_id in other_probs:
-            delta: float | None = round(_logp(entry.prob) - _logp(other_probs[entry.token_id]), 4)
+            delta = f"{_logp(entry.prob) - _logp(other_probs[entry.token_id]):+.3g}"
             note = ""
         else:
-            delta, note = None, strings.TOPK_NOT_LISTED
-        rows.append([entry.rank, display_token(entry.token), round(entry.prob, 4), delta, note])
-    rows.append([None, strings.TOPK_TAIL, round(tail_mass, 4), None, strings.TOPK_TAIL_NOTE])
+            delta, note = "", strings.TOPK_NOT_LISTED
+        rows.append([entry.rank, display_token(entry.token), probability_text(entry.prob), delta, note])
+    rows.append(["", strings.TOPK_TAIL, probability_text(tail_mass), "", strings.TOPK_TAIL_NOTE])
     return pd.DataFrame(rows, columns=strings.TOPK_COLUMNS)
+
+
+def topk_columns_help() -> str:
+    """One line per top-k column: what it means (the Δ log p column especially)."""
+    return "  \n".join(
+        f"**{html.escape(name, quote=False)}**: {html.escape(meaning, quote=False)}"  # "<0xNN>" is no HTML tag
+        for name, meaning in zip(strings.TOPK_COLUMNS, strings.TOPK_COLUMN_HELP, strict=True)
+    )
 
 
 def topk_tables(record: TokenRecord) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -155,8 +191,21 @@ def token_details_markdown(record: TokenRecord) -> str:
 
 
 # ----------------------------------------------------------------------------- whole rollout
-def answer_text(text: str, choice: str | None) -> str:
-    return f"{choice} — {text}" if choice and text else (text or "(empty)")
+def answer_text(text: str, choice: str | None, options: Sequence[str] | None = None) -> str:
+    """An answer as a reader wants it: the chosen option's letter with its text ("B. green"); an open question's
+    answer in the model's words (flagged when the model still answered with a bare letter)."""
+    text = (text or "").strip()
+    if choice and options:
+        index = ord(choice.upper()) - ord("A")
+        if 0 <= index < len(options):
+            return f"{choice}. {options[index]}"
+    if choice:
+        return f"{choice} — {text}" if text and text != choice else choice
+    if not text:
+        return "(empty)"
+    if not options and _BARE_LETTER.fullmatch(text):
+        return f"{text} {strings.LETTER_FOR_OPEN_QUESTION}"
+    return text
 
 
 def rollout_summary_markdown(result: InspectResult, metric: str) -> str:
@@ -384,7 +433,9 @@ def eval_accuracy_frame(train_job: Job, eval_jobs: Sequence[Job]) -> pd.DataFram
 
 
 def log_tail(lines: Sequence[str], keep: int = 200) -> str:
-    return "\n".join(lines[-keep:])
+    """The newest ``keep`` lines, newest first: the line that matters is the one in view, with no scrolling (a
+    Textbox shows its first lines, and its autoscroll does not fire while the tab is hidden)."""
+    return "\n".join(reversed(lines[-keep:]))
 
 
 def human_size(size_bytes: int) -> str:
@@ -421,6 +472,22 @@ def eval_table(jobs: Sequence[Job]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=strings.EVAL_TABLE_COLUMNS)
 
 
+# The two conditions' colours, fixed so the chart and its legend (our own HTML swatches: Gradio 6.31's bar legend
+# drew names without swatches) always agree.
+CONDITION_COLORS = {"full image": "#2563eb", "crop": "#f97316"}
+
+
+def condition_legend_html() -> str:
+    """A legend with a colour swatch per condition, and what each condition means."""
+    items = "".join(
+        f'<span style="display:inline-flex;align-items:center;gap:6px;margin-right:18px">'
+        f'<span style="display:inline-block;width:14px;height:14px;border-radius:3px;background:{color}"></span>'
+        f"{html.escape(name)} — {html.escape(strings.CONDITION_MEANING[name])}</span>"
+        for name, color in CONDITION_COLORS.items()
+    )
+    return f'<div style="display:flex;flex-wrap:wrap;gap:4px;font-size:0.9em">{items}</div>'
+
+
 def eval_chart_frame(jobs: Sequence[Job]) -> pd.DataFrame:
     """Bars: one group per evaluated model (job id disambiguates repeats), full image vs crop."""
     rows = []
@@ -448,9 +515,9 @@ def item_rows(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             record.get("id", ""),
             record.get("question", ""),
             record.get("answer") or "",
-            answer_text(record.get("full_text", ""), record.get("full_choice")),
+            answer_text(record.get("full_text", ""), record.get("full_choice"), record.get("options")),
             _mark(record.get("full_correct")),
-            answer_text(record.get("crop_text", ""), record.get("crop_choice")),
+            answer_text(record.get("crop_text", ""), record.get("crop_choice"), record.get("options")),
             _mark(record.get("crop_correct")),
         ]
         for index, record in enumerate(records)
@@ -464,11 +531,35 @@ def item_markdown(record: dict[str, Any]) -> str:
     return (
         f"**{record.get('id', '')}** — {record.get('question', '')}  \n{lettered}\n\n"
         f"Correct answer: **{record.get('answer') or 'n/a'}**  \n"
-        f"Student (full image): {answer_text(record.get('full_text', ''), record.get('full_choice'))} "
+        f"Student (full image): {answer_text(record.get('full_text', ''), record.get('full_choice'), options)} "
         f"{_mark(record.get('full_correct'))}  \n"
-        f"Teacher (crop): {answer_text(record.get('crop_text', ''), record.get('crop_choice'))} "
+        f"Teacher (crop): {answer_text(record.get('crop_text', ''), record.get('crop_choice'), options)} "
         f"{_mark(record.get('crop_correct'))}"
     )
+
+
+def image_with_box(image: Image.Image, box: Sequence[float], label: str = "") -> Image.Image:
+    """A copy of ``image`` with ``box`` outlined (dashed blue, as on the Inspect tab's surface) and labelled; small
+    images are enlarged first so the outline stays thin next to the detail."""
+    from PIL import ImageDraw
+
+    scale = max(1, math.ceil(384 / max(image.size)))
+    shown = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    draw = ImageDraw.Draw(shown)
+    x0, y0, x1, y1 = (v * scale for v in box)
+    color = (37, 99, 235)
+    dash = 6
+    for start in range(int(x0), int(x1), dash * 2):
+        draw.line([(start, y0), (min(start + dash, x1), y0)], fill=color, width=3)
+        draw.line([(start, y1), (min(start + dash, x1), y1)], fill=color, width=3)
+    for start in range(int(y0), int(y1), dash * 2):
+        draw.line([(x0, start), (x0, min(start + dash, y1))], fill=color, width=3)
+        draw.line([(x1, start), (x1, min(start + dash, y1))], fill=color, width=3)
+    if label:
+        text_y = max(0, y0 - 14)
+        draw.rectangle([x0, text_y, x0 + 7 * len(label) + 6, text_y + 13], fill=color)
+        draw.text((x0 + 3, text_y), label, fill=(255, 255, 255))
+    return shown
 
 
 def png_bytes(image: Image.Image) -> bytes:

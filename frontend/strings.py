@@ -10,7 +10,7 @@ SUBTITLE = (
 )
 SIGNED_IN_AS = "Signed in as **{name}** · key `{prefix}…`{admin}"
 ADMIN_BADGE = " · admin"
-SIGN_OUT = "Sign out"
+SIGN_OUT = "Sign out · switch key"  # the sign-in page then takes another key
 NOT_SIGNED_IN = "Not signed in (or the key was revoked): reload the page to sign in with an API key."
 
 # ----------------------------------------------------------------------------- sign-in page
@@ -24,7 +24,7 @@ SIGNIN_HELP = (
 )
 SIGNIN_BAD_KEY = "That key is unknown or revoked."
 SIGNIN_NO_KEY = "Paste an API key."
-SIGNED_OUT = "Signed out."
+SIGNED_OUT = "Signed out. Paste a key to sign in again, with this key or another one."
 
 # ----------------------------------------------------------------------------- tabs
 TAB_INSPECT = "Inspect"
@@ -52,7 +52,18 @@ INSPECT_INTRO = (
 SOURCE_LABEL = "Image source"
 SOURCE_UPLOAD = "Upload"
 SOURCE_SAMPLE = "Dataset sample"
-ANNOTATOR_LABEL = "Image — drag to draw the evidence box"
+ANNOTATOR_LABEL = "Image — drag to draw the evidence box (drag inside it to move it, a corner to resize it)"
+UPLOAD_IMAGE = "Upload an image…"
+DRAWING_EMPTY = "Upload an image (the button above), then drag on it to draw the evidence box."
+FIND_EVIDENCE_LABEL = "No box: let the model find the evidence"
+FIND_EVIDENCE_INFO = (
+    "The box is left out of the request: the model searches the image for the evidence itself, and the crop it chose "
+    "is drawn dashed on the image with its confidence."
+)
+EVIDENCE_GIVEN = "the given box"
+EVIDENCE_SEARCH = "the model's own evidence crop"
+EVIDENCE_CONFIDENCE = "confidence"
+EVIDENCE_LINE = "Evidence: {label}, at [{box}] (pixels of the original image)."
 SAMPLE_INDEX_LABEL = "Sample index"
 LOAD_SAMPLE = "Load sample"
 BOX_LABELS = ("x0", "y0", "x1", "y1")
@@ -75,7 +86,15 @@ STUDENT_ANSWER_LABEL = "Student's answer (full image)"
 TEACHER_ANSWER_LABEL = "Teacher's answer (crop)"
 STUDENT_TOPK_LABEL = "Student top-k"
 TEACHER_TOPK_LABEL = "Teacher top-k"
-TOPK_COLUMNS = ["rank", "token", "prob", "Δ log p vs other", "note"]
+TOPK_COLUMNS = ["#", "token", "p", "Δ log p", "note"]
+TOPK_COLUMN_HELP = (
+    "rank of the token in this side's top-k",
+    "the token as decoded; unprintable bytes and parts of a multi-byte character show as <0xNN>",
+    "this side's probability of the token",
+    "log p(this side) − log p(other side) for the same token: above 0 this side is surer of it, below 0 less sure "
+    "(blank when the other side does not list it)",
+    "the (tail) row is the probability outside the top-k",
+)
 TOPK_TAIL = "(tail)"
 TOPK_TAIL_NOTE = "mass outside the top-k"
 TOPK_NOT_LISTED = "not in the other's top-k"
@@ -85,6 +104,10 @@ NEED_QUESTION = "Type a question."
 NEED_MODEL = "Choose a model."
 NEED_DATASET = "Choose a dataset."
 NO_TOKENS = "The student produced no tokens (empty answer)."
+LETTER_FOR_OPEN_QUESTION = (
+    "(a bare letter, though no options were given: this model was trained on multiple-choice questions only; give "
+    "options, or ask a model trained on open questions)"
+)
 
 # ----------------------------------------------------------------------------- train
 TRAIN_INTRO = (
@@ -98,6 +121,14 @@ PRESET_PAPER = "Paper: the official run (GPU)"
 APPLY_PRESET = "Apply preset"
 EXTRA_LABEL = 'Other fields (JSON, merged over the form; e.g. {"views": {"upscale": 3}})'
 CLI_LABEL = "Equivalent CLI command"
+GPUS_LABEL = "Devices per machine"
+GPUS_INFO = "Training processes (GPUs) on each machine; more than one means DDP unless the config says FSDP."
+NODES_LABEL = "Machines"
+NODES_INFO = "More than one needs a node group of workers (vopd worker --nodes N ...); see docs/scaling.md."
+MANY_MACHINES_CLI = (
+    "over several machines: submit the job to a node group, or start this with torchrun's rendezvous arguments on "
+    "each machine (docs/scaling.md)"
+)
 REST_LABEL = "Equivalent REST request"
 SUBMIT_TRAIN = "Submit training job"
 CONFIG_INVALID = "The config is not valid"
@@ -112,16 +143,26 @@ OPEN_JOB = "Open job"
 JOB_TABLE_COLUMNS = ["id", "kind", "status", "progress", "step", "queue pos.", "ETA", "model", "dataset", "created"]
 CANCEL = "Cancel"
 RESUME = "Resume"
-LOG_LABEL = "Log (tail)"
+LOG_LABEL = "Log (newest line first)"
 LOSS_PLOT = "Loss"
 DIVERGENCE_PLOT = "Divergence"
 AGREEMENT_PLOT = "Argmax agreement"
 ACCURACY_PLOT = "Accuracy (evaluations of this job's checkpoints)"
+ACCURACY_EMPTY = (
+    "No accuracy yet: it is measured by evaluating a checkpoint, not during training. When a checkpoint is saved, "
+    "run an evaluation of it in the **Evaluate** tab (model `job-N/step-M` or `job-N/final`); its full-image and crop "
+    "accuracy then appear here at that step."
+)
+ACCURACY_EMPTY_EVAL = "An evaluation job: its accuracy is in the header above and in the Evaluate tab."
 ARTIFACTS_LABEL = "Artifacts"
 ARTIFACT_COLUMNS = ["name", "kind", "size", "use as model"]
 ARTIFACT_PICK = "Artifact"
 DOWNLOAD = "Fetch for download"
-NO_JOB = "No job selected."
+NO_JOB = (
+    "No job selected: click a row of the table above (or type its id and press **Open job**). No jobs yet? Submit "
+    "one in the **Train** or **Evaluate** tab; it opens here."
+)
+NEED_JOB = "Open a job first: click a row of the jobs table."
 CANCEL_SENT = "Cancellation requested for job {id}: a running job stops after its next step."
 RESUMED = "Job {id} queued again; training continues from its newest checkpoint."
 
@@ -140,14 +181,36 @@ EVAL_TABLE_COLUMNS = ["job", "model", "dataset", "status", "full-image acc.", "c
 ITEMS_JOB_LABEL = "Per-item records of"
 LOAD_ITEMS = "Load items"
 ITEM_COLUMNS = ["#", "id", "question", "answer", "student", "✓ student", "teacher", "✓ teacher"]
+EVAL_CHART_LABEL = "Accuracy: base models first, then trained ones"
+EVAL_X_TITLE = "model (evaluation job) · condition"
+EVAL_Y_TITLE = "accuracy"
+EVAL_COLOR_TITLE = "condition"
+CONDITION_MEANING = {
+    "full image": "the student's view: the whole image",
+    "crop": "the teacher's view: the crop of the evidence box",
+}
+EVAL_EMPTY = (
+    "No evaluation to show yet: choose models and a dataset above and press **Run evaluation** (or pick finished "
+    "evaluation jobs and press **Compare**)."
+)
+EVAL_RUNNING = "Evaluating: the bars appear here when the evaluation finishes (a few seconds per sample on a CPU)."
+EVAL_TRAINED_ON = (
+    "⚠ {models} trained on `{dataset}`: accuracy on data a model trained on overstates it. Evaluate on a dataset it "
+    "did not see (e.g. `vopd synth --output held-out --n 200 --seed 7`, zipped and uploaded with POST /api/datasets)."
+)
 EVAL_SUBMITTED = "Queued evaluation job(s) {ids}; they refresh here while they run."
 NO_RECORDS = "Job {id} has no per-item records (yet)."
 
 # ----------------------------------------------------------------------------- demo
 DEMO_INTRO = (
     "Fine-detail question answering: upload an image, ask, and read the chosen model's answer. No box is needed: "
-    "the model sees the plain full image, as at inference."
+    "the model sees the plain full image, as at inference, and the image below the answer shows where it looked."
 )
+DEMO_LOOKED_LABEL = "Where the model looked"
+DEMO_LOOKED = "Dashed box: {label}, at [{box}]."
 DEMO_IMAGE_LABEL = "Image"
+# The sample question names no box: here the model sees the plain image, as at inference.
+DEMO_QUESTION = "What color is the small shape?"
+DEMO_OPTIONS = "red, green, blue, yellow"
 ASK = "Ask"
 ANSWER_LABEL = "Answer"

@@ -139,3 +139,59 @@ def test_tiny_build_qwen3_5(tmp_path, capsys) -> None:
 
     assert main(["tiny", "build", "--arch", "qwen3_5", "--output", str(tmp_path / "q")]) == 0
     assert AutoConfig.from_pretrained(tmp_path / "q", local_files_only=True).model_type == "qwen3_5"
+
+
+# --------------------------------------------------------------------------- names the REST API uses (vopd.home)
+def _home_with_names(home, tiny_model_dir):
+    """A VOPD_HOME laid out as the service keeps it: a base model, a dataset id, a job's final model and checkpoint."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, home / "models" / "tiny")
+    write_dataset(home / "datasets" / "synth-9", count=2)
+    run = home / "artifacts" / "jobs" / "3"
+    shutil.copytree(tiny_model_dir, run / "final")
+    shutil.copytree(tiny_model_dir, run / "checkpoints" / "step-20")
+    return home
+
+
+def test_the_cli_resolves_the_services_names_through_vopd_home(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    from vopd.cli import CliError, resolve_names
+    from vopd.config import TrainConfig
+
+    home = _home_with_names(tmp_path / "home", tiny_model_dir)
+    monkeypatch.setenv("VOPD_HOME", str(home))
+    named = TrainConfig(model="tiny", dataset="synth-9", steps=1)
+    resolved = resolve_names(named)
+    assert resolved.model == str(home / "models" / "tiny")
+    assert resolved.dataset == str(home / "datasets" / "synth-9" / "data.jsonl")
+    assert resolve_names(named.model_copy(update={"model": "job-3/final"})).model == str(
+        home / "artifacts" / "jobs" / "3" / "final"
+    )
+    assert resolve_names(named.model_copy(update={"model": "job-3/step-20"})).model.endswith("checkpoints/step-20")
+    paths = TrainConfig(model=str(tiny_model_dir), dataset=resolved.dataset, steps=1)
+    assert resolve_names(paths) == paths  # paths are used as they are
+    for field, value in (("model", "job-3/step-5"), ("model", "../tiny"), ("dataset", "nope")):
+        with pytest.raises(CliError, match=f"--{field} '{value}'.*VOPD_HOME"):
+            resolve_names(named.model_copy(update={field: value}))
+
+
+def test_train_accepts_a_dataset_id_and_a_model_name(tiny_model_dir, tmp_path, monkeypatch, capsys) -> None:
+    home = _home_with_names(tmp_path / "home", tiny_model_dir)
+    monkeypatch.setenv("VOPD_HOME", str(home))
+    args = ["--model", "tiny", "--dataset", "synth-9", "--output", str(tmp_path / "run"), "--steps", "1"]
+    assert main(["train", *args, "--dry-run"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["model"] == str(home / "models" / "tiny") and resolved["dataset"].endswith("synth-9/data.jsonl")
+    assert (
+        main(["train", "--model", "tiny", "--dataset", "synth-64", "--output", str(tmp_path / "r"), "--steps", "1"])
+        == 2
+    )
+    assert "no dataset of that name" in capsys.readouterr().err
+
+
+def test_report_to_flag_reaches_the_config(capsys) -> None:
+    code = main(
+        ["train", "--model", "m", "--dataset", "d", "--steps", "1", "--report-to", "tensorboard,mlflow", "--dry-run"]
+    )
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["report_to"] == ["tensorboard", "mlflow"]

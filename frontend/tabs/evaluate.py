@@ -76,15 +76,79 @@ def fetch_eval_jobs(client: VopdClient, job_ids: list[int] | None) -> list[Job]:
     return [client.job(int(job_id)) for job_id in job_ids or []]
 
 
+def before_after_order(jobs: list[Job]) -> list[Job]:
+    """Base models first, then each training job's checkpoints by step and its final model last: read left to right,
+    the chart and the table go from before training to after."""
+
+    def key(job: Job) -> tuple[int, int, float, int]:
+        if job.model_job_id is None:
+            return (0, 0, 0.0, job.id)
+        step = float("inf") if job.model_step is None else float(job.model_step)
+        return (1, job.model_job_id, step, job.id)
+
+    return sorted(jobs, key=key)
+
+
+CHART_X = "model · condition"
+
+
 def comparison(jobs: list[Job]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Table and chart frame: the chart's x labels pair model and condition so bars stand side by side.
+    """Table and chart frame, base before trained: the chart's x labels pair model and condition so bars stand side
+    by side.
 
     A benchmark job has only the full-image bar, and its dataset cell names the suite and folder."""
+    jobs = before_after_order(jobs)
     chart = render.eval_chart_frame(jobs)
-    chart["bar"] = chart["model"] + " · " + chart["condition"]
+    chart[CHART_X] = chart["model"] + " · " + chart["condition"]
     table = render.eval_table(jobs)
     table[strings.EVAL_TABLE_COLUMNS[2]] = [job.source_label for job in jobs]
     return table, render.plot_value(chart)
+
+
+def chart_update(chart: pd.DataFrame | None) -> Any:
+    """The bar chart's value with its x order pinned to the frame's (base first): left to itself, Vega-Lite sorts the
+    labels alphabetically, which put a trained model, and the crop, first."""
+    if chart is None:
+        return gr.update(value=None)
+    return gr.update(value=chart, sort=list(dict.fromkeys(chart[CHART_X])))
+
+
+def trained_on(models: list[str] | None, train_jobs: list[Job]) -> dict[str, str]:
+    """model name -> the dataset id its training job read, for the chosen models made by training jobs."""
+    by_id = {job.id: job for job in train_jobs}
+    found: dict[str, str] = {}
+    for name in models or []:
+        source = _job_model_source(name)
+        if source is not None and source in by_id and by_id[source].dataset_id:
+            found[name] = by_id[source].dataset_id
+    return found
+
+
+def _job_model_source(name: str) -> int | None:
+    """The training job id in a ``job-N/final`` or ``job-N/step-M`` name (the API's model names), else None."""
+    head, _, tail = name.partition("/")
+    if head.startswith("job-") and head[4:].isdigit() and (tail == "final" or tail.startswith("step-")):
+        return int(head[4:])
+    return None
+
+
+def held_out_dataset(current: str | None, dataset_ids: list[str], trained: dict[str, str]) -> str | None:
+    """The dataset to evaluate on: the current one unless a chosen model trained on it and another exists."""
+    used = set(trained.values())
+    if current in dataset_ids and current not in used:
+        return current
+    fresh = [dataset_id for dataset_id in dataset_ids if dataset_id not in used]
+    if fresh:
+        return fresh[0]
+    return current if current in dataset_ids else (dataset_ids[0] if dataset_ids else None)
+
+
+def trained_on_warning(dataset: str | None, trained: dict[str, str]) -> str:
+    """A warning when a chosen model trained on the dataset to be evaluated (its accuracy there is not a test)."""
+    seen = sorted(name for name, dataset_id in trained.items() if dataset_id == dataset)
+    if not dataset or not seen:
+        return ""
+    return strings.EVAL_TRAINED_ON.format(models=", ".join(f"`{name}`" for name in seen), dataset=dataset)
 
 
 def category_rows(job: Job) -> pd.DataFrame:
@@ -160,6 +224,7 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         benchmark_data = gr.Textbox(
             label=BENCHMARK_DATA_LABEL, placeholder="e.g. vstar", min_width=260, elem_id="eval-benchmark-data"
         )
+    trained_warning = gr.Markdown(elem_id="eval-trained-on")
     run_button = gr.Button(strings.RUN_EVAL, variant="primary", elem_id="eval-run")
     with gr.Row():
         picked = gr.Dropdown(
@@ -167,8 +232,21 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         )
         compare_button = gr.Button(strings.COMPARE, min_width=100, scale=1)
     chart = gr.BarPlot(
-        x="bar", y="accuracy", color="condition", y_lim=[0, 1], sort=None, x_label_angle=-30, label="Accuracy"
+        x=CHART_X,
+        y="accuracy",
+        color="condition",
+        color_map=render.CONDITION_COLORS,
+        x_title=strings.EVAL_X_TITLE,
+        y_title=strings.EVAL_Y_TITLE,
+        color_title=strings.EVAL_COLOR_TITLE,
+        y_lim=[0, 1],
+        sort=None,
+        x_label_angle=-30,
+        label=strings.EVAL_CHART_LABEL,
+        elem_id="eval-chart",
     )  # no fixed height: it would clip the legend (Gradio 6.31)
+    gr.HTML(render.condition_legend_html(), elem_id="eval-legend", js_on_load=None)
+    chart_note = gr.Markdown(strings.EVAL_EMPTY, elem_id="eval-note")
     table = gr.Dataframe(headers=strings.EVAL_TABLE_COLUMNS, interactive=False, wrap=True, elem_id="eval-table")
     categories = gr.Dataframe(
         headers=["category", "n", "accuracy"],
@@ -217,8 +295,18 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         return gr.update(choices=choices, value=kept), gr.update(choices=choices, value=items_value)
 
     @readable_errors
-    def on_compare(request: gr.Request, job_ids: list[int] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-        return comparison(fetch_eval_jobs(ctx.client(request), job_ids))
+    def on_compare(request: gr.Request, job_ids: list[int] | None) -> tuple[Any, ...]:
+        table_value, chart_value = comparison(fetch_eval_jobs(ctx.client(request), job_ids))
+        return table_value, chart_update(chart_value), "" if chart_value is not None else strings.EVAL_EMPTY
+
+    @readable_errors
+    def on_models(request: gr.Request, model_names: list[str] | None, current: str | None) -> tuple[Any, Any]:
+        """Keep the evaluation honest: move off a dataset the chosen models trained on, or say so."""
+        client = ctx.client(request)
+        trained = trained_on(model_names, client.jobs(kind="train", limit=200).items)
+        dataset_ids = [d.id for d in client.datasets()]
+        chosen = held_out_dataset(current, dataset_ids, trained)
+        return (gr.update(value=chosen) if chosen != current else gr.skip()), trained_on_warning(chosen, trained)
 
     @readable_errors
     def on_categories(request: gr.Request, job_id: Any) -> pd.DataFrame:
@@ -242,7 +330,8 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         all_jobs = client.jobs(kind="eval", limit=200).items
         chosen = [job.id for job in jobs]
         table_value, chart_value = comparison(fetch_eval_jobs(client, chosen))
-        return gr.update(choices=eval_job_choices(all_jobs), value=chosen), table_value, chart_value
+        note = "" if chart_value is not None else strings.EVAL_RUNNING
+        return gr.update(choices=eval_job_choices(all_jobs), value=chosen), table_value, chart_update(chart_value), note
 
     def on_tick(request: gr.Request, job_ids: list[int] | None, table_value: Any, items_value: Any) -> tuple[Any, ...]:
         """While a compared evaluation is unfinished, keep its row, its bars and the job lists current."""
@@ -251,13 +340,14 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
             and len(table_value) == len(job_ids)
             and set(table_value["status"]) <= {"succeeded", "failed", "cancelled"}
         ):
-            return (gr.skip(),) * 4
+            return (gr.skip(),) * 5
         try:
             table_now, chart_now = comparison(fetch_eval_jobs(ctx.client(request), job_ids))
             picked_now, items_now = refresh_jobs(request, job_ids, items_value)
         except Exception:  # a missed tick is retried by the next one; no toast every few seconds
-            return (gr.skip(),) * 4
-        return table_now, chart_now, picked_now, items_now
+            return (gr.skip(),) * 5
+        note = "" if chart_now is not None else strings.EVAL_RUNNING
+        return table_now, chart_update(chart_now), picked_now, items_now, note
 
     @readable_errors
     def on_load_items(request: gr.Request, job_id: Any) -> tuple[Any, ...]:
@@ -275,12 +365,13 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
     run_button.click(
         on_run,
         [models, dataset, limit, max_new_tokens, full_view, benchmark, benchmark_data, picked],
-        [picked, table, chart],
+        [picked, table, chart, chart_note],
     )
+    gr.on([models.change, dataset.change], on_models, [models, dataset], [dataset, trained_warning])
     items_job.change(on_categories, [items_job], [categories])
-    compare_button.click(on_compare, [picked], [table, chart])
-    picked.input(on_compare, [picked], [table, chart])
-    timer.tick(on_tick, [picked, table, items_job], [table, chart, picked, items_job])
+    compare_button.click(on_compare, [picked], [table, chart, chart_note])
+    picked.input(on_compare, [picked], [table, chart, chart_note])
+    timer.tick(on_tick, [picked, table, items_job], [table, chart, picked, items_job, chart_note])
     load_button.click(on_load_items, [items_job], [records_job, records_state, items])
     items.select(on_item, [records_job, records_state], [item_text, student_image, teacher_image])
     return EvaluateTab(

@@ -11,12 +11,12 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
-from gradio_image_annotation import image_annotator
 from PIL import Image
 
-from frontend import render, strings
-from frontend.client import InspectResult, VopdClient
+from frontend import drawing, render, strings
+from frontend.client import Evidence, InspectResult, VopdClient
 from frontend.context import UiContext, readable_errors
+from vopd.config import ViewConfig
 
 BoxValues = tuple[float | None, float | None, float | None, float | None]
 EMPTY_BOX: BoxValues = (None, None, None, None)
@@ -31,85 +31,79 @@ class SampleRef:
 
 
 # ----------------------------------------------------------------------------- pure callbacks
-def image_of(annotation: dict[str, Any] | None) -> Image.Image | None:
-    """The uploaded image of the annotator's value (a PIL image; a file path is accepted too)."""
-    image = (annotation or {}).get("image")
-    if image is None or isinstance(image, Image.Image):
-        return image
-    with Image.open(image) as opened:
+def open_image(path: str | None) -> Image.Image | None:
+    """The uploaded image (kept as a finished PNG file per session), in RGB; None before any upload."""
+    if not path:
+        return None
+    with Image.open(path) as opened:
         return opened.convert("RGB")
 
 
-def _box_label(box: tuple[float, float, float, float]) -> str:
-    return ",".join(f"{round(v)}" for v in box)
-
-
-def box_after_annotation(annotation: dict[str, Any] | None) -> tuple[float, float, float, float] | None:
-    """The box the user drew or moved, for the four number fields; None when there is nothing new.
-
-    Every box the UI itself puts into the drawing (an upload's default box, typed numbers) carries its own corners
-    as its label, and the drawing reports it back as a change event, possibly after the user typed on. A box whose
-    corners still match its label is such an echo and is ignored, so it never overwrites typing; one the user
-    dragged no longer matches. The check looks only at the value itself: no state that could race.
-    """
-    boxes = (annotation or {}).get("boxes")
-    box = render.box_from_annotation(boxes)
-    if box is None or boxes[-1].get("label") == _box_label(box):  # type: ignore[index]
-        return None
-    return box
-
-
-def _annotator_value(image: Image.Image, box: tuple[float, float, float, float]) -> dict[str, Any]:
-    """A finished PNG (never a PIL image, which Gradio would re-encode into a file it rewrites on every event,
-    racing concurrent readers) and one red box labelled with its corners."""
-    x0, y0, x1, y1 = (round(v) for v in box)
-    drawn = {"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1, "label": _box_label(box), "color": "rgb(255, 0, 0)"}
-    return {"image": render.stable_png_path(image), "boxes": [drawn]}
-
-
-def annotation_with_default_box(
-    annotation: dict[str, Any] | None,
-) -> tuple[dict[str, Any], tuple[float, float, float, float]] | None:
-    """A fresh upload gets a centred box so both views show at once; the user then drags it onto the evidence.
-    None when there is no image or a box is already drawn."""
-    image = image_of(annotation)
-    if image is None or (annotation or {}).get("boxes"):
-        return None
-    box = render.default_box(image.size)
-    return _annotator_value(image, box), box
-
-
-def annotation_with_box(annotation: dict[str, Any] | None, box_values: BoxValues) -> dict[str, Any] | None:
-    """Typed numbers move the drawn box; None (leave the drawing alone) without an image, for invalid numbers,
-    or when the drawing already shows exactly this box."""
-    image = image_of(annotation)
+def on_image_uploaded(path: str | None) -> tuple[str, tuple[float, float, float, float]]:
+    """A fresh upload: stored as a lossless PNG named by its content, with a centred default box so both views show
+    at once; the user then drags the box onto the evidence."""
+    image = open_image(path)
     if image is None:
-        return None
+        raise render.UiInputError(strings.NEED_IMAGE)
+    return render.stable_png_path(image), render.default_box(image.size)
+
+
+def typed_box(box_values: BoxValues, image: Image.Image | None) -> tuple[float, float, float, float] | None:
+    """The four number fields as a box inside the image, or None while they are incomplete or invalid."""
     try:
-        box = render.parse_box(box_values, image.size)
+        return render.parse_box(box_values, image.size if image is not None else None)
     except render.UiInputError:
         return None
-    current = render.box_from_annotation((annotation or {}).get("boxes"))
-    if current is not None and tuple(round(v) for v in current) == tuple(round(v) for v in box):
-        return None
-    return _annotator_value(image, box)
 
 
-def relabelled(annotation: dict[str, Any], box: tuple[float, float, float, float]) -> dict[str, Any]:
-    """After the user moved the box, its label shows the new corners (and marks the value as known)."""
-    image = image_of(annotation)
-    assert image is not None
-    return _annotator_value(image, box)
+def evidence_label(evidence: Evidence) -> str:
+    """What the dashed box on the image says: where the model looked, and how sure the search was."""
+    source = strings.EVIDENCE_GIVEN if evidence.source == "given" else strings.EVIDENCE_SEARCH
+    if evidence.confidence is None:
+        return source
+    return f"{source} · {strings.EVIDENCE_CONFIDENCE} {render.probability_text(evidence.confidence)}"
 
 
-def upload_previews(annotation: dict[str, Any] | None, box_values: BoxValues) -> tuple[Image.Image | None, ...]:
-    """Student and teacher views of the uploaded image and the current box; nothing while the box is invalid."""
-    image = image_of(annotation)
+def surface(
+    image_path: str | None,
+    box_values: BoxValues,
+    *,
+    find_evidence: bool = False,
+    evidence: Evidence | None = None,
+) -> str:
+    """The drawing surface: the uploaded image, the red box (none while the model is to find the evidence) and the
+    evidence the model used in the last run, dashed."""
+    image = open_image(image_path)
+    box = None if find_evidence else typed_box(box_values, image)
+    if evidence is not None and evidence.source == "given":
+        evidence = None  # the red box already shows it
+    return drawing.surface_html(
+        image,
+        box,
+        evidence=evidence.box if evidence is not None else None,
+        evidence_label=evidence_label(evidence) if evidence is not None else "",
+        empty_message=strings.DRAWING_EMPTY,
+        alt=strings.ANNOTATOR_LABEL,
+    )
+
+
+def upload_previews(
+    image_path: str | None, box_values: BoxValues, evidence: Evidence | None = None
+) -> tuple[Image.Image | None, ...]:
+    """Student and teacher views of the uploaded image and the current box; nothing while the box is invalid.
+
+    With the model's own ``evidence`` (a box-free run) they are what that run showed: the plain image (no box drawn,
+    no hint) and the crop the search chose."""
+    image = open_image(image_path)
     if image is None:
         return None, None
+    searched = evidence is not None and evidence.source == "search"
+    box = tuple(evidence.box) if searched else typed_box(box_values, image)  # type: ignore[union-attr]
+    if box is None:
+        return None, None
     try:
-        box = render.parse_box(box_values, image.size)
-        return render.view_previews(render.png_bytes(image), box)
+        views = ViewConfig(draw_box=False, hint="") if searched else None
+        return render.view_previews(render.png_bytes(image), box, views)  # type: ignore[arg-type]
     except render.UiInputError:
         return None, None
 
@@ -131,13 +125,14 @@ def load_sample(client: VopdClient, dataset: str | None, index: float | None) ->
         render.image_from_data_url(sample.student_image),
         render.image_from_data_url(sample.teacher_image),
         SampleRef(dataset, position),
+        sample.bbox is None,  # a sample without a box: the model has to find the evidence itself
     )
 
 
 def build_request(
     *,
     source: str,
-    annotation: dict[str, Any] | None,
+    image_path: str | None,
     sample: SampleRef | None,
     question: str,
     options_text: str,
@@ -147,8 +142,12 @@ def build_request(
     max_new_tokens: float,
     alpha: float,
     show_topk: float,
+    find_evidence: bool = False,
 ) -> dict[str, Any]:
-    """The POST /api/inspect body, validated here first so mistakes are named before the server is asked."""
+    """The POST /api/inspect body, validated here first so mistakes are named before the server is asked.
+
+    With ``find_evidence`` the body carries no box: the server lets the model search for the evidence itself and
+    answers with the crop it chose (``evidence``)."""
     if not model:
         raise render.UiInputError(strings.NEED_MODEL)
     if not question or not question.strip():
@@ -165,13 +164,16 @@ def build_request(
     if source == strings.SOURCE_SAMPLE:
         if sample is None:
             raise render.UiInputError("load a dataset sample first (or switch the source to Upload)")
-        request |= {"dataset": sample.dataset, "sample": sample.index, "bbox": list(render.parse_box(box_values))}
+        request |= {"dataset": sample.dataset, "sample": sample.index}
+        if not find_evidence:
+            request["bbox"] = list(render.parse_box(box_values))
     else:
-        image = image_of(annotation)
+        image = open_image(image_path)
         if image is None:
             raise render.UiInputError(strings.NEED_IMAGE)
-        box = render.parse_box(box_values, image.size)
-        request |= {"image_base64": base64.b64encode(render.png_bytes(image)).decode("ascii"), "bbox": list(box)}
+        request["image_base64"] = base64.b64encode(render.png_bytes(image)).decode("ascii")
+        if not find_evidence:
+            request["bbox"] = list(render.parse_box(box_values, image.size))
     return request
 
 
@@ -186,8 +188,10 @@ def run_inspect(
     return result, compared
 
 
-def render_result(result: InspectResult | None, metric: str) -> tuple[Any, str, str, str, str]:
-    """Token strip, legend, rollout summary and both answers."""
+def render_result(
+    result: InspectResult | None, metric: str, options: list[str] | None = None
+) -> tuple[Any, str, str, str, str]:
+    """Token strip, legend, rollout summary and both answers (an option's letter with its text)."""
     if result is None:
         return None, "", "", "", ""
     strip, scale = render.token_strip(result.tokens, metric)
@@ -195,9 +199,17 @@ def render_result(result: InspectResult | None, metric: str) -> tuple[Any, str, 
         strip,
         render.legend_html(scale, metric),
         render.rollout_summary_markdown(result, metric),
-        render.answer_text(result.student_text, result.student_choice),
-        render.answer_text(result.teacher_answer, result.teacher_choice),
+        render.answer_text(result.student_text, result.student_choice, options),
+        render.answer_text(result.teacher_answer, result.teacher_choice, options),
     )
+
+
+def evidence_markdown(result: InspectResult | None) -> str:
+    """Where the model looked: the box it was given, or the crop its own search chose (older servers say nothing)."""
+    if result is None or result.evidence is None:
+        return ""
+    box = ", ".join(f"{round(v)}" for v in result.evidence.box)
+    return strings.EVIDENCE_LINE.format(label=evidence_label(result.evidence), box=box)
 
 
 def token_details(result: InspectResult | None, index: int | None) -> tuple[str, pd.DataFrame | None, ...]:
@@ -219,6 +231,7 @@ class InspectTab:
 def build_inspect_tab(ctx: UiContext) -> InspectTab:
     gr.Markdown(strings.INSPECT_INTRO)
     sample_state = gr.State(None)
+    image_state = gr.State(None)  # the uploaded image as a PNG file path (original pixels)
     result_state = gr.State(None)
     compare_state = gr.State(None)
     with gr.Row(equal_height=False):
@@ -232,16 +245,22 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
                     0, label=strings.SAMPLE_INDEX_LABEL, precision=0, minimum=0, scale=1, min_width=100
                 )
                 load_button = gr.Button(strings.LOAD_SAMPLE, scale=1, min_width=100, elem_id="inspect-load-sample")
-            annotator = image_annotator(
-                label=strings.ANNOTATOR_LABEL,
-                image_type="pil",
-                single_box=True,
-                disable_edit_boxes=True,
-                sources=["upload", "clipboard"],
-                height=360,
-                boxes_alpha=0.15,
-                elem_id="inspect-annotator",
-                show_download_button=False,
+            with gr.Column(elem_id="inspect-drawing-area") as drawing_area:
+                upload = gr.UploadButton(
+                    strings.UPLOAD_IMAGE, file_types=["image"], size="sm", elem_id="inspect-upload"
+                )
+                drawer = gr.HTML(
+                    drawing.empty_html(strings.DRAWING_EMPTY),
+                    label=strings.ANNOTATOR_LABEL,
+                    show_label=True,
+                    container=True,
+                    padding=True,
+                    css_template=drawing.SURFACE_CSS,
+                    js_on_load=drawing.SURFACE_JS,
+                    elem_id="inspect-annotator",
+                )
+            find_evidence = gr.Checkbox(
+                False, label=strings.FIND_EVIDENCE_LABEL, info=strings.FIND_EVIDENCE_INFO, elem_id="inspect-find"
             )
             with gr.Row():
                 box_fields = [
@@ -271,6 +290,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
         teacher_view = gr.Image(
             label=strings.TEACHER_VIEW_LABEL, type="pil", interactive=False, height=280, min_width=200
         )
+    evidence_text = gr.Markdown(elem_id="inspect-evidence")
     with gr.Row():
         student_answer = gr.Textbox(
             label=strings.STUDENT_ANSWER_LABEL, interactive=False, min_width=200, elem_id="inspect-student-answer"
@@ -294,7 +314,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
             headers=strings.TOPK_COLUMNS,
             label=strings.STUDENT_TOPK_LABEL,
             interactive=False,
-            wrap=True,
+            wrap=False,
             min_width=260,
             elem_id="inspect-student-topk",
         )
@@ -302,10 +322,11 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
             headers=strings.TOPK_COLUMNS,
             label=strings.TEACHER_TOPK_LABEL,
             interactive=False,
-            wrap=True,
+            wrap=False,
             min_width=260,
             elem_id="inspect-teacher-topk",
         )
+    gr.Markdown(render.topk_columns_help(), elem_id="inspect-topk-help")
     with gr.Accordion(strings.COMPARE_STRIP_LABEL, open=True, visible=False) as compare_box:
         compare_legend = gr.HTML()
         compare_strip = gr.HighlightedText(
@@ -322,34 +343,53 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
         sample = choice == strings.SOURCE_SAMPLE
         return gr.update(visible=sample), gr.update(visible=not sample)
 
-    source.change(on_source, source, [sample_row, annotator])
+    source.change(on_source, source, [sample_row, drawing_area])
 
-    def on_upload(annotation: dict | None) -> tuple[Any, ...]:
-        fresh = annotation_with_default_box(annotation)
-        return (gr.skip(),) * 5 if fresh is None else (fresh[0], *fresh[1])
+    @readable_errors
+    def on_upload(file: Any, find: bool) -> tuple[Any, ...]:
+        path = file if isinstance(file, str) else getattr(file, "name", None)
+        stored, box = on_image_uploaded(path)
+        return (stored, surface(stored, box, find_evidence=find), *box, None)
 
-    annotator.upload(on_upload, annotator, [annotator, *box_fields])
+    upload.upload(on_upload, [upload, find_evidence], [image_state, drawer, *box_fields, result_state])
 
-    def numbers_from_drawing(annotation: dict | None) -> tuple[Any, ...]:
-        box = box_after_annotation(annotation)
-        if box is None or annotation is None:
+    def numbers_from_drawing(event: gr.EventData) -> tuple[Any, ...]:
+        """A drag on the surface ends: its box (original pixels) fills the fields and is the box to use."""
+        box = drawing.box_from_event(getattr(event, "_data", None))
+        if box is None:
             return (gr.skip(),) * 5
-        return (*box, relabelled(annotation, box))
+        return (*box, False)
 
-    annotator.change(numbers_from_drawing, annotator, [*box_fields, annotator])
+    drawer.input(numbers_from_drawing, None, [*box_fields, find_evidence])
 
-    def move_box(annotation: dict | None, *box: float | None) -> Any:
-        moved = annotation_with_box(annotation, box)  # type: ignore[arg-type]
-        return gr.skip() if moved is None else moved
+    def redraw(path: str | None, find: bool, *box: float | None) -> Any:
+        """Typed numbers (or the evidence switch) redraw the surface; the last run's evidence is dropped."""
+        return surface(path, box, find_evidence=find) if path else gr.skip()  # type: ignore[arg-type]
 
-    gr.on([event for f in box_fields for event in (f.submit, f.blur)], move_box, [annotator, *box_fields], annotator)
+    gr.on(
+        [event for f in box_fields for event in (f.submit, f.blur)] + [find_evidence.input],
+        redraw,
+        [image_state, find_evidence, *box_fields],
+        drawer,
+    )
 
-    def previews(src: str, annotation: dict | None, *box: float | None) -> tuple[Any, Any]:
+    def on_find(find: bool) -> list[Any]:
+        return [gr.update(interactive=not find) for _ in box_fields]
+
+    find_evidence.change(on_find, find_evidence, box_fields)
+
+    def previews(src: str, path: str | None, find: bool, *box: float | None) -> tuple[Any, Any]:
+        """The views of the typed box; none while the model is to find the evidence (the run shows its own)."""
         if src != strings.SOURCE_UPLOAD:
             return gr.skip(), gr.skip()
-        return upload_previews(annotation, box)  # type: ignore[arg-type]
+        return (None, None) if find else upload_previews(path, box)  # type: ignore[arg-type]
 
-    gr.on([f.change for f in box_fields], previews, [source, annotator, *box_fields], [student_view, teacher_view])
+    gr.on(
+        [f.change for f in box_fields] + [find_evidence.change],
+        previews,
+        [source, image_state, find_evidence, *box_fields],
+        [student_view, teacher_view],
+    )
 
     @readable_errors
     def on_load_sample(request: gr.Request, dataset_id: str | None, index: float | None) -> tuple[Any, ...]:
@@ -358,7 +398,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
     load_button.click(
         on_load_sample,
         [dataset, sample_index],
-        [question, options, *box_fields, student_view, teacher_view, sample_state],
+        [question, options, *box_fields, student_view, teacher_view, sample_state, find_evidence],
     )
 
     # --- run and render
@@ -366,10 +406,11 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
     def on_run(
         request: gr.Request,
         src: str,
-        annotation: dict | None,
+        path: str | None,
         sample: SampleRef | None,
         question_text: str,
         options_text: str,
+        find: bool,
         x0: float | None,
         y0: float | None,
         x1: float | None,
@@ -386,7 +427,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
         progress(0.1, desc="running the student and the teacher...")
         body = build_request(
             source=src,
-            annotation=annotation,
+            image_path=path,
             sample=sample,
             question=question_text,
             options_text=options_text,
@@ -396,10 +437,11 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
             max_new_tokens=tokens,
             alpha=alpha_value,
             show_topk=topk,
+            find_evidence=find,
         )
         result, compared = run_inspect(ctx.client(request), body, compare_name)
-        first = render_result(result, metric_name)
-        second = render_result(compared, metric_name)
+        first = render_result(result, metric_name, body.get("options"))
+        second = render_result(compared, metric_name, body.get("options"))
         detail = token_details(result, 0 if result.tokens else None)
         return (
             result,
@@ -412,6 +454,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
             second[2],
             second[3],
             second[4],
+            evidence_markdown(result),
         )
 
     run_outputs = [
@@ -431,15 +474,30 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
         compare_summary,
         compare_student,
         compare_teacher,
+        evidence_text,
     ]
+
+    def after_run(
+        src: str, path: str | None, find: bool, result: InspectResult | None, *box: float | None
+    ) -> tuple[Any, ...]:
+        """The evidence the run used, on the image; for a box-free run, the views it showed. (A step of its own: as
+        outputs of the run, the drawing and the views would carry Gradio's "Error" badge whenever a run is refused.)"""
+        if src != strings.SOURCE_UPLOAD or not path or result is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        drawn = surface(path, box, find_evidence=find, evidence=result.evidence)  # type: ignore[arg-type]
+        if result.evidence is None or result.evidence.source != "search":
+            return drawn, gr.skip(), gr.skip()
+        return (drawn, *upload_previews(path, box, result.evidence))  # type: ignore[arg-type]
+
     run_button.click(
         on_run,
         [
             source,
-            annotator,
+            image_state,
             sample_state,
             question,
             options,
+            find_evidence,
             *box_fields,
             model,
             compare_model,
@@ -450,15 +508,27 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
             metric,
         ],
         run_outputs,
+    ).success(
+        after_run,
+        [source, image_state, find_evidence, result_state, *box_fields],
+        [drawer, student_view, teacher_view],
+        show_progress="hidden",
     )
 
-    def on_metric(result: InspectResult | None, compared: InspectResult | None, metric_name: str) -> tuple[Any, ...]:
-        first, second = render_result(result, metric_name), render_result(compared, metric_name)
+    def on_metric(
+        result: InspectResult | None, compared: InspectResult | None, metric_name: str, options_text: str
+    ) -> tuple[Any, ...]:
+        try:
+            option_list = render.parse_options(options_text)
+        except render.UiInputError:
+            option_list = None
+        first = render_result(result, metric_name, option_list)
+        second = render_result(compared, metric_name, option_list)
         return first[0], first[1], first[2], second[0], second[1], second[2]
 
     metric.change(
         on_metric,
-        [result_state, compare_state, metric],
+        [result_state, compare_state, metric, options],
         [strip, legend, summary, compare_strip, compare_legend, compare_summary],
     )
 

@@ -19,6 +19,7 @@ from frontend.client import Artifact, Job, Metric, VopdClient
 from frontend.context import UiContext, readable_errors
 
 POLL_INTERVAL_S = 2.0
+MIN_STEP_AXIS = 10
 LOG_LINES_KEPT = 500
 ANY_STATUS = [strings.ANY, "queued", "running", "succeeded", "failed", "cancelled"]
 ANY_KIND = [strings.ANY, "train", "eval"]
@@ -110,6 +111,28 @@ def curves(snapshot: JobSnapshot) -> tuple[pd.DataFrame | None, ...]:
     )
 
 
+def step_range(snapshot: JobSnapshot) -> list[float]:
+    """The x range of every curve: step 0 to the run's last step, so a single point is not the axis' only label; at
+    least MIN_STEP_AXIS steps wide, so the ticks are whole steps (over 0..2 they read 0.2, 0.4...)."""
+    steps = [m.step for m in snapshot.view.metrics] + [snapshot.job.total_steps or 0, snapshot.job.step]
+    return [0, max([*steps, MIN_STEP_AXIS])]
+
+
+def plot_updates(snapshot: JobSnapshot) -> tuple[Any, ...]:
+    """The four plots' values, on a shared x range (0 .. last step)."""
+    x_lim = step_range(snapshot)
+    return tuple(gr.update(value=value, x_lim=x_lim) for value in curves(snapshot))
+
+
+def accuracy_empty_note(snapshot: JobSnapshot) -> str:
+    """Why the accuracy plot is empty, and what fills it; nothing once it has points."""
+    if curves(snapshot)[3] is not None:
+        return ""
+    if snapshot.job.kind == "eval":
+        return strings.ACCURACY_EMPTY_EVAL
+    return strings.ACCURACY_EMPTY
+
+
 def artifact_table(artifacts: list[Artifact]) -> pd.DataFrame:
     rows = [[a.name, a.kind, render.human_size(a.size_bytes), a.model_name or ""] for a in artifacts]
     return pd.DataFrame(rows, columns=strings.ARTIFACT_COLUMNS)
@@ -148,7 +171,9 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
     with gr.Row():
         status = gr.Dropdown(ANY_STATUS, value=strings.ANY, label=strings.STATUS_FILTER, min_width=120)
         kind = gr.Dropdown(ANY_KIND, value=strings.ANY, label=strings.KIND_FILTER, min_width=120)
-        job_id = gr.Number(label=strings.JOB_ID_LABEL, precision=0, minimum=1, min_width=120, elem_id="jobs-job-id")
+        # No ``minimum``: an empty field reaches Python as 0 (it is an input of the timer and of opening the tab), and
+        # Gradio would refuse it with a red "Value 0 is less than minimum value 1" toast. parse_job_id validates.
+        job_id = gr.Number(label=strings.JOB_ID_LABEL, precision=0, min_width=120, elem_id="jobs-job-id")
         open_button = gr.Button(strings.OPEN_JOB, min_width=100, elem_id="jobs-open")
     table = gr.Dataframe(
         headers=strings.JOB_TABLE_COLUMNS, interactive=False, wrap=True, max_height=320, elem_id="jobs-table"
@@ -173,10 +198,12 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
         )
     with gr.Row():
         agreement_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.AGREEMENT_PLOT, min_width=260)
-        accuracy_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.ACCURACY_PLOT, min_width=260)
-    log = gr.Textbox(
-        label=strings.LOG_LABEL, lines=10, max_lines=10, autoscroll=True, interactive=False, elem_id="jobs-log"
-    )
+        with gr.Column(min_width=260):
+            accuracy_plot = gr.LinePlot(
+                x="step", y="value", color="series", label=strings.ACCURACY_PLOT, elem_id="jobs-accuracy-plot"
+            )
+            accuracy_note = gr.Markdown(elem_id="jobs-accuracy-note")
+    log = gr.Textbox(label=strings.LOG_LABEL, lines=10, max_lines=10, interactive=False, elem_id="jobs-log")
     artifacts = gr.Dataframe(
         headers=strings.ARTIFACT_COLUMNS, label=strings.ARTIFACTS_LABEL, interactive=False, wrap=True
     )
@@ -196,6 +223,7 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
         divergence_plot,
         agreement_plot,
         accuracy_plot,
+        accuracy_note,
         log,
         artifacts,
         artifact,
@@ -204,7 +232,8 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
     def render_snapshot(snapshot: JobSnapshot, first: bool) -> tuple[Any, ...]:
         job = snapshot.job
         # Redrawn on news only (no flicker), and on a status change (an evaluation may have added accuracy).
-        plots = curves(snapshot) if first or snapshot.new_metrics or snapshot.status_changed else None
+        redraw = first or snapshot.new_metrics or snapshot.status_changed
+        plots = plot_updates(snapshot) if redraw else (gr.skip(),) * 4
         names = [a.name for a in snapshot.artifacts]
         return (
             snapshot.view,
@@ -212,7 +241,8 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
             render.progress_html(job),
             gr.update(interactive=can_cancel(job)),
             gr.update(interactive=can_resume(job)),
-            *(plots if plots is not None else (gr.skip(),) * 4),
+            *plots,
+            accuracy_empty_note(snapshot) if redraw else gr.skip(),
             render.log_tail(snapshot.view.logs) if first or snapshot.new_logs else gr.skip(),
             artifact_table(snapshot.artifacts),
             gr.update(choices=names),
@@ -256,7 +286,7 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
     @readable_errors
     def on_cancel(request: gr.Request, view: JobView | None) -> tuple[Any, ...]:
         if view is None:
-            raise render.UiInputError(strings.NO_JOB)
+            raise render.UiInputError(strings.NEED_JOB)
         client = ctx.client(request)
         client.cancel(view.job_id)
         gr.Info(strings.CANCEL_SENT.format(id=view.job_id))
@@ -265,7 +295,7 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
     @readable_errors
     def on_resume(request: gr.Request, view: JobView | None) -> tuple[Any, ...]:
         if view is None:
-            raise render.UiInputError(strings.NO_JOB)
+            raise render.UiInputError(strings.NEED_JOB)
         client = ctx.client(request)
         client.resume(view.job_id)
         gr.Info(strings.RESUMED.format(id=view.job_id))
@@ -277,7 +307,7 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
     @readable_errors
     def on_download(request: gr.Request, view: JobView | None, name: str | None) -> str:
         if view is None:
-            raise render.UiInputError(strings.NO_JOB)
+            raise render.UiInputError(strings.NEED_JOB)
         return download(ctx.client(request), view.job_id, name)
 
     download_button.click(on_download, [view_state, artifact], download_file)

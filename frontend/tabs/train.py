@@ -19,7 +19,7 @@ from frontend.client import Job, VopdClient
 from frontend.context import UiContext, readable_errors
 from vopd.config import TrainConfig, config_to_cli, merge_settings, recipe, set_dotted
 
-Widget = Literal["number", "int", "slider", "checkbox", "dropdown"]
+Widget = Literal["number", "int", "slider", "checkbox", "dropdown", "checkboxes"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,11 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("runtime.device", "Device", "dropdown", choices=("auto", "cpu", "cuda", "mps")),
     FieldSpec("runtime.dtype", "Compute dtype", "dropdown", choices=("auto", "float32", "bfloat16", "float16")),
     FieldSpec("runtime.master_dtype", "Master weights dtype", "dropdown", choices=("float32", "compute")),
+    FieldSpec("report_to", "Also log to", "checkboxes", choices=("tensorboard", "mlflow", "wandb")),
 )
+
+# The run folder of the equivalent CLI command (the service picks its own for a submitted job).
+CLI_OUTPUT = "runs/studio"
 
 # The recipes themselves live in vopd.config (shared with `vopd train --preset` and the REST body); here only labels.
 PRESETS: dict[str, str] = {
@@ -138,15 +142,48 @@ def config_from_form(model: str | None, dataset: str | None, values: list[Any], 
         raise render.UiInputError(f"{strings.CONFIG_INVALID}: {render.validation_message(error)}") from error
 
 
-def request_body(config: TrainConfig) -> dict[str, Any]:
-    """The POST /api/jobs body; ``output`` is the server's to choose, so it is left out."""
-    return {"kind": "train", "config": config.model_dump(mode="json", exclude_defaults=True, exclude={"output"})}
+def resources(config: TrainConfig, gpus: float | None = 1, nodes: float | None = 1) -> dict[str, int]:
+    """The job's ``resources`` (devices per machine, machines), checked as the server checks them: the processes
+    share each micro-batch's prompts, so batch_size must be a multiple of their number."""
+    gpus, nodes = int(gpus or 1), int(nodes or 1)
+    if not (1 <= gpus <= 64 and 1 <= nodes <= 64):
+        raise render.UiInputError("devices per machine and machines are each between 1 and 64")
+    if config.batch_size % (gpus * nodes):
+        raise render.UiInputError(
+            f"batch size {config.batch_size} must be a multiple of the {gpus * nodes} training processes "
+            f"({gpus} per machine x {nodes} machines): they share each micro-batch's prompts"
+        )
+    return {"gpus": gpus, "nodes": nodes}
 
 
-def equivalents(config: TrainConfig, api_base_url: str) -> tuple[str, str]:
-    """The same run as a ``vopd train`` command line and as a curl request against this server."""
-    cli = config_to_cli(config, "train")
-    body = json.dumps(request_body(config), indent=2)
+def request_body(config: TrainConfig, gpus: float | None = 1, nodes: float | None = 1) -> dict[str, Any]:
+    """The POST /api/jobs body; ``output`` is the server's to choose, so it is left out; ``resources`` only when the
+    job needs more than one device."""
+    body: dict[str, Any] = {
+        "kind": "train",
+        "config": config.model_dump(mode="json", exclude_defaults=True, exclude={"output"}),
+    }
+    needs = resources(config, gpus, nodes)
+    if needs != {"gpus": 1, "nodes": 1}:
+        body["resources"] = needs if needs["nodes"] > 1 else {"gpus": needs["gpus"]}
+    return body
+
+
+def equivalents(
+    config: TrainConfig, api_base_url: str, gpus: float | None = 1, nodes: float | None = 1
+) -> tuple[str, str]:
+    """The same run as a ``vopd train`` command line and as a curl request against this server.
+
+    The command runs as shown on the server's machine: the CLI resolves the model and dataset names through
+    VOPD_HOME as the API does, and the run folder (which the API chooses itself) is CLI_OUTPUT. Several devices
+    add ``--nproc``; a job over several machines is the service's (node groups) or torchrun's on each machine."""
+    body = json.dumps(request_body(config, gpus, nodes), indent=2)
+    needs = resources(config, gpus, nodes)
+    cli = config_to_cli(config.model_copy(update={"output": CLI_OUTPUT}), "train")
+    if needs["gpus"] > 1:
+        cli += f" --nproc {needs['gpus']}"
+    if needs["nodes"] > 1:
+        cli = f"# {strings.MANY_MACHINES_CLI}\n{cli}"
     rest = (
         f"curl -X POST {api_base_url.rstrip('/')}/api/jobs \\\n"
         '  -H "Authorization: Bearer $VOPD_API_KEY" -H "Content-Type: application/json" \\\n'
@@ -156,19 +193,34 @@ def equivalents(config: TrainConfig, api_base_url: str) -> tuple[str, str]:
 
 
 def preview(
-    model: str | None, dataset: str | None, values: list[Any], extra_json: str, api_base_url: str
+    model: str | None,
+    dataset: str | None,
+    values: list[Any],
+    extra_json: str,
+    api_base_url: str,
+    gpus: float | None = 1,
+    nodes: float | None = 1,
 ) -> tuple[str, str]:
     """Live preview: the equivalents, or the validation problem in their place."""
     try:
         config = config_from_form(model, dataset, values, extra_json)
+        return equivalents(config, api_base_url, gpus, nodes)
     except render.UiInputError as error:
         return f"# {error}", f"# {error}"
-    return equivalents(config, api_base_url)
 
 
-def submit(client: VopdClient, model: str | None, dataset: str | None, values: list[Any], extra_json: str) -> Job:
+def submit(
+    client: VopdClient,
+    model: str | None,
+    dataset: str | None,
+    values: list[Any],
+    extra_json: str,
+    gpus: float | None = 1,
+    nodes: float | None = 1,
+) -> Job:
     config = config_from_form(model, dataset, values, extra_json)
-    return client.submit_job("train", request_body(config)["config"])
+    body = request_body(config, gpus, nodes)
+    return client.submit_job("train", body["config"], resources=body.get("resources"))
 
 
 # ----------------------------------------------------------------------------- layout and wiring
@@ -189,6 +241,8 @@ def _widget(spec: FieldSpec, value: Any) -> gr.components.Component:
     }
     if spec.widget == "checkbox":
         return gr.Checkbox(value=value, **common)
+    if spec.widget == "checkboxes":
+        return gr.CheckboxGroup(list(spec.choices), value=value or [], **common)
     if spec.widget == "dropdown":
         return gr.Dropdown(list(spec.choices), value=value, **common)
     if spec.widget == "slider":
@@ -202,6 +256,13 @@ def build_train_tab(ctx: UiContext) -> TrainTab:
         preset = gr.Dropdown(list(PRESETS), value=strings.PRESET_TINY, label=strings.PRESET_LABEL, min_width=220)
         model = gr.Dropdown(label=strings.MODEL_LABEL, choices=[], min_width=220, elem_id="train-model")
         dataset = gr.Dropdown(label=strings.DATASET_LABEL, choices=[], min_width=220, elem_id="train-dataset")
+    with gr.Row():
+        gpus = gr.Number(
+            1, precision=0, label=strings.GPUS_LABEL, info=strings.GPUS_INFO, min_width=220, elem_id="train-gpus"
+        )
+        nodes = gr.Number(
+            1, precision=0, label=strings.NODES_LABEL, info=strings.NODES_INFO, min_width=220, elem_id="train-nodes"
+        )
     initial = preset_values(strings.PRESET_TINY)
     widgets: list[gr.components.Component] = []
     per_row = 3
@@ -215,7 +276,13 @@ def build_train_tab(ctx: UiContext) -> TrainTab:
     submit_button = gr.Button(strings.SUBMIT_TRAIN, variant="primary", elem_id="train-submit")
     with gr.Row():
         cli = gr.Code(
-            label=strings.CLI_LABEL, language="shell", lines=3, interactive=False, min_width=300, wrap_lines=True
+            label=strings.CLI_LABEL,
+            language="shell",
+            lines=3,
+            interactive=False,
+            min_width=300,
+            wrap_lines=True,
+            elem_id="train-cli",
         )
         rest = gr.Code(
             label=strings.REST_LABEL, language="shell", lines=8, interactive=False, min_width=300, wrap_lines=True
@@ -224,17 +291,30 @@ def build_train_tab(ctx: UiContext) -> TrainTab:
 
     preset.change(preset_values, preset, widgets)
 
-    def on_change(model_name: str | None, dataset_id: str | None, extra_json: str, *values: Any) -> tuple[str, str]:
-        return preview(model_name, dataset_id, list(values), extra_json, ctx.api_base_url)
+    def on_change(
+        model_name: str | None,
+        dataset_id: str | None,
+        extra_json: str,
+        gpu_count: float,
+        node_count: float,
+        *values: Any,
+    ) -> tuple[str, str]:
+        return preview(model_name, dataset_id, list(values), extra_json, ctx.api_base_url, gpu_count, node_count)
 
-    form_inputs = [model, dataset, extra, *widgets]
+    form_inputs = [model, dataset, extra, gpus, nodes, *widgets]
     gr.on([component.change for component in form_inputs], on_change, form_inputs, [cli, rest])
 
     @readable_errors
     def on_submit(
-        request: gr.Request, model_name: str | None, dataset_id: str | None, extra_json: str, *values: Any
+        request: gr.Request,
+        model_name: str | None,
+        dataset_id: str | None,
+        extra_json: str,
+        gpu_count: float,
+        node_count: float,
+        *values: Any,
     ) -> int:
-        job = submit(ctx.client(request), model_name, dataset_id, list(values), extra_json)
+        job = submit(ctx.client(request), model_name, dataset_id, list(values), extra_json, gpu_count, node_count)
         gr.Info(f"Training job {job.id} queued.")
         return job.id
 

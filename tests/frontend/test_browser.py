@@ -7,13 +7,16 @@ tests must run; elsewhere they skip when Chromium or Playwright is missing.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -155,7 +158,7 @@ def page(browser, live_server: LiveServer, request: pytest.FixtureRequest) -> It
     page.goto(live_server.signin_link)  # signs in (an HttpOnly cookie) and lands on the studio
     page.wait_for_selector("#inspect-run")
     # the model and dataset choices arrive from the API just after the page loads
-    page.wait_for_function("document.querySelector('#inspect-model input').value !== ''")
+    page.wait_for_function("(document.querySelector('#inspect-model input')?.value ?? '') !== ''")
     yield page
     page.screenshot(path=ARTIFACTS / f"last-{request.node.name}.png", full_page=True)  # what the test saw last
     context.close()
@@ -185,10 +188,36 @@ def _upload(page, image: Path) -> None:
 
     with Image.open(image) as opened:
         width, height = opened.size
-    page.locator("#inspect-annotator input[type=file]").set_input_files(image)
+    page.locator("#inspect-drawing-area input[type=file]").first.set_input_files(image)
     expected = {"x0": width // 4, "y0": height // 4, "x1": width - width // 4, "y1": height - height // 4}
     for name, value in expected.items():
-        page.wait_for_function(f"document.querySelector('#inspect-box-{name} input').value === '{value}'")
+        page.wait_for_function(f"document.querySelector('#inspect-box-{name} input')?.value === '{value}'")
+    page.locator("#inspect-annotator .vopd-surface img").wait_for()
+
+
+def _box_fields(page) -> list[int]:
+    return [int(page.locator(f"#inspect-box-{name} input").input_value()) for name in ("x0", "y0", "x1", "y1")]
+
+
+def _wait_for_box(page, box: list[int], tolerance: int = 1) -> None:
+    """Wait until the four fields hold ``box`` (to a pixel: the screen point of an enlarged pixel rounds either way)."""
+    deadline = time.monotonic() + 10
+    while True:
+        values = [page.locator(f"#inspect-box-{name} input").input_value() for name in ("x0", "y0", "x1", "y1")]
+        if all(v.lstrip("-").isdigit() for v in values) and all(
+            abs(int(v) - b) <= tolerance for v, b in zip(values, box, strict=True)
+        ):
+            return
+        assert time.monotonic() < deadline, f"the fields show {values}, not {box}"
+        page.wait_for_timeout(100)
+
+
+def _drag(page, start: tuple[float, float], end: tuple[float, float], steps: int = 12) -> None:
+    """A hand-like drag with real mouse input: press, move in steps, release."""
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(*end, steps=steps)
+    page.mouse.up()
 
 
 def _set_box(page, box: list[float]) -> None:
@@ -196,6 +225,51 @@ def _set_box(page, box: list[float]) -> None:
         field = page.locator(f"#inspect-box-{name} input")
         field.fill(str(int(value)))
         field.press("Enter")
+
+
+def _toasts(page) -> list[str]:
+    return [text for text in page.locator(".toast-body").all_inner_texts() if text.strip()]
+
+
+def test_every_tab_opens_without_an_error_on_a_fresh_install(page, live_server: LiveServer) -> None:
+    """First in this module, so before any job exists: every tab opens, each says what to do, and no notice shows
+    (the Jobs tab used to raise "Value 0 is less than minimum value 1." and outline its job-id field in red)."""
+    for tab in ("Inspect", "Train", "Jobs", "Evaluate", "Demo", "Jobs"):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_timeout(1500)
+        name = tab.lower()
+        page.screenshot(path=ARTIFACTS / f"fresh-{name}-1280.png", full_page=True)
+        if tab == "Jobs":
+            page.locator("#jobs-header").get_by_text("No job selected").wait_for()
+        if tab == "Evaluate":
+            page.locator("#eval-note").get_by_text("No evaluation to show yet").wait_for()
+    page.wait_for_timeout(4500)  # two polls of the Jobs tab's timer, one of the Evaluate tab's
+    assert _toasts(page) == []
+    assert page.locator("#jobs-job-id .error, #jobs-job-id input:invalid").count() == 0
+    page.set_viewport_size(NARROW)
+    page.wait_for_timeout(1500)
+    assert _toasts(page) == []
+    page.screenshot(path=ARTIFACTS / "fresh-jobs-420.png", full_page=True)
+
+
+@pytest.mark.parametrize("viewport", [NARROW, WIDE], ids=["phone", "wide"])
+def test_notices_leave_the_header_visible(page, live_server: LiveServer, viewport: dict) -> None:
+    """Gradio's notices sat over the header (on a phone, all of it; wide, the account and Sign out)."""
+    page.set_viewport_size(viewport)
+    page.locator("#inspect-run").click()  # no image yet: an error notice
+    toast = page.locator(".toast-body").first
+    toast.wait_for()
+    page.evaluate("window.scrollTo(0, 0)")
+    page.wait_for_timeout(300)
+    notice, account = toast.bounding_box(), page.locator("#studio-signout").bounding_box()
+    page.screenshot(path=ARTIFACTS / f"notice-{viewport['width']}.png")
+    overlaps = not (
+        notice["y"] >= account["y"] + account["height"]
+        or account["y"] >= notice["y"] + notice["height"]
+        or notice["x"] >= account["x"] + account["width"]
+        or account["x"] >= notice["x"] + notice["width"]
+    )
+    assert not overlaps, (notice, account)
 
 
 def test_inspect_shows_colored_tokens_and_topk_tables(page, live_server: LiveServer) -> None:
@@ -223,6 +297,58 @@ def test_inspect_shows_colored_tokens_and_topk_tables(page, live_server: LiveSer
     typed = [page.locator(f"#inspect-box-{name} input").input_value() for name in ("x0", "y0", "x1", "y1")]
     assert typed == [str(int(v)) for v in sample["bbox"]], "echoes of the drawing must not overwrite typing"
     _screenshots(page, "inspect")
+
+
+def test_dragging_on_the_image_draws_moves_and_resizes_the_box(page, live_server: LiveServer) -> None:
+    """The studio's central gesture, with the mouse: draw a box by dragging, move it by dragging inside it, resize it
+    by a corner; a click alone leaves it as it is. The image (112 px) is shown enlarged; the fields hold pixels of the
+    original image."""
+    image, _ = _first_sample(live_server)
+    _upload(page, image)
+    surface = page.locator("#inspect-annotator .vopd-surface")
+    rect = surface.bounding_box()
+    assert rect["width"] >= 380, "a small image is shown enlarged"
+    scale = rect["width"] / 112
+
+    def at(x: float, y: float) -> tuple[float, float]:  # original pixel -> screen point
+        return rect["x"] + x * scale, rect["y"] + y * scale
+
+    _drag(page, at(10, 20), at(40, 60))
+    _wait_for_box(page, [10, 20, 40, 60])
+    page.screenshot(path=ARTIFACTS / "inspect-drawn-1280.png")
+    drawn = _box_fields(page)
+    page.mouse.click(*at(90, 90))  # a click is not a drag: the box stays
+    page.wait_for_timeout(700)
+    assert _box_fields(page) == drawn
+    _drag(page, at(25, 40), at(55, 45))  # inside the box: move it by (+30, +5)
+    _wait_for_box(page, [drawn[0] + 30, drawn[1] + 5, drawn[2] + 30, drawn[3] + 5])
+    moved = _box_fields(page)
+    _drag(page, at(moved[2], moved[3]), at(100, 90))  # the bottom-right corner handle: resize
+    _wait_for_box(page, [moved[0], moved[1], 100, 90])
+    final = _box_fields(page)
+    assert final[:2] == moved[:2], "a resize keeps the opposite corner"
+    box = page.locator("#inspect-annotator .vopd-box").bounding_box()
+    assert abs(box["x"] - at(final[0], 0)[0]) < 4 and abs(box["width"] - (final[2] - final[0]) * scale) < 4
+    page.locator("#inspect-question textarea").fill("What color is the small shape inside the box?")
+    page.locator("#inspect-run").click()
+    said = f"the given box, at [{', '.join(str(v) for v in final)}]"
+    page.locator("#inspect-evidence").get_by_text(said).wait_for(timeout=60_000)
+    _screenshots(page, "inspect-drag")
+
+
+def test_inspect_without_a_box_draws_the_models_own_evidence(page, live_server: LiveServer) -> None:
+    image, sample = _first_sample(live_server)
+    _upload(page, image)
+    page.locator("#inspect-find input").check()
+    page.locator("#inspect-question textarea").fill(sample["question"])
+    page.locator("#inspect-options textarea").fill(", ".join(sample["options"]))
+    page.locator("#inspect-run").click()
+    page.locator("#inspect-evidence").get_by_text("the model's own evidence crop").wait_for(timeout=120_000)
+    evidence = page.locator("#inspect-annotator .vopd-evidence")
+    evidence.wait_for()
+    assert "confidence" in evidence.inner_text()
+    assert page.locator("#inspect-annotator .vopd-box.hidden").count() == 1, "no red box: the model chose"
+    _screenshots(page, "inspect-no-box")
 
 
 def test_a_bad_box_is_reported_in_words(page, live_server: LiveServer) -> None:
@@ -266,7 +392,7 @@ def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_serve
     job = _job_once_the_header_says(page, live_server, "succeeded", timeout_ms=150_000)
     assert job["status"] == "succeeded" and job["config"]["steps"] == 2 and job["config"]["batch_size"] == 2
     assert job["config"]["rollout"]["max_new_tokens"] == 4
-    page.wait_for_function("document.querySelector('#jobs-log textarea').value.includes('checkpoint saved')")
+    page.wait_for_function("(document.querySelector('#jobs-log textarea')?.value ?? '').includes('checkpoint saved')")
     # The next poll's table; Gradio also keeps an invisible copy of the rows for sizing columns.
     page.locator("#jobs-table").get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=10_000)
     page.wait_for_timeout(2500)  # one more poll: the final curves
@@ -281,11 +407,49 @@ def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_serve
     _screenshots(page, "jobs")
 
 
+def test_the_train_tabs_cli_command_runs_verbatim(page, live_server: LiveServer, tmp_path: Path) -> None:
+    """Copy the Train tab's "Equivalent CLI command" as shown and run it in a shell on the server's VOPD_HOME: the
+    registry names (tiny, synth-64) resolve, and every flag is spelled as the CLI spells it."""
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_function("(document.querySelector('#train-model input')?.value ?? '') !== ''")
+    fields = {"#train-steps input": 1, "#train-batch-size input": 2, "#train-rollout-max-new-tokens input": 4}
+    for selector, value in fields.items():
+        page.locator(selector).fill(str(value))
+        page.locator(selector).press("Tab")
+    with_tensorboard = importlib.util.find_spec("tensorboard") is not None  # an optional extra
+    if with_tensorboard:
+        page.locator("#train-report-to").get_by_label("tensorboard").check()
+    page.wait_for_timeout(1000)
+    command = page.locator("#train-cli .cm-content").inner_text().strip()
+    page.screenshot(path=ARTIFACTS / "train-command-1280.png", full_page=True)
+    assert command.startswith(
+        "vopd train --model tiny --dataset synth-64 --output runs/studio --steps 1 --batch-size 2"
+    )
+    assert ("--report-to tensorboard" in command) == with_tensorboard
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env |= {"VOPD_HOME": str(live_server.home), "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    env |= {"OMP_NUM_THREADS": "1"}
+    assert shlex.split(command)[0] == "vopd"
+    done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs" / "studio" / "final" / "config.json").is_file()
+    assert bool(list((tmp_path / "runs" / "studio" / "tensorboard").glob("events.out.tfevents.*"))) == with_tensorboard
+
+    # Two devices: the command launches two processes and the request asks the service for them.
+    page.locator("#train-gpus input").fill("2")
+    page.locator("#train-gpus input").press("Tab")
+    page.wait_for_function("document.querySelector('#train-cli .cm-content')?.innerText.includes('--nproc 2')")
+    assert '"gpus": 2' in page.locator(".cm-content").nth(2).inner_text()
+
+
 def test_cancel_then_resume_from_the_jobs_tab(page, live_server: LiveServer) -> None:
     """Click Cancel on a running job, then Resume: it stops with a checkpoint and finishes from it."""
     _submit_train_form(page, steps=150, batch_size=1, rollouts=1)
 
     _job_once_the_header_says(page, live_server, "running", timeout_ms=60_000)
+    # A step done first, so there is a checkpoint to resume from (on busy shared cores, loading alone takes seconds).
+    page.locator("#jobs-header").get_by_text(re.compile(r"step [1-9]\d*/150")).wait_for(timeout=60_000)
     page.locator("#jobs-cancel:not([disabled])").click()
     stopped = _job_once_the_header_says(page, live_server, "cancelled", timeout_ms=60_000)
     assert stopped["status"] == "cancelled" and 0 < stopped["step"] < 150, stopped
@@ -294,12 +458,12 @@ def test_cancel_then_resume_from_the_jobs_tab(page, live_server: LiveServer) -> 
     finished = _job_once_the_header_says(page, live_server, "succeeded", timeout_ms=240_000)
     assert finished["id"] == stopped["id"], "Resume continues the same job"
     assert finished["status"] == "succeeded" and finished["step"] == 150
-    page.wait_for_function("document.querySelector('#jobs-log textarea').value.includes('resumed from')")
+    page.wait_for_function("(document.querySelector('#jobs-log textarea')?.value ?? '').includes('resumed from')")
 
 
 def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveServer) -> None:
     page.get_by_role("tab", name="Evaluate").click()
-    page.wait_for_function("document.querySelector('#eval-dataset input').value !== ''")
+    page.wait_for_function("(document.querySelector('#eval-dataset input')?.value ?? '') !== ''")
     limit = page.locator("#eval-limit input")
     limit.fill("4")
     limit.press("Tab")
@@ -312,7 +476,7 @@ def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveS
     ).json()["items"]
     assert evals[0]["status"] == "succeeded" and evals[0]["result"]["n"] == 4
     # the finished job becomes the default of the per-item browser
-    page.wait_for_function("document.querySelector('#eval-items-job input').value.includes('succeeded')")
+    page.wait_for_function("(document.querySelector('#eval-items-job input')?.value ?? '').includes('succeeded')")
     page.locator("#eval-load-items").click()
     page.locator("#eval-items").get_by_text("syn-00002").filter(visible=True).first.click()
     page.locator("#eval-item-text").get_by_text("Teacher (crop)").wait_for()
@@ -326,7 +490,7 @@ def test_evaluate_on_a_published_benchmark_shows_its_categories(page, live_serve
 
     write_vstar(live_server.home / "benchmarks" / "vstar")
     page.get_by_role("tab", name="Evaluate").click()
-    page.wait_for_function("document.querySelector('#eval-dataset input').value !== ''")
+    page.wait_for_function("(document.querySelector('#eval-dataset input')?.value ?? '') !== ''")
     page.locator("#eval-benchmark input").click()
     page.get_by_role("option", name="vstar", exact=True).click()
     page.locator("#eval-benchmark-data textarea, #eval-benchmark-data input").first.fill("vstar")
@@ -345,14 +509,22 @@ def test_evaluate_on_a_published_benchmark_shows_its_categories(page, live_serve
 
 
 def test_demo_answers_a_question_about_a_plain_image(page, live_server: LiveServer) -> None:
-    image, sample = _first_sample(live_server)
+    """The sample question is already there and names no box; the answer is an option's text, and the image below it
+    shows where the model looked."""
+    image, _ = _first_sample(live_server)
     page.get_by_role("tab", name="Demo").click()
-    page.wait_for_function("document.querySelector('#demo-model input').value !== ''")
+    page.wait_for_function("(document.querySelector('#demo-model input')?.value ?? '') !== ''")
+    question = page.locator("#demo-question textarea").input_value()
+    assert question and "box" not in question.lower()
     page.locator("#demo-image input[type=file]").set_input_files(image)
     page.locator("#demo-image img").first.wait_for()
-    page.locator("#demo-question textarea").fill(sample["question"])
     page.locator("#demo-ask").click()
-    page.wait_for_function("document.querySelector('#demo-answer textarea').value !== ''", timeout=60_000)
+    page.wait_for_function("(document.querySelector('#demo-answer textarea')?.value ?? '') !== ''", timeout=60_000)
+    answer = page.locator("#demo-answer textarea").input_value()
+    assert re.fullmatch(r"[A-D]\. (red|green|blue|yellow)", answer), answer
+    page.locator("#demo-looked-caption").get_by_text("the model's own evidence crop").wait_for()
+    page.locator("#demo-looked img").first.wait_for()
+    page.wait_for_timeout(500)
     _screenshots(page, "demo")
 
 
@@ -382,7 +554,7 @@ def test_sign_in_page_then_the_studio_then_sign_out(browser, live_server: LiveSe
         account = page.locator("#studio-account")
         account.get_by_text("Signed in as").wait_for()
         assert "local" in account.inner_text() and "admin" in account.inner_text()
-        page.wait_for_function("document.querySelector('#inspect-model input').value !== ''")
+        page.wait_for_function("(document.querySelector('#inspect-model input')?.value ?? '') !== ''")
         cookie = next(c for c in context.cookies() if c["name"] == "vopd_key")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
         assert page.evaluate("document.cookie").find("vopd_key") == -1, "scripts cannot read the key"

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from frontend import render, strings
-from frontend.client import InspectResult, Job
+from frontend import drawing, render, strings
+from frontend.client import Evidence, InspectResult, Job
 from frontend.tabs import demo, evaluate, inspect, jobs, train
 from tests.frontend.conftest import FakeApi, inspect_json, job_json
 from vopd.config import TrainConfig
@@ -27,49 +27,84 @@ def _image(width: int = 64, height: int = 48) -> Image.Image:
     return Image.new("RGB", (width, height), (200, 210, 220))
 
 
+def _image_file(width: int = 64, height: int = 48) -> str:
+    return render.stable_png_path(_image(width, height))
+
+
 # ----------------------------------------------------------------------------- inspect
-def test_drawn_boxes_reach_the_numbers_but_echoes_of_the_uis_own_boxes_do_not() -> None:
-    drawn = {"image": _image(), "boxes": [{"xmin": 5, "ymin": 6, "xmax": 20, "ymax": 30, "label": ""}]}
-    assert inspect.box_after_annotation(drawn) == (5, 6, 20, 30)
-    moved = inspect.annotation_with_box(drawn, (1, 2, 40, 44))
-    assert moved["boxes"] == [
-        {"xmin": 1, "ymin": 2, "xmax": 40, "ymax": 44, "label": "1,2,40,44", "color": "rgb(255, 0, 0)"}
-    ]
-    assert Path(moved["image"]).is_file()  # a finished PNG file, never a PIL image Gradio would re-encode
-    assert inspect.box_after_annotation(moved) is None  # our own echo
-    dragged = {**moved, "boxes": [{**moved["boxes"][0], "xmax": 50}]}  # the user resized our box
-    assert inspect.box_after_annotation(dragged) == (1, 2, 50, 44)
-    assert inspect.relabelled(dragged, (1, 2, 50, 44))["boxes"][0]["label"] == "1,2,50,44"
-    assert inspect.box_after_annotation({"image": _image(), "boxes": []}) is None
-    assert inspect.box_after_annotation(None) is None
+def _upload(tmp_path: Path, width: int = 64, height: int = 48) -> str:
+    """An uploaded image as the studio keeps it: a PNG file path."""
+    path = tmp_path / f"upload-{width}x{height}.png"
+    _image(width, height).save(path)
+    return inspect.on_image_uploaded(str(path))[0]
 
 
-def test_typed_numbers_leave_the_drawing_alone_when_invalid_or_unchanged() -> None:
-    annotation = {"image": _image(), "boxes": [{"xmin": 1, "ymin": 2, "xmax": 3, "ymax": 4, "label": "1,2,3,4"}]}
-    assert inspect.annotation_with_box(annotation, (10, 0, 5, 5)) is None
-    assert inspect.annotation_with_box(annotation, (0, 0, 65, 10)) is None  # outside the 64x48 image
-    assert inspect.annotation_with_box(annotation, (1, 2, 3, 4)) is None
-    assert inspect.annotation_with_box(None, (1, 2, 3, 4)) is None
-
-
-def test_an_upload_gets_a_centred_default_box() -> None:
-    value, box = inspect.annotation_with_default_box({"image": _image(64, 48), "boxes": []})
+def test_an_upload_gets_a_centred_default_box_and_a_stable_png(tmp_path: Path) -> None:
+    source = tmp_path / "photo.jpg"
+    _image(64, 48).save(source)
+    stored, box = inspect.on_image_uploaded(str(source))
     assert box == (16, 12, 48, 36)
-    assert value["boxes"][0]["xmax"] == 48 and inspect.box_after_annotation(value) is None
-    assert inspect.annotation_with_default_box(value) is None  # a box is already there
+    assert stored.endswith(".png") and Image.open(stored).size == (64, 48)
+    with pytest.raises(render.UiInputError, match="Upload an image"):
+        inspect.on_image_uploaded(None)
 
 
-def test_upload_previews_follow_the_box() -> None:
-    student, teacher = inspect.upload_previews({"image": _image(64, 48)}, (10, 10, 30, 20))
+def test_the_surface_shows_the_typed_box_in_percent_of_the_image(tmp_path: Path) -> None:
+    path = _upload(tmp_path, 200, 100)
+    html = inspect.surface(path, (50, 25, 150, 75))
+    assert 'data-width="200" data-height="100" data-box="50,25,150,75"' in html
+    assert "left:25.0000%;top:25.0000%;width:50.0000%;height:50.0000%" in html
+    assert "vopd-box hidden" not in html
+    # An invalid or incomplete box, or "let the model find the evidence": no red box on the image.
+    assert "vopd-box hidden" in inspect.surface(path, (150, 25, 50, 75))
+    assert 'data-box=""' in inspect.surface(path, (50, 25, 150, 75), find_evidence=True)
+    assert "Upload an image" in inspect.surface(None, (1, 2, 3, 4))
+
+
+def test_the_surface_draws_the_models_evidence_with_its_confidence(tmp_path: Path) -> None:
+    path = _upload(tmp_path, 200, 100)
+    evidence = Evidence(box=(20, 10, 60, 50), source="search", confidence=0.8312)
+    html = inspect.surface(path, (0, 0, 1, 1), find_evidence=True, evidence=evidence)
+    assert 'class="vopd-evidence" style="left:10.0000%;top:10.0000%;width:20.0000%;height:40.0000%"' in html
+    assert "the model&#x27;s own evidence crop · confidence 83.1%" in html
+
+
+def test_drag_events_carry_the_box_in_original_pixels() -> None:
+    assert drawing.box_from_event({"box": [5, 6, 20, 30]}) == (5, 6, 20, 30)
+    assert drawing.box_from_event({"box": [20, 6, 5, 30]}) is None  # never an inverted box
+    assert drawing.box_from_event({"box": [5, 6, 5, 30]}) is None  # nor a point or a line
+    assert drawing.box_from_event({"box": ["a", 1, 2, 3]}) is None
+    assert drawing.box_from_event(None) is None
+
+
+@pytest.mark.parametrize(
+    ("size", "width"),
+    [((112, 112), 384), ((64, 32), 384), ((32, 64), 192), ((640, 480), 640), ((4000, 3000), 720)],
+)
+def test_small_images_are_shown_enlarged_and_large_ones_capped(size: tuple[int, int], width: int) -> None:
+    assert drawing.display_width(size) == width
+
+
+def test_the_image_sent_to_the_browser_is_capped_but_the_box_stays_in_original_pixels() -> None:
+    html = drawing.surface_html(_image(3000, 1500), (300, 150, 600, 450))
+    encoded = html.split('src="data:image/png;base64,', 1)[1].split('"', 1)[0]
+    assert Image.open(io.BytesIO(base64.b64decode(encoded))).size == (1024, 512)
+    assert 'data-width="3000" data-height="1500" data-box="300,150,600,450"' in html
+
+
+def test_upload_previews_follow_the_box(tmp_path: Path) -> None:
+    path = _upload(tmp_path, 64, 48)
+    student, teacher = inspect.upload_previews(path, (10, 10, 30, 20))
     # a 20x10 crop doubles to 40x20, then its short side is raised to 28 with the aspect kept
     assert student.size == (64, 48) and teacher.size == (56, 28)
-    assert inspect.upload_previews({"image": _image()}, (None, 1, 2, 3)) == (None, None)
+    assert inspect.upload_previews(path, (None, 1, 2, 3)) == (None, None)
+    assert inspect.upload_previews(None, (1, 1, 2, 3)) == (None, None)
 
 
 def _request(**overrides):
     values = {
         "source": strings.SOURCE_UPLOAD,
-        "annotation": {"image": _image()},
+        "image_path": inspect.on_image_uploaded(_image_file())[0],
         "sample": None,
         "question": " What colour? ",
         "options_text": "red, blue",
@@ -94,15 +129,37 @@ def test_build_request_for_an_upload_sends_the_image_losslessly() -> None:
 
 
 def test_build_request_for_a_dataset_sample_lets_the_server_read_the_image() -> None:
-    request = _request(source=strings.SOURCE_SAMPLE, sample=inspect.SampleRef("synth-64", 3), annotation=None)
+    request = _request(source=strings.SOURCE_SAMPLE, sample=inspect.SampleRef("synth-64", 3), image_path=None)
     assert (request["dataset"], request["sample"]) == ("synth-64", 3)
     assert "image_base64" not in request
+
+
+def test_letting_the_model_find_the_evidence_sends_no_box() -> None:
+    request = _request(find_evidence=True, box_values=(None, None, None, None))
+    assert "bbox" not in request and "image_base64" in request
+    sample = _request(source=strings.SOURCE_SAMPLE, sample=inspect.SampleRef("s", 0), find_evidence=True)
+    assert "bbox" not in sample
+
+
+def test_a_result_names_the_evidence_and_older_servers_without_it_still_parse() -> None:
+    old = InspectResult.model_validate(inspect_json())
+    assert old.evidence is None and inspect.evidence_markdown(old) == ""
+    searched = InspectResult.model_validate(
+        inspect_json() | {"evidence": {"box": [1, 2, 30.4, 40], "source": "search", "confidence": 0.5}}
+    )
+    assert inspect.evidence_markdown(searched) == (
+        "Evidence: the model's own evidence crop · confidence 50.0%, at [1, 2, 30, 40] (pixels of the original image)."
+    )
+    given = InspectResult.model_validate(
+        inspect_json() | {"evidence": {"box": [1, 2, 3, 4], "source": "given", "confidence": None}}
+    )
+    assert "the given box, at [1, 2, 3, 4]" in inspect.evidence_markdown(given)
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"annotation": None}, "Upload an image"),
+        ({"image_path": None}, "Upload an image"),
         ({"model": None}, "Choose a model"),
         ({"question": "  "}, "Type a question"),
         ({"box_values": (30, 2, 1, 40)}, "x1 > x0"),
@@ -132,9 +189,12 @@ def test_render_result_and_token_details() -> None:
     strip, legend, summary, student, teacher = inspect.render_result(result, strings.METRIC_JSD)
     assert [token for token, _ in strip] == ["t0", "t1", "t2"]
     assert strip[1][1] == 1.0 and strip[0][1] == 0.0
-    assert student == "B — B" and teacher == "C — C" and "3 tokens" in summary and "JSD(alpha)" in legend
+    assert student == "B" and teacher == "C" and "3 tokens" in summary and "JSD(alpha)" in legend
+    # with the question's options, an answer is the option's letter and its text
+    _, _, _, student, teacher = inspect.render_result(result, strings.METRIC_JSD, ["red", "green", "blue"])
+    assert (student, teacher) == ("B. green", "C. blue")
     text, student_top, teacher_top = inspect.token_details(result, 1)
-    assert "Position 1" in text and student_top.iloc[0]["token"] == "t1" and teacher_top.iloc[-1]["prob"] == 0.45
+    assert "Position 1" in text and student_top.iloc[0]["token"] == "t1" and teacher_top.iloc[-1]["p"] == "45.0%"
     assert inspect.token_details(result, 7) == (strings.SELECT_TOKEN_HINT, None, None)
 
 
@@ -159,8 +219,8 @@ def test_load_sample_fills_the_form(api: FakeApi) -> None:
             }
         ],
     }
-    question, options, x0, y0, x1, y1, student, teacher, ref = inspect.load_sample(api.client(), "synth-64", 2)
-    assert (question, options, (x0, y0, x1, y1)) == ("Which?", "a\nb", (1, 2, 3, 4))
+    question, options, x0, y0, x1, y1, student, teacher, ref, find = inspect.load_sample(api.client(), "synth-64", 2)
+    assert (question, options, (x0, y0, x1, y1)) == ("Which?", "a\nb", (1, 2, 3, 4)) and find is False
     assert student.size == (8, 8) and ref == inspect.SampleRef("synth-64", 2)
     assert dict(api.requests[0].url.params)["offset"] == "2"
     api.routes["GET /api/datasets/synth-64/samples"] = {"total": 64, "items": []}
@@ -216,7 +276,7 @@ def test_config_from_form_errors_name_the_field(model, dataset, extra, message) 
 def test_equivalents_show_the_cli_and_the_rest_request() -> None:
     config = train.config_from_form("tiny", "synth-64", train.preset_values(strings.PRESET_TINY), "")
     cli, rest = train.equivalents(config, "http://127.0.0.1:8000/")
-    assert cli.startswith("vopd train --model tiny --dataset synth-64 --steps 20")
+    assert cli.startswith("vopd train --model tiny --dataset synth-64 --output runs/studio --steps 20 --batch-size 4")
     assert "--rollout.num_rollouts 1" in cli and "--runtime.device cpu" in cli
     assert "--vision_lr_scale 0.3" in cli
     assert "curl -X POST http://127.0.0.1:8000/api/jobs" in rest
@@ -354,7 +414,7 @@ def test_a_benchmark_job_shows_its_suite_and_categories() -> None:
     )
     table, chart = evaluate.comparison([done])
     assert table.iloc[0]["dataset"] == "vstar:vstar" and table.iloc[0]["full-image acc."] == 0.6
-    assert chart["bar"].tolist() == ["tiny (#4) · full image"]  # no crop bar: there is no box to crop
+    assert chart[evaluate.CHART_X].tolist() == ["tiny (#4) · full image"]  # no crop bar: there is no box to crop
     rows = evaluate.category_rows(done)
     assert rows.values.tolist() == [["direct_attributes", 3, 2 / 3], ["relative_position", 2, 0.5], ["overall", 5, 0.6]]
     assert evaluate.eval_job_choices([done]) == [("#4 tiny on vstar:vstar (succeeded)", 4)]
@@ -386,22 +446,39 @@ def test_comparison_puts_model_and_condition_on_each_bar() -> None:
         )
     )
     table, chart = evaluate.comparison([done])
-    assert chart["bar"].tolist() == ["tiny (#3) · full image", "tiny (#3) · crop"]
+    assert chart[evaluate.CHART_X].tolist() == ["tiny (#3) · full image", "tiny (#3) · crop"]
     assert table.iloc[0]["gap"] == 0.5
 
 
 # ----------------------------------------------------------------------------- demo
-def test_demo_request_asks_about_the_plain_full_image() -> None:
+def test_demo_request_asks_about_the_plain_full_image_with_no_box() -> None:
     request = demo.demo_request(_image(64, 48), "What is written?", "", "tiny", 16)
-    assert request["bbox"] == [0, 0, 64, 48]
+    assert "bbox" not in request  # the server's evidence search says where the model looked
     assert request["views"] == {"draw_box": False, "hint": ""} and request["options"] is None
     with pytest.raises(render.UiInputError, match="Upload an image"):
         demo.demo_request(None, "q", "", "tiny", 16)
 
 
+def test_the_demos_sample_question_needs_no_box() -> None:
+    assert "box" not in strings.DEMO_QUESTION.lower() and render.parse_options(strings.DEMO_OPTIONS)
+
+
 def test_demo_answer_is_the_students_rollout(api: FakeApi) -> None:
     api.routes["POST /api/inspect"] = inspect_json()
-    assert demo.answer(api.client(), {"model": "tiny"}) == "B — B"
+    assert demo.answer(api.client(), {"model": "tiny"}) == "B"
+    assert demo.answer(api.client(), {"model": "tiny", "options": ["red", "green"]}) == "B. green"
+
+
+def test_demo_shows_where_the_model_looked(api: FakeApi) -> None:
+    api.routes["POST /api/inspect"] = inspect_json() | {
+        "evidence": {"box": [8, 8, 24, 24], "source": "search", "confidence": 0.9}
+    }
+    text, looked, caption = demo.ask(api.client(), {"model": "tiny", "options": ["a", "b"]}, _image(32, 32))
+    assert text == "B. b" and looked.size == (384, 384)  # enlarged 12x
+    assert looked.getpixel((8 * 12, 8 * 12 + 30)) == (37, 99, 235)  # the dashed outline's left edge
+    assert caption == "Dashed box: the model's own evidence crop · confidence 90.0%, at [8, 8, 24, 24]."
+    api.routes["POST /api/inspect"] = inspect_json()  # an older server says nothing about evidence
+    assert demo.ask(api.client(), {"model": "tiny"}, _image(32, 32))[1:] == (None, "")
 
 
 # ----------------------------------------------------------------------------- the whole UI
@@ -482,3 +559,165 @@ def test_the_standalone_studio_asks_for_a_key_too() -> None:
         page = client.get("/ui/", headers={"Accept": "text/html"})
         assert page.status_code == 200 and 'id="signin-key"' in page.text  # followed to the sign-in page
         assert client.post("/signin", data={"key": "vopd_x"}).status_code == 401  # the API is unreachable
+
+
+# ----------------------------------------------------------------------------- a newcomer's first minutes
+def _number_components(ui: Any) -> list[Any]:
+    import gradio as gr
+
+    return [block for block in ui.blocks.values() if isinstance(block, gr.Number)]
+
+
+def test_no_number_field_refuses_what_an_empty_field_sends() -> None:
+    """Opening the Jobs tab showed "Error (3): Value 0 is less than minimum value 1." with the job-id field outlined
+    red: an empty Number field reaches Python as 0 (it is an input of the tab's open and of the timer), and a
+    ``minimum`` above that made Gradio refuse every such event."""
+    from frontend.app import build_ui
+
+    fields = _number_components(build_ui("http://api.test"))
+    assert any(field.elem_id == "jobs-job-id" for field in fields)
+    for field in fields:
+        sent = field.value if field.value is not None else 0
+        field.preprocess(sent)  # raises gr.Error for a value below the minimum
+
+
+def test_the_log_tail_shows_the_newest_line_first() -> None:
+    assert render.log_tail(["one", "two", "three"], keep=2) == "three\ntwo"
+
+
+def _snapshot(job: Job, metrics: list[dict[str, Any]], eval_jobs: list[Job] = ()) -> jobs.JobSnapshot:
+    from frontend.client import Metric
+
+    view = jobs.JobView(job.id, metrics=[Metric.model_validate(m) for m in metrics])
+    return jobs.JobSnapshot(job, view, True, True, True, [], list(eval_jobs))
+
+
+def test_an_empty_accuracy_plot_says_what_fills_it() -> None:
+    running = Job.model_validate(job_json(4, status="running", step=2, total_steps=20))
+    snapshot = _snapshot(running, [{"id": 1, "step": 2, "data": {"loss": 0.5}}])
+    assert "run an evaluation of it in the **Evaluate** tab" in jobs.accuracy_empty_note(snapshot)
+    evaluated = Job.model_validate(
+        job_json(
+            9,
+            kind="eval",
+            status="succeeded",
+            config={"model": "job-4/step-2", "dataset": "synth-64"},
+            result={"full_accuracy": 0.5, "crop_accuracy": 0.9, "gap": 0.4, "n": 4},
+        )
+    )
+    assert jobs.accuracy_empty_note(_snapshot(running, [], [evaluated])) == ""
+
+
+def test_curves_share_an_x_range_from_zero_to_the_last_step() -> None:
+    """One metric row at step 2 used to make its plot's whole x axis a single odd label."""
+    job = Job.model_validate(job_json(4, status="running", step=2, total_steps=20))
+    assert jobs.step_range(_snapshot(job, [{"id": 1, "step": 2, "data": {"loss": 0.5}}])) == [0, 20]
+    finished_early = Job.model_validate(job_json(5, status="cancelled", step=3, total_steps=None))
+    assert jobs.step_range(_snapshot(finished_early, [{"id": 1, "step": 3, "data": {}}])) == [0, 10]  # whole ticks
+
+
+def test_empty_states_say_what_to_do() -> None:
+    assert "click a row" in strings.NO_JOB and "Train" in strings.NO_JOB
+    assert "Run evaluation" in strings.EVAL_EMPTY
+
+
+def _eval_job(job_id: int, model: str, **overrides: Any) -> Job:
+    result = {"full_accuracy": 0.5, "crop_accuracy": 0.9, "gap": 0.4, "n": 4}
+    return Job.model_validate(
+        job_json(job_id, kind="eval", status="succeeded", config={"model": model, "dataset": "d"}, result=result)
+        | overrides
+    )
+
+
+def test_evaluations_read_base_first_then_trained_by_step() -> None:
+    picked = [_eval_job(7, "job-2/final"), _eval_job(8, "job-2/step-10"), _eval_job(9, "tiny")]
+    table, chart = evaluate.comparison(picked)
+    assert table["model"].tolist() == ["tiny", "job-2/step-10", "job-2/final"]
+    assert chart[evaluate.CHART_X].tolist()[:2] == ["tiny (#9) · full image", "tiny (#9) · crop"]
+    order = evaluate.chart_update(chart)["sort"]  # pinned: Vega-Lite would sort the labels alphabetically
+    assert order[0] == "tiny (#9) · full image" and order[-1] == "job-2/final (#7) · crop" and len(order) == 6
+
+
+def test_the_chart_has_axis_titles_and_a_legend_with_swatches() -> None:
+    from frontend.app import build_ui
+
+    ui = build_ui("http://api.test")
+    chart = next(block for block in ui.blocks.values() if getattr(block, "elem_id", None) == "eval-chart")
+    assert chart.x == evaluate.CHART_X != "bar" and chart.x_title and chart.y_title == "accuracy"
+    assert chart.color_map == render.CONDITION_COLORS
+    legend = render.condition_legend_html()
+    for name, color in render.CONDITION_COLORS.items():
+        assert f"background:{color}" in legend and name in legend
+
+
+def test_evaluation_defaults_to_data_the_model_did_not_train_on() -> None:
+    train_job = Job.model_validate(job_json(2, kind="train", status="succeeded"))  # trained on synth-64
+    trained = evaluate.trained_on(["tiny", "job-2/final", "job-2/step-10", "job-9/final"], [train_job])
+    assert trained == {"job-2/final": "synth-64", "job-2/step-10": "synth-64"}
+    assert evaluate.held_out_dataset("synth-64", ["synth-64", "ds-held"], trained) == "ds-held"
+    assert evaluate.held_out_dataset("ds-held", ["synth-64", "ds-held"], trained) == "ds-held"
+    # nothing else to evaluate on: keep it, and warn
+    assert evaluate.held_out_dataset("synth-64", ["synth-64"], trained) == "synth-64"
+    warning = evaluate.trained_on_warning("synth-64", trained)
+    assert "`job-2/final`, `job-2/step-10` trained on `synth-64`" in warning
+    assert evaluate.trained_on_warning("ds-held", trained) == ""
+    assert evaluate.trained_on_warning("synth-64", {}) == ""
+
+
+def test_the_train_form_offers_the_trackers() -> None:
+    values = train.preset_values(strings.PRESET_TINY)
+    index = [spec.path for spec in train.FIELDS].index("report_to")
+    assert values[index] == []
+    values[index] = ["tensorboard", "mlflow"]
+    config = train.config_from_form("tiny", "synth-64", values, "")
+    assert config.report_to == ["tensorboard", "mlflow"]
+    assert "--report-to tensorboard,mlflow" in train.equivalents(config, "http://x")[0]
+    assert train.request_body(config)["config"]["report_to"] == ["tensorboard", "mlflow"]
+
+
+def test_the_cli_commands_flags_are_spelled_as_vopd_train_spells_them() -> None:
+    """The Train tab's command used --batch_size where the CLI (and README) say --batch-size."""
+    from vopd.cli import build_parser
+    from vopd.config import CLI_FLAGS
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    own = {action.dest: action.option_strings[0] for action in train_parser._actions if action.option_strings}
+    for field, flag in CLI_FLAGS.items():
+        assert own[field] == flag
+    config = train.config_from_form("tiny", "synth-64", train.preset_values(strings.PRESET_TINY), "")
+    cli = train.equivalents(config, "http://x")[0]
+    assert "--batch-size 4" in cli and "--batch_size" not in cli and "--output runs/studio" in cli
+
+
+def test_after_a_box_free_run_the_previews_are_what_the_model_saw(tmp_path: Path) -> None:
+    path = _upload(tmp_path, 64, 48)
+    searched = Evidence(box=(0, 0, 32, 24), source="search", confidence=0.9)
+    student, teacher = inspect.upload_previews(path, (None, None, None, None), searched)
+    assert student.size == (64, 48) and student.getpixel((33, 10)) == (200, 210, 220)  # no red outline drawn
+    assert teacher.size[0] > 32  # the chosen crop, upscaled
+    given = Evidence(box=(10, 10, 30, 20), source="given")
+    assert inspect.upload_previews(path, (10, 10, 30, 20), given)[1].size == (56, 28)
+
+
+def test_a_job_on_several_devices_or_machines_asks_for_them_as_the_server_checks(api: FakeApi) -> None:
+    from app.schemas import TrainJobCreate
+
+    values = train.preset_values(strings.PRESET_TINY)  # batch size 4
+    config = train.config_from_form("tiny", "synth-64", values, "")
+    assert "resources" not in train.request_body(config)
+    two = train.request_body(config, gpus=2)
+    assert two["resources"] == {"gpus": 2}
+    four = train.request_body(config, gpus=2, nodes=2)
+    assert four["resources"] == {"gpus": 2, "nodes": 2}
+    for body in (two, four):  # the server accepts exactly what the studio sends
+        TrainJobCreate.model_validate(body)
+    cli, rest = train.equivalents(config, "http://x", gpus=2)
+    assert cli.endswith("--nproc 2") and '"resources"' in rest
+    cli, _ = train.equivalents(config, "http://x", gpus=2, nodes=2)
+    assert cli.startswith("# over several machines")
+    refused, _ = train.preview("tiny", "synth-64", values, "", "http://x", gpus=3)
+    assert refused.startswith("# batch size 4 must be a multiple of the 3 training processes")
+
+    api.routes["POST /api/jobs"] = httpx.Response(201, json=job_json(12, status="queued"))
+    train.submit(api.client(), "tiny", "synth-64", values, "", gpus=2, nodes=2)
+    assert api.bodies("POST /api/jobs")[0]["resources"] == {"gpus": 2, "nodes": 2}

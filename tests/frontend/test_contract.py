@@ -11,7 +11,7 @@ from pydantic import BaseModel, TypeAdapter
 from app import schemas
 from app.routers.keys import KeyOut
 from frontend import client
-from vopd.token_inspection import InspectResult, TokenRecord, TopToken
+from vopd.token_inspection import EvidenceInfo, InspectResult, TokenRecord, TopToken
 
 PAIRS: list[tuple[type[BaseModel], Any]] = [
     (client.Job, schemas.JobOut),
@@ -31,6 +31,7 @@ PAIRS: list[tuple[type[BaseModel], Any]] = [
     (client.TopToken, TopToken),
     (client.TokenRecord, TokenRecord),
     (client.InspectResult, InspectResult),
+    (client.Evidence, EvidenceInfo),
 ]
 
 

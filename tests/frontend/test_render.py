@@ -68,13 +68,73 @@ def test_topk_frame_has_log_ratio_where_both_sides_list_the_token_and_a_tail_row
     student, teacher = render.topk_tables(record)
     assert list(student.columns) == strings.TOPK_COLUMNS
     shared = student.iloc[0]
-    assert shared["token"] == "A" and shared["Δ log p vs other"] == pytest.approx(math.log(0.6 / 0.3), abs=1e-4)
-    assert teacher.iloc[0]["Δ log p vs other"] == pytest.approx(-math.log(0.6 / 0.3), abs=1e-4)
+    assert shared["token"] == "A" and shared["Δ log p"] == f"{math.log(0.6 / 0.3):+.3g}" == "+0.693"
+    assert teacher.iloc[0]["Δ log p"] == "-0.693"
     only_student = student.iloc[1]
     assert only_student["token"] == "x" and only_student["note"] == strings.TOPK_NOT_LISTED
-    assert math.isnan(only_student["Δ log p vs other"])
-    assert student.iloc[-1]["token"] == strings.TOPK_TAIL and student.iloc[-1]["prob"] == pytest.approx(0.2)
-    assert teacher.iloc[-1]["prob"] == pytest.approx(0.45)
+    assert only_student["Δ log p"] == ""
+    assert student.iloc[-1]["token"] == strings.TOPK_TAIL and student.iloc[-1]["p"] == "20.0%"
+    assert teacher.iloc[-1]["p"] == "45.0%"
+
+
+@pytest.mark.parametrize(
+    ("prob", "text"),
+    [
+        (0.6, "60.0%"),
+        (0.123456, "12.3%"),
+        (0.00412, "0.412%"),
+        (0.0001234, "0.0123%"),
+        (3.1e-7, "3.10e-05%"),  # rounded to 4 decimals, every one of these used to print as 0
+        (0.99999, "100%"),
+        (1.0, "100%"),
+        (0.0, "0%"),
+    ],
+)
+def test_probabilities_show_three_significant_figures(prob: float, text: str) -> None:
+    assert render.probability_text(prob) == text
+
+
+@pytest.mark.parametrize(
+    ("token", "shown"),
+    [
+        ("\n", "<0x0A>"),
+        ("a\tb", "a<0x09>b"),
+        ("\x7f", "<0x7F>"),
+        ("\ufffd", "<byte>"),  # one byte of a multi-byte character, decoded alone
+        (" the", " the"),
+        ("é", "é"),
+        ("", render.EMPTY_TOKEN),
+    ],
+)
+def test_unprintable_tokens_show_by_their_byte_value(token: str, shown: str) -> None:
+    assert render.display_token(token) == shown
+
+
+def test_every_topk_column_has_a_one_line_explanation_and_short_headers() -> None:
+    help_text = render.topk_columns_help()
+    assert help_text.count("\n") == len(strings.TOPK_COLUMNS) - 1
+    assert "**Δ log p**: log p(this side) − log p(other side)" in help_text
+    assert "&lt;0xNN&gt;" in help_text and "<0xNN>" not in help_text  # markdown would take it for an HTML tag
+    assert all(len(name) <= 7 for name in strings.TOPK_COLUMNS)  # no header wraps (it used to read "ran k")
+
+
+@pytest.mark.parametrize(
+    ("text", "choice", "options", "shown"),
+    [
+        ("B", "B", ["red", "green"], "B. green"),
+        ("Answer: B", "B", ["red", "green"], "B. green"),
+        ("B", "B", None, "B"),
+        ("a small red circle", None, None, "a small red circle"),
+        ("", None, None, "(empty)"),
+    ],
+)
+def test_answers_show_the_options_text_with_its_letter(text, choice, options, shown) -> None:
+    assert render.answer_text(text, choice, options) == shown
+
+
+def test_an_open_question_answered_with_a_bare_letter_is_flagged() -> None:
+    shown = render.answer_text("B", None, None)
+    assert shown.startswith("B (a bare letter, though no options were given")
 
 
 def test_details_and_summary_point_at_argmax_disagreements() -> None:
@@ -271,7 +331,8 @@ def test_eval_table_chart_and_items() -> None:
     ]
     rows = render.item_rows(records)
     assert rows.iloc[0][["✓ student", "✓ teacher"]].tolist() == ["✗", "✓"]
-    assert "Teacher (crop): B — B ✓" in render.item_markdown(records[0])
+    assert "Teacher (crop): B. b ✓" in render.item_markdown(records[0])
+    assert rows.iloc[0]["teacher"] == "B. b"
 
 
 def test_image_from_data_url_round_trip() -> None:

@@ -1,0 +1,131 @@
+"""What the service's names stand for on disk, read straight from ``VOPD_HOME``: no database, no web code.
+
+The REST API names models (``tiny``, ``job-3/final``, ``job-3/step-20``) and datasets (``synth-64``, ``ds-1a2b3c``)
+rather than paths. The studio shows the equivalent ``vopd train`` command with those same names, so the CLI must
+understand them too: this module maps a name to the folder or file the service keeps it in, with the same layout
+the service writes (``$VOPD_HOME/models/NAME``, ``$VOPD_HOME/datasets/ID/data.jsonl``,
+``$VOPD_HOME/artifacts/jobs/N/{final,checkpoints/step-M}``). The service adds ownership checks on top
+(``app.registry``); the CLI runs as the machine's user, who may read every folder anyway.
+
+A path that exists always wins over a name, so every command keeps accepting plain paths exactly as before.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+DEFAULT_HOME = "~/.vopd"
+JOB_MODEL_NAME = re.compile(r"^job-(\d+)/(final|step-(\d+))$")
+MODEL_MARKERS = ("config.json", "adapter_config.json")
+DATA_FILE = "data.jsonl"
+
+
+def vopd_home(environ: Mapping[str, str] | None = None) -> Path:
+    """``VOPD_HOME`` (default ``~/.vopd``), absolute: the service's own default, so both read the same folders."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get("VOPD_HOME") or DEFAULT_HOME).expanduser().resolve()
+
+
+def models_dir(home: Path) -> Path:
+    return home / "models"
+
+
+def datasets_dir(home: Path) -> Path:
+    return home / "datasets"
+
+
+def job_dir(home: Path, job_id: int) -> Path:
+    """Where the service keeps job ``job_id``'s run folder (its output)."""
+    return home / "artifacts" / "jobs" / str(job_id)
+
+
+def parse_job_model_name(name: str) -> tuple[int, int | None] | None:
+    """(job id, checkpoint step or None for final) of a model name made from a job's weights; None for others."""
+    match = JOB_MODEL_NAME.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(3)) if match.group(3) else None
+
+
+def is_model_folder(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / marker).is_file() for marker in MODEL_MARKERS)
+
+
+def base_model_names(root: Path) -> list[str]:
+    """Model folders directly under ``root`` (VOPD_HOME/models), or one level deeper (``org/name``)."""
+    if not root.is_dir():
+        return []
+    names = []
+    for child in sorted(root.iterdir()):
+        if is_model_folder(child):
+            names.append(child.name)
+        elif child.is_dir():
+            names.extend(
+                f"{child.name}/{grandchild.name}"
+                for grandchild in sorted(child.iterdir())
+                if is_model_folder(grandchild)
+            )
+    return names
+
+
+def job_model_folder(home: Path, job_id: int, step: int | None) -> Path:
+    """The folder a ``job-N/final`` or ``job-N/step-M`` name stands for (the trainer's run-folder layout)."""
+    run = job_dir(home, job_id)
+    return run / "final" if step is None else run / "checkpoints" / f"step-{step}"
+
+
+def dataset_data_file(folder: Path) -> Path | None:
+    """An uploaded dataset's data file: data.jsonl at the root or inside a single top-level folder, else the only
+    JSONL or parquet file at the root (the layouts an upload is accepted in)."""
+    candidates = [folder / DATA_FILE]
+    children = [child for child in folder.iterdir() if not child.name.startswith(("__MACOSX", "."))]
+    if len(children) == 1 and children[0].is_dir():
+        candidates.append(children[0] / DATA_FILE)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    roots = sorted(folder.glob("*.jsonl")) + sorted(folder.glob("*.parquet"))
+    return roots[0] if len(roots) == 1 else None
+
+
+def resolve_model_name(name: str, home: Path | None = None) -> Path | None:
+    """The model folder for ``name``: an existing path as is, else a service name (``tiny``, ``org/name``,
+    ``job-N/final``, ``job-N/step-M``) under VOPD_HOME; None when it is neither."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    home = vopd_home() if home is None else home
+    source = parse_job_model_name(name)
+    if source is not None:
+        folder = job_model_folder(home, *source)
+        return folder if is_model_folder(folder) else None
+    if path.is_absolute() or ".." in path.parts:
+        return None
+    folder = models_dir(home) / path
+    return folder if is_model_folder(folder) else None
+
+
+def resolve_dataset_name(name: str, home: Path | None = None) -> Path | None:
+    """The data file for ``name``: an existing path as is, else the dataset id's file under VOPD_HOME/datasets."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if path.is_absolute() or len(path.parts) != 1 or name in (".", ".."):
+        return None
+    home = vopd_home() if home is None else home
+    folder = datasets_dir(home) / name
+    return dataset_data_file(folder) if folder.is_dir() else None
+
+
+def names_hint(home: Path) -> str:
+    """Where valid names come from, for an error message."""
+    models = ", ".join(base_model_names(models_dir(home))[:8]) or "none"
+    root = datasets_dir(home)
+    datasets = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())[:8]) if root.is_dir() else ""
+    return (
+        f"give a path, or a name the service knows in VOPD_HOME={home} (models: {models}; job-N/final, "
+        f"job-N/step-M; datasets: {datasets or 'none'})"
+    )
