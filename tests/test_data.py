@@ -138,7 +138,7 @@ BAD_RECORDS: dict[str, tuple[dict[str, Any] | str, str, str]] = {
     "bbox negative": (good_record(id="s2", bbox=[-1, 0, 5, 5]), "bbox", "outside"),
     "bbox inverted": (good_record(id="s2", bbox=[20, 10, 10, 20]), "bbox", "inverted"),
     "bbox zero area": (good_record(id="s2", bbox=[10, 10, 10, 20]), "bbox", "zero area"),
-    "bbox missing without crop": (good_record(id="s2", bbox=...), "bbox", "missing"),
+    "hidden_bbox inverted": (good_record(id="s2", hidden_bbox=[20, 10, 10, 20]), "hidden_bbox", "inverted"),
     "answer not an option": (good_record(id="s2", answer="purple"), "answer", "neither one of the options"),
     "answer letter out of range": (good_record(id="s2", answer="E"), "answer", "beyond the 4 options"),
     "one option": (good_record(id="s2", options=["red"], answer="red"), "options", "at least 2"),
@@ -262,8 +262,10 @@ def test_sample_validates_itself() -> None:
     assert sample.answer == "B" and sample.answer_index == 1  # option text wins over the letter
     lettered = Sample(id="x", question="q", options=["u", "v"], answer="b", bbox=(0, 0, 1, 1), image_bytes=image)
     assert lettered.answer == "v"
-    with pytest.raises(ValidationError, match="bbox is required unless"):
-        Sample(id="x", question="q", image_bytes=image)
+    plain = Sample(id="x", question="q", image_bytes=image)  # a plain VQA item: its crop is searched for
+    assert plain.bbox is None and plain.hidden_bbox is None and plain.search_box is None
+    with pytest.raises(ValidationError, match="hidden_bbox"):
+        Sample(id="x", question="q", hidden_bbox=(5, 0, 1, 1), image_bytes=image)
     with pytest.raises(ValidationError, match="exactly one of image_path and image_bytes"):
         Sample(id="x", question="q", bbox=(0, 0, 1, 1))
     with pytest.raises(ValidationError, match="inverted"):
@@ -368,3 +370,24 @@ def test_parquet_chat_prompt_extra_info_answer_and_path_lists(tmp_path: Path) ->
     (sample,) = load_dataset(write_parquet(tmp_path / "train.parquet", rows))
     assert (sample.question, sample.answer) == ("How many wheels?", "4")
     assert sample.crop_path == (tmp_path / "crops" / "c.png").resolve()
+
+
+def test_plain_vqa_jsonl_without_box_or_answer_loads_and_hidden_box_is_checked(tmp_path: Path) -> None:
+    """A JSONL of plain VQA items (image, question, options; no box, no answer) loads: vopd.evidence finds the crop.
+    ``hidden_bbox`` (evaluation only) is read, and checked against the image like a box."""
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    lines = [
+        {"id": "p1", "image": "a.png", "question": "What color is the circle?", "options": ["red", "blue"]},
+        {"id": "p2", "image": "a.png", "question": "q", "options": ["red", "blue"], "hidden_bbox": [0, 0, 4, 4]},
+    ]
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    samples = load_dataset(path)
+    assert [s.bbox for s in samples] == [None, None] and [s.answer for s in samples] == [None, None]
+    assert samples[1].hidden_bbox == (0.0, 0.0, 4.0, 4.0)
+
+    lines[1]["hidden_bbox"] = [0, 0, 4000, 4]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    issues = validate_dataset(path)
+    assert [(issue.line, issue.field) for issue in issues] == [(2, "hidden_bbox")]
+    assert "outside" in issues[0].message

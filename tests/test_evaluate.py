@@ -107,3 +107,42 @@ def test_reasoning_before_the_answer_is_not_read_as_the_answer() -> None:
     text = _without_reasoning("<think>\nMaybe A, maybe C.\n</think>\n\nB")
     assert text == "B" and parse_choice(text, ["red", "green", "blue"]) == 1
     assert _without_reasoning(" C ") == "C"
+
+
+def test_box_free_items_report_full_oracle_crop_and_searched_crop(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """A `synth --no-box` set: full = the plain image, crop = the hidden box (the oracle), searched = the crop the
+    model's own search chose, with how often it held the hidden box's centre."""
+    from vopd.synth import SynthConfig, generate_dataset
+    from vopd.views import teacher_view
+
+    data = generate_dataset(tmp_path / "nb", SynthConfig(n=4, seed=3, no_box=True))
+    calls = []
+    from vopd import evaluate as evaluate_module
+
+    original_generate = evaluate_module.generate_answers
+
+    def spy(loaded, views, options, *, max_new_tokens):
+        calls.append([view.text for view in views])
+        return original_generate(loaded, views, options, max_new_tokens=max_new_tokens)
+
+    monkeypatch.setattr(evaluate_module, "generate_answers", spy)
+    config = EvalConfig(model=str(tiny_model_dir), dataset=str(data), max_new_tokens=4, views={"search_windows": [0.5]})
+    result = evaluate(config)
+    summary = result.summary
+    assert {"searched_accuracy", "searched_confidence", "searched_centre_hit", "searched_iou"} <= set(summary)
+    assert 0.0 <= summary["searched_centre_hit"] <= 1.0 and 0.0 <= summary["searched_confidence"] <= 1.0
+    assert all("red bounding box" not in text for batch in calls for text in batch)  # no box, no hint anywhere
+    record = result.records[0]
+    x0, y0, x1, y1 = record["searched_box"]
+    assert (x1 - x0, y1 - y0) == (56, 56)
+
+    # The crop condition is the hidden box's crop, exactly.
+    from vopd.data import load_dataset
+    from vopd.evaluate import oracle_sample
+
+    sample = load_dataset(data)[0]
+    oracle = oracle_sample(sample, config.views)
+    assert oracle is not None and oracle.search_box == sample.hidden_bbox
+    assert teacher_view(oracle, config.views).image.size == (48, 48)  # the 24 px box, upscaled 2x
+    without = EvalConfig(model=str(tiny_model_dir), dataset=str(data), max_new_tokens=4, searched_crop=False)
+    assert "searched_accuracy" not in evaluate(without).summary

@@ -15,6 +15,7 @@ from vopd.data import load_dataset
 from vopd.reproduce import (
     ReproduceSettings,
     arm_train_config,
+    box_free_headline,
     format_table,
     gap_closed,
     headline_numbers,
@@ -130,3 +131,55 @@ def test_reproduce_runs_end_to_end_on_a_tiny_budget(tmp_path: Path, capsys) -> N
     # ...but not with other settings, whose numbers would be mixed with these.
     assert main([*argv, "--lr", "3e-4"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the box-free experiment (--box-free)
+def test_box_free_data_hide_the_box_from_every_arm_but_true_box(tmp_path: Path) -> None:
+    settings = ReproduceSettings(train_items=6, eval_items=4, box_free=True)
+    paths = prepare_data(tmp_path, settings)
+    train, true_box = load_dataset(paths["train"]), load_dataset(paths["train_true_box"])
+    labelled, control = load_dataset(paths["train_labelled"]), load_dataset(paths["no_privilege"])
+    fresh = load_dataset(paths["fresh"])
+    assert all(s.bbox is None and s.answer is None and not s.has_crop for s in train)  # plain VQA: search
+    assert [s.bbox for s in true_box] == [s.hidden_bbox for s in train]
+    assert all(s.answer is None and s.hidden_bbox is None for s in true_box + control)
+    assert all(s.answer and s.bbox is None for s in labelled)
+    assert all(s.hidden_bbox is not None and s.bbox is None and s.answer for s in fresh)
+    assert all(s.question.startswith("What shape is the ") for s in train)
+    plain = ViewConfig(draw_box=False, hint="")
+    assert ImageChops.difference(control[0].load_crop(), student_view(train[0], plain).image).getbbox() is None
+
+    configs = {
+        arm: arm_train_config(arm, Path("base"), paths, tmp_path / arm, 0, settings)
+        for arm in ("box_free", "true_box", "no_privilege")
+    }
+    assert configs["box_free"].dataset == str(paths["train"]) and configs["box_free"].views.evidence == "search"
+    assert configs["true_box"].dataset == str(paths["train_true_box"]) and configs["true_box"].views.evidence == "box"
+    assert configs["no_privilege"].dataset == str(paths["no_privilege"])
+    for config in configs.values():  # the same recipe; no arm draws a box or adds the hint
+        assert config.views.draw_box is False and config.views.hint == ""
+        assert config.teacher == configs["box_free"].teacher and config.divergence == configs["box_free"].divergence
+
+
+def test_box_free_headline_checks_its_goal() -> None:
+    base = {"heldout": summary(0.6, 1.0), "fresh": {**summary(0.6, 1.0), "searched_accuracy": 0.9}}
+    base["fresh"]["searched_centre_hit"] = 0.85
+
+    def run(seed: int, full: float, crop: float = 1.0) -> dict:
+        return {"seed": seed, "eval": {"heldout": summary(full, crop), "fresh": summary(full, crop)}}
+
+    results = {
+        "box_free": [run(0, 0.68), run(1, 0.70, 0.98)],
+        "true_box": [run(0, 0.72), run(1, 0.72)],
+        "sft": [run(0, 0.74)],
+        "no_privilege": [run(0, 0.60)],
+    }
+    headline = box_free_headline(summarize_arms(base, results), base)
+    assert headline["box_free_gap_closed"] == pytest.approx(0.225)
+    assert headline["true_box_gap_closed"] == pytest.approx(0.30)
+    assert headline["box_free_vs_true_box"] == pytest.approx(0.75)
+    assert headline["box_free_crop_drop"] == pytest.approx(0.01)
+    assert headline["sft_gap_closed"] == pytest.approx(0.35) and headline["no_privilege_gap_closed"] == 0.0
+    assert headline["searched_before"] == 0.9 and headline["goal_met"] is True
+    results["box_free"] = [run(0, 0.64)]  # 0.10 of the gap: a third of the true box's
+    assert box_free_headline(summarize_arms(base, results), base)["goal_met"] is False

@@ -286,3 +286,51 @@ def test_cli_empty_backgrounds_folder(tmp_path: Path, capsys: pytest.CaptureFixt
     status = main(["synth", "--output", str(tmp_path / "x"), "--n", "3", "--backgrounds", str(tmp_path / "empty")])
     assert status == 2
     assert "holds no images" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the box-free world (--no-box)
+def test_no_box_question_names_a_unique_target_and_answers_are_balanced() -> None:
+    config = SynthConfig(n=80, seed=3, no_box=True)
+    letters: Counter[int] = Counter()
+    named: Counter[str] = Counter()
+    for index in range(config.n):
+        scene = plan_item(config, index)
+        _, record = generate_item(config, index)
+        color = scene.target.color
+        assert record["question"] == f"What shape is the {color} object?"
+        assert all(d.color != color for d in scene.distractors)  # the only object of its colour: no box needed
+        assert config.distractors[0] <= len(scene.distractors) <= config.distractors[1]  # same clutter
+        assert record["options"] == list(SHAPE_OPTIONS)
+        assert record["answer"] == scene.target.kind == SHAPE_OPTIONS[scene.answer_index]
+        assert "bbox" not in record and record["hidden_bbox"] == list(scene.bbox)  # the box: evaluation only
+        letters[scene.answer_index] += 1
+        named[color] += 1
+    assert all(abs(letters[letter] - config.n / 4) <= 1 for letter in range(4))
+    assert set(named) == set(PALETTE)
+
+
+def test_no_box_target_colour_is_drawn_at_the_hidden_box_centre() -> None:
+    config = SynthConfig(n=6, seed=5, no_box=True)
+    for index in range(config.n):
+        image, record = generate_item(config, index)
+        x0, y0, x1, y1 = record["hidden_bbox"]
+        centre = np.asarray(image)[(y0 + y1) // 2, (x0 + x1) // 2][None, None, :]
+        assert f"the {PALETTE_NAMES[int(nearest_palette(centre)[0, 0])]} object" in record["question"]
+
+
+def test_no_box_keeps_the_box_world_unchanged_and_refuses_shape_questions() -> None:
+    boxed = plan_item(SynthConfig(n=1, seed=9), 0)
+    assert plan_item(SynthConfig(n=1, seed=9, no_box=True), 0).bbox == boxed.bbox  # same geometry stream
+    with pytest.raises(ValidationError, match="leave question unset"):
+        SynthConfig(n=1, no_box=True, question="shape")
+
+
+def test_cli_no_box_writes_hidden_boxes_and_its_own_regeneration_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["synth", "--output", str(tmp_path / "nb"), "--n", "8", "--seed", "2", "--no-box"]) == 0
+    assert "A=2 B=2 C=2 D=2" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "nb" / "data.jsonl").read_text().splitlines()]
+    assert all("hidden_bbox" in r and "bbox" not in r for r in records)
+    readme = (tmp_path / "nb" / "README.md").read_text()
+    assert "--no-box" in readme and "hidden_bbox" in readme

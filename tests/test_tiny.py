@@ -22,6 +22,7 @@ from vopd.tiny import (
     pretrain,
     sample_from_item,
     shipped_base_model_dir,
+    shipped_no_box_model_dir,
     supervised_loss,
 )
 from vopd.views import to_messages
@@ -143,3 +144,67 @@ def test_shipped_base_sees_crops_and_shows_a_gap(tmp_path: Path) -> None:
     assert summary["crop_accuracy"] - summary["full_accuracy"] >= 0.10
     assert summary["full_accuracy"] >= 0.35  # well above chance (0.25)
     assert max(summary["full_letters"].values()) <= 0.45 * 64  # no letter collapse
+
+
+# --------------------------------------------------------------------------- the box-free world's pretraining
+def test_no_box_views_windows_hold_the_target_and_decoys_miss_it() -> None:
+    config = SynthConfig(n=6, seed=11, no_box=True)
+    for index in range(config.n):
+        sample = sample_from_item(*generate_item(config, index))
+        x0, y0, x1, y1 = sample.bbox  # the hidden box: pretraining is supervised and may use it
+        full = make_view("full", sample, world="no_box")
+        assert full.image.tobytes() == sample.load_image().tobytes()  # no box drawn
+        assert "bounding box" not in full.text and full.text.startswith("What shape is the ")
+        for kind in ("crop", "window", "decoy"):
+            assert make_view(kind, sample, index=index, world="no_box").text == full.text
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        holding = _windows_of(sample, holding=True)
+        missing = _windows_of(sample, holding=False)
+        assert holding and missing
+        assert all(w[0] <= cx - 7 and w[2] > cx + 7 for w in holding)
+        assert all(not (w[0] <= cx < w[2] and w[1] <= cy < w[3]) for w in missing)
+
+
+def _windows_of(sample, holding: bool):
+    from vopd.tiny import _grid_windows
+
+    return _grid_windows(sample, holding)
+
+
+def test_unsure_rows_are_taught_every_letter_equally(tmp_path: Path) -> None:
+    """A decoy row (letter None) is trained towards equal mass on A-D at the letter's position, where a labelled row
+    is trained towards its letter: the search's confidence is then low where the target is not."""
+    from vopd.evidence import view_confidences
+
+    model_dir = build_tiny(tmp_path / "tiny", seed=1, world="no_box")
+    sample = sample_from_item(*generate_item(SynthConfig(n=1, seed=2, no_box=True), 0))
+    view = make_view("decoy", sample, world="no_box")
+    confidence = {}
+    for letter in ("A", None):
+        loaded = load_model_and_processor(model_dir, CPU, trainable=True, freeze_vision_tower=False)
+        assert "Ġpurple" in loaded.tokenizer.get_vocab()  # the box-free questions' words are whole tokens
+        optimizer = torch.optim.AdamW([p for p in loaded.model.parameters() if p.requires_grad], lr=3e-3)
+        for _ in range(30):
+            optimizer.zero_grad()
+            supervised_loss(loaded, [view], [letter]).backward()
+            optimizer.step()
+        (confidence[letter],) = view_confidences(loaded, [view], [sample.options], max_new_tokens=4)
+    assert confidence["A"] > 0.9  # sure of its letter
+    assert 0.2 < confidence[None] < 0.4  # about a quarter for each of the four letters
+
+
+NO_BOX_BASE = shipped_no_box_model_dir()
+
+
+def test_shipped_no_box_base_is_small_fp16_and_reads_the_oracle_crop(tmp_path: Path) -> None:
+    """The box-free world's base: under 20 MB of fp16 weights whose tokenizer speaks the box-free questions, and
+    sure of the answer on the oracle crop (the hidden box). docs/reproduction.md has its full-image numbers."""
+    files = [path for path in NO_BOX_BASE.rglob("*") if path.is_file()]
+    assert sum(path.stat().st_size for path in files) < 20 * 2**20
+    assert all(t.dtype == torch.float16 for t in _weights(NO_BOX_BASE).values())
+    assert (NO_BOX_BASE / "BUILD.md").is_file()
+    data = generate_dataset(tmp_path / "data", SynthConfig(n=48, seed=4243, no_box=True))
+    config = EvalConfig(model=str(NO_BOX_BASE), dataset=str(data), batch_size=48, runtime=CPU, searched_crop=False)
+    summary = evaluate(config).summary
+    assert summary["crop_accuracy"] >= 0.9
+    assert max(summary["crop_letters"].values()) <= 0.4 * 48

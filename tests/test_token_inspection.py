@@ -112,3 +112,51 @@ def test_inspect_cli_prints_a_table(tiny_model_dir, image, tmp_path, capsys) -> 
         main(["inspect", "--model", str(tiny_model_dir), "--image", str(path), "--question", "q", "--bbox", "1,2,3"])
         == 2
     )
+
+
+def test_without_a_box_the_search_chooses_the_teachers_crop(tiny_model_dir, loaded, image, monkeypatch) -> None:
+    """No box: the teacher's crop is the search's choice (here the window the scorer prefers), the student sees the
+    plain image and question, and the result says where the crop came from."""
+    import vopd.evidence as evidence
+
+    def prefer_the_shape(loaded, views, options, *, max_new_tokens, model=None):  # share of green pixels
+        shares = []
+        for view in views:
+            pixels = view.image.convert("RGB").resize((28, 28))
+            green = sum(
+                1 for x in range(28) for y in range(28) if pixels.getpixel((x, y))[1] > 150 > pixels.getpixel((x, y))[0]
+            )
+            shares.append(green / 784)
+        return shares
+
+    monkeypatch.setattr(evidence, "view_confidences", prefer_the_shape)
+    result = inspect_sample(config(tiny_model_dir, bbox=None, views={"search_windows": [0.25]}), image, loaded=loaded)
+    assert result.evidence is not None and result.evidence.source == "search"
+    assert result.evidence.confidence > 0.1
+    x0, y0, x1, y1 = result.evidence.box
+    assert x0 <= 46 < x1 and y0 <= 46 < y1  # holds the green circle's centre
+    assert "red bounding box" not in result.student_prompt and result.student_prompt == result.teacher_prompt
+    given = inspect_sample(config(tiny_model_dir), image, loaded=loaded)
+    assert given.evidence is not None and (given.evidence.source, given.evidence.confidence) == ("given", None)
+    assert given.evidence.box == (34, 34, 58, 58)
+
+
+def test_inspect_cli_without_bbox_prints_the_searched_crop(tiny_model_dir, image, tmp_path, capsys) -> None:
+    path = tmp_path / "image.png"
+    image.save(path)
+    argv = ["inspect", "--model", str(tiny_model_dir), "--image", str(path), "--question", "What color is it?"]
+    assert main([*argv, "--options", "red,green", "--max_new_tokens", "3", "--views.search_windows", "[0.5]"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("teacher's crop: [") and "(search, confidence " in out
+
+
+def test_a_token_holding_part_of_a_character_reads_as_its_bytes(loaded) -> None:
+    from vopd.token_inspection import token_text
+
+    tokenizer = loaded.processor.tokenizer
+    partial = [i for i in range(len(tokenizer)) if "\ufffd" in tokenizer.decode([i])]
+    assert partial and not any("\ufffd" in token_text(tokenizer, i) for i in partial)
+    for text in ("€", "é", "日"):  # characters the tiny vocabulary holds only as single bytes
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert "".join(token_text(tokenizer, i) for i in ids) == "".join(f"<0x{b:02X}>" for b in text.encode())
+    assert [token_text(tokenizer, i) for i in tokenizer.encode("A\n", add_special_tokens=False)] == ["A", "\n"]

@@ -8,8 +8,11 @@ Two file layouts are read:
      "options": ["red", "green", "blue", "yellow"], "answer": "green", "bbox": [40, 52, 64, 76]}
 
   ``image`` is relative to the dataset file's folder (or ``image_base64`` carries the bytes); ``crop_image`` /
-  ``crop_image_base64`` optionally give a precomputed teacher crop; ``id``, ``options`` and ``answer`` are optional;
-  ``bbox`` may be left out only when a crop is given. Other keys are ignored.
+  ``crop_image_base64`` optionally give a precomputed teacher crop; ``id``, ``options``, ``answer`` and ``bbox`` are
+  optional: a sample with neither a box nor a crop is a plain VQA item whose teacher crop the model finds itself
+  (``views.evidence: search``, see ``vopd.evidence``). ``hidden_bbox`` is a box kept for evaluation only (oracle
+  crop, whether the search found the target; ``vopd synth --no-box`` writes it); training never reads it. Other keys
+  are ignored.
 
 * **Parquet**, our columns or the verl-style layout of Vision-OPD-6K training files. Column names, first present
   wins:
@@ -198,6 +201,16 @@ class Sample(BaseModel):
     options: list[str] | None = None
     answer: str | None = Field(None, description="The correct option's text (a letter given on input is resolved).")
     bbox: tuple[float, float, float, float] | None = Field(None, description="[x0, y0, x1, y1] in image pixels.")
+    hidden_bbox: tuple[float, float, float, float] | None = Field(
+        None, description="A box for evaluation only (the oracle crop of a box-free item); training never reads it."
+    )
+    search_box: tuple[float, float, float, float] | None = Field(
+        None,
+        description=(
+            "The evidence box the model's own search chose (vopd.evidence), set at run time, never read from a file: "
+            "the teacher's crop of a sample without a box."
+        ),
+    )
     image_path: Path | None = None
     image_bytes: bytes | None = Field(None, repr=False)
     crop_bytes: bytes | None = Field(None, repr=False)
@@ -258,11 +271,11 @@ def _sample_problems(sample: Sample) -> list[tuple[str, str]]:
         problems.append(("image", "give exactly one of image_path and image_bytes"))
     if sample.crop_path is not None and sample.crop_bytes is not None:
         problems.append(("crop_image", "give at most one of crop_path and crop_bytes"))
-    if sample.bbox is None:
-        if not sample.has_crop:
-            problems.append(("bbox", "bbox is required unless a precomputed crop is given"))
-    elif (problem := _box_problem(sample.bbox)) is not None:
-        problems.append(("bbox", problem))
+    # No box and no crop is a plain VQA item: the teacher's crop comes from the evidence search (vopd.evidence).
+    for name in ("bbox", "hidden_bbox", "search_box"):
+        box = getattr(sample, name)
+        if box is not None and (problem := _box_problem(box)) is not None:
+            problems.append((name, problem))
     return problems
 
 
@@ -401,9 +414,10 @@ def _build_sample(
     crop_path, crop_bytes = _resolve_image(record.crop, "crop", root, found) if record.crop else (None, None)
     if check_images:
         size = _decoded_size(image_bytes if image_bytes is not None else image_path, "image", max_image_pixels, found)
-        bbox = fields["bbox"]
-        if size is not None and bbox is not None and (problem := _box_outside_problem(bbox, *size)) is not None:
-            found.append(("bbox", problem))
+        for name in ("bbox", "hidden_bbox"):
+            box = fields[name]
+            if size is not None and box is not None and (problem := _box_outside_problem(box, *size)) is not None:
+                found.append((name, problem))
         _decoded_size(crop_bytes if crop_bytes is not None else crop_path, "crop", max_image_pixels, found)
 
     for field, message in found:
@@ -458,20 +472,23 @@ def _checked_fields(record: _RawRecord, found: list[tuple[str, str]]) -> dict[st
     elif options is not None and (problem := _resolve_answer_option(answer, options)[1]) is not None:
         found.append(("answer", problem))
 
-    bbox = values.get("bbox")
-    if isinstance(bbox, list) and len(bbox) == 1 and isinstance(bbox[0], list | tuple):
-        bbox = list(bbox[0])  # Qwen-style bbox_2d: a list holding one box
-    if bbox is not None and (problem := _box_problem(bbox)) is not None:
-        found.append(("bbox", problem))
-        bbox = None
-    elif bbox is None and record.crop is None:
-        found.append(("bbox", "bbox [x0, y0, x1, y1] is missing (it may be left out only when a crop image is given)"))
+    boxes: dict[str, tuple[float, ...] | None] = {}
+    for name in ("bbox", "hidden_bbox"):
+        box = values.get(name)
+        if isinstance(box, list) and len(box) == 1 and isinstance(box[0], list | tuple):
+            box = list(box[0])  # Qwen-style bbox_2d: a list holding one box
+        if box is not None and (problem := _box_problem(box)) is not None:
+            found.append((name, problem.replace("bbox", name, 1) if name != "bbox" else problem))
+            box = None
+        boxes[name] = tuple(box) if box is not None else None
+    # A record without a box or crop is a plain VQA item: the teacher's crop is searched for (vopd.evidence).
     return {
         "id": sample_id,
         "question": question,
         "options": options,
         "answer": answer,
-        "bbox": tuple(bbox) if bbox is not None else None,
+        "bbox": boxes["bbox"],
+        "hidden_bbox": boxes["hidden_bbox"],
     }
 
 
@@ -551,10 +568,17 @@ def _jsonl_records(path: Path, issues: list[DatasetIssue]) -> Iterator[_RawRecor
                 continue
             yield _RawRecord(
                 line=line_number,
-                values={key: record.get(key) for key in ("id", "question", "options", "answer", "bbox")},
+                values={key: record.get(key) for key in ("id", "question", "options", "answer", "bbox", "hidden_bbox")},
                 image=image,
                 crop=crop,
-                fields={"id": "id", "question": "question", "options": "options", "answer": "answer", "bbox": "bbox"},
+                fields={
+                    "id": "id",
+                    "question": "question",
+                    "options": "options",
+                    "answer": "answer",
+                    "bbox": "bbox",
+                    "hidden_bbox": "hidden_bbox",
+                },
             )
 
 

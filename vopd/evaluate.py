@@ -23,7 +23,7 @@ from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import EvalConfig
 from vopd.data import Sample, load_dataset, option_letter
 from vopd.models import LoadedModel, load_model_and_processor
-from vopd.views import View, full_view, student_view, teacher_view, to_messages
+from vopd.views import View, full_view, student_view, teacher_view, to_messages, uses_search
 
 _ANSWER_IS = re.compile(r"answer\s*(?:is)?\s*[:：]?\s*\(?\s*([A-Za-z])\s*\)?(?![A-Za-z])", re.IGNORECASE)
 _LEADING_LETTER = re.compile(r"^\(?([A-Z])\)?(?=$|[\s.:,)])")
@@ -166,6 +166,19 @@ def _record(sample: Sample, condition: str, answer: Answer) -> dict[str, Any]:
     }
 
 
+def oracle_sample(sample: Sample, cfg: Any) -> Sample | None:
+    """The sample whose teacher view is the crop of its true box: the box itself, or for a box-free item its
+    ``hidden_bbox`` (the oracle crop); None when a box-free item has no hidden box (no crop condition to score)."""
+    if not uses_search(sample, cfg):
+        return sample
+    if sample.hidden_bbox is None:
+        return None
+    return sample.model_copy(update={"search_box": sample.hidden_bbox})
+
+
+_NO_ANSWER = Answer("", None, None)
+
+
 def evaluate(
     config: EvalConfig, *, callbacks: Sequence[ProgressCallback] = (), loaded: LoadedModel | None = None
 ) -> EvalResult:
@@ -185,6 +198,10 @@ def evaluate(
         raise ValueError(f"{config.dataset}: no samples to evaluate")
     loaded = loaded or load_model_and_processor(config.model, config.runtime)
     full_fn = student_view if config.full_view == "student" else lambda s, cfg: full_view(s, cfg)
+    searched = config.searched_crop
+    if searched is None:
+        searched = any(uses_search(sample, config.views) for sample in samples)
+    search_views = config.views.model_copy(update={"evidence": "search"})
     events.on_start(total=len(samples), start=0, unit="sample")
     records: list[dict[str, Any]] = []
     for start in range(0, len(samples), config.batch_size):
@@ -196,10 +213,26 @@ def evaluate(
         full = generate_answers(
             loaded, [full_fn(s, config.views) for s in batch], options, max_new_tokens=config.max_new_tokens
         )
-        crop = generate_answers(
-            loaded, [teacher_view(s, config.views) for s in batch], options, max_new_tokens=config.max_new_tokens
+        # The crop condition is the true box's crop (for a box-free item: its hidden box, the oracle).
+        oracles = [oracle_sample(s, config.views) for s in batch]
+        scored = [i for i, s in enumerate(oracles) if s is not None]
+        crop_scored = (
+            generate_answers(
+                loaded,
+                [teacher_view(oracles[i], config.views) for i in scored],  # type: ignore[arg-type]
+                [options[i] for i in scored],
+                max_new_tokens=config.max_new_tokens,
+            )
+            if scored
+            else []
         )
-        for sample, full_answer, crop_answer in zip(batch, full, crop, strict=True):
+        crop = [_NO_ANSWER] * len(batch)
+        for i, answer in zip(scored, crop_scored, strict=True):
+            crop[i] = answer
+        searched_records: list[dict[str, Any]] = [{} for _ in batch]
+        if searched:  # the crop the model chooses itself, label-free and box-free (vopd.evidence)
+            searched_records = _searched(loaded, batch, search_views, config.max_new_tokens)
+        for sample, full_answer, crop_answer, extra in zip(batch, full, crop, searched_records, strict=True):
             records.append(
                 {
                     "id": sample.id,
@@ -208,6 +241,7 @@ def evaluate(
                     "answer": sample.answer,
                     **_record(sample, "full", full_answer),
                     **_record(sample, "crop", crop_answer),
+                    **extra,
                 }
             )
         events.on_progress(done=len(records), total=len(samples), metrics=None)
@@ -231,8 +265,37 @@ def evaluate(
     return result
 
 
+def _searched(loaded: LoadedModel, batch: Sequence[Sample], views: Any, max_new_tokens: int) -> list[dict[str, Any]]:
+    """Per sample: the searched crop, the answer on it, and (where a box is known) whether it holds the box's centre
+    and its IoU with the box."""
+    from vopd.evidence import box_iou, contains_centre, known_box, search_evidence
+
+    chosen = search_evidence(loaded, batch, views)
+    resolved = [s.model_copy(update={"search_box": e.box}) for s, e in zip(batch, chosen, strict=True)]
+    answers = generate_answers(
+        loaded,
+        [teacher_view(s, views) for s in resolved],
+        [s.options for s in batch],
+        max_new_tokens=max_new_tokens,
+    )
+    rows = []
+    for sample, evidence, answer in zip(batch, chosen, answers, strict=True):
+        box = known_box(sample)
+        rows.append(
+            {
+                **_record(sample, "searched", answer),
+                "searched_box": list(evidence.box),
+                "searched_confidence": evidence.confidence,
+                "searched_centre_hit": None if box is None else contains_centre(evidence.box, box),
+                "searched_iou": None if box is None else box_iou(evidence.box, box),
+            }
+        )
+    return rows
+
+
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracies, gap, mean p(correct option) and predicted-letter distributions (collapse shows there)."""
+    """Accuracies, gap, mean p(correct option) and predicted-letter distributions (collapse shows there); with a
+    searched crop (vopd.evidence) also its accuracy, confidence and how often it holds the known box's centre."""
     scored = [r for r in records if r["full_correct"] is not None]
     n = len(scored)
 
@@ -252,6 +315,25 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "crop_p_correct": mean("crop_p_correct"),
         "full_letters": dict(sorted(Counter(str(r["full_choice"]) for r in records).items())),
         "crop_letters": dict(sorted(Counter(str(r["crop_choice"]) for r in records).items())),
+        **_searched_summary(records, scored),
+    }
+
+
+def _searched_summary(records: Sequence[dict[str, Any]], scored: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    if not records or "searched_correct" not in records[0]:
+        return {}
+
+    def mean(key: str, rows: Sequence[dict[str, Any]]) -> float:
+        values = [float(r[key]) for r in rows if r.get(key) is not None]
+        return float(sum(values) / len(values)) if values else float("nan")
+
+    return {
+        "searched_accuracy": mean("searched_correct", scored),
+        "searched_p_correct": mean("searched_p_correct", scored),
+        "searched_confidence": mean("searched_confidence", records),
+        "searched_centre_hit": mean("searched_centre_hit", records),
+        "searched_iou": mean("searched_iou", records),
+        "searched_letters": dict(sorted(Counter(str(r["searched_choice"]) for r in records).items())),
     }
 
 

@@ -18,6 +18,13 @@ full_before). The arms:
 
 Measured results and why the default differs from the paper's recipe: docs/reproduction.md.
 
+``--box-free`` runs the same experiment in the box-free world (``vopd synth --no-box``, base ``tiny-nobox``): the
+question names its target, no box is given, and views show no box and no hint. Arms: ``box_free`` (the default
+recipe, label-free and box-free: the teacher's crop is the window the teacher itself is most confident on,
+``vopd.evidence``), ``true_box`` (the same recipe given the true boxes), ``sft`` (labels, full images) and
+``no_privilege`` (the teacher sees the full image). Crop accuracy there is the oracle crop (the hidden box); the
+fresh-seed evaluation also reports the searched crop's accuracy and how often it holds the target.
+
 Arms run in parallel worker processes with one torch thread each; every (arm, seed) writes ``result.json`` when it
 finishes, so a rerun of the same command only runs what is missing.
 """
@@ -60,8 +67,13 @@ ARM_CHANGES: dict[str, dict[str, Any]] = {
     "reverse_kl_sampled": {"divergence": {"mode": "sampled_token", "alpha": 1.0}, "teacher": {"mode": "fixed"}},
 }
 DEFAULT_ARMS = ("opd", "sft", "no_privilege")
+# The box-free world's arms (--box-free): every OPD arm is the default recipe; they differ in where the crop comes from.
+BOX_FREE_ARMS = ("box_free", "true_box", "sft", "no_privilege")
+# Box-free world: no arm draws a box or adds the box hint, so the arms differ only in the teacher's crop.
+_NO_BOX_VIEWS: dict[str, Any] = {"draw_box": False, "hint": ""}
 ALL_ARMS = (*DEFAULT_ARMS, "paper", "teacher_current", "teacher_fixed", "reverse_kl_sampled")
-KNOWN_ARMS = (*ALL_ARMS, "forward_kl")  # forward_kl = the default recipe under its own name (the screens used it)
+# forward_kl = the default recipe under its own name (the screens used it); box_free, true_box: --box-free
+KNOWN_ARMS = (*ALL_ARMS, "forward_kl", "box_free", "true_box")
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,10 @@ class ReproduceSettings:
     freeze_vision_tower: bool = _TINY_WORLD["freeze_vision_tower"]
     # The encoder's learning rate is lr times this in every arm: 0.3 kept the crop view intact.
     vision_lr_scale: float = _TINY_WORLD["vision_lr_scale"]
+    # The box-free world (vopd synth --no-box, base tiny-nobox, arms BOX_FREE_ARMS); the search strategy of its
+    # box_free arm and of the searched-crop evaluation (vopd.evidence: grid or zoom).
+    box_free: bool = False
+    search_strategy: str = "zoom"
 
     @classmethod
     def quick(cls) -> ReproduceSettings:
@@ -121,10 +137,15 @@ def prepare_data(data_dir: Path, settings: ReproduceSettings) -> dict[str, Path]
         "fresh": data_dir / "fresh" / "data.jsonl",
         "no_privilege": data_dir / "train_no_privilege.jsonl",
     }
+    if settings.box_free:
+        paths["train_true_box"] = data_dir / "train_true_box.jsonl"
     if all(path.is_file() for path in paths.values()):
         return paths
+    no_box = settings.box_free
     split_dir = data_dir / "split"
-    all_items = generate_dataset(split_dir, SynthConfig(n=settings.train_items + settings.eval_items, seed=TRAIN_SEED))
+    all_items = generate_dataset(
+        split_dir, SynthConfig(n=settings.train_items + settings.eval_items, seed=TRAIN_SEED, no_box=no_box)
+    )
     records = [json.loads(line) for line in all_items.read_text(encoding="utf-8").splitlines()]
     for record in records:
         record["image"] = f"split/{record['image']}"
@@ -132,32 +153,56 @@ def prepare_data(data_dir: Path, settings: ReproduceSettings) -> dict[str, Path]
     _write_jsonl(paths["train_labelled"], train)
     _write_jsonl(paths["train"], [{k: v for k, v in record.items() if k != "answer"} for record in train])
     _write_jsonl(paths["heldout"], heldout)
-    generate_dataset(paths["fresh"].parent, SynthConfig(n=settings.eval_items, seed=FRESH_SEED, id_prefix="fresh"))
+    generate_dataset(
+        paths["fresh"].parent, SynthConfig(n=settings.eval_items, seed=FRESH_SEED, id_prefix="fresh", no_box=no_box)
+    )
+    if no_box:  # the true-box arm: the hidden box given as the box (still never drawn: views.draw_box false)
+        _write_jsonl(
+            paths["train_true_box"],
+            [
+                {**{k: v for k, v in r.items() if k not in ("answer", "hidden_bbox")}, "bbox": r["hidden_bbox"]}
+                for r in train
+            ],
+        )
 
     full_views_dir = data_dir / "no_privilege_views"
     full_views_dir.mkdir(parents=True, exist_ok=True)
     no_privilege = []
+    views = ViewConfig(**_NO_BOX_VIEWS) if no_box else ViewConfig()
     for sample, record in zip(load_dataset(paths["train"]), train, strict=True):
         view_path = full_views_dir / f"{sample.id}.png"
-        student_view(sample, ViewConfig()).image.save(view_path)
+        student_view(sample, views).image.save(view_path)
         no_privilege.append(
-            {**{k: v for k, v in record.items() if k != "answer"}, "crop_image": f"no_privilege_views/{view_path.name}"}
+            {
+                **{k: v for k, v in record.items() if k not in ("answer", "hidden_bbox")},
+                "crop_image": f"no_privilege_views/{view_path.name}",
+            }
         )
     _write_jsonl(paths["no_privilege"], no_privilege)
     return paths
 
 
 # --------------------------------------------------------------------------- one arm
-def _evaluate_sets(model_dir: Path, data: dict[str, Path]) -> dict[str, dict[str, Any]]:
+def _evaluate_sets(
+    model_dir: Path, data: dict[str, Path], settings: ReproduceSettings | None = None
+) -> dict[str, dict[str, Any]]:
+    """Held-out and fresh-seed accuracy. Box-free world: the plain full image, the oracle crop (hidden box) and, on
+    the fresh set, the crop the model's own search chooses."""
     from vopd.config import EvalConfig, RuntimeConfig
     from vopd.evaluate import evaluate
     from vopd.models import load_model_and_processor
 
     loaded = load_model_and_processor(model_dir, RuntimeConfig(device="cpu", dtype="float32"))
-    return {
-        name: evaluate(EvalConfig(model=str(model_dir), dataset=str(data[name]), batch_size=50), loaded=loaded).summary
-        for name in ("heldout", "fresh")
-    }
+    box_free = settings is not None and settings.box_free
+    results = {}
+    for name in ("heldout", "fresh"):
+        extra: dict[str, Any] = {}
+        if box_free:
+            views = {**_NO_BOX_VIEWS, "search_strategy": settings.search_strategy}  # type: ignore[union-attr]
+            extra = {"views": views, "searched_crop": name == "fresh"}
+        config = EvalConfig(model=str(model_dir), dataset=str(data[name]), batch_size=50, **extra)
+        results[name] = evaluate(config, loaded=loaded).summary
+    return results
 
 
 def train_sft(
@@ -224,12 +269,15 @@ def train_sft(
 
 
 def arm_train_config(arm: str, base: Path, data: dict[str, Path], output: Path, seed: int, settings: ReproduceSettings):
-    """The TrainConfig of an OPD arm (no_privilege = the default recipe on the full-view-teacher dataset)."""
+    """The TrainConfig of an OPD arm (no_privilege = the default recipe on the full-view-teacher dataset). In the
+    box-free world every arm is the default recipe without a drawn box or hint: box_free searches for its crop,
+    true_box cuts it from the true box."""
     from vopd.config import TrainConfig
 
+    dataset = {"no_privilege": "no_privilege", "true_box": "train_true_box"}.get(arm, "train")
     run = {
         "model": str(base),
-        "dataset": str(data["no_privilege" if arm == "no_privilege" else "train"]),
+        "dataset": str(data[dataset]),
         "output": str(output),
         "steps": settings.steps,
         "seed": seed,
@@ -241,7 +289,11 @@ def arm_train_config(arm: str, base: Path, data: dict[str, Path], output: Path, 
         "save_every": settings.steps,
         "keep_checkpoints": 1,
     }
-    values = merge_settings(_TINY_WORLD, ARM_CHANGES["opd" if arm == "no_privilege" else arm], run)
+    if settings.box_free:
+        evidence = "search" if arm == "box_free" else "box"
+        run["views"] = {**_NO_BOX_VIEWS, "evidence": evidence, "search_strategy": settings.search_strategy}
+    changes = ARM_CHANGES["opd" if arm in ("no_privilege", "box_free", "true_box") else arm]
+    values = merge_settings(_TINY_WORLD, changes, run)
     return TrainConfig.model_validate(values)
 
 
@@ -299,11 +351,25 @@ def run_arm(
         "vision_lr_scale": settings.vision_lr_scale,
         "model": str(final),
         "guard_warnings": guard.warnings,
-        "eval": _evaluate_sets(final, data),
+        "evidence": _evidence_summary(run_dir / "metrics.jsonl"),
+        "eval": _evaluate_sets(final, data, settings),
         "seconds": time.perf_counter() - started,
     }
     result_path.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _evidence_summary(metrics_path: Path) -> dict[str, float]:
+    """Mean training-time search metrics of a box-free run (empty for other arms)."""
+    if not metrics_path.is_file():
+        return {}
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line]
+    summary = {}
+    for key in ("evidence/confidence", "evidence/centre_hit", "evidence/iou", "evidence_time"):
+        values = [row[key] for row in rows if key in row]
+        if values:
+            summary[key] = statistics.fmean(values)
+    return summary
 
 
 # --------------------------------------------------------------------------- the experiment
@@ -319,7 +385,7 @@ def reproduce(
     callbacks: Sequence[ProgressCallback] = (),
 ) -> ReproduceResult:
     """Run (or finish) the experiment in ``output_dir``; returns the per-arm results, the table and the headline."""
-    from vopd.tiny import shipped_base_model_dir
+    from vopd.tiny import shipped_base_model_dir, shipped_no_box_model_dir
 
     settings = settings or ReproduceSettings()
     unknown = set(settings.arms) - set(KNOWN_ARMS)
@@ -328,7 +394,8 @@ def reproduce(
     events = CallbackList(callbacks)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    source = Path(base) if base is not None else shipped_base_model_dir()
+    shipped = shipped_no_box_model_dir() if settings.box_free else shipped_base_model_dir()
+    source = Path(base) if base is not None else shipped
     if not (source / "config.json").is_file():
         raise ValueError(f"{source} holds no model; build one with `vopd tiny pretrain`")
     base_dir = output / "base"
@@ -348,9 +415,18 @@ def reproduce(
             "base",
             "freeze_vision_tower",
             "vision_lr_scale",
+            "box_free",
+            "search_strategy",
         )
         # experiments recorded before these options existed: 8 prompts x 2 rollouts, frozen tower, one rate
-        legacy = {"batch_size": 8, "num_rollouts": 2, "freeze_vision_tower": True, "vision_lr_scale": 1.0}
+        legacy = {
+            "batch_size": 8,
+            "num_rollouts": 2,
+            "freeze_vision_tower": True,
+            "vision_lr_scale": 1.0,
+            "box_free": False,
+            "search_strategy": "zoom",
+        }
         changed = [
             f"{key} {previous.get(key, legacy.get(key))} -> {recorded[key]}"
             for key in fixed
@@ -369,7 +445,7 @@ def reproduce(
         base_eval = json.loads(base_path.read_text())
     else:
         events.on_log("evaluating the base model")
-        base_eval = _evaluate_sets(base_dir, data)
+        base_eval = _evaluate_sets(base_dir, data, settings)
         base_path.write_text(json.dumps(base_eval, indent=2))
 
     jobs = [(arm, seed) for seed in range(settings.seeds) for arm in settings.arms]
@@ -401,7 +477,7 @@ def reproduce(
 
     rows = summarize_arms(base_eval, results)
     table = format_table(base_eval, rows)
-    headline = headline_numbers(rows, settings)
+    headline = box_free_headline(rows, base_eval) if settings.box_free else headline_numbers(rows, settings)
     (output / "results.json").write_text(json.dumps({"base": base_eval, "arms": rows, "headline": headline}, indent=2))
     (output / "table.md").write_text(table + "\n")
     events.on_end(status="succeeded", result=headline)
@@ -445,6 +521,9 @@ def summarize_arms(base_eval: dict[str, dict[str, Any]], results: dict[str, list
             entry: dict[str, Any] = {}
             for key in ("full_accuracy", "crop_accuracy", "full_p_correct", "crop_p_correct"):
                 entry[key], entry[f"{key}_std"] = _mean_std([a[key] for a in after])
+            for key in ("searched_accuracy", "searched_centre_hit"):
+                if all(key in a for a in after):
+                    entry[key], entry[f"{key}_std"] = _mean_std([a[key] for a in after])
             closed = [gap_closed(before["full_accuracy"], a["full_accuracy"], before["crop_accuracy"]) for a in after]
             entry["gap_closed"], entry["gap_closed_std"] = _mean_std(closed)
             entry["full_gain"] = entry["full_accuracy"] - before["full_accuracy"]
@@ -491,6 +570,41 @@ def headline_numbers(rows: dict[str, Any], settings: ReproduceSettings) -> dict[
     return headline
 
 
+def box_free_headline(rows: dict[str, Any], base_eval: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The box-free experiment on the fresh-seed set, against its goal: the box-free arm closes at least 60% of what
+    the true-box arm closes, loses at most 3 points of (oracle) crop accuracy, and the no-privilege control gains
+    nothing (at most 0.05 of the gap)."""
+    fresh = base_eval["fresh"]
+    headline: dict[str, Any] = {
+        "eval_set": "fresh",
+        "world": "no_box",
+        "full_before": round(fresh["full_accuracy"], 4),
+        "crop_before": round(fresh["crop_accuracy"], 4),
+    }
+    if "searched_accuracy" in fresh:
+        headline["searched_before"] = round(fresh["searched_accuracy"], 4)
+        headline["searched_centre_hit_before"] = round(fresh["searched_centre_hit"], 4)
+    for arm in ("box_free", "true_box", "sft", "no_privilege"):
+        if arm in rows:
+            entry = rows[arm]["fresh"]
+            headline[f"{arm}_gap_closed"] = round(entry["gap_closed"], 4)
+            headline[f"{arm}_gap_closed_std"] = round(entry["gap_closed_std"], 4)
+            headline[f"{arm}_full_after"] = round(entry["full_accuracy"], 4)
+            headline[f"{arm}_crop_drop"] = round(-entry["crop_change"], 4)
+    if "box_free" in rows:
+        headline["seeds"] = len(rows["box_free"]["seeds"])
+    if "box_free" in rows and "true_box" in rows:
+        true_box = rows["true_box"]["fresh"]["gap_closed"]
+        ratio = rows["box_free"]["fresh"]["gap_closed"] / true_box if true_box > 0 else float("nan")
+        headline["box_free_vs_true_box"] = round(ratio, 4)
+        headline["goal_met"] = bool(
+            ratio >= 0.60
+            and headline["box_free_crop_drop"] <= 0.03
+            and headline.get("no_privilege_gap_closed", 0.0) <= 0.05
+        )
+    return headline
+
+
 def _pm(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f}±{std:.{digits}f}"
 
@@ -498,10 +612,16 @@ def _pm(mean: float, std: float, digits: int = 3) -> str:
 def format_table(base_eval: dict[str, dict[str, Any]], rows: dict[str, Any]) -> str:
     """A Markdown table: one line per arm, fresh-seed numbers first (the held-out gap closed beside them)."""
     fresh, heldout = base_eval["fresh"], base_eval["heldout"]
+    searched = ""
+    if "searched_accuracy" in fresh:
+        searched = (
+            f"; fresh searched crop {fresh['searched_accuracy']:.3f} (holds the target's centre "
+            f"{fresh['searched_centre_hit']:.0%})"
+        )
     lines = [
         f"base: fresh full {fresh['full_accuracy']:.3f} crop {fresh['crop_accuracy']:.3f} "
         f"p(correct) full {fresh['full_p_correct']:.3f}; held-out full {heldout['full_accuracy']:.3f} "
-        f"crop {heldout['crop_accuracy']:.3f}",
+        f"crop {heldout['crop_accuracy']:.3f}{searched}",
         "",
         "| arm | seeds | full acc (fresh) | crop acc (fresh) | p(correct) full | gap closed fresh | "
         "gap closed held-out | full letters (fresh) | collapse guard warned |",

@@ -45,6 +45,10 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 
 COLOR_QUESTION = "What color is the small shape inside the box?"
 SHAPE_QUESTION = "What shape is the small object inside the box?"
+# The no-box world (``no_box``): the question names the target by its colour, the only object of that colour on the
+# canvas (distractors take the other six colours), and asks its shape, the fine detail: nothing but the question says
+# where to look, and finding the colour is easy where reading a 5 px shape is not.
+NO_BOX_QUESTION = "What shape is the {color} object?"
 
 # Empty pixels kept between the evidence box and any distractor: the student's view draws a box outline
 # (3 px by default) and the teacher's crop may be resampled, neither of which may pick up a distractor.
@@ -98,6 +102,14 @@ class SynthConfig(BaseModel):
     id_prefix: str = Field(
         "syn", min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="Item ids are PREFIX-00001, PREFIX-00002..."
     )
+    no_box: bool = Field(
+        False,
+        description=(
+            "The box-free world: the question names the target by its colour ('What shape is the purple object?'), "
+            "the only object of that colour on the canvas, and asks its shape; the box is written as `hidden_bbox` "
+            "(evaluation only), not `bbox`."
+        ),
+    )
 
     @field_validator("distractors", "target_size", mode="before")
     @classmethod
@@ -138,6 +150,8 @@ class SynthConfig(BaseModel):
 
     @model_validator(mode="after")
     def _geometry(self) -> SynthConfig:
+        if self.no_box and self.question != "color":
+            raise ValueError("no_box always asks the shape of the object its colour names: leave question unset")
         if self.box_size > self.size:
             raise ValueError(f"box_size ({self.box_size}) must not exceed the canvas size ({self.size})")
         largest_radius = self.target_size[1]
@@ -216,6 +230,8 @@ def _answer_index(seed: int, index: int) -> int:
 
 def _question_kind(config: SynthConfig, index: int) -> QuestionKind:
     """``both`` alternates blocks of four, so each kind also gets balanced answers and half the items."""
+    if config.no_box:
+        return "shape"
     if config.question != "both":
         return config.question
     return "color" if (index // len(COLOR_OPTIONS)) % 2 == 0 else "shape"
@@ -276,6 +292,8 @@ def plan_item(config: SynthConfig, index: int) -> Scene:
         target_color, target_kind = COLOR_OPTIONS[answer_index], shape_names[rng.integers(len(shape_names))]
     else:
         target_color, target_kind = color_names[rng.integers(len(color_names))], SHAPE_OPTIONS[answer_index]
+    # Box-free: the target's colour stays unique on the canvas, since the question names it.
+    distractor_colors = [name for name in color_names if name != target_color] if config.no_box else color_names
     target = Shape(target_kind, target_color, (x0 + box // 2, y0 + box // 2), radius)
 
     count = int(rng.integers(config.distractors[0], config.distractors[1] + 1))
@@ -283,7 +301,7 @@ def plan_item(config: SynthConfig, index: int) -> Scene:
     for _ in range(count):
         d_radius = int(rng.integers(config.target_size[0], config.target_size[1] + 1))
         d_kind = shape_names[rng.integers(len(shape_names))]
-        d_color = color_names[rng.integers(len(color_names))]
+        d_color = distractor_colors[rng.integers(len(distractor_colors))]
         center = _place_distractor(rng, size, d_radius, bbox, distractors)
         distractors.append(Shape(d_kind, d_color, center, d_radius))
 
@@ -383,14 +401,21 @@ def render_scene(config: SynthConfig, scene: Scene) -> Image.Image:
 def scene_record(config: SynthConfig, scene: Scene) -> dict[str, Any]:
     """The JSONL record (the format ``vopd.data.load_dataset`` reads); ``image`` is relative to data.jsonl."""
     identifier = item_id(config, scene.index)
-    return {
+    if config.no_box:
+        question = NO_BOX_QUESTION.format(color=scene.target.color)
+    else:
+        question = COLOR_QUESTION if scene.kind == "color" else SHAPE_QUESTION
+    record = {
         "id": identifier,
         "image": f"images/{identifier}.png",
-        "question": COLOR_QUESTION if scene.kind == "color" else SHAPE_QUESTION,
+        "question": question,
         "options": list(scene.options),
         "answer": scene.options[scene.answer_index],
-        "bbox": list(scene.bbox),
     }
+    # Box-free items keep their box for evaluation only (oracle crop, whether the search found the target): the
+    # trainer in search mode never reads `hidden_bbox`.
+    record["hidden_bbox" if config.no_box else "bbox"] = list(scene.bbox)
+    return record
 
 
 def generate_item(config: SynthConfig, index: int) -> tuple[Image.Image, dict[str, Any]]:
@@ -410,9 +435,12 @@ def synth_command(config: SynthConfig, output_dir: str | Path) -> str:
     """The ``vopd synth`` command line that regenerates this dataset (non-default knobs only)."""
     defaults = SynthConfig(n=config.n)
     parts = ["vopd", "synth", "--output", str(output_dir), "--n", str(config.n), "--seed", str(config.seed)]
-    for field in ("size", "box_size", "distractors", "target_size", "question", "backgrounds", "id_prefix"):
+    for field in ("size", "box_size", "distractors", "target_size", "question", "backgrounds", "id_prefix", "no_box"):
         value = getattr(config, field)
         if value == getattr(defaults, field):
+            continue
+        if isinstance(value, bool):
+            parts.append(f"--{field.replace('_', '-')}")
             continue
         rendered = f"{value[0]},{value[1]}" if isinstance(value, tuple) else str(value)
         parts += [f"--{field.replace('_', '-')}", rendered]
@@ -445,6 +473,13 @@ def _readme(config: SynthConfig, output_dir: Path, summary: str) -> str:
         "## Format\n\n`data.jsonl`: one object per line with `id`, `image` (relative to this folder), "
         "`question`, `options`, `answer` (the option text) and `bbox` `[x0, y0, x1, y1]` in pixels "
         "(x1, y1 exclusive).\n"
+        + (
+            "\nBox-free world (`--no-box`): the question names the target by its colour, the only object of that "
+            "colour on the canvas, and asks its shape; the box is stored as `hidden_bbox` for evaluation only and "
+            "training never reads it.\n"
+            if config.no_box
+            else ""
+        )
     )
 
 

@@ -34,13 +34,23 @@ from vopd.data import Sample, option_letter
 from vopd.evaluate import evaluate
 from vopd.models import LoadedModel, load_model_and_processor
 from vopd.rollout import RolloutBatch, response_logits
-from vopd.synth import COLOR_OPTIONS, COLOR_QUESTION, SHAPE_OPTIONS, SHAPE_QUESTION, SynthConfig, generate_dataset
+from vopd.synth import (
+    COLOR_OPTIONS,
+    COLOR_QUESTION,
+    NO_BOX_QUESTION,
+    PALETTE,
+    SHAPE_OPTIONS,
+    SHAPE_QUESTION,
+    SynthConfig,
+    generate_dataset,
+)
 from vopd.synth import generate_item as synth_item
 from vopd.tiny_models import build_tiny_qwen2vl
 from vopd.views import View, format_question, student_view, teacher_view, to_messages
 
 __all__ = [
     "DEFAULT_STAGES",
+    "NO_BOX_STAGES",
     "PRETRAIN_EVAL_SEED",
     "PRETRAIN_TRAIN_SEED",
     "PretrainResult",
@@ -51,6 +61,7 @@ __all__ = [
     "pretrain",
     "sample_from_item",
     "shipped_base_model_dir",
+    "shipped_no_box_model_dir",
     "supervised_loss",
 ]
 
@@ -61,7 +72,8 @@ PRETRAIN_SELECT_SEED = 1002  # the early-stop set, kept apart from the reported 
 SELECT_ITEMS = 200
 
 ANSWER_PREFIX = "Answer: "
-ViewKind = Literal["crop_large", "crop", "context", "full"]
+ViewKind = Literal["crop_large", "crop", "context", "full", "window", "decoy"]
+World = Literal["box", "no_box"]
 
 # The teacher's crop enlarged to 112 px (16 image tokens instead of 4): colour is obvious there, so the vision tower
 # first learns what the answer depends on before it has to find it in 4 tokens or among distractors. (224 px, as in
@@ -78,22 +90,33 @@ def shipped_base_model_dir() -> Path:
     return Path(__file__).resolve().parent / "assets" / "tiny-base"
 
 
+def shipped_no_box_model_dir() -> Path:
+    """The tiny base of the box-free world (``vopd synth --no-box``), shipped beside the first one: its tokenizer
+    speaks the box-free questions and it is unsure on windows without the named shape, which the evidence search
+    (vopd.evidence) relies on. Rebuilt by ``vopd tiny pretrain --world no_box``."""
+    return Path(__file__).resolve().parent / "assets" / "tiny-nobox"
+
+
 def answer_text(letter: str) -> str:
     """The assistant's reply the tiny model is taught; ``vopd.evaluate.parse_choice`` reads it back."""
     return f"{ANSWER_PREFIX}{letter}"
 
 
-def benchmark_corpus(repeats: int = 40) -> Iterator[str]:
+def benchmark_corpus(repeats: int = 40, *, world: World = "box") -> Iterator[str]:
     """The text the tiny tokenizer is trained on: exactly what the benchmark's prompts and answers contain.
 
     Repeating the fixed sentences makes BPE merge them into whole words, so a prompt is a few dozen tokens instead
     of a few hundred bytes. The chat template's own words (system prompt, role names) are in it for the same reason.
     """
     hint = ViewConfig().hint
+    questions = [(COLOR_QUESTION, COLOR_OPTIONS), (SHAPE_QUESTION, SHAPE_OPTIONS)]
+    if world == "no_box":  # the box-free questions ("What color is the triangle?"), never with the box hint
+        hint = ""
+        questions = [(NO_BOX_QUESTION.format(color=color), SHAPE_OPTIONS) for color in PALETTE]
     for _ in range(repeats):
         yield "system\nYou are a helpful assistant."
         yield "user\n"
-        for question, options in ((COLOR_QUESTION, COLOR_OPTIONS), (SHAPE_QUESTION, SHAPE_OPTIONS)):
+        for question, options in questions:
             sample = Sample(id="corpus", question=question, options=list(options), image_bytes=b"-", bbox=(0, 0, 1, 1))
             yield format_question(sample, hint)
             yield format_question(sample, "")
@@ -101,14 +124,18 @@ def benchmark_corpus(repeats: int = 40) -> Iterator[str]:
                 yield f"assistant\n{answer_text(option_letter(index))}"
 
 
-def build_tiny(output_dir: str | Path, *, size: Literal["5m", "20m"] = "5m", seed: int = 0) -> Path:
+def build_tiny(
+    output_dir: str | Path, *, size: Literal["5m", "20m"] = "5m", seed: int = 0, world: World = "box"
+) -> Path:
     """A random-weight tiny Qwen2-VL folder whose tokenizer speaks the benchmark (see ``benchmark_corpus``)."""
-    return build_tiny_qwen2vl(output_dir, size=size, seed=seed, corpus=benchmark_corpus())
+    return build_tiny_qwen2vl(output_dir, size=size, seed=seed, corpus=benchmark_corpus(world=world))
 
 
 # --------------------------------------------------------------------------- samples and views
 def sample_from_item(image: Any, record: dict[str, Any]) -> Sample:
-    """An in-memory synth item as a ``Sample`` (PNG bytes), so training sees exactly what evaluation sees."""
+    """An in-memory synth item as a ``Sample`` (PNG bytes), so training sees exactly what evaluation sees. A box-free
+    item's hidden box becomes the sample's box here: pretraining is supervised and may cut crops from it, but every
+    view of that world is drawn without a box and without the hint (``_NO_BOX_VIEW``)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return Sample(
@@ -116,28 +143,64 @@ def sample_from_item(image: Any, record: dict[str, Any]) -> Sample:
         question=record["question"],
         options=record["options"],
         answer=record["answer"],
-        bbox=tuple(record["bbox"]),
+        bbox=tuple(record["bbox"] if "bbox" in record else record["hidden_bbox"]),
         image_bytes=buffer.getvalue(),
     )
 
 
-def _context_view(sample: Sample, index: int, seed: int) -> View:
+# The box-free world's views: no red box on the full image and no hint in any prompt, as in search mode.
+_NO_BOX_VIEW = ViewConfig(draw_box=False, hint="")
+# The search's grid (vopd.evidence.candidate_windows at the default settings): pretraining shows the model windows
+# holding the target (answer it) and windows without it (say nothing sure: every letter equally likely), so that the
+# teacher's confidence, which the search maximises, points at the target.
+_TARGET_RADIUS = 7  # the synth world's largest target radius
+
+
+def _grid_windows(sample: Sample, holding: bool) -> list[tuple[float, float, float, float]]:
+    from vopd.evidence import candidate_windows
+
+    assert sample.bbox is not None
+    cx, cy = (sample.bbox[0] + sample.bbox[2]) / 2, (sample.bbox[1] + sample.bbox[3]) / 2
+    reach = _TARGET_RADIUS + 1
+    image = sample.load_image()
+    windows = candidate_windows(image.width, image.height, ViewConfig())
+    if holding:  # the whole target inside
+        return [
+            w for w in windows if w[0] <= cx - reach and w[1] <= cy - reach and w[2] > cx + reach and w[3] > cy + reach
+        ]
+    return [w for w in windows if w[2] <= cx - reach or w[0] > cx + reach or w[3] <= cy - reach or w[1] > cy + reach]
+
+
+def _window_view(sample: Sample, index: int, seed: int, holding: bool) -> View:
+    """A random search window with (``window``) or without (``decoy``) the target, drawn per (seed, item)."""
+    from vopd.views import crop_box
+
+    windows = _grid_windows(sample, holding)
+    pick = int(np.random.default_rng([seed, index, 0xD0 if holding else 0xD1]).integers(len(windows)))
+    return View(image=crop_box(sample.load_image(), windows[pick], _NO_BOX_VIEW), text=format_question(sample, ""))
+
+
+def _context_view(sample: Sample, index: int, seed: int, base: ViewConfig) -> View:
     """The box with a random amount of surroundings, drawn per (seed, item) so the stream is reproducible."""
     padding = float(np.random.default_rng([seed, index, 0xC0]).uniform(*_CONTEXT_PADDING))
-    return teacher_view(sample, ViewConfig(padding=padding, upscale=_CONTEXT_UPSCALE))
+    return teacher_view(sample, base.model_copy(update={"padding": padding, "upscale": _CONTEXT_UPSCALE}))
 
 
-def make_view(kind: ViewKind, sample: Sample, *, index: int = 0, seed: int = 0) -> View:
-    """One of the pretraining views; ``crop`` and ``full`` are exactly evaluation's crop and full-image views."""
+def make_view(kind: ViewKind, sample: Sample, *, index: int = 0, seed: int = 0, world: World = "box") -> View:
+    """One of the pretraining views; ``crop`` and ``full`` are exactly evaluation's crop and full-image views (in the
+    box-free world: the oracle crop and the plain full image, without the hint)."""
+    base = _NO_BOX_VIEW if world == "no_box" else ViewConfig()
     if kind == "crop_large":
-        return teacher_view(sample, _LARGE_CROP_VIEW)
+        return teacher_view(sample, base.model_copy(update={"min_crop_side": _LARGE_CROP_VIEW.min_crop_side}))
     if kind == "crop":
-        return teacher_view(sample, ViewConfig())
+        return teacher_view(sample, base)
     if kind == "context":
-        return _context_view(sample, index, seed)
+        return _context_view(sample, index, seed, base)
     if kind == "full":
-        return student_view(sample, ViewConfig())
-    raise ValueError(f"unknown view kind {kind!r}: expected crop_large, crop, context or full")
+        return student_view(sample, base)
+    if kind in ("window", "decoy"):
+        return _window_view(sample, index, seed, holding=kind == "window")
+    raise ValueError(f"unknown view kind {kind!r}: expected crop_large, crop, context, full, window or decoy")
 
 
 # --------------------------------------------------------------------------- supervised loss
@@ -156,16 +219,31 @@ def _answer_targets(loaded: LoadedModel, letters: Sequence[str], device: torch.d
     return RolloutBatch(ids.to(device), mask.to(device), zeros.to(device), torch.zeros(len(rows), dtype=torch.bool))
 
 
-def supervised_loss(loaded: LoadedModel, views: Sequence[View], letters: Sequence[str]) -> torch.Tensor:
+def _letter_position(loaded: LoadedModel) -> tuple[int, list[int]]:
+    """Where the letter sits in the reply ``Answer: X<|im_end|>`` and the token of each letter A-D there."""
+    rows = [loaded.tokenizer(answer_text(option_letter(i)), add_special_tokens=False)["input_ids"] for i in range(4)]
+    position = next(i for i in range(len(rows[0])) if len({row[i] for row in rows}) > 1)
+    return position, [row[position] for row in rows]
+
+
+def supervised_loss(loaded: LoadedModel, views: Sequence[View], letters: Sequence[str | None]) -> torch.Tensor:
     """Teacher-forced cross-entropy of the labelled reply given the chat prompt (mean over reply tokens).
 
     The same left-padded prompt + right-padded reply layout as Vision-OPD's scoring, so SFT and OPD differ only in
-    their targets (the label versus the teacher's distribution), never in how the model is fed.
+    their targets (the label versus the teacher's distribution), never in how the model is fed. A letter of None
+    (a window without the target, box-free pretraining) targets the four letters equally at the letter's position:
+    the model learns to be unsure where it cannot see the answer.
     """
     prompts = loaded.encode([to_messages(view) for view in views])
-    targets = _answer_targets(loaded, letters, loaded.device)
+    targets = _answer_targets(loaded, [letter or "A" for letter in letters], loaded.device)
     logits = response_logits(loaded.model, prompts, targets)  # (B, A, V)
     token_loss = F.cross_entropy(logits.float().transpose(1, 2), targets.response_ids, reduction="none")  # (B, A)
+    unsure = [row for row, letter in enumerate(letters) if letter is None]
+    if unsure:
+        position, letter_ids = _letter_position(loaded)
+        log_probs = logits[unsure, position].float().log_softmax(dim=-1)  # (U, V)
+        uniform = -log_probs[:, letter_ids].mean(dim=-1)  # (U,)
+        token_loss = token_loss.index_put((torch.tensor(unsure), torch.full((len(unsure),), position)), uniform)
     mask = targets.response_mask.float()
     return (token_loss * mask).sum() / mask.sum()
 
@@ -209,6 +287,29 @@ DEFAULT_STAGES: tuple[PretrainStage, ...] = (
 )
 
 
+# The box-free world (vopd synth --no-box: "What shape is the purple object?"): the same two stages, plus search
+# windows holding the target (answer it) and windows without it (every letter equally likely), so that the
+# confidence the evidence search maximises points at the target; the full image is the plain one (no box, no hint).
+# Stops like the first base once the selection set's full-image accuracy reaches 0.55.
+NO_BOX_STAGES: tuple[PretrainStage, ...] = (
+    PretrainStage(
+        "crops",
+        steps=400,
+        lr=1e-3,
+        views=(("crop_large", 10), ("crop", 10), ("window", 6), ("decoy", 6)),
+        warmup_steps=50,
+    ),
+    PretrainStage(
+        "mixed",
+        steps=600,
+        lr=5e-4,
+        views=(("crop", 6), ("context", 4), ("window", 5), ("decoy", 5), ("full", 12)),
+        stop_at_full_accuracy=0.55,
+        check_from=200,
+    ),
+)
+
+
 @dataclass
 class PretrainResult:
     model_dir: Path  # the final model (fp16)
@@ -219,8 +320,8 @@ class PretrainResult:
 class _ItemStream:
     """Fresh labelled items, item ``i`` = synth item ``i`` of the pretraining seed: no item is ever seen twice."""
 
-    def __init__(self, seed: int) -> None:
-        self.config = SynthConfig(n=1, seed=seed, id_prefix="pre")
+    def __init__(self, seed: int, world: World = "box") -> None:
+        self.config = SynthConfig(n=1, seed=seed, id_prefix="pre", no_box=world == "no_box")
         self.next_index = 0
 
     def take(self, count: int) -> list[tuple[int, Sample]]:
@@ -253,7 +354,8 @@ def pretrain(
     output_dir: str | Path,
     *,
     seed: int = 0,
-    stages: Sequence[PretrainStage] = DEFAULT_STAGES,
+    stages: Sequence[PretrainStage] | None = None,
+    world: World = "box",
     eval_items: int = 400,
     select_items: int = SELECT_ITEMS,
     size: Literal["5m", "20m"] = "5m",
@@ -270,7 +372,11 @@ def pretrain(
     depend only on (seed, item index), that gives the same weights as an uninterrupted run. ``stop_after`` ends the
     run after the named stage (no final model), to look at a stage before spending CPU on the next; ``eval_every``
     also evaluates inside stages (greedy decoding draws no random numbers, so the weights do not change).
+    ``world="no_box"`` pretrains the box-free world's base (``NO_BOX_STAGES`` on ``vopd synth --no-box`` items).
     """
+    if stages is None:
+        stages = NO_BOX_STAGES if world == "no_box" else DEFAULT_STAGES
+    no_box = world == "no_box"
     if stop_after is not None and stop_after not in {stage.name for stage in stages}:
         raise ValueError(f"stop_after={stop_after!r} names no stage; stages: {', '.join(s.name for s in stages)}")
     torch.set_num_threads(1)  # determinism, and two cores are shared
@@ -280,17 +386,22 @@ def pretrain(
     started = time.perf_counter()
     init_dir = output / "init"
     if not (init_dir / "config.json").is_file():
-        build_tiny(init_dir, size=size, seed=seed)
+        build_tiny(init_dir, size=size, seed=seed, world=world)
     eval_path = output / "eval-data" / "data.jsonl"
     if not eval_path.is_file():
-        generate_dataset(eval_path.parent, SynthConfig(n=eval_items, seed=PRETRAIN_EVAL_SEED, id_prefix="val"))
+        generate_dataset(
+            eval_path.parent, SynthConfig(n=eval_items, seed=PRETRAIN_EVAL_SEED, id_prefix="val", no_box=no_box)
+        )
     select_path = output / "select-data" / "data.jsonl"
     if any(stage.stop_at_full_accuracy is not None for stage in stages) and not select_path.is_file():
-        generate_dataset(select_path.parent, SynthConfig(n=select_items, seed=PRETRAIN_SELECT_SEED, id_prefix="sel"))
+        generate_dataset(
+            select_path.parent,
+            SynthConfig(n=select_items, seed=PRETRAIN_SELECT_SEED, id_prefix="sel", no_box=no_box),
+        )
     log_path = output / "pretrain_log.jsonl"
     result = PretrainResult(model_dir=output / "model")
 
-    stream = _ItemStream(PRETRAIN_TRAIN_SEED + seed)
+    stream = _ItemStream(PRETRAIN_TRAIN_SEED + seed, world)
     current_dir = init_dir
     runtime = RuntimeConfig(device="cpu", dtype="float32")
     for stage in stages:
@@ -307,7 +418,16 @@ def pretrain(
         torch.manual_seed(seed)
         loaded = load_model_and_processor(current_dir, runtime, freeze_vision_tower=False, trainable=True)
         steps_run = _train_stage(
-            loaded, stage, stream, seed, events, log_path, eval_path if eval_every else None, eval_every, select_path
+            loaded,
+            stage,
+            stream,
+            seed,
+            events,
+            log_path,
+            eval_path if eval_every else None,
+            eval_every,
+            select_path,
+            world,
         )
         summary = _evaluate(loaded, eval_path)
         _save(loaded, stage_dir)
@@ -344,6 +464,7 @@ def _train_stage(
     eval_path: Path | None = None,
     eval_every: int | None = None,
     select_path: Path | None = None,
+    world: World = "box",
 ) -> int:
     """Run one stage; returns the number of steps taken (fewer than ``stage.steps`` after an early stop)."""
     parameters = [p for p in loaded.model.parameters() if p.requires_grad]
@@ -367,8 +488,8 @@ def _train_stage(
             position = 0
             for kind, rows in stage.views:
                 for index, sample in items[position : position + rows]:
-                    views.append(make_view(kind, sample, index=index, seed=seed))
-                    letters.append(sample.answer_letter or "")
+                    views.append(make_view(kind, sample, index=index, seed=seed, world=world))
+                    letters.append(None if kind == "decoy" else sample.answer_letter or "")
                 position += rows
             loss = supervised_loss(loaded, views, letters)
             optimizer.zero_grad(set_to_none=True)
@@ -404,7 +525,8 @@ def _train_stage(
 
 
 def _evaluate(loaded: LoadedModel, eval_path: Path) -> dict[str, Any]:
-    summary = evaluate(EvalConfig(model=str(loaded.path), dataset=str(eval_path), batch_size=50), loaded=loaded).summary
+    config = EvalConfig(model=str(loaded.path), dataset=str(eval_path), batch_size=50, searched_crop=False)
+    summary = evaluate(config, loaded=loaded).summary
     loaded.model.train()
     return summary
 

@@ -4,17 +4,23 @@ For one (image, question, options, box) the student answers on its view (full im
 model then scores those very tokens on the teacher view (the crop). Each position gets both top-k lists, both
 entropies, the divergence under the chosen alpha (plus forward KL, reverse KL and JSD for comparison) and whether
 the two argmaxes agree. The teacher's own answer on the crop stands beside the student's.
+
+Without a box the model finds its own crop first (``vopd.evidence``: the grid window it answers most confidently);
+the student then sees the plain full image (no drawn box, no hint) and the result's ``evidence`` says which box the
+teacher saw, whether it was given or searched, and the search's confidence.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, Literal
 
 import torch
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from vopd.config import InspectConfig
 from vopd.data import Sample, option_letter
@@ -73,6 +79,16 @@ class TokenRecord(BaseModel):
     teacher_tail_mass: float
 
 
+class EvidenceInfo(BaseModel):
+    """The teacher's crop: the box given with the request (or the sample's), or the one the search chose."""
+
+    box: tuple[float, float, float, float] = Field(description="[x0, y0, x1, y1] in pixels of the image.")
+    source: Literal["given", "search"]
+    confidence: float | None = Field(
+        None, description="search: the teacher's label-free confidence on that crop (vopd.evidence); given: null."
+    )
+
+
 class InspectResult(BaseModel):
     model: str
     student_text: str
@@ -84,6 +100,7 @@ class InspectResult(BaseModel):
     alpha: float
     mean_divergence: float
     tokens: list[TokenRecord]
+    evidence: EvidenceInfo | None = Field(None, description="Where the teacher's crop came from.")
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -92,9 +109,33 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for each byte (GPT-2's table, which Qwen's tokenizers share):
+    printable Latin-1 bytes stand for themselves, the rest map to code points from 256 up, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    shifted = [byte for byte in range(256) if byte not in kept]
+    return {chr(byte): byte for byte in kept} | {chr(256 + n): byte for n, byte in enumerate(shifted)}
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """How one token reads. A token holding only part of a multi-byte character decodes alone to U+FFFD, which
+    says nothing; it reads as its bytes instead (``<0xE2>``, as byte-fallback tokenizers name byte tokens), with
+    any complete characters it also holds kept as text."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    alphabet = _byte_level_alphabet()
+    if not isinstance(piece, str) or not piece or any(char not in alphabet for char in piece):
+        return piece if isinstance(piece, str) and piece.startswith("<0x") else text
+    raw = bytes(alphabet[char] for char in piece).decode("utf-8", errors="surrogateescape")
+    return "".join(f"<0x{ord(char) - 0xDC00:02X}>" if 0xDC80 <= ord(char) <= 0xDCFF else char for char in raw)
+
+
 def _top_tokens(tokenizer, ids: torch.Tensor, probs: torch.Tensor) -> list[TopToken]:
     return [
-        TopToken(token=tokenizer.decode([token_id]), token_id=token_id, prob=prob, rank=rank + 1)
+        TopToken(token=token_text(tokenizer, token_id), token_id=token_id, prob=prob, rank=rank + 1)
         for rank, (token_id, prob) in enumerate(zip(ids.tolist(), probs.tolist(), strict=True))
     ]
 
@@ -122,14 +163,26 @@ def _inspect(
     config: InspectConfig, image: Image.Image, loaded: LoadedModel, check: Callable[[], None]
 ) -> InspectResult:
     width, height = image.size
-    x0, y0, x1, y1 = config.bbox
-    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        raise ValueError(f"bbox {list(config.bbox)} lies outside the {width}x{height} image")
+    views = config.views
+    if config.bbox is not None:
+        x0, y0, x1, y1 = config.bbox
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise ValueError(f"bbox {list(config.bbox)} lies outside the {width}x{height} image")
     sample = Sample(
         id="inspect", question=config.question, options=config.options, bbox=config.bbox, image_bytes=_png_bytes(image)
     )
-    student = student_view(sample, config.views)
-    teacher = teacher_view(sample, config.views)
+    if config.bbox is None:  # no box: the model finds its own crop, as box-free training does
+        from vopd.evidence import search_evidence
+
+        views = views.model_copy(update={"evidence": "search"})
+        found = search_evidence(loaded, [sample], views)[0]
+        sample = sample.model_copy(update={"search_box": found.box})
+        evidence = EvidenceInfo(box=found.box, source="search", confidence=found.confidence)
+        check()
+    else:
+        evidence = EvidenceInfo(box=config.bbox, source="given", confidence=None)
+    student = student_view(sample, views)
+    teacher = teacher_view(sample, views)
 
     check()
     student_prompts, teacher_prompts = loaded.encode([to_messages(student)]), loaded.encode([to_messages(teacher)])
@@ -169,7 +222,7 @@ def _inspect(
         records.append(
             TokenRecord(
                 position=position,
-                token=tokenizer.decode([token_id]),
+                token=token_text(tokenizer, token_id),
                 token_id=token_id,
                 student_prob=float(student_logprobs[position, token_id].exp()),
                 teacher_prob=float(teacher_logprobs[position, token_id].exp()),
@@ -205,4 +258,5 @@ def _inspect(
         alpha=div.alpha,
         mean_divergence=float(chosen.mean()) if length else 0.0,
         tokens=records,
+        evidence=evidence,
     )

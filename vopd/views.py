@@ -3,6 +3,10 @@
 The student sees the whole image with the evidence box drawn in red and a hint to look inside it; the teacher sees
 only the box, cropped and enlarged, so it resolves the fine detail the student must learn to find. Both receive the
 same text, so any difference in their next-token distributions comes from what they see.
+
+Without a box (``views.evidence: search``, or ``auto`` on a sample with neither a box nor a crop) the teacher's crop
+is the window the model itself is most confident on (``vopd.evidence``, stored on the sample as ``search_box``) and
+the student sees the plain full image: no drawn box and no hint, since there is no box to point at.
 """
 
 from __future__ import annotations
@@ -71,10 +75,22 @@ def _draw_box_outline(
     ImageDraw.Draw(image).rectangle((left, top, right, bottom), outline=tuple(color), width=width)
 
 
+def uses_search(sample: Sample, cfg: ViewConfig) -> bool:
+    """Whether the teacher's crop of ``sample`` is searched for (vopd.evidence) rather than cut from its box."""
+    if cfg.evidence == "search":
+        return True
+    if cfg.evidence == "box":
+        return False
+    return sample.bbox is None and not sample.has_crop
+
+
 def student_view(sample: Sample, cfg: ViewConfig) -> View:
     """The full image (downscaled to cfg.max_pixels when set) with the evidence box drawn; text with the hint.
 
-    A sample with only a precomputed crop has no box to draw (released datasets ship the box already drawn)."""
+    A sample with only a precomputed crop has no box to draw (released datasets ship the box already drawn). In
+    search mode the student sees the plain image and question: a hint about a red box nobody drew would mislead."""
+    if uses_search(sample, cfg):
+        return full_view(sample, cfg)
     original = sample.load_image()
     image = _fit_to_pixels(original, cfg.max_pixels)
     if cfg.draw_box and sample.bbox is not None:
@@ -114,13 +130,26 @@ def crop_box(image: Image.Image, bbox: tuple[float, float, float, float], cfg: V
 
 
 def teacher_view(sample: Sample, cfg: ViewConfig) -> View:
-    """The precomputed crop as-is when the sample has one, else the padded, enlarged box; same text as the student."""
+    """The precomputed crop as-is when the sample has one, else the padded, enlarged box; same text as the student.
+
+    In search mode the crop is the sample's ``search_box`` (chosen by ``vopd.evidence.search_evidence``), with the
+    student's plain text."""
+    if uses_search(sample, cfg):
+        if sample.search_box is None:
+            raise ValueError(
+                f"sample {sample.id!r} is in evidence-search mode but has no searched box yet: run "
+                "vopd.evidence.search_evidence first (or give it a bbox)"
+            )
+        return View(image=crop_box(sample.load_image(), sample.search_box, cfg), text=format_question(sample, ""))
     text = format_question(sample, cfg.hint)
     precomputed = sample.load_crop()
     if precomputed is not None:
         return View(image=precomputed, text=text)
     if sample.bbox is None:
-        raise ValueError(f"sample {sample.id!r} has neither a bbox nor a precomputed crop")
+        raise ValueError(
+            f"sample {sample.id!r} has neither a bbox nor a precomputed crop: set views.evidence to search (or auto) "
+            "to let the model find its own crop"
+        )
     return View(image=crop_box(sample.load_image(), sample.bbox, cfg), text=text)
 
 
@@ -181,16 +210,18 @@ def write_view_pairs(
     for sample in samples:
         stem = _file_stem(sample.id, used_stems)
         student = student_view(sample, cfg)
-        teacher = teacher_view(sample, cfg)
         student.image.save(out / f"{stem}_student.png")
-        teacher.image.save(out / f"{stem}_teacher.png")
+        # A box-free sample's crop does not exist until a model searches for it (vopd.evidence, at training time).
+        teacher = None if uses_search(sample, cfg) and sample.search_box is None else teacher_view(sample, cfg)
+        if teacher is not None:
+            teacher.image.save(out / f"{stem}_teacher.png")
         rows.append(
             {
                 "id": sample.id,
                 "student": f"{stem}_student.png",
-                "teacher": f"{stem}_teacher.png",
+                "teacher": f"{stem}_teacher.png" if teacher is not None else None,
                 "student_size": list(student.image.size),
-                "teacher_size": list(teacher.image.size),
+                "teacher_size": list(teacher.image.size) if teacher is not None else None,
                 "text": student.text,
                 "answer": sample.answer,
             }
@@ -204,11 +235,15 @@ def write_view_pairs(
 
 def _index_html(rows: list[dict[str, Any]]) -> str:
     body = "\n".join(
-        "<tr><td>{id}</td><td><img src='{student}'></td><td><img src='{teacher}'></td>"
+        "<tr><td>{id}</td><td><img src='{student}'></td><td>{teacher}</td>"
         "<td><pre>{text}</pre>answer: {answer}</td></tr>".format(
             id=html.escape(row["id"]),
             student=html.escape(row["student"], quote=True),
-            teacher=html.escape(row["teacher"], quote=True),
+            teacher=(
+                f"<img src='{html.escape(row['teacher'], quote=True)}'>"
+                if row["teacher"]
+                else "no box: the model searches for its crop while training"
+            ),
             text=html.escape(row["text"]),
             answer=html.escape(str(row["answer"])),
         )

@@ -23,7 +23,7 @@ from app.tables import Dataset
 from app.uploads import MB, UploadRejected, quota_message, save_stream, storage_used, unpack_upload
 from vopd.config import ViewConfig
 from vopd.data import load_dataset, validate_dataset
-from vopd.views import student_view, teacher_view
+from vopd.views import student_view, teacher_view, uses_search
 
 router = APIRouter(prefix="/api/datasets", tags=["datasets"])
 
@@ -144,7 +144,11 @@ def list_samples(
     views = ViewConfig()
     items = []
     for index, sample in enumerate(samples, start=offset):
-        student, teacher = student_view(sample, views), teacher_view(sample, views)
+        searched = uses_search(sample, views)
+        student = student_view(sample, views)
+        # A sample without a box has no crop until a model searches for one (at training time, vopd.evidence): its
+        # teacher thumbnail is the whole image that search covers.
+        teacher = student if searched else teacher_view(sample, views)
         items.append(
             SampleOut(
                 index=index,
@@ -157,6 +161,7 @@ def list_samples(
                 teacher_text=teacher.text,
                 student_image=_data_url(student.image, thumbnail),
                 teacher_image=_data_url(teacher.image, thumbnail),
+                evidence="search" if searched else "box",
             )
         )
     return SamplePage(items=items, total=dataset.n_samples, offset=offset, limit=limit)

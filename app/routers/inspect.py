@@ -1,4 +1,5 @@
-"""/api/inspect: per-token student (full image) vs teacher (crop) distributions for one image and question."""
+"""/api/inspect: per-token student (full image) vs teacher (crop) distributions for one image and question; without a
+box the teacher's crop is the one the model's own search chooses."""
 
 from __future__ import annotations
 
@@ -208,6 +209,10 @@ async def _wait(task: InferenceTask, request: Request, timeout_s: float) -> Insp
 async def inspect(body: InspectRequest, request: Request, session: SessionDep, settings: SettingsDep, key: ApiKeyDep):
     """Send the image as ``image_base64`` (the file's bytes, base64) or pick ``dataset`` + ``sample``; question,
     options and bbox default to the sample's. ``model`` is a name from GET /api/models.
+
+    Without a box (none given, none on the sample) the model searches for its own crop (vopd.evidence): the
+    student sees the plain image, the teacher the chosen crop, and ``evidence`` in the answer gives the box,
+    ``source`` ("given" or "search") and the search's confidence (null for a given box).
 
     Inference runs on one dedicated thread behind a bounded queue, within a time budget
     (VOPD_INSPECT_TIMEOUT_S, queueing included) after which the work stops and the answer is 504."""

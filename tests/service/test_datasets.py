@@ -96,7 +96,7 @@ def test_bad_dataset_is_rejected_with_every_issue_per_line(service: Service) -> 
     lines = [
         json.dumps(_record(0)),
         "{not json",
-        json.dumps(_record(2, bbox=None)),
+        json.dumps(_record(2, bbox=[1, 2])),
         json.dumps(_record(3, answer="purple")),
     ]
     entries = {f"images/{i}.png": _png((200, 0, 0)) for i in (0, 2, 3)}
@@ -149,3 +149,38 @@ def test_unsupported_file_type_gets_a_clear_message(service: Service) -> None:
     response = _upload(service, "notes.txt", b"hello")
     assert response.status_code == 422
     assert ".zip" in response.json()["detail"]
+
+
+def test_plain_vqa_dataset_without_boxes_or_answers_uploads_and_trains(service: Service) -> None:
+    """The real-data path: image, question, options and nothing else. The upload is accepted, its samples say the
+    crop will be searched for, and a short training job on the tiny model searches and trains (vopd.evidence)."""
+    entries = {f"images/{i}.png": _png((200, 10 * i, 10)) for i in range(4)}
+    lines = [{k: v for k, v in _record(i).items() if k not in ("answer", "bbox")} for i in range(4)]
+    entries["data.jsonl"] = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    response = _upload(service, "plain.zip", _zip(entries), name="plain-vqa")
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    page = service.client.get(f"/api/datasets/{dataset['id']}/samples?limit=2", headers=service.alice).json()
+    sample = page["items"][0]
+    assert sample["bbox"] is None and sample["answer"] is None and sample["evidence"] == "search"
+    assert "red bounding box" not in sample["student_text"]
+
+    config = {
+        "model": "tiny",
+        "dataset": dataset["id"],
+        "steps": 2,
+        "batch_size": 2,
+        "lr": 1e-4,
+        "rollout": {"num_rollouts": 1, "max_new_tokens": 4},
+        "views": {"search_windows": [0.5], "search_max_new_tokens": 4},
+        "collapse_guard": {"enabled": False},
+        "runtime": {"device": "cpu"},
+    }
+    job = service.client.post("/api/jobs", headers=service.alice, json={"kind": "train", "config": config})
+    assert job.status_code in (200, 201), job.text
+    finished = service.wait_for(job.json()["id"], {"succeeded", "failed"}, timeout_s=180)
+    assert finished["status"] == "succeeded", finished["error"]
+    metrics = service.client.get(f"/api/jobs/{finished['id']}/metrics", headers=service.alice).json()["items"]
+    assert [row["step"] for row in metrics] == [1, 2]
+    assert all(0.0 <= row["data"]["evidence/confidence"] <= 1.0 for row in metrics)
+    assert metrics[0]["data"]["evidence/searched"] == 2.0

@@ -72,3 +72,30 @@ def test_inspect_rejects_bad_requests(service: Service, change: dict, field: str
     assert response.status_code == 422, response.text
     if field is not None:
         assert response.json()["detail"][0]["loc"] == ["body", field]
+
+
+def test_inspect_without_a_box_searches_for_the_crop_and_says_so(service: Service) -> None:
+    """No box in the request: the model's own search chooses the teacher's crop; the student sees the plain image."""
+    body = {
+        "model": "tiny",
+        "image_base64": _image_base64(),
+        "question": "What color is the square?",
+        "options": ["red", "green", "blue", "yellow"],
+        "max_new_tokens": 4,
+        "show_topk": 2,
+        "views": {"search_windows": [0.5]},  # 9 candidates: a quick search
+        "runtime": {"device": "cpu"},
+    }
+    response = service.client.post("/api/inspect", headers=service.alice, json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    evidence = result["evidence"]
+    assert evidence["source"] == "search" and 0.0 <= evidence["confidence"] <= 1.0
+    x0, y0, x1, y1 = evidence["box"]
+    assert (x1 - x0, y1 - y0) == (56, 56) and x0 % 28 == 0 and y0 % 28 == 0  # a window of the 0.5 grid
+    assert "red bounding box" not in result["student_prompt"] and result["tokens"]
+    assert result["student_prompt"] == result["teacher_prompt"]
+
+    given = service.client.post("/api/inspect", headers=service.alice, json=body | {"bbox": [40, 40, 70, 70]})
+    assert given.status_code == 200, given.text
+    assert given.json()["evidence"] == {"box": [40.0, 40.0, 70.0, 70.0], "source": "given", "confidence": None}
