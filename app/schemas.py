@@ -181,7 +181,9 @@ class LogPage(BaseModel):
 
 class ArtifactOut(BaseModel):
     name: str = Field(description="Download with GET /api/jobs/{id}/artifacts/{name}.")
-    kind: Literal["model", "checkpoint", "records", "metrics", "file"]
+    kind: Literal["model", "checkpoint", "records", "metrics", "file", "tensorboard", "mlflow"] = Field(
+        description="tensorboard / mlflow: the run's tracker logs (TrainConfig.report_to), for their own viewers."
+    )
     is_folder: bool = Field(description="Folders download as a zip archive.")
     size_bytes: int
     step: int | None = None
@@ -228,6 +230,13 @@ class SampleOut(BaseModel):
     teacher_text: str
     student_image: str = Field(description="Thumbnail of the student view (red box) as a data: URL.")
     teacher_image: str = Field(description="Thumbnail of the teacher view (upscaled crop) as a data: URL.")
+    evidence: Literal["box", "search"] = Field(
+        "box",
+        description=(
+            "box: the teacher's crop is cut from the sample's box (or given); search: the sample has no box, the "
+            "model finds its crop at training time (vopd.evidence) and teacher_image shows the whole image searched."
+        ),
+    )
 
 
 class SamplePage(BaseModel):

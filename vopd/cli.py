@@ -90,7 +90,7 @@ class TqdmProgress(ProgressCallback):
 
 
 # --------------------------------------------------------------------------- train
-_RUN_FLAGS = ("model", "dataset", "output", "steps", "epochs", "seed", "lr", "batch_size")
+_RUN_FLAGS = ("model", "dataset", "output", "steps", "epochs", "seed", "lr", "batch_size", "report_to")
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
@@ -123,10 +123,41 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="run seed (data order, rollouts)")
     parser.add_argument("--lr", type=float, help="peak learning rate (paper 2e-6; tiny models ~1e-4)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, help="prompts per micro-batch")
+    parser.add_argument(
+        "--report-to",
+        dest="report_to",
+        metavar="TRACKERS",
+        help="also log metrics to experiment trackers: tensorboard, mlflow, wandb (comma-separated; none by default)",
+    )
     parser.epilog = (
         "Any other TrainConfig field by its dotted name, e.g. --divergence.alpha 0.3 --teacher.mode fixed "
         "--rollout.num_rollouts 2 --lora.enabled true --runtime.dtype bfloat16."
     )
+
+
+def resolve_names(config: Any, fields: Sequence[str] = ("model", "dataset"), *, strict: bool = True) -> Any:
+    """The config with service names (``tiny``, ``job-3/final``, ``synth-64``) replaced by the paths they stand for
+    in VOPD_HOME (``vopd.home``), so the commands the studio shows run as shown; existing paths stay as they are.
+    ``strict=False`` (a dry run, which loads nothing) leaves what resolves to nothing as it is."""
+    from vopd.home import names_hint, resolve_dataset_name, resolve_model_name, vopd_home
+
+    home = vopd_home()
+    resolvers = {"model": resolve_model_name, "dataset": resolve_dataset_name}
+    updates: dict[str, str] = {}
+    for field in fields:
+        value = getattr(config, field, None)
+        if not value:
+            continue
+        path = resolvers[field](value, home)
+        if path is None and not strict:
+            continue
+        if path is None:
+            raise CliError(
+                f"--{field} {value!r}: no such file or folder, and no {field} of that name; {names_hint(home)}"
+            )
+        if str(path) != value:
+            updates[field] = str(path)
+    return config.model_copy(update=updates) if updates else config
 
 
 def _flag_overrides(args: argparse.Namespace, names: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -140,6 +171,7 @@ def _run_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from vopd.trainer import train
 
     config = load_config(TrainConfig, args.config, _flag_overrides(args, _RUN_FLAGS, overrides), preset=args.preset)
+    config = resolve_names(config, strict=not args.dry_run)
     if args.dry_run:
         import json
 
@@ -222,6 +254,7 @@ def _run_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     flags = _flag_overrides(args, ("model", "dataset", "benchmark", "data", "output", "limit"), overrides)
     config = load_config(EvalConfig, args.config, flags)
+    config = resolve_names(config, ("model", "dataset") if config.dataset else ("model",))
     result = evaluate(config, callbacks=[TqdmProgress("eval")])
     if config.benchmark is not None:
         from vopd.benchmarks import format_summary_table
@@ -237,7 +270,9 @@ def _add_inspect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--question", required=True)
     parser.add_argument("--options", help="comma-separated options, e.g. red,green,blue,yellow")
-    parser.add_argument("--bbox", required=True, help="x0,y0,x1,y1 in pixels")
+    parser.add_argument(
+        "--bbox", default=None, help="x0,y0,x1,y1 in pixels; without it the model searches for its own crop"
+    )
     parser.add_argument("--json", action="store_true", help="print the full records as JSON instead of a table")
     parser.epilog = "Also --alpha, --greedy false, --max_new_tokens N, --show_topk K, --views.upscale 3 ..."
 
@@ -246,16 +281,19 @@ def _run_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from vopd.config import InspectConfig, load_config
     from vopd.data import decode_image
 
-    try:
-        bbox = [float(v) for v in args.bbox.split(",")]
-    except ValueError as error:
-        raise CliError(f"--bbox must be four numbers x0,y0,x1,y1, got {args.bbox!r}") from error
+    bbox = None
+    if args.bbox is not None:
+        try:
+            bbox = [float(v) for v in args.bbox.split(",")]
+        except ValueError as error:
+            raise CliError(f"--bbox must be four numbers x0,y0,x1,y1, got {args.bbox!r}") from error
     if "alpha" in overrides:
         overrides["divergence.alpha"] = overrides.pop("alpha")
     values: dict[str, Any] = {"model": args.model, "question": args.question, "bbox": bbox}
     if args.options:
         values["options"] = [o.strip() for o in args.options.split(",") if o.strip()]
     config = load_config(InspectConfig, None, {**values, **overrides})
+    config = resolve_names(config, ("model",))
     from vopd.token_inspection import inspect_sample
 
     result = inspect_sample(config, decode_image(Path(args.image)))
@@ -268,7 +306,13 @@ def _run_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 def format_inspect_table(result: Any) -> str:
     """A per-token table for a terminal: the divergence column is what the UI colours."""
-    lines = [
+    lines = []
+    evidence = getattr(result, "evidence", None)
+    if evidence is not None:
+        confidence = "" if evidence.confidence is None else f", confidence {evidence.confidence:.3f}"
+        box = ", ".join(f"{value:g}" for value in evidence.box)
+        lines.append(f"teacher's crop: [{box}] ({evidence.source}{confidence})")
+    lines += [
         f"student: {result.student_text!r} (choice {result.student_choice})",
         f"teacher: {result.teacher_answer!r} (choice {result.teacher_choice})",
         f"alpha={result.alpha}  mean divergence={result.mean_divergence:.4f}",
@@ -300,6 +344,13 @@ def _add_synth(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backgrounds", default=None, metavar="DIR", help="folder of photos to draw on")
     parser.add_argument("--question", choices=["color", "shape", "both"], default=None, help="default color")
     parser.add_argument("--id-prefix", default=None, help="item ids are PREFIX-00001... (default syn)")
+    parser.add_argument(
+        "--no-box",
+        dest="no_box",
+        action="store_true",
+        default=None,
+        help="box-free world: the question names the target by its unique shape; the box is kept as hidden_bbox",
+    )
 
 
 def _run_synth(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
@@ -309,7 +360,18 @@ def _run_synth(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     from vopd.synth import SynthConfig, answer_summary, format_validation_error, generate_dataset
 
-    fields = ("n", "seed", "size", "box_size", "distractors", "target_size", "backgrounds", "question", "id_prefix")
+    fields = (
+        "n",
+        "seed",
+        "size",
+        "box_size",
+        "distractors",
+        "target_size",
+        "backgrounds",
+        "question",
+        "id_prefix",
+        "no_box",
+    )
     try:
         config = SynthConfig(**{name: getattr(args, name) for name in fields if getattr(args, name) is not None})
     except ValidationError as error:
@@ -340,6 +402,12 @@ def _add_tiny(parser: argparse.ArgumentParser) -> None:
     pretrain.add_argument("--seed", type=int, default=0, help="weights and data seed (0 rebuilds the shipped base)")
     pretrain.add_argument("--eval-items", type=int, default=400, help="held-out items evaluated after each stage")
     pretrain.add_argument("--stop-after", default=None, help="stop after this stage (crops or mixed)")
+    pretrain.add_argument(
+        "--world",
+        choices=["box", "no_box"],
+        default="box",
+        help="box: the shipped tiny-base; no_box: the box-free world's base (vopd/assets/tiny-nobox)",
+    )
     parser.epilog = "A rerun of pretrain with the same --output skips the stages already finished."
 
 
@@ -361,6 +429,7 @@ def _run_tiny(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         seed=args.seed,
         eval_items=args.eval_items,
         stop_after=args.stop_after,
+        world=args.world,
         callbacks=[TqdmProgress("pretrain")],
     )
     for stage, summary in result.evaluations.items():
@@ -392,19 +461,33 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vision-lr-scale", type=float, default=None, help="encoder lr = lr x this, every arm (default 0.3)"
     )
+    parser.add_argument(
+        "--box-free",
+        action="store_true",
+        help="the box-free world (synth --no-box, base tiny-nobox): arms box_free, true_box, sft, no_privilege",
+    )
+    parser.add_argument(
+        "--search-strategy",
+        choices=["grid", "zoom"],
+        default=None,
+        help="--box-free: how the box_free arm and the searched-crop evaluation search (default zoom)",
+    )
 
 
 def _run_reproduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     import dataclasses
     import json
 
-    from vopd.reproduce import ALL_ARMS, DEFAULT_ARMS, ReproduceSettings, default_jobs, reproduce
+    from vopd.reproduce import ALL_ARMS, BOX_FREE_ARMS, DEFAULT_ARMS, ReproduceSettings, default_jobs, reproduce
 
     settings = ReproduceSettings.quick() if args.quick else ReproduceSettings()
-    arms = {"default": DEFAULT_ARMS, "all": ALL_ARMS}.get(args.arms) or tuple(
+    default_arms = BOX_FREE_ARMS if args.box_free else DEFAULT_ARMS
+    arms = {"default": default_arms, "all": ALL_ARMS}.get(args.arms) or tuple(
         arm.strip() for arm in args.arms.split(",") if arm.strip()
     )
-    changes: dict[str, Any] = {"arms": arms, "jobs": args.jobs or default_jobs()}
+    changes: dict[str, Any] = {"arms": arms, "jobs": args.jobs or default_jobs(), "box_free": args.box_free}
+    if args.search_strategy is not None:
+        changes["search_strategy"] = args.search_strategy
     if args.freeze_vision:
         changes["freeze_vision_tower"] = True
     if args.vision_lr_scale is not None:

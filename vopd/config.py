@@ -73,11 +73,60 @@ class ViewConfig(_Strict):
             "about 1 MP) caps a Qwen2-VL image at 1280 image tokens."
         ),
     )
+    # Box-free training (vopd.evidence): without an evidence box the teacher's crop is the window the model itself
+    # answers most confidently, so Vision-OPD runs on plain VQA data (question, options, image).
+    evidence: Literal["auto", "box", "search"] = Field(
+        "auto",
+        description=(
+            "Where the teacher's crop comes from: box = the sample's evidence box (or precomputed crop); search = the "
+            "window of a grid the teacher is most confident on, label-free (the student then sees the full image "
+            "with no drawn box and no hint); auto = box when the sample has a box or crop, search when it has none."
+        ),
+    )
+    search_windows: list[float] = Field(
+        default_factory=lambda: [0.5, 0.25],
+        min_length=1,
+        max_length=4,
+        description=(
+            "Search: window sides as fractions of the image's shorter side, one per zoom level; each window is "
+            "cropped and upscaled like the box crop (padding, upscale, min/max crop side)."
+        ),
+    )
+    search_overlap: float = Field(
+        0.5,
+        ge=0.0,
+        le=0.9,
+        description="Search: neighbouring windows overlap by this fraction of their side (stride = side x (1 - it)).",
+    )
+    search_refresh_steps: int = Field(
+        50,
+        ge=1,
+        le=MAX_STEPS,
+        description=(
+            "Search: a sample's chosen crop is cached and searched again once it is this many steps old, as the "
+            "teacher moves (a fixed teacher always chooses the same crop). The cache is saved in checkpoints."
+        ),
+    )
+    search_strategy: Literal["grid", "zoom"] = Field(
+        "grid",
+        description=(
+            "Search: grid = score every window of every zoom level; zoom = score the first level, then only the next "
+            "level's windows inside the best window so far (a ZoomEye-like descent: 18 instead of 58 candidates on "
+            "the tiny world's 112 px canvas)."
+        ),
+    )
+    search_batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="Search: candidate crops scored together.")
+    search_max_new_tokens: int = Field(
+        8, ge=1, le=256, description="Search: greedy tokens decoded per candidate to reach the answer letter."
+    )
 
     @model_validator(mode="after")
     def _sides(self) -> ViewConfig:
         if self.min_crop_side > self.max_crop_side:
             raise ValueError("min_crop_side must not exceed max_crop_side")
+        for side in self.search_windows:
+            if not 0.0 < side <= 1.0:
+                raise ValueError(f"search_windows are fractions of the image's shorter side in (0, 1], got {side}")
         return self
 
 
@@ -197,6 +246,7 @@ class CollapseGuardConfig(_Strict):
 
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 
 
@@ -322,6 +372,15 @@ class TrainConfig(_Strict):
             "Checkpoints always keep the master dtype, so that resuming is exact."
         ),
     )
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description=(
+            "Experiment trackers that also receive the run's metrics (the curves the studio plots), as with Hugging "
+            "Face trainers: tensorboard (event files in OUTPUT/tensorboard), mlflow (MLFLOW_TRACKING_URI, default a "
+            "SQLite store in OUTPUT/mlflow), wandb (WANDB_* settings). None by default; install them with the "
+            "`trackers` extra."
+        ),
+    )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     views: ViewConfig = Field(default_factory=ViewConfig)
     divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
@@ -329,6 +388,18 @@ class TrainConfig(_Strict):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     collapse_guard: CollapseGuardConfig = Field(default_factory=CollapseGuardConfig)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """``"tensorboard,mlflow"`` or a list; ``"none"`` (as in Hugging Face's TrainingArguments) means none."""
+        if value is None:
+            return []
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return value
+        names = [str(item).strip().lower() for item in items if str(item).strip()]
+        return list(dict.fromkeys(name for name in names if name != "none"))
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -370,6 +441,13 @@ class EvalConfig(_Strict):
             "refers to the box); 'plain' = the bare image and question, as on V* at inference."
         ),
     )
+    searched_crop: bool | None = Field(
+        None,
+        description=(
+            "Also answer on the crop the evidence search chooses (vopd.evidence) and report searched_accuracy, with "
+            "how often that crop holds the box's centre where a box is known; None = when some sample has no box."
+        ),
+    )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     views: ViewConfig = Field(default_factory=ViewConfig)
 
@@ -390,14 +468,17 @@ class EvalConfig(_Strict):
 
 
 class InspectConfig(_Strict):
-    """Per-token student-vs-teacher view of one (image, question, box)."""
+    """Per-token student-vs-teacher view of one (image, question, box); without a box the teacher's crop is searched
+    for (vopd.evidence) and the student sees the plain full image."""
 
     model: str = Field(..., min_length=1, description="Model folder or checkpoint.")
     question: str = Field(..., min_length=1, description="The question asked about the image.")
     options: list[str] | None = Field(
         None, max_length=26, description="Multiple-choice options, shown as A., B., ... (at most 26: A to Z)."
     )
-    bbox: tuple[float, float, float, float] = Field(..., description="Evidence box [x0, y0, x1, y1] in pixels.")
+    bbox: tuple[float, float, float, float] | None = Field(
+        None, description="Evidence box [x0, y0, x1, y1] in pixels; None = the model searches for its own crop."
+    )
     greedy: bool = Field(True, description="Greedy rollout; otherwise sampled with the temperature and top_p below.")
     temperature: float = Field(1.0, gt=0.0, le=MAX_TEMPERATURE, description="Sampling temperature when not greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus threshold when not greedy.")
@@ -410,7 +491,9 @@ class InspectConfig(_Strict):
 
     @field_validator("bbox")
     @classmethod
-    def _box_order(cls, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    def _box_order(cls, box: tuple[float, float, float, float] | None) -> tuple[float, float, float, float] | None:
+        if box is None:
+            return None
         x0, y0, x1, y1 = box
         if x1 <= x0 or y1 <= y0:
             raise ValueError("bbox must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
@@ -567,8 +650,14 @@ def load_config(
     return config_cls.model_validate(merge_settings(base, read_config_file(path) if path else None, dotted))
 
 
+# Top-level fields that `vopd train` has a flag of its own for, spelled as that flag (tests pin it to the parser);
+# the rest go by their dotted field name (--rollout.num_rollouts). A list flag takes comma-separated values.
+CLI_FLAGS: dict[str, str] = {"batch_size": "--batch-size", "report_to": "--report-to"}
+
+
 def config_to_cli(config: BaseModel, command: str) -> str:
-    """The equivalent ``vopd`` command line for a config, listing only non-default fields."""
+    """The equivalent ``vopd`` command line for a config, listing only non-default fields, each spelled as the
+    command spells it (``--batch-size``), so the line runs as shown."""
     default_free = config.model_dump(mode="json", exclude_defaults=True)
     parts = [f"vopd {command}"]
 
@@ -577,6 +666,9 @@ def config_to_cli(config: BaseModel, command: str) -> str:
             name = f"{prefix}{key}"
             if isinstance(value, dict):
                 walk(f"{name}.", value)
+            elif name in CLI_FLAGS:
+                rendered = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+                parts.append(f"{CLI_FLAGS[name]} {_shell_quote(rendered)}")
             else:
                 rendered = json.dumps(value) if not isinstance(value, str) else value
                 parts.append(f"--{name} {_shell_quote(rendered)}")

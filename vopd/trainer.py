@@ -36,6 +36,7 @@ from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import TrainConfig
 from vopd.data import Sample, load_dataset
 from vopd.divergence import distillation_loss, distribution_stats
+from vopd.evidence import EvidenceCache, evidence_metrics
 from vopd.guard import CollapseGuard
 from vopd.models import (
     LoadedModel,
@@ -46,6 +47,7 @@ from vopd.models import (
 )
 from vopd.rollout import RolloutBatch, response_logits, sample_rollouts
 from vopd.teacher import Teacher, trainable_parameters
+from vopd.trackers import tracker_callbacks
 from vopd.views import student_view, teacher_view, to_messages
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -139,6 +141,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fused_adamw(model: nn.Module, distributed: bool) -> dict[str, bool]:
+    """``fused=True`` where torch has the one-kernel AdamW for every trainable tensor (CPU or CUDA, floating point).
+
+    The default for-loop AdamW launches ~10 small ops per parameter tensor: on the tiny model its step took 5x the
+    fused one's (bench/RESULTS.md), and fused is what Hugging Face's Trainer, so TRL, uses by default. Sharded or
+    replicated parameters (DTensor under FSDP; DDP) keep the default implementation."""
+    params = [param for param in model.parameters() if param.requires_grad]
+    plain = all(type(param) is nn.Parameter for param in params)
+    supported = all(param.device.type in ("cpu", "cuda") and param.is_floating_point() for param in params)
+    return {"fused": True} if params and plain and supported and not distributed else {}
+
+
 class OPDTrainer:
     """Holds the loop state (model, teacher, optimizer, scheduler, step) so that it can be checkpointed whole."""
 
@@ -153,8 +167,10 @@ class OPDTrainer:
                 f"batch_size {config.batch_size} (prompts per micro-batch, for the whole job) must be a multiple of "
                 f"the {self.ranks.world_size} ranks, which share each micro-batch's prompts"
             )
-        # Rank 0 alone reports: progress, logs and the cancellation decision (broadcast to the others).
-        self.callbacks = CallbackList(callbacks if self.ranks.is_main else ())
+        # Rank 0 alone reports: progress, logs and the cancellation decision (broadcast to the others); it alone feeds
+        # the experiment trackers of config.report_to (a missing tracker library fails here, before any work).
+        trackers = tracker_callbacks(config.report_to, self.output_dir, config) if self.ranks.is_main else []
+        self.callbacks = CallbackList([*callbacks, *trackers] if self.ranks.is_main else ())
         self.samples: list[Sample] = load_dataset(config.dataset)
         if not self.samples:
             raise ValueError(f"{config.dataset}: the dataset is empty")
@@ -182,12 +198,16 @@ class OPDTrainer:
             self.trained = distributed.data_parallel(self.student, self.ranks)
         self.teacher = Teacher(self.student, config.teacher, frozen_copy=frozen_copy)
         self.guard = CollapseGuard(config.collapse_guard, self.samples, config.views)
+        # Box-free samples (views.evidence search/auto): the teacher's crop is the window it is most confident on,
+        # searched per sample, cached and refreshed every views.search_refresh_steps (vopd.evidence); checkpointed.
+        self.evidence = EvidenceCache(config.views)
         if not trainable_parameters(self.student):
             raise ValueError("no trainable parameters: check lora/freeze settings")
         self.optimizer = torch.optim.AdamW(
             optimizer_param_groups(self.student, config.lr, config.vision_lr_scale),
             lr=config.lr,
             weight_decay=config.weight_decay,
+            **_fused_adamw(self.student, self.ranks.distributed),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_constant(config.warmup_steps))
         # fp16 arithmetic over fp32 masters needs loss scaling (bf16 has fp32's range and does not).
@@ -250,6 +270,8 @@ class OPDTrainer:
         _set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        if state.get("evidence"):
+            self.evidence.load_state_dict(state["evidence"])
 
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
@@ -297,8 +319,22 @@ class OPDTrainer:
         self.callbacks.on_end(status="succeeded", result={"step": self.step, "final_dir": str(final_dir)})
         return TrainResult(self.output_dir, final_dir, self.step, self.total_steps, False, last_metrics)
 
+    def _with_evidence(self, samples: list[Sample]) -> tuple[list[Sample], dict[str, float]]:
+        """``samples`` with their searched crop set where the crop is searched for (by the teacher's weights, cached),
+        and the evidence metrics of those samples (empty when every sample has its box)."""
+        if not any(self.evidence.needs(sample) for sample in samples):
+            return samples, {}
+        searched_before = self.evidence.searches
+        with self.teacher.scoring() as teacher_module, self.loaded.autocast():
+            resolved, chosen = self.evidence.resolve(self.loaded, samples, self.step, model=teacher_module)
+        wanted = [sample for sample in samples if self.evidence.needs(sample)]
+        metrics = evidence_metrics(wanted, chosen)
+        metrics["evidence/searched"] = float(self.evidence.searches - searched_before)
+        return resolved, metrics
+
     def _guard_check(self) -> tuple[dict[str, float], bool]:
         """Probe for letter collapse and teacher drift (vopd.guard); the metrics and whether to stop the run."""
+        self.guard.probe, _ = self._with_evidence(list(self.guard.probe))  # box-free probes: the teacher's crop
         with self.teacher.scoring() as teacher_module, self.loaded.autocast():
             metrics, warnings = self.guard.check(self.loaded, teacher_module)
         for warning in warnings:
@@ -360,13 +396,21 @@ class OPDTrainer:
         # 1. Every micro-batch's rollouts first: the step's token count is the loss's denominator.
         tick = time.perf_counter()
         micro_batches: list[tuple[list[Sample], Any, RolloutBatch]] = []
+        evidence_totals: dict[str, float] = {}
         for micro in range(config.grad_accum):
             samples = self._samples_for(self.step * config.grad_accum + micro)
+            evidence_tick = time.perf_counter()
+            samples, found = self._with_evidence(samples)
+            for key, value in found.items():
+                share = value if key == "evidence/searched" else value / config.grad_accum
+                self._accumulate(evidence_totals, key, share)
+            if found:
+                self._accumulate(timings, "evidence_time", time.perf_counter() - evidence_tick)
             student_prompts, rollout = self._sample(samples, micro)
             # One micro-batch keeps its encoded prompts; several re-encode them below (pixels of every micro-batch
             # at once can outweigh the model at real image sizes).
             micro_batches.append((samples, student_prompts if config.grad_accum == 1 else None, rollout))
-        timings["rollout_time"] = time.perf_counter() - tick
+        timings["rollout_time"] = time.perf_counter() - tick - timings.get("evidence_time", 0.0)
         local_tokens = sum(int(rollout.response_mask.sum()) for _, _, rollout in micro_batches)
         (step_tokens,) = self.ranks.sum([float(local_tokens)], self.loaded.device)
         # Each rank divides its token sum by the step's tokens over all ranks; DDP and FSDP then *average* the ranks'
@@ -461,6 +505,7 @@ class OPDTrainer:
         step_time = time.perf_counter() - started
         return {
             **totals,
+            **evidence_totals,
             "divergence_mean": divergence_sum / max(step_tokens, 1.0),
             "divergence_max": divergence_max,
             "response_length": step_tokens / max(rows, 1),
@@ -528,6 +573,7 @@ class OPDTrainer:
                 "teacher": teacher_state,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "skipped_steps": self.skipped_steps,
+                "evidence": self.evidence.state_dict(),
                 "rng": _rng_state(),
                 "config": self.config.model_dump(mode="json"),
             }
