@@ -139,6 +139,12 @@ def test_without_a_box_the_search_chooses_the_teachers_crop(tiny_model_dir, load
     given = inspect_sample(config(tiny_model_dir), image, loaded=loaded)
     assert given.evidence is not None and (given.evidence.source, given.evidence.confidence) == ("given", None)
     assert given.evidence.box == (34, 34, 58, 58)
+    # A box given (a dataset sample's own, say) is set aside when the search is asked for by name.
+    asked = inspect_sample(
+        config(tiny_model_dir, views={"evidence": "search", "search_windows": [0.25]}), image, loaded=loaded
+    )
+    assert asked.evidence is not None and asked.evidence.source == "search"
+    assert asked.evidence.box == result.evidence.box and asked.student_prompt == result.student_prompt
 
 
 def test_inspect_cli_without_bbox_prints_the_searched_crop(tiny_model_dir, image, tmp_path, capsys) -> None:

@@ -171,10 +171,11 @@ def _inspect(
     sample = Sample(
         id="inspect", question=config.question, options=config.options, bbox=config.bbox, image_bytes=_png_bytes(image)
     )
-    if config.bbox is None:  # no box: the model finds its own crop, as box-free training does
+    if config.bbox is None or views.evidence == "search":  # the model finds its own crop, as box-free training does
         from vopd.evidence import search_evidence
 
-        views = views.model_copy(update={"evidence": "search"})
+        views = views.model_copy(update={"evidence": "search"})  # a given box is then set aside, never drawn
+        sample = sample.model_copy(update={"bbox": None})
         found = search_evidence(loaded, [sample], views)[0]
         sample = sample.model_copy(update={"search_box": found.box})
         evidence = EvidenceInfo(box=found.box, source="search", confidence=found.confidence)

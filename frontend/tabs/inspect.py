@@ -146,8 +146,9 @@ def build_request(
 ) -> dict[str, Any]:
     """The POST /api/inspect body, validated here first so mistakes are named before the server is asked.
 
-    With ``find_evidence`` the body carries no box: the server lets the model search for the evidence itself and
-    answers with the crop it chose (``evidence``)."""
+    With ``find_evidence`` the body carries no box and asks for the search (``views.evidence``), so a dataset
+    sample's own box is set aside too: the server lets the model search for the evidence itself and answers with
+    the crop it chose (``evidence``)."""
     if not model:
         raise render.UiInputError(strings.NEED_MODEL)
     if not question or not question.strip():
@@ -174,6 +175,8 @@ def build_request(
         request["image_base64"] = base64.b64encode(render.png_bytes(image)).decode("ascii")
         if not find_evidence:
             request["bbox"] = list(render.parse_box(box_values, image.size))
+    if find_evidence:
+        request["views"] = {"evidence": "search"}
     return request
 
 

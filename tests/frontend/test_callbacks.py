@@ -138,7 +138,9 @@ def test_letting_the_model_find_the_evidence_sends_no_box() -> None:
     request = _request(find_evidence=True, box_values=(None, None, None, None))
     assert "bbox" not in request and "image_base64" in request
     sample = _request(source=strings.SOURCE_SAMPLE, sample=inspect.SampleRef("s", 0), find_evidence=True)
-    assert "bbox" not in sample
+    assert "bbox" not in sample  # and the sample's own box is set aside: the search is asked for by name
+    assert request["views"] == sample["views"] == {"evidence": "search"}
+    assert "views" not in _request()
 
 
 def test_a_result_names_the_evidence_and_older_servers_without_it_still_parse() -> None:

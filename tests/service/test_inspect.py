@@ -55,6 +55,13 @@ def test_inspect_dataset_sample_uses_its_question_and_box(service: Service) -> N
     assert response.status_code == 200, response.text
     sample = service.client.get("/api/datasets/synth-64/samples?offset=3&limit=1", headers=service.alice).json()
     assert sample["items"][0]["question"] in response.json()["student_prompt"]
+    assert response.json()["evidence"]["source"] == "given"  # the sample's own box
+    # The search asked for by name sets the sample's box aside (the studio's "let the model find the evidence").
+    body |= {"views": {"evidence": "search", "search_windows": [0.5]}}
+    searched = service.client.post("/api/inspect", headers=service.alice, json=body)
+    assert searched.status_code == 200, searched.text
+    assert searched.json()["evidence"]["source"] == "search"
+    assert "red bounding box" not in searched.json()["student_prompt"]
 
 
 @pytest.mark.parametrize(
