@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,3 +43,10 @@ def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vopd.tiny_models import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for servers and rendezvous the tests start)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

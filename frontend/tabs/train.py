@@ -177,12 +177,13 @@ def equivalents(
     The command runs as shown on the server's machine: the CLI resolves the model and dataset names through
     VOPD_HOME as the API does, and the run folder (which the API chooses itself) is CLI_OUTPUT. Several devices
     add ``--nproc``; a job over several machines is the service's (node groups) or torchrun's on each machine."""
-    body = json.dumps(request_body(config, gpus, nodes), indent=2)
-    needs = resources(config, gpus, nodes)
+    request = request_body(config, gpus, nodes)
+    needs = request.get("resources", {})
+    body = json.dumps(request, indent=2)
     cli = config_to_cli(config.model_copy(update={"output": CLI_OUTPUT}), "train")
-    if needs["gpus"] > 1:
+    if needs.get("gpus", 1) > 1:
         cli += f" --nproc {needs['gpus']}"
-    if needs["nodes"] > 1:
+    if needs.get("nodes", 1) > 1:
         cli = f"# {strings.MANY_MACHINES_CLI}\n{cli}"
     rest = (
         f"curl -X POST {api_base_url.rstrip('/')}/api/jobs \\\n"

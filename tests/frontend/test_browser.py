@@ -14,7 +14,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -68,12 +69,6 @@ class LiveServer:
         return match.group(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -100,7 +95,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     from app.serve import vopd_command
 
     home = tmp_path_factory.mktemp("vopd-home-browser")
-    port = _free_port()
+    port = free_port()
     env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
     env |= {
         "VOPD_HOME": str(home),

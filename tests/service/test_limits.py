@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,6 +23,7 @@ import pytest
 from PIL import Image
 
 from app.serve import vopd_command
+from tests.conftest import free_port
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -37,12 +37,6 @@ class Server:
     home: Path
     headers: dict[str, str]
     log: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
             "VOPD_USER_QUOTA_MB": str(QUOTA_MB),
         }
     )
-    port = _free_port()
+    port = free_port()
     log = root / "serve.log"
     with log.open("w") as out:
         process = subprocess.Popen(

@@ -4,7 +4,6 @@ job that asks for two, runs both ranks with torchrun, and cancel and resume reac
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.serve import stop_process, vopd_command
+from tests.conftest import free_port
 from tests.service.conftest import Service, tiny_train_config
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -89,12 +89,6 @@ def test_a_two_device_job_runs_on_both_ranks_and_cancel_and_resume_reach_them(se
         stop_process(worker)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_job_over_two_machines_runs_on_a_node_group(service: Service, tmp_path: Path):
     if service.backend != "postgresql":
         pytest.skip("a node group's machines share a database server: exercised on PostgreSQL + Redis")
@@ -103,7 +97,7 @@ def test_a_job_over_two_machines_runs_on_a_node_group(service: Service, tmp_path
         **service.env,
         "VOPD_NODES": "2",
         "VOPD_MASTER_ADDR": "127.0.0.1",
-        "VOPD_MASTER_PORT": str(_free_port()),
+        "VOPD_MASTER_PORT": str(free_port()),
     }
     workers = []
     try:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from fastapi.testclient import TestClient
 
 from app.serve import stop_process, vopd_command
 from app.settings import Settings
+from tests.conftest import free_port
 from tests.service.conftest import (
     REDIS_BASE,
     SESSION_TAG,
@@ -226,12 +226,6 @@ class Served:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Served]:
     """`vopd serve` on embedded defaults, its reaper quick, at most two starts per job."""
@@ -250,7 +244,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
             "OMP_NUM_THREADS": "1",
         }
     )
-    port = _free_port()
+    port = free_port()
     log = home / "serve.log"
     with log.open("w") as out:
         process = subprocess.Popen(

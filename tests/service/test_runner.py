@@ -198,5 +198,8 @@ def test_jobs_over_several_machines_route_to_node_groups_and_start_at_the_groups
     _, factory, owner_id = db
     job_id = _job(factory, owner_id, status="failed", worker="host:1", nodes=2)
     assert join_job(factory, settings, job_id, "host:1") == "skipped"
+    # A request for a job over another number of machines than this group has is refused, never half-run.
+    other = _job(factory, owner_id, status="running", worker="host:1", nodes=3)
+    assert join_job(factory, settings, other, "host:1") == "skipped"
     with pytest.raises(ValueError, match="node_rank 2 must be below nodes 2"):
         Settings(home=db[0].home, nodes=2, node_rank=2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import time
@@ -18,14 +17,9 @@ from app.bootstrap import ensure_local_key
 from app.db import make_engine, make_session_factory, run_migrations
 from app.serve import vopd_command
 from app.settings import Settings
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_serve_starts_api_and_worker_with_defaults_and_a_local_key(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -33,7 +27,7 @@ def test_serve_starts_api_and_worker_with_defaults_and_a_local_key(tmp_path: Pat
     shutil.copytree(tiny_model_dir, home / "models" / "tiny")  # spares the build; the dataset is made by serve
     env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
     env.update({"VOPD_HOME": str(home), "VOPD_HEARTBEAT_INTERVAL_S": "1", "OMP_NUM_THREADS": "1"})
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         server = subprocess.Popen(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ import httpx
 import pytest
 
 from app.serve import vopd_command
+from tests.conftest import free_port
 from tests.service.conftest import SESSION_TAG
 
 pytestmark = pytest.mark.services
@@ -47,12 +47,6 @@ class Studio:
         created = httpx.post(f"{self.url}/api/keys", json={"name": name}, headers=self.bearer(self.admin))
         assert created.status_code == 201, created.text
         return created.json()["id"], created.json()["key"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -86,7 +80,7 @@ def studio(
         with session_scope(app.state.session_factory) as session:
             _, alice = create_api_key(session, "alice")
             _, bob = create_api_key(session, "bob")
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         assert mount_ui(app, url)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
