@@ -8,8 +8,8 @@ import socket
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import ColumnElement, case, func, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from app.queueing import BrokerUnavailable, JobQueue, queue_shape, routed_queue
 from app.registry import UnknownName, parse_job_model_name, resolve_dataset, resolve_model
@@ -145,17 +145,42 @@ def owned_job(session: Session, owner_id: int, job_id: int) -> Job | None:
     return job if job is not None and job.owner_id == owner_id else None
 
 
+def _queue_position_column() -> ColumnElement[int | None]:
+    """A queued job's place in its queue (1 = next), computed in the same statement as the job row: a status poll is
+    the API's most frequent request, and on PostgreSQL each extra statement is another round trip."""
+    other = aliased(Job, name="ahead")
+    ahead = (
+        select(func.count())
+        .where(other.queue == Job.queue, other.status == "queued", other.id < Job.id)
+        .correlate(Job)
+        .scalar_subquery()
+    )
+    return case((Job.status == "queued", ahead + 1), else_=None)
+
+
+# Built once: a fresh alias per request would give each statement a new cache key, and SQLAlchemy would compile the
+# SQL again on every poll.
+_QUEUE_POSITION = _queue_position_column()
+
+
+def owned_job_with_position(session: Session, owner_id: int, job_id: int) -> tuple[Job, int | None] | None:
+    """The caller's job and its queue position in one statement (None: no such job, or someone else's)."""
+    row = session.execute(select(Job, _QUEUE_POSITION).where(Job.id == job_id, Job.owner_id == owner_id)).one_or_none()
+    return None if row is None else (row[0], row[1])
+
+
 def list_jobs(
     session: Session, owner_id: int, status: str | None, kind: str | None, limit: int, offset: int
-) -> tuple[list[Job], int]:
+) -> tuple[list[tuple[Job, int | None]], int]:
+    """A page of the caller's jobs, newest first, each with its queue position, and the total count."""
     query = select(Job).where(Job.owner_id == owner_id)
     if status:
         query = query.where(Job.status == status)
     if kind:
         query = query.where(Job.kind == kind)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    items = list(session.scalars(query.order_by(Job.id.desc()).limit(limit).offset(offset)))
-    return items, total
+    rows = session.execute(query.add_columns(_QUEUE_POSITION).order_by(Job.id.desc()).limit(limit).offset(offset))
+    return [(job, position) for job, position in rows], total
 
 
 def queue_position(session: Session, job: Job) -> int | None:
@@ -176,12 +201,16 @@ def eta_seconds(job: Job) -> float | None:
     return max(0.0, elapsed / done_now * (job.total_steps - job.step))
 
 
-def job_out(session: Session, job: Job) -> JobOut:
+_POSITION_UNKNOWN = -1
+
+
+def job_out(session: Session, job: Job, position: int | None = _POSITION_UNKNOWN) -> JobOut:
+    """The job as the API shows it; ``position`` when the caller already read it with the row."""
     out = JobOut.model_validate(job)
     source = parse_job_model_name(str((job.config or {}).get("model", "")))
     return out.model_copy(
         update={
-            "queue_position": queue_position(session, job),
+            "queue_position": queue_position(session, job) if position == _POSITION_UNKNOWN else position,
             "eta_seconds": eta_seconds(job),
             "model_job_id": source[0] if source else None,
             "model_step": source[1] if source else None,

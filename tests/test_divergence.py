@@ -215,6 +215,26 @@ def test_exact_one_hot_has_finite_gradient():
         assert torch.isfinite(got).all() and torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_gradient_with_a_vanishing_student_tail_in_float32(alpha):
+    # The student puts all but exp(-150) of its mass on its top-5 (exp(150) overflows float32) while the teacher keeps
+    # real mass in the tail: the tail's share of the gradient must still arrive, finite and exact.
+    generator = torch.Generator().manual_seed(21)
+    student = torch.randn(3, 400, generator=generator, dtype=torch.float64)
+    student[:, :5] += 150.0 + torch.log(torch.tensor(395.0, dtype=torch.float64))
+    teacher = torch.randn(3, 400, generator=generator, dtype=torch.float64)
+    student32 = student.float().requires_grad_(True)
+    got = token_divergence(student32, teacher.float(), alpha=alpha, topk=5, add_tail=True, chunk_size=2)
+    (got_grad,) = torch.autograd.grad(got.sum(), student32)
+    reference_input = student.clone().requires_grad_(True)
+    want = reference_divergence(reference_input, teacher, alpha=alpha, topk=5, add_tail=True)
+    (want_grad,) = torch.autograd.grad(want.sum(), reference_input)
+    assert torch.isfinite(got_grad).all()
+    if alpha == 0.0:  # forward KL pulls the tail towards the teacher's tail mass, whatever the student's
+        assert got_grad[:, 5:].abs().max() > 1e-4
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_bf16_input_computes_in_fp32():
     # Values k/16 with k < 256 are exact and distinct in bf16, so the top-k has no ties to break differently.
     generator = torch.Generator().manual_seed(16)

@@ -341,14 +341,7 @@ class _DivergenceOp:
         if topk_ids is None:
             grad_logprobs = grad_buckets  # (n, V)
         elif self.add_tail:
-            k = topk_ids.shape[-1]
-            tail, grad_tail = student[:, k], grad_buckets[:, k]  # (n,)
-            has_tail = tail != NEG_INF
-            # d tail / d logprob_i = exp(logprob_i - tail) outside the top-k: a ratio <= 1, never exp(-tail).
-            tail_safe = torch.where(has_tail, tail, 0.0)
-            grad_tail = torch.where(has_tail, grad_tail, 0.0)
-            grad_logprobs = (logprobs - tail_safe[:, None]).exp_().mul_(grad_tail[:, None])  # (n, V)
-            grad_logprobs.scatter_(-1, topk_ids, grad_buckets[:, :k])
+            return self._grads_top_and_tail(logprobs, student, grad_buckets, topk_ids)
         else:
             # Renormalisation over the k entries: d b_j / d s_i = [i == j] - exp(b_i).
             grad_top = grad_buckets - student.exp() * grad_buckets.sum(-1, keepdim=True)  # (n, k)
@@ -356,7 +349,30 @@ class _DivergenceOp:
         # Through the log-softmax: d s_j / d z_i = [i == j] - p_i; then z = logits / temperature.
         row_sums = grad_logprobs.sum(-1, keepdim=True)  # (n, 1)
         grad_logits = grad_logprobs.sub_(logprobs.exp_().mul_(row_sums))
-        return grad_logits.div_(self.temperature)
+        return grad_logits if self.temperature == 1.0 else grad_logits.div_(self.temperature)
+
+    def _grads_top_and_tail(self, logprobs: Tensor, student: Tensor, grad_buckets: Tensor, topk_ids: Tensor) -> Tensor:
+        """``grads_from`` for the top-k + tail buckets in three passes over the (n, V) chunk instead of eight.
+
+        With g the bucket gradients, t the tail's log-mass and r_i = exp(logprob_i - t) outside the top-k (a ratio
+        <= 1, never exp(-t), which overflows for a tiny tail), the chain rule through the tail and the log-softmax
+        gives dz_i = r_i g_tail - p_i S outside the top-k and dz_i = g_i - p_i S inside, where S, the sum over the
+        vocabulary of d/d logprob, is g_tail + sum(g_top) in closed form (the ratios sum to one). As p_i = r_i
+        exp(t), the outside entries are r_i (g_tail - exp(t) S): one exp and one scale per entry; the k inside
+        entries are written over them.
+        """
+        k = topk_ids.shape[-1]
+        tail, grad_tail = student[:, k], grad_buckets[:, k]  # (n,)
+        has_tail = tail != NEG_INF
+        tail_safe = torch.where(has_tail, tail, 0.0)
+        grad_tail = torch.where(has_tail, grad_tail, 0.0)
+        grad_top = grad_buckets[:, :k]  # (n, k)
+        row_sums = grad_tail + grad_top.sum(-1)  # (n,)
+        outside_scale = grad_tail - torch.where(has_tail, tail_safe.exp(), 0.0) * row_sums  # (n,)
+        grad_logits = logprobs.sub_(tail_safe[:, None]).exp_().mul_(outside_scale[:, None])  # (n, V), in place
+        inside = grad_top - student[:, :k].exp() * row_sums[:, None]  # (n, k)
+        grad_logits.scatter_(-1, topk_ids, inside)
+        return grad_logits if self.temperature == 1.0 else grad_logits.div_(self.temperature)
 
 
 @torch.no_grad()

@@ -77,12 +77,17 @@ def list_jobs(
 ) -> JobPage:
     """Your jobs, newest first."""
     items, total = crud.list_jobs(session, key.id, status_filter, kind, limit, offset)
-    return JobPage(items=[crud.job_out(session, job) for job in items], total=total, limit=limit, offset=offset)
+    return JobPage(
+        items=[crud.job_out(session, job, position) for job, position in items], total=total, limit=limit, offset=offset
+    )
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> JobOut:
-    return crud.job_out(session, _job_or_404(session, key.id, job_id))
+    found = crud.owned_job_with_position(session, key.id, job_id)
+    if found is None:  # someone else's job is indistinguishable from a missing one
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return crud.job_out(session, *found)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricPage)

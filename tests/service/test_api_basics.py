@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import uuid
 
 import pytest
 
 from app.serve import vopd_command
-from tests.service.conftest import Service
+from tests.service.conftest import Service, tiny_train_config
 
 pytestmark = pytest.mark.services
 
@@ -63,3 +64,27 @@ def test_apikey_create_prints_a_working_key_as_last_line(service: Service) -> No
     assert key.startswith("vopd_") and len(key) > 40
     me = service.client.get("/api/me", headers={"Authorization": f"Bearer {key}"})
     assert me.status_code == 200 and me.json()["name"] == "carol"
+
+
+def test_queued_jobs_show_their_place_in_line_in_get_and_list(service: Service) -> None:
+    # A queue nobody serves, so the jobs stay queued; the place is read with the row, in one statement.
+    queue = f"unserved-{uuid.uuid4().hex[:8]}"
+    body = {"kind": "train", "queue": queue, "config": tiny_train_config()}
+    ids = [service.client.post("/api/jobs", headers=service.alice, json=body).json()["id"] for _ in range(3)]
+
+    def places() -> tuple[list[int | None], list[int | None]]:
+        got = [
+            service.client.get(f"/api/jobs/{job_id}", headers=service.alice).json()["queue_position"] for job_id in ids
+        ]
+        listed = {
+            item["id"]: item["queue_position"]
+            for item in service.client.get("/api/jobs?limit=200", headers=service.alice).json()["items"]
+        }
+        return got, [listed[job_id] for job_id in ids]
+
+    assert places() == ([1, 2, 3], [1, 2, 3])
+    assert service.client.post(f"/api/jobs/{ids[0]}/cancel", headers=service.alice).status_code == 200
+    assert places() == ([None, 1, 2], [None, 1, 2])
+    assert service.client.get(f"/api/jobs/{ids[1]}", headers=service.bob).status_code == 404  # not bob's
+    for job_id in ids[1:]:
+        service.client.post(f"/api/jobs/{job_id}/cancel", headers=service.alice)
