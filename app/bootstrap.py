@@ -20,6 +20,8 @@ from app.settings import Settings
 from app.tables import Dataset
 
 DEFAULT_MODEL_NAME = "tiny"
+# The box-free world's base (vopd synth --no-box), for inspecting and training without an evidence box.
+NO_BOX_MODEL_NAME = "tiny-nobox"
 DEFAULT_DATASET_ID = "synth-64"
 DEFAULT_DATASET_NAME = "Synthetic fine-detail benchmark (64 items, seed 0)"
 
@@ -57,12 +59,22 @@ def _default_model(folder: Path) -> None:
         build_tiny_qwen2vl(folder)
 
 
+def _no_box_model(folder: Path) -> None:
+    from vopd.tiny import shipped_no_box_model_dir
+
+    shutil.copytree(shipped_no_box_model_dir(), folder, dirs_exist_ok=True)
+
+
 def ensure_default_assets(settings: Settings, factory: sessionmaker[Session] | None = None) -> DefaultAssets:
-    """The tiny model under VOPD_HOME/models/tiny and the synthetic dataset, registered for every key."""
+    """The tiny model under VOPD_HOME/models/tiny (and the box-free world's under models/tiny-nobox, when the package
+    ships it) and the synthetic dataset, registered for every key."""
     from vopd.synth import SynthConfig, generate_dataset
+    from vopd.tiny import shipped_no_box_model_dir
 
     settings.ensure_dirs()
     _build_atomically(settings.models_dir / DEFAULT_MODEL_NAME, _default_model)
+    if (shipped_no_box_model_dir() / "config.json").is_file():
+        _build_atomically(settings.models_dir / NO_BOX_MODEL_NAME, _no_box_model)
     dataset_dir = settings.datasets_dir / DEFAULT_DATASET_ID
     _build_atomically(dataset_dir, lambda folder: generate_dataset(folder, SynthConfig(n=64, seed=0)))
     data_file = dataset_dir / "data.jsonl"

@@ -154,6 +154,8 @@ def test_box_free_data_hide_the_box_from_every_arm_but_true_box(tmp_path: Path) 
         for arm in ("box_free", "true_box", "no_privilege")
     }
     assert configs["box_free"].dataset == str(paths["train"]) and configs["box_free"].views.evidence == "search"
+    assert configs["box_free"].views.search_windows == [0.5, 0.35]  # the box-free world's own search grid
+    assert configs["box_free"].views.search_overlap == 0.67
     assert configs["true_box"].dataset == str(paths["train_true_box"]) and configs["true_box"].views.evidence == "box"
     assert configs["no_privilege"].dataset == str(paths["no_privilege"])
     for config in configs.values():  # the same recipe; no arm draws a box or adds the hint

@@ -15,6 +15,9 @@ from vopd.cli import main
 from vopd.synth import (
     BOX_CLEARANCE,
     COLOR_OPTIONS,
+    INK,
+    NO_BOX_TARGET_COLOR,
+    NO_BOX_TARGET_SIZE,
     PALETTE,
     SHAPE_OPTIONS,
     SynthConfig,
@@ -292,30 +295,46 @@ def test_cli_empty_backgrounds_folder(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_no_box_question_names_a_unique_target_and_answers_are_balanced() -> None:
     config = SynthConfig(n=80, seed=3, no_box=True)
     letters: Counter[int] = Counter()
-    named: Counter[str] = Counter()
+    radii: Counter[int] = Counter()
     for index in range(config.n):
         scene = plan_item(config, index)
         _, record = generate_item(config, index)
-        color = scene.target.color
-        assert record["question"] == f"What shape is the {color} object?"
-        assert all(d.color != color for d in scene.distractors)  # the only object of its colour: no box needed
-        assert config.distractors[0] <= len(scene.distractors) <= config.distractors[1]  # same clutter
+        assert scene.target.color == NO_BOX_TARGET_COLOR
+        assert record["question"] == f"What shape is the {NO_BOX_TARGET_COLOR} object?"
+        assert all(d.color in PALETTE for d in scene.distractors)  # the only black object: no box needed
+        assert all(5 <= d.radius <= 7 for d in scene.distractors)  # same clutter as the box world
+        assert config.distractors[0] <= len(scene.distractors) <= config.distractors[1]
         assert record["options"] == list(SHAPE_OPTIONS)
         assert record["answer"] == scene.target.kind == SHAPE_OPTIONS[scene.answer_index]
         assert "bbox" not in record and record["hidden_bbox"] == list(scene.bbox)  # the box: evaluation only
+        x0, y0, x1, y1 = scene.bbox
+        cx, cy = scene.target.center
+        assert x0 < cx - scene.target.radius and cx + scene.target.radius < x1 - 1  # the target fits its box
+        assert y0 < cy - scene.target.radius and cy + scene.target.radius < y1 - 1
         letters[scene.answer_index] += 1
-        named[color] += 1
+        radii[scene.target.radius] += 1
     assert all(abs(letters[letter] - config.n / 4) <= 1 for letter in range(4))
-    assert set(named) == set(PALETTE)
+    assert set(radii) == set(range(NO_BOX_TARGET_SIZE[0], NO_BOX_TARGET_SIZE[1] + 1))  # small and large targets
 
 
-def test_no_box_target_colour_is_drawn_at_the_hidden_box_centre() -> None:
+def test_no_box_target_is_drawn_black_at_the_hidden_box_centre_and_nothing_else_is() -> None:
     config = SynthConfig(n=6, seed=5, no_box=True)
     for index in range(config.n):
         image, record = generate_item(config, index)
+        pixels = np.asarray(image).astype(np.int32)
         x0, y0, x1, y1 = record["hidden_bbox"]
-        centre = np.asarray(image)[(y0 + y1) // 2, (x0 + x1) // 2][None, None, :]
-        assert f"the {PALETTE_NAMES[int(nearest_palette(centre)[0, 0])]} object" in record["question"]
+        assert (pixels[(y0 + y1) // 2, (x0 + x1) // 2] == INK[NO_BOX_TARGET_COLOR]).all()
+        dark = (np.abs(pixels - np.array(INK[NO_BOX_TARGET_COLOR])).max(axis=-1) < 10).nonzero()
+        assert dark[0].size > 0
+        assert (x0 <= dark[1]).all() and (dark[1] < x1).all() and (y0 <= dark[0]).all() and (dark[0] < y1).all()
+
+
+def test_no_box_target_size_is_a_setting_that_must_fit_the_box() -> None:
+    small = SynthConfig(n=40, seed=1, no_box=True, no_box_target_size="5,6")
+    assert {plan_item(small, index).target.radius for index in range(small.n)} == {5, 6}
+    with pytest.raises(ValidationError, match="does not fit inside a 24 px box"):
+        SynthConfig(n=1, no_box=True, no_box_target_size=(5, 12))
+    SynthConfig(n=1, no_box_target_size=(5, 12))  # only the box-free world draws it
 
 
 def test_no_box_keeps_the_box_world_unchanged_and_refuses_shape_questions() -> None:

@@ -349,7 +349,14 @@ def _add_synth(parser: argparse.ArgumentParser) -> None:
         dest="no_box",
         action="store_true",
         default=None,
-        help="box-free world: the question names the target by its unique shape; the box is kept as hidden_bbox",
+        help="box-free world: the question names the target, the only black object, and asks its shape; the box "
+        "is kept as hidden_bbox",
+    )
+    parser.add_argument(
+        "--no-box-target-size",
+        default=None,
+        metavar="MIN,MAX",
+        help="box-free world: radius of the black target in px (default 5,10)",
     )
 
 
@@ -371,6 +378,7 @@ def _run_synth(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         "question",
         "id_prefix",
         "no_box",
+        "no_box_target_size",
     )
     try:
         config = SynthConfig(**{name: getattr(args, name) for name in fields if getattr(args, name) is not None})
@@ -401,7 +409,7 @@ def _add_tiny(parser: argparse.ArgumentParser) -> None:
     pretrain.add_argument("--output", required=True, help="run folder; the fp16 base model lands in OUTPUT/model")
     pretrain.add_argument("--seed", type=int, default=0, help="weights and data seed (0 rebuilds the shipped base)")
     pretrain.add_argument("--eval-items", type=int, default=400, help="held-out items evaluated after each stage")
-    pretrain.add_argument("--stop-after", default=None, help="stop after this stage (crops or mixed)")
+    pretrain.add_argument("--stop-after", default=None, help="stop after this stage (e.g. crops; see vopd.tiny)")
     pretrain.add_argument(
         "--world",
         choices=["box", "no_box"],

@@ -46,6 +46,7 @@ from typing import Any
 
 from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import merge_settings, recipe
+from vopd.synth import NO_BOX_SEARCH
 
 # Synth seeds of the experiment; pretraining used others (vopd.tiny.PRETRAIN_*), so the base never saw these items.
 TRAIN_SEED = 1
@@ -198,7 +199,7 @@ def _evaluate_sets(
     for name in ("heldout", "fresh"):
         extra: dict[str, Any] = {}
         if box_free:
-            views = {**_NO_BOX_VIEWS, "search_strategy": settings.search_strategy}  # type: ignore[union-attr]
+            views = {**_NO_BOX_VIEWS, **NO_BOX_SEARCH, "search_strategy": settings.search_strategy}  # type: ignore[union-attr]
             extra = {"views": views, "searched_crop": name == "fresh"}
         config = EvalConfig(model=str(model_dir), dataset=str(data[name]), batch_size=50, **extra)
         results[name] = evaluate(config, loaded=loaded).summary
@@ -291,7 +292,12 @@ def arm_train_config(arm: str, base: Path, data: dict[str, Path], output: Path, 
     }
     if settings.box_free:
         evidence = "search" if arm == "box_free" else "box"
-        run["views"] = {**_NO_BOX_VIEWS, "evidence": evidence, "search_strategy": settings.search_strategy}
+        run["views"] = {
+            **_NO_BOX_VIEWS,
+            **NO_BOX_SEARCH,
+            "evidence": evidence,
+            "search_strategy": settings.search_strategy,
+        }
     changes = ARM_CHANGES["opd" if arm in ("no_privilege", "box_free", "true_box") else arm]
     values = merge_settings(_TINY_WORLD, changes, run)
     return TrainConfig.model_validate(values)

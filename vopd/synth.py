@@ -45,10 +45,22 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 
 COLOR_QUESTION = "What color is the small shape inside the box?"
 SHAPE_QUESTION = "What shape is the small object inside the box?"
-# The no-box world (``no_box``): the question names the target by its colour, the only object of that colour on the
-# canvas (distractors take the other six colours), and asks its shape, the fine detail: nothing but the question says
-# where to look, and finding the colour is easy where reading a 5 px shape is not.
+# The no-box world (``no_box``): the question names the target by its colour, black, which no distractor has (they
+# take the seven palette colours), and asks its shape, the fine detail: nothing but the question says where to look.
+# Finding the black object is easy at any scale; reading its shape is not, for the smaller targets: the target's
+# radius spans NO_BOX_TARGET_SIZE, so the larger ones can be read in the full image and the smaller ones only in a
+# crop. (A first version named the target by one of the palette colours: the tiny model never learned to bind the
+# colour word to the image, and neither the full image nor the evidence search ever left chance; docs/reproduction.md.)
 NO_BOX_QUESTION = "What shape is the {color} object?"
+NO_BOX_TARGET_COLOR = "black"
+NO_BOX_TARGET_SIZE = (5, 10)
+# The box-free world's evidence search (vopd.evidence settings, used by ``vopd reproduce --box-free`` and named in
+# tiny-nobox's BUILD.md): coarse windows of half the image, then windows of 0.35 of it inside the best one,
+# overlapping by two thirds so that one of them holds a whole 21 px target wherever it sits. (On the base, the generic
+# default, 0.25 windows overlapping by half, often cut the larger targets: centre found on 51% of fresh items.)
+NO_BOX_SEARCH: dict[str, Any] = {"search_windows": [0.5, 0.35], "search_overlap": 0.67, "search_strategy": "zoom"}
+# Every colour a shape may be drawn in: the palette and the box-free world's target colour.
+INK: dict[str, tuple[int, int, int]] = {**PALETTE, NO_BOX_TARGET_COLOR: (25, 25, 25)}
 
 # Empty pixels kept between the evidence box and any distractor: the student's view draws a box outline
 # (3 px by default) and the teacher's crop may be resampled, neither of which may pick up a distractor.
@@ -105,13 +117,18 @@ class SynthConfig(BaseModel):
     no_box: bool = Field(
         False,
         description=(
-            "The box-free world: the question names the target by its colour ('What shape is the purple object?'), "
-            "the only object of that colour on the canvas, and asks its shape; the box is written as `hidden_bbox` "
+            "The box-free world: the question names the target by its colour ('What shape is the black object?'), "
+            "the only black object on the canvas, and asks its shape; the box is written as `hidden_bbox` "
             "(evaluation only), not `bbox`."
         ),
     )
+    no_box_target_size: tuple[int, int] = Field(
+        NO_BOX_TARGET_SIZE,
+        description="Box-free world: inclusive (min, max) radius in pixels of the black target (distractors keep "
+        "target_size).",
+    )
 
-    @field_validator("distractors", "target_size", mode="before")
+    @field_validator("distractors", "target_size", "no_box_target_size", mode="before")
     @classmethod
     def _split_range(cls, value: Any) -> Any:
         return _parse_range(value)
@@ -126,7 +143,7 @@ class SynthConfig(BaseModel):
             raise ValueError(f"MIN must not exceed MAX, got {low},{high}")
         return value
 
-    @field_validator("target_size")
+    @field_validator("target_size", "no_box_target_size")
     @classmethod
     def _radius_range(cls, value: tuple[int, int]) -> tuple[int, int]:
         low, high = value
@@ -154,7 +171,7 @@ class SynthConfig(BaseModel):
             raise ValueError("no_box always asks the shape of the object its colour names: leave question unset")
         if self.box_size > self.size:
             raise ValueError(f"box_size ({self.box_size}) must not exceed the canvas size ({self.size})")
-        largest_radius = self.target_size[1]
+        largest_radius = max(self.target_size[1], self.no_box_target_size[1] if self.no_box else 0)
         if 2 * largest_radius + 2 > self.box_size:
             raise ValueError(
                 f"a target of radius {largest_radius} px does not fit inside a {self.box_size} px box with a 1 px "
@@ -185,7 +202,7 @@ class Shape:
     """One drawn shape; every pixel of it lies within ``radius`` of ``center`` on both axes."""
 
     kind: str  # one of SHAPE_OPTIONS
-    color: str  # a key of PALETTE
+    color: str  # a key of INK (the palette, or the box-free target colour)
     center: tuple[int, int]  # (x, y) pixel
     radius: int
 
@@ -292,8 +309,10 @@ def plan_item(config: SynthConfig, index: int) -> Scene:
         target_color, target_kind = COLOR_OPTIONS[answer_index], shape_names[rng.integers(len(shape_names))]
     else:
         target_color, target_kind = color_names[rng.integers(len(color_names))], SHAPE_OPTIONS[answer_index]
-    # Box-free: the target's colour stays unique on the canvas, since the question names it.
-    distractor_colors = [name for name in color_names if name != target_color] if config.no_box else color_names
+    if config.no_box:  # the only black object, of its own size range: the question names it, no box needed
+        target_color = NO_BOX_TARGET_COLOR
+        radius = int(rng.integers(config.no_box_target_size[0], config.no_box_target_size[1] + 1))
+    distractor_colors = color_names
     target = Shape(target_kind, target_color, (x0 + box // 2, y0 + box // 2), radius)
 
     count = int(rng.integers(config.distractors[0], config.distractors[1] + 1))
@@ -367,7 +386,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
     """Solid, aliased fill: every shape covers its centre pixel and stays inside its extent."""
     x, y = shape.center
     r = shape.radius
-    fill = PALETTE[shape.color]
+    fill = INK[shape.color]
     if shape.kind == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
     elif shape.kind == "square":
@@ -435,7 +454,17 @@ def synth_command(config: SynthConfig, output_dir: str | Path) -> str:
     """The ``vopd synth`` command line that regenerates this dataset (non-default knobs only)."""
     defaults = SynthConfig(n=config.n)
     parts = ["vopd", "synth", "--output", str(output_dir), "--n", str(config.n), "--seed", str(config.seed)]
-    for field in ("size", "box_size", "distractors", "target_size", "question", "backgrounds", "id_prefix", "no_box"):
+    for field in (
+        "size",
+        "box_size",
+        "distractors",
+        "target_size",
+        "question",
+        "backgrounds",
+        "id_prefix",
+        "no_box",
+        "no_box_target_size",
+    ):
         value = getattr(config, field)
         if value == getattr(defaults, field):
             continue

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -38,7 +38,9 @@ from vopd.synth import (
     COLOR_OPTIONS,
     COLOR_QUESTION,
     NO_BOX_QUESTION,
-    PALETTE,
+    NO_BOX_SEARCH,
+    NO_BOX_TARGET_COLOR,
+    NO_BOX_TARGET_SIZE,
     SHAPE_OPTIONS,
     SHAPE_QUESTION,
     SynthConfig,
@@ -46,7 +48,7 @@ from vopd.synth import (
 )
 from vopd.synth import generate_item as synth_item
 from vopd.tiny_models import build_tiny_qwen2vl
-from vopd.views import View, format_question, student_view, teacher_view, to_messages
+from vopd.views import View, crop_box, format_question, student_view, teacher_view, to_messages
 
 __all__ = [
     "DEFAULT_STAGES",
@@ -72,7 +74,9 @@ PRETRAIN_SELECT_SEED = 1002  # the early-stop set, kept apart from the reported 
 SELECT_ITEMS = 200
 
 ANSWER_PREFIX = "Answer: "
-ViewKind = Literal["crop_large", "crop", "context", "full", "window", "decoy"]
+ViewKind = Literal[
+    "crop_large", "crop", "context", "full", "window", "decoy", "zoom", "search_window", "search_decoy", "search_cut"
+]
 World = Literal["box", "no_box"]
 
 # The teacher's crop enlarged to 112 px (16 image tokens instead of 4): colour is obvious there, so the vision tower
@@ -110,9 +114,9 @@ def benchmark_corpus(repeats: int = 40, *, world: World = "box") -> Iterator[str
     """
     hint = ViewConfig().hint
     questions = [(COLOR_QUESTION, COLOR_OPTIONS), (SHAPE_QUESTION, SHAPE_OPTIONS)]
-    if world == "no_box":  # the box-free questions ("What color is the triangle?"), never with the box hint
+    if world == "no_box":  # the box-free question ("What shape is the black object?"), never with the box hint
         hint = ""
-        questions = [(NO_BOX_QUESTION.format(color=color), SHAPE_OPTIONS) for color in PALETTE]
+        questions = [(NO_BOX_QUESTION.format(color=NO_BOX_TARGET_COLOR), SHAPE_OPTIONS)]
     for _ in range(repeats):
         yield "system\nYou are a helpful assistant."
         yield "user\n"
@@ -150,34 +154,81 @@ def sample_from_item(image: Any, record: dict[str, Any]) -> Sample:
 
 # The box-free world's views: no red box on the full image and no hint in any prompt, as in search mode.
 _NO_BOX_VIEW = ViewConfig(draw_box=False, hint="")
-# The search's grid (vopd.evidence.candidate_windows at the default settings): pretraining shows the model windows
-# holding the target (answer it) and windows without it (say nothing sure: every letter equally likely), so that the
-# teacher's confidence, which the search maximises, points at the target.
-_TARGET_RADIUS = 7  # the synth world's largest target radius
+# Search windows: pretraining shows the model windows holding the whole target (answer it), windows without it and
+# windows that cut it (say nothing sure: every letter equally likely), so that the teacher's confidence, which the
+# search maximises, points at a window showing the whole target. ``window`` and ``decoy`` use the grid the first two
+# stages were built with (then the search's defaults); ``search_*`` use the box-free world's own search grid.
+_TARGET_RADIUS = max(NO_BOX_TARGET_SIZE[1], SynthConfig.model_fields["target_size"].default[1])  # largest target
+_FIRST_GRID = ViewConfig(search_windows=[0.5, 0.25], search_overlap=0.5)
+WindowKind = Literal["holding", "missing", "cutting"]
+Box = tuple[float, float, float, float]
 
 
-def _grid_windows(sample: Sample, holding: bool) -> list[tuple[float, float, float, float]]:
+def _grid_windows(sample: Sample, which: WindowKind, grid: ViewConfig = _FIRST_GRID) -> list[Box]:
     from vopd.evidence import candidate_windows
 
     assert sample.bbox is not None
     cx, cy = (sample.bbox[0] + sample.bbox[2]) / 2, (sample.bbox[1] + sample.bbox[3]) / 2
     reach = _TARGET_RADIUS + 1
     image = sample.load_image()
-    windows = candidate_windows(image.width, image.height, ViewConfig())
-    if holding:  # the whole target inside
+    windows = candidate_windows(image.width, image.height, grid)
+    if which == "holding":  # the whole target inside
         return [
             w for w in windows if w[0] <= cx - reach and w[1] <= cy - reach and w[2] > cx + reach and w[3] > cy + reach
         ]
-    return [w for w in windows if w[2] <= cx - reach or w[0] > cx + reach or w[3] <= cy - reach or w[1] > cy + reach]
+    if which == "missing":
+        return [
+            w for w in windows if w[2] <= cx - reach or w[0] > cx + reach or w[3] <= cy - reach or w[1] > cy + reach
+        ]
+    # cutting: the centre inside, but an edge nearer to it than the smallest target's radius, so part of it is cut off
+    smallest = NO_BOX_TARGET_SIZE[0]
+    return [
+        w
+        for w in windows
+        if w[0] <= cx < w[2] and w[1] <= cy < w[3] and min(cx - w[0], w[2] - cx, cy - w[1], w[3] - cy) < smallest
+    ]
 
 
-def _window_view(sample: Sample, index: int, seed: int, holding: bool) -> View:
-    """A random search window with (``window``) or without (``decoy``) the target, drawn per (seed, item)."""
-    from vopd.views import crop_box
+_WINDOW_KINDS: dict[str, tuple[WindowKind, ViewConfig, int]] = {
+    # view kind: (which windows, grid, random-stream tag)
+    "window": ("holding", _FIRST_GRID, 0xD0),
+    "decoy": ("missing", _FIRST_GRID, 0xD1),
+    "search_window": ("holding", ViewConfig(**NO_BOX_SEARCH), 0xD2),
+    "search_decoy": ("missing", ViewConfig(**NO_BOX_SEARCH), 0xD3),
+    "search_cut": ("cutting", ViewConfig(**NO_BOX_SEARCH), 0xD4),
+}
+# The view kinds trained towards "unsure" (every letter equally likely) rather than the answer.
+UNSURE_KINDS = frozenset({"decoy", "search_decoy", "search_cut"})
 
-    windows = _grid_windows(sample, holding)
-    pick = int(np.random.default_rng([seed, index, 0xD0 if holding else 0xD1]).integers(len(windows)))
+
+def _window_view(sample: Sample, index: int, seed: int, kind: str) -> View:
+    """A random search window of ``kind`` (``_WINDOW_KINDS``), drawn per (seed, item); a window that cuts the target
+    falls back to one without it where the grid has none."""
+    which, grid, tag = _WINDOW_KINDS[kind]
+    windows = _grid_windows(sample, which, grid) or _grid_windows(sample, "missing", grid)
+    pick = int(np.random.default_rng([seed, index, tag]).integers(len(windows)))
     return View(image=crop_box(sample.load_image(), windows[pick], _NO_BOX_VIEW), text=format_question(sample, ""))
+
+
+def _zoom_view(sample: Sample, index: int, seed: int) -> View:
+    """A square window of random side (the box's to the whole image) holding the whole target anywhere inside,
+    resized to the image's size: the target is found by the colour the question names at every scale from 4x down
+    to 1x (the full image), never because it sits in the middle as it does in the oracle crop."""
+    assert sample.bbox is not None
+    image = sample.load_image()
+    rng = np.random.default_rng([seed, index, 0x20])
+    cx, cy = (sample.bbox[0] + sample.bbox[2]) / 2, (sample.bbox[1] + sample.bbox[3]) / 2
+    reach = _TARGET_RADIUS + 1
+    short = min(image.width, image.height)
+    side = round(float(rng.uniform(sample.bbox[2] - sample.bbox[0], short)))
+    # The window's left edge may go from (target's right end - side) to (target's left end), within the image.
+    low_x, high_x = max(0.0, cx + reach - side), min(cx - reach, image.width - side)
+    low_y, high_y = max(0.0, cy + reach - side), min(cy - reach, image.height - side)
+    x0 = round(float(rng.uniform(low_x, max(low_x, high_x))))
+    y0 = round(float(rng.uniform(low_y, max(low_y, high_y))))
+    window = (float(x0), float(y0), float(x0 + side), float(y0 + side))
+    upscale = _NO_BOX_VIEW.model_copy(update={"upscale": short / side, "min_crop_side": 1})
+    return View(image=crop_box(image, window, upscale), text=format_question(sample, ""))
 
 
 def _context_view(sample: Sample, index: int, seed: int, base: ViewConfig) -> View:
@@ -198,9 +249,11 @@ def make_view(kind: ViewKind, sample: Sample, *, index: int = 0, seed: int = 0, 
         return _context_view(sample, index, seed, base)
     if kind == "full":
         return student_view(sample, base)
-    if kind in ("window", "decoy"):
-        return _window_view(sample, index, seed, holding=kind == "window")
-    raise ValueError(f"unknown view kind {kind!r}: expected crop_large, crop, context, full, window or decoy")
+    if kind in _WINDOW_KINDS:
+        return _window_view(sample, index, seed, kind)
+    if kind == "zoom":
+        return _zoom_view(sample, index, seed)
+    raise ValueError(f"unknown view kind {kind!r}: expected one of {', '.join(get_args(ViewKind))}")
 
 
 # --------------------------------------------------------------------------- supervised loss
@@ -287,25 +340,35 @@ DEFAULT_STAGES: tuple[PretrainStage, ...] = (
 )
 
 
-# The box-free world (vopd synth --no-box: "What shape is the purple object?"): the same two stages, plus search
-# windows holding the target (answer it) and windows without it (every letter equally likely), so that the
-# confidence the evidence search maximises points at the target; the full image is the plain one (no box, no hint).
-# Stops like the first base once the selection set's full-image accuracy reaches 0.55.
+# The box-free world (vopd synth --no-box: "What shape is the black object?"). Measured (seed 0, held-out set): after
+# "crops" the oracle crop reads 1.00 and the full image 0.32; "mixed" climbs to 0.53 and ends at its 600 steps
+# (selection set 0.545); "full" continues at a lower rate until the selection set reaches 0.55 (175 steps, held-out
+# 0.575); "search" then teaches the box-free world's search grid (vopd.synth.NO_BOX_SEARCH): windows showing the
+# whole target are answered, windows without it or cutting it are "unsure", which lifted the searched crop's
+# accuracy on fresh items from 0.74 to 0.885 (its centre on the target: 72% -> 88%) at full 0.58, crop 1.00.
+_NO_BOX_MIXED: tuple[tuple[ViewKind, int], ...] = (("crop", 4), ("zoom", 6), ("window", 3), ("decoy", 3), ("full", 16))
 NO_BOX_STAGES: tuple[PretrainStage, ...] = (
     PretrainStage(
         "crops",
         steps=400,
         lr=1e-3,
-        views=(("crop_large", 10), ("crop", 10), ("window", 6), ("decoy", 6)),
+        views=(("crop_large", 6), ("crop", 6), ("zoom", 12), ("window", 4), ("decoy", 4)),
         warmup_steps=50,
     ),
+    PretrainStage("mixed", steps=600, lr=5e-4, views=_NO_BOX_MIXED, stop_at_full_accuracy=0.55, check_from=150),
+    PretrainStage("full", steps=300, lr=3e-4, views=_NO_BOX_MIXED, stop_at_full_accuracy=0.55, check_from=25),
     PretrainStage(
-        "mixed",
-        steps=600,
-        lr=5e-4,
-        views=(("crop", 6), ("context", 4), ("window", 5), ("decoy", 5), ("full", 12)),
-        stop_at_full_accuracy=0.55,
-        check_from=200,
+        "search",
+        steps=200,
+        lr=2e-4,
+        views=(
+            ("crop", 4),
+            ("zoom", 4),
+            ("search_window", 6),
+            ("search_decoy", 6),
+            ("search_cut", 6),
+            ("full", 6),
+        ),
     ),
 )
 
@@ -489,7 +552,7 @@ def _train_stage(
             for kind, rows in stage.views:
                 for index, sample in items[position : position + rows]:
                     views.append(make_view(kind, sample, index=index, seed=seed, world=world))
-                    letters.append(None if kind == "decoy" else sample.answer_letter or "")
+                    letters.append(None if kind in UNSURE_KINDS else sample.answer_letter or "")
                 position += rows
             loss = supervised_loss(loaded, views, letters)
             optimizer.zero_grad(set_to_none=True)

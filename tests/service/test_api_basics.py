@@ -46,6 +46,7 @@ def test_keys_identify_their_owner(service: Service) -> None:
 def test_default_model_and_dataset_are_usable_names(service: Service) -> None:
     models = service.client.get("/api/models", headers=service.alice).json()["items"]
     assert {"name": "tiny", "kind": "base", "job_id": None, "step": None} in models
+    assert {"name": "tiny-nobox", "kind": "base", "job_id": None, "step": None} in models  # the box-free world's
     datasets = service.client.get("/api/datasets", headers=service.bob).json()["items"]
     synth = next(item for item in datasets if item["id"] == "synth-64")
     assert synth["shared"] is True and synth["n_samples"] == 64
