@@ -346,6 +346,34 @@ def test_inspect_without_a_box_draws_the_models_own_evidence(page, live_server: 
     _screenshots(page, "inspect-no-box")
 
 
+def test_the_box_free_base_finds_the_black_target_without_a_box(page, live_server: LiveServer, tmp_path: Path) -> None:
+    """The service's tiny-nobox model, a plain box-free item ("What shape is the black object?"): the search's crop,
+    drawn on the image, holds the target, and the teacher answers right there."""
+    from vopd.evidence import contains_centre
+    from vopd.synth import SynthConfig, generate_dataset
+
+    data = generate_dataset(tmp_path / "nobox", SynthConfig(n=1, seed=1, no_box=True))
+    record = json.loads(data.read_text().splitlines()[0])
+    _upload(page, data.parent / record["image"])
+    page.locator("#inspect-find input").check()
+    page.locator("#inspect-model input").click()
+    page.get_by_role("option", name=re.compile(r"^tiny-nobox\b")).click()
+    page.locator("#inspect-question textarea").fill(record["question"])
+    page.locator("#inspect-options textarea").fill(", ".join(record["options"]))
+    page.locator("#inspect-run").click()
+    evidence = page.locator("#inspect-evidence")
+    evidence.get_by_text("the model's own evidence crop").wait_for(timeout=120_000)
+    chosen = [float(v) for v in re.search(r"at \[([^\]]+)\]", evidence.inner_text()).group(1).split(",")]
+    assert contains_centre(tuple(chosen), tuple(record["hidden_bbox"])), (chosen, record["hidden_bbox"])
+    letter = "ABCD"[record["options"].index(record["answer"])]
+    teacher = page.locator("#inspect-teacher-answer textarea, #inspect-teacher-answer input").first
+    page.wait_for_function(
+        "document.querySelector('#inspect-teacher-answer textarea, #inspect-teacher-answer input')?.value !== ''"
+    )
+    assert teacher.input_value().startswith(f"{letter}."), teacher.input_value()
+    _screenshots(page, "inspect-no-box-tiny-nobox")
+
+
 def test_a_bad_box_is_reported_in_words(page, live_server: LiveServer) -> None:
     image, sample = _first_sample(live_server)
     _upload(page, image)
