@@ -260,3 +260,51 @@ def test_cli_trains_on_a_plain_vqa_jsonl(tiny_model_dir: Path, tmp_path: Path, c
     assert [m["evidence/searched"] for m in metrics] == [2.0, 2.0] and all("evidence/confidence" in m for m in metrics)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["views"]["evidence"] == "auto"  # auto: no box, so the crop is searched for
+
+
+def test_confidence_is_the_top_letters_mass_or_the_first_tokens_certainty() -> None:
+    """view_confidences on a real model, checked against a forward pass of our own: the letter mass where the greedy
+    answer names its letter, exp(-entropy) of the first token for an open question; the model's mode is restored."""
+    from vopd.config import RuntimeConfig
+    from vopd.evaluate import _letter_token_ids
+    from vopd.models import load_model_and_processor
+    from vopd.rollout import RolloutBatch, response_logits
+    from vopd.tiny import shipped_base_model_dir
+    from vopd.views import to_messages
+
+    runtime = RuntimeConfig(device="cpu", dtype="float32")
+    loaded = load_model_and_processor(shipped_base_model_dir(), runtime, trainable=True)
+    view = student_view(_sample((40, 60)), ViewConfig())
+    options = ["red", "green", "blue", "yellow"]
+    loaded.model.train()
+    multiple_choice, open_question = evidence.view_confidences(loaded, [view, view], [options, None], max_new_tokens=6)
+    assert loaded.model.training  # put back as it was
+
+    loaded.model.eval()
+    with torch.no_grad():
+        prompts = loaded.encode([to_messages(view)])
+        ids = loaded.model.generate(
+            **prompts,
+            do_sample=False,
+            max_new_tokens=6,
+            pad_token_id=loaded.pad_token_id,
+            eos_token_id=loaded.eos_token_ids,
+            suppress_tokens=loaded.suppressed_token_ids or None,
+        )[0, prompts["input_ids"].shape[1] :]
+        rollout = RolloutBatch(
+            ids[None],
+            torch.ones_like(ids[None], dtype=torch.bool),
+            torch.zeros(1, len(ids)),
+            torch.zeros(1, dtype=torch.bool),
+        )
+        logits = response_logits(loaded.model, prompts, rollout)[0]  # (R, V): row j predicts answer token j
+    logits[:, loaded.suppressed_token_ids] = float("-inf")
+    first = logits[0].softmax(-1)
+    assert open_question == pytest.approx(float(torch.exp((first * first.clamp_min(1e-30).log()).sum())), rel=1e-4)
+    groups = _letter_token_ids(loaded.processor.tokenizer, 4)
+    letters = {token for group in groups for token in group}
+    position = next((i for i, token in enumerate(ids.tolist()) if token in letters), None)
+    assert position is not None  # the shipped base answers "Answer: X"
+    probs = logits[position].softmax(-1)
+    assert multiple_choice == pytest.approx(max(float(probs[list(g)].sum()) for g in groups if g), rel=1e-4)
+    assert 0.25 <= multiple_choice <= 1.0 and 0.0 < open_question <= 1.0

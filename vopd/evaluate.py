@@ -84,6 +84,7 @@ class Answer:
     text: str
     choice: int | None
     option_probs: list[float] | None  # at the first generated letter token, None when no letter was generated
+    first_token_entropy: float | None = None  # of the first answer token's distribution, in nats
 
 
 @torch.no_grad()
@@ -107,23 +108,25 @@ def generate_answers(
         return_dict_in_generate=True,
     )
     generated = output.sequences[:, prompts["input_ids"].shape[1] :]  # (N, R)
-    probs = torch.stack(output.scores, dim=1).float().softmax(dim=-1)  # (N, R, V)
     tokenizer = loaded.processor.tokenizer
     answers = []
     for row, row_options in enumerate(options):
         ids = generated[row].tolist()
         end = next((i for i, token in enumerate(ids) if token in loaded.eos_token_ids), len(ids))
         text = _without_reasoning(tokenizer.decode(ids[:end], skip_special_tokens=True))
+        first = output.scores[0][row].float().softmax(dim=-1)  # (V,)  only the positions read, never (N, R, V)
+        entropy = float(-(first * first.clamp_min(1e-30).log()).sum())
         if not row_options:
-            answers.append(Answer(text, None, None))
+            answers.append(Answer(text, None, None, entropy))
             continue
         letter_ids = _letter_token_ids(tokenizer, len(row_options))
         all_letter_ids = {token for group in letter_ids for token in group}
         position = next((i for i in range(end) if ids[i] in all_letter_ids), None)
         option_probs = None
         if position is not None:
-            option_probs = [float(probs[row, position, list(group)].sum()) if group else 0.0 for group in letter_ids]
-        answers.append(Answer(text, parse_choice(text, row_options), option_probs))
+            probs = output.scores[position][row].float().softmax(dim=-1)  # (V,)
+            option_probs = [float(probs[list(group)].sum()) if group else 0.0 for group in letter_ids]
+        answers.append(Answer(text, parse_choice(text, row_options), option_probs, entropy))
     return answers
 
 

@@ -27,13 +27,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from vopd.config import ViewConfig
 from vopd.data import Sample
 from vopd.models import LoadedModel
-from vopd.views import View, crop_box, format_question, to_messages, uses_search
+from vopd.views import View, crop_box, format_question, uses_search
 
 Box = tuple[float, float, float, float]
 
@@ -84,7 +83,6 @@ def _inside(window: Box, outer: Box) -> bool:
     return window[0] >= outer[0] and window[1] >= outer[1] and window[2] <= outer[2] and window[3] <= outer[3]
 
 
-@torch.no_grad()
 def view_confidences(
     loaded: LoadedModel,
     views: Sequence[View],
@@ -93,48 +91,25 @@ def view_confidences(
     max_new_tokens: int,
     model: nn.Module | None = None,
 ) -> list[float]:
-    """Label-free confidence of ``model`` (default: ``loaded.model``) answering each view (see the module doc)."""
-    from vopd.evaluate import _letter_token_ids  # evaluate imports views; keep this module importable from both
+    """Label-free confidence of ``model`` (default: ``loaded.model``) answering each view (see the module doc): read
+    from the same greedy answers evaluation gives (``vopd.evaluate.generate_answers``)."""
+    from vopd.evaluate import generate_answers  # evaluate imports views; keep this module importable from both
 
     module = model if model is not None else loaded.model
     was_training = module.training
-    module.eval()
     try:
-        prompts = loaded.encode([to_messages(view) for view in views])
-        output = module.generate(
-            **prompts,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=loaded.eos_token_ids,
-            pad_token_id=loaded.pad_token_id,
-            suppress_tokens=loaded.suppressed_token_ids or None,
-            output_scores=True,
-            return_dict_in_generate=True,
+        answers = generate_answers(
+            dataclasses.replace(loaded, model=module), views, options, max_new_tokens=max_new_tokens
         )
     finally:
         module.train(was_training)
-    generated = output.sequences[:, prompts["input_ids"].shape[1] :]  # (N, R)
-    probs = torch.stack(output.scores, dim=1).float().softmax(dim=-1)  # (N, R, V)
-    tokenizer = loaded.processor.tokenizer
     confidences: list[float] = []
-    for row, row_options in enumerate(options):
+    for answer, row_options in zip(answers, options, strict=True):
         if not row_options:
-            first = probs[row, 0]  # (V,)
-            entropy = float(-(first * first.clamp_min(1e-30).log()).sum())
-            confidences.append(math.exp(-entropy))
-            continue
-        letter_ids = _letter_token_ids(tokenizer, len(row_options))
-        all_letter_ids = {token for group in letter_ids for token in group}
-        ids = generated[row].tolist()
-        position = next((i for i, token in enumerate(ids) if token in all_letter_ids), None)
-        if position is None:
-            confidences.append(0.0)
-            continue
-        masses = [float(probs[row, position, list(group)].sum()) if group else 0.0 for group in letter_ids]
-        confidences.append(max(masses))
+            assert answer.first_token_entropy is not None
+            confidences.append(math.exp(-answer.first_token_entropy))
+        else:
+            confidences.append(max(answer.option_probs) if answer.option_probs else 0.0)
     return confidences
 
 
