@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vopd.cli import main
 from vopd.config import EvalConfig, RuntimeConfig
+from vopd.data import Sample
 from vopd.evaluate import evaluate
 from vopd.models import encode_prompts, load_model_and_processor, register_image_only_processors
 from vopd.synth import SynthConfig, generate_dataset, generate_item
@@ -226,3 +229,15 @@ def test_shipped_no_box_base_has_a_gap_and_finds_its_own_evidence(tmp_path: Path
     assert max(summary["crop_letters"].values()) <= 0.4 * 48
     assert 0.3 <= summary["full_accuracy"] <= 0.85  # a real gap (0.58 on 400 items), above chance
     assert summary["searched_centre_hit"] >= 0.6 and summary["searched_accuracy"] > summary["full_accuracy"]
+
+
+def test_a_window_view_the_grid_cannot_give_is_refused_not_mislabelled() -> None:
+    """A canvas too small for any grid window to hold the whole target: no window view to pretrain on, said so,
+    rather than a window without the target taught as if it showed the answer."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 24), "white").save(buffer, format="PNG")
+    sample = Sample(
+        id="small", question="q", options=["a", "b"], answer="a", bbox=(0, 0, 24, 24), image_bytes=buffer.getvalue()
+    )
+    with pytest.raises(ValueError, match="no holding window of the grid for sample 'small'"):
+        make_view("window", sample, world="no_box")

@@ -176,6 +176,16 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
 
 
+def _check_divergence_settings(alpha: float, topk: int, temperature: float, chunk_size: int) -> None:
+    """The settings shared by the logits and the hidden-state forms of the divergence."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {alpha}")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0 (0 = full vocabulary), got {topk}")
+    _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -417,12 +427,7 @@ def token_divergence(
     trained through this loss). Values are in fp32 (fp64 for fp64 input) whatever the logits' dtype. With
     ``alpha = 0`` a teacher with mass where the student has a -inf logit gives +inf, which is the true KL.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {alpha}")
-    if topk < 0:
-        raise ValueError(f"topk must be >= 0 (0 = full vocabulary), got {topk}")
-    _check_temperature(temperature)
-    _check_chunk_size(chunk_size)
+    _check_divergence_settings(alpha, topk, temperature, chunk_size)
     _check_pair(student_logits, teacher_logits)
     vocab = student_logits.shape[-1]
     op = _DivergenceOp(alpha=float(alpha), add_tail=add_tail, temperature=float(temperature))
@@ -528,12 +533,7 @@ def linear_divergence_loss(
     [chunk_size, V] fp32 temporaries: ``bench/loss_memory.py`` measures it against a naive loss, TRL's and Liger's.
     The values equal ``token_divergence(hidden @ weight.T, ...)`` up to the matmuls' rounding.
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {alpha}")
-    if topk < 0:
-        raise ValueError(f"topk must be >= 0 (0 = full vocabulary), got {topk}")
-    _check_temperature(temperature)
-    _check_chunk_size(chunk_size)
+    _check_divergence_settings(alpha, topk, temperature, chunk_size)
     if student_hidden.dim() != 2 or teacher_hidden.dim() != 2 or student_hidden.shape[0] != teacher_hidden.shape[0]:
         raise ValueError(
             "student_hidden and teacher_hidden must be (N, H) with the same N rows, got "

@@ -312,7 +312,6 @@ def plan_item(config: SynthConfig, index: int) -> Scene:
     if config.no_box:  # the only black object, of its own size range: the question names it, no box needed
         target_color = NO_BOX_TARGET_COLOR
         radius = int(rng.integers(config.no_box_target_size[0], config.no_box_target_size[1] + 1))
-    distractor_colors = color_names
     target = Shape(target_kind, target_color, (x0 + box // 2, y0 + box // 2), radius)
 
     count = int(rng.integers(config.distractors[0], config.distractors[1] + 1))
@@ -320,7 +319,7 @@ def plan_item(config: SynthConfig, index: int) -> Scene:
     for _ in range(count):
         d_radius = int(rng.integers(config.target_size[0], config.target_size[1] + 1))
         d_kind = shape_names[rng.integers(len(shape_names))]
-        d_color = distractor_colors[rng.integers(len(distractor_colors))]
+        d_color = color_names[rng.integers(len(color_names))]
         center = _place_distractor(rng, size, d_radius, bbox, distractors)
         distractors.append(Shape(d_kind, d_color, center, d_radius))
 

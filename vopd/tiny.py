@@ -189,23 +189,29 @@ def _grid_windows(sample: Sample, which: WindowKind, grid: ViewConfig = _FIRST_G
     ]
 
 
+_SEARCH_GRID = ViewConfig(**NO_BOX_SEARCH)
 _WINDOW_KINDS: dict[str, tuple[WindowKind, ViewConfig, int]] = {
     # view kind: (which windows, grid, random-stream tag)
     "window": ("holding", _FIRST_GRID, 0xD0),
     "decoy": ("missing", _FIRST_GRID, 0xD1),
-    "search_window": ("holding", ViewConfig(**NO_BOX_SEARCH), 0xD2),
-    "search_decoy": ("missing", ViewConfig(**NO_BOX_SEARCH), 0xD3),
-    "search_cut": ("cutting", ViewConfig(**NO_BOX_SEARCH), 0xD4),
+    "search_window": ("holding", _SEARCH_GRID, 0xD2),
+    "search_decoy": ("missing", _SEARCH_GRID, 0xD3),
+    "search_cut": ("cutting", _SEARCH_GRID, 0xD4),
 }
 # The view kinds trained towards "unsure" (every letter equally likely) rather than the answer.
 UNSURE_KINDS = frozenset({"decoy", "search_decoy", "search_cut"})
 
 
 def _window_view(sample: Sample, index: int, seed: int, kind: str) -> View:
-    """A random search window of ``kind`` (``_WINDOW_KINDS``), drawn per (seed, item); a window that cuts the target
-    falls back to one without it where the grid has none."""
+    """A random search window of ``kind`` (``_WINDOW_KINDS``), drawn per (seed, item). Both grids always hold and
+    always miss a target somewhere on a 112 px canvas; no window may cut it (a target near a corner, where windows
+    are clamped): then a window without it is as "unsure" a lesson."""
     which, grid, tag = _WINDOW_KINDS[kind]
-    windows = _grid_windows(sample, which, grid) or _grid_windows(sample, "missing", grid)
+    windows = _grid_windows(sample, which, grid)
+    if not windows and which == "cutting":
+        windows = _grid_windows(sample, "missing", grid)
+    if not windows:
+        raise ValueError(f"no {which} window of the grid for sample {sample.id!r}: the canvas is too small for it")
     pick = int(np.random.default_rng([seed, index, tag]).integers(len(windows)))
     return View(image=crop_box(sample.load_image(), windows[pick], _NO_BOX_VIEW), text=format_question(sample, ""))
 
