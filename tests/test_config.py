@@ -117,6 +117,7 @@ def test_the_paper_recipe_is_the_official_run() -> None:
         "mode": "full_logits",
         "temperature": 1.0,
         "is_clip": 2.0,
+        "from_hidden_states": True,  # how the loss is computed, not what: the values are the logits path's
     }
     assert paper.teacher.mode == "ema" and paper.teacher.ema_rate == 0.05
     assert paper.epochs == 1 and paper.steps is None

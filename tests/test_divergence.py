@@ -12,6 +12,7 @@ from vopd.divergence import (
     distillation_loss,
     distribution_stats,
     gather_token_logprobs,
+    hidden_distillation_loss,
     linear_divergence_loss,
     masked_token_mean,
     per_token_details,
@@ -602,3 +603,114 @@ def test_linear_loss_refuses_mismatched_shapes():
         linear_divergence_loss(student_hidden, student_head, teacher_hidden, teacher_head[:5], weights)
     with pytest.raises(ValueError, match="row_weights"):
         linear_divergence_loss(student_hidden, student_head, teacher_hidden, teacher_head, weights[:3])
+
+
+@pytest.mark.parametrize(("topk", "add_tail", "stats_topk"), [(0, True, 0), (7, True, 9), (7, False, 100)])
+@pytest.mark.parametrize("importance", [False, True])
+def test_loss_from_hidden_states_equals_the_trainers_logits_path(topk, add_tail, stats_topk, importance):
+    """The trainer's two calls on logits (distillation_loss, then distribution_stats) against one pass from the hidden
+    states: same loss, per-token divergence, metrics and gradients, with padding rows, a step normalizer, and
+    importance weights that clip some rows and not others."""
+    student_hidden, student_head, teacher_hidden, teacher_head = _hidden_pair(rows=24)
+    shape = (4, 6)
+    student_hidden3, teacher_hidden3 = student_hidden.view(*shape, -1), teacher_hidden.view(*shape, -1)
+    mask = torch.ones(shape, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[3, 2:] = False
+    config = DivergenceConfig(alpha=0.5, topk=topk, add_tail=add_tail, temperature=1.3, is_clip=1.5)
+    response_ids = torch.randint(0, 40, shape, generator=torch.Generator().manual_seed(1))
+    behaviour = None
+    if importance:  # around the current log-probs, so that some ratios exceed the clip and some do not
+        current = gather_token_logprobs(
+            (student_hidden3 @ student_head.T).detach(), response_ids, temperature=config.temperature
+        )
+        behaviour = current + torch.linspace(-1.0, 1.0, 24, dtype=current.dtype).view(shape)
+    student_logits = student_hidden3 @ student_head.T
+    teacher_logits = teacher_hidden3 @ teacher_head.T
+    expected_loss, expected_per_token = distillation_loss(
+        student_logits,
+        teacher_logits,
+        mask,
+        config,
+        response_ids=response_ids,
+        behaviour_logprobs=behaviour,
+        normalizer=30.0,
+        chunk_size=5,
+    )
+    expected_stats = distribution_stats(
+        student_logits.detach(), teacher_logits, mask, topk=stats_topk, temperature=config.temperature
+    )
+    loss, per_token, stats = hidden_distillation_loss(
+        student_hidden3,
+        student_head,
+        teacher_hidden3,
+        teacher_head,
+        mask,
+        config,
+        response_ids=response_ids,
+        behaviour_logprobs=behaviour,
+        normalizer=30.0,
+        stats_topk=stats_topk,
+        chunk_size=5,
+    )
+    torch.testing.assert_close(loss, expected_loss, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(per_token, expected_per_token, atol=1e-12, rtol=1e-10)
+    assert stats.keys() == expected_stats.keys()
+    for name, value in stats.items():
+        assert value == pytest.approx(expected_stats[name], abs=1e-12), name
+    grads = torch.autograd.grad(loss, [student_hidden, student_head])
+    expected_grads = torch.autograd.grad(expected_loss, [student_hidden, student_head])
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=1e-10)
+    assert per_token[~mask].abs().max() == 0 and not per_token.requires_grad
+
+
+def test_loss_from_hidden_states_uses_an_fp32_head_at_the_activations_dtype():
+    """bf16 activations with fp32 master weights (autocast on a GPU): the head is used in bf16 as autocast's LM head
+    would be, the head's gradient comes back in fp32 and the hidden states' in bf16, close to the float64 values."""
+    student_hidden, student_head, teacher_hidden, teacher_head = _hidden_pair(rows=24, hidden=16, vocab=64)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    config = DivergenceConfig(topk=10)
+    hidden = student_hidden.detach().bfloat16().view(4, 6, -1).requires_grad_(True)
+    head = student_head.detach().float().requires_grad_(True)
+    loss, _, _ = hidden_distillation_loss(
+        hidden, head, teacher_hidden.bfloat16().view(4, 6, -1), teacher_head.float(), mask, config
+    )
+    loss.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16 and head.grad.dtype == torch.float32
+    expected, _ = distillation_loss(
+        (student_hidden @ student_head.T).view(4, 6, -1), (teacher_hidden @ teacher_head.T).view(4, 6, -1), mask, config
+    )
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=0.05)
+    # fp32 activations with the projections asked in bf16 (the trainer's autocast dtype): gradients stay fp32.
+    hidden32 = student_hidden.detach().float().view(4, 6, -1).requires_grad_(True)
+    loss16, _, _ = hidden_distillation_loss(
+        hidden32,
+        head,
+        teacher_hidden.float().view(4, 6, -1),
+        teacher_head.float(),
+        mask,
+        config,
+        matmul_dtype=torch.bfloat16,
+    )
+    loss16.backward()
+    assert hidden32.grad.dtype == torch.float32 and head.grad.dtype == torch.float32
+    assert float(loss16.detach()) == pytest.approx(float(expected.detach()), rel=0.05)
+
+
+def test_loss_from_hidden_states_refuses_what_it_cannot_compute():
+    student_hidden, student_head, teacher_hidden, teacher_head = _hidden_pair(rows=24)
+    hidden, teacher = student_hidden.view(4, 6, -1), teacher_hidden.view(4, 6, -1)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="full_logits mode only"):
+        hidden_distillation_loss(
+            hidden, student_head, teacher, teacher_head, mask, DivergenceConfig(mode="sampled_token")
+        )
+    with pytest.raises(ValueError, match="response_ids"):
+        hidden_distillation_loss(
+            hidden, student_head, teacher, teacher_head, mask, DivergenceConfig(), behaviour_logprobs=torch.zeros(4, 6)
+        )
+    with pytest.raises(ValueError, match="student_hidden must be"):
+        hidden_distillation_loss(hidden[:, :3], student_head, teacher, teacher_head, mask, DivergenceConfig())
+    with pytest.raises(ValueError, match="share the vocabulary"):
+        hidden_distillation_loss(hidden, student_head, teacher, teacher_head[:5], mask, DivergenceConfig())

@@ -312,3 +312,41 @@ def test_warm_up_starts_from_zero(tiny_model_dir, dataset, tmp_path) -> None:
         lrs.append(trainer.train_step()["lr"])
         trainer.step += 1
     assert lrs == pytest.approx([0.0, 0.5e-3, 1e-3])
+
+
+def test_the_loss_from_hidden_states_matches_the_logits_and_never_builds_them(tiny_model_dir, tmp_path) -> None:
+    """One step scored from hidden states and the LM heads against the same step scored from full logits: the same
+    loss, metrics and gradients (over two micro-batches); and on that path the LM
+    heads only ever see generation's one position per row, never a response's worth of positions."""
+    data = write_dataset(tmp_path / "data", count=4)
+    common = {"steps": 1, "grad_accum": 2, "collapse_guard": {"enabled": False}}
+    runs = {}
+    for from_hidden in (True, False):
+        divergence = {"topk": 20, "from_hidden_states": from_hidden}
+        trainer = OPDTrainer(
+            make_config(tiny_model_dir, data, tmp_path / f"run-{from_hidden}", divergence=divergence, **common)
+        )
+        assert trainer.logits_fallback is None if from_hidden else "is off" in trainer.logits_fallback
+        positions: list[int] = []
+        heads = [trainer.student.get_output_embeddings(), trainer.teacher.frozen_copy.get_output_embeddings()]
+        record = positions.append
+        hooks = [head.register_forward_hook(lambda _m, args, _o, r=record: r(args[0].shape[1])) for head in heads]
+        runs[from_hidden] = (*_step_gradients(trainer), positions)
+        for hook in hooks:
+            hook.remove()
+    (grads, metrics, positions), (expected_grads, expected_metrics, expected_positions) = runs[True], runs[False]
+    assert max(positions) == 1 and max(expected_positions) == 6 + 1  # the logits path: max_new_tokens + 1
+    assert metrics["response_length"] == expected_metrics["response_length"]
+    for name in ("loss", "divergence_mean", "student_topk_mass", "topk_overlap", "student_entropy", "grad_norm"):
+        assert metrics[name] == pytest.approx(expected_metrics[name], rel=1e-4, abs=1e-7), name
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-6)
+
+
+def test_the_loss_falls_back_to_logits_where_hidden_states_cannot_serve(tiny_model_dir, dataset, tmp_path) -> None:
+    """A teacher whose logits mix two models, or the sampled-token loss, is scored from full logits, and says why."""
+    mixed = OPDTrainer(make_config(tiny_model_dir, dataset, tmp_path / "mix", teacher={"mode": "trust_region"}))
+    assert "trust_region" in mixed.logits_fallback
+    sampled = make_config(tiny_model_dir, dataset, tmp_path / "pg", divergence={"mode": "sampled_token"})
+    assert "sampled_token" in OPDTrainer(sampled).logits_fallback

@@ -62,6 +62,7 @@ __all__ = [
     "distillation_loss",
     "distribution_stats",
     "gather_token_logprobs",
+    "hidden_distillation_loss",
     "linear_divergence_loss",
     "masked_token_mean",
     "per_token_details",
@@ -438,6 +439,39 @@ def token_divergence(
     return _ChunkedRows.apply(op, chunk_size, student_logits, None, *aux)
 
 
+@dataclass
+class _HeadLossExtras:
+    """What the trainer's loss needs besides the divergence, read from the same chunks of logits in the same pass.
+
+    ``sampled_ids`` (N,) with ``behaviour_logprobs`` (N,) and ``is_clip``: each row's weight is multiplied by the
+    detached importance weight min(p_S(y) / p_behaviour(y), is_clip) (as in ``distillation_loss``). ``stats_mask``
+    (N,) with ``stats_k``: ``distribution_stats``'s sums over the masked rows are added into ``stats_totals`` (6,).
+    """
+
+    temperature: float
+    sampled_ids: Tensor | None = None
+    behaviour_logprobs: Tensor | None = None
+    is_clip: float | None = None
+    stats_mask: Tensor | None = None
+    stats_k: int = 100
+    stats_totals: Tensor | None = None
+
+    def importance(self, student_rows: Tensor, start: int, end: int) -> Tensor | None:
+        """min(p_S(y) / p_behaviour(y), is_clip) of one chunk's rows, or None without behaviour log-probs."""
+        if self.sampled_ids is None or self.behaviour_logprobs is None or self.is_clip is None:
+            return None
+        scaled = student_rows.to(_compute_dtype(student_rows.dtype)) / self.temperature  # (n, V)
+        current = scaled.gather(-1, self.sampled_ids[start:end, None]).squeeze(-1) - scaled.logsumexp(-1)  # (n,)
+        return _clipped_importance_weight(current, self.behaviour_logprobs[start:end], self.is_clip)
+
+    def add_stats(self, student_rows: Tensor, teacher_rows: Tensor, start: int, end: int) -> None:
+        if self.stats_mask is None or self.stats_totals is None:
+            return
+        k = min(self.stats_k or student_rows.shape[-1], student_rows.shape[-1])
+        rows = _stats_rows(student_rows, teacher_rows, k, self.temperature)  # (n, 6)
+        self.stats_totals += torch.where(self.stats_mask[start:end, None], rows, 0.0).sum(0).double()
+
+
 class _FusedLinearDivergence(torch.autograd.Function):
     """``sum_r row_weights[r] * D(student_r, teacher_r)`` from hidden states and LM heads, rows in chunks.
 
@@ -446,6 +480,10 @@ class _FusedLinearDivergence(torch.autograd.Function):
     chunk's gradient is finished in the forward too (closed form, as in ``_DivergenceOp.grads``) and folded into
     the hidden states' and the head's gradients at once. The backward only scales them by the incoming scalar, so
     each projection runs once: 4 matmuls in all against 5 for a recomputing backward (TRL's kernel does 8).
+    ``extras`` (the trainer's importance weights and metrics) are read from the same chunks.
+
+    The projections run in ``matmul_dtype`` (default: the hidden states' dtype), as autocast would run the LM head:
+    fp32 master weights are used in bf16 then; each gradient comes back in its own input's dtype.
     """
 
     @staticmethod
@@ -454,6 +492,8 @@ class _FusedLinearDivergence(torch.autograd.Function):
         op: _DivergenceOp,
         chunk_size: int,
         topk: int,
+        extras: _HeadLossExtras | None,
+        matmul_dtype: torch.dtype | None,
         row_weights: Tensor,
         student_hidden: Tensor,
         student_weight: Tensor,
@@ -464,46 +504,64 @@ class _FusedLinearDivergence(torch.autograd.Function):
         vocab = student_weight.shape[0]
         compute = _compute_dtype(student_hidden.dtype)
         values = torch.empty(rows_total, dtype=compute, device=student_hidden.device)
-        needs_hidden, needs_weight = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        needs_hidden, needs_weight = ctx.needs_input_grad[6], ctx.needs_input_grad[7]
         grad_hidden = torch.zeros_like(student_hidden, dtype=compute) if needs_hidden else None
         grad_weight = torch.zeros_like(student_weight, dtype=compute) if needs_weight else None
+        matmul = matmul_dtype or student_hidden.dtype
+        student_head = student_weight.to(matmul)  # (V, H), the weight itself when the dtypes agree
+        teacher_head = teacher_weight.to(matmul_dtype or teacher_hidden.dtype)
         full_vocabulary = topk == 0 or topk >= vocab
+        all_weights = row_weights
         for start in range(0, rows_total, chunk_size):
             end = min(start + chunk_size, rows_total)
-            hidden = student_hidden[start:end]  # (n, H)
-            student_rows = hidden @ student_weight.t()  # (n, V)
-            teacher_rows = teacher_hidden[start:end] @ teacher_weight.t()  # (n, V)
+            hidden = student_hidden[start:end].to(matmul)  # (n, H)
+            student_rows = hidden @ student_head.t()  # (n, V)
+            teacher_rows = teacher_hidden[start:end].to(teacher_head.dtype) @ teacher_head.t()  # (n, V)
+            weights = row_weights[start:end]
+            if extras is not None:
+                extras.add_stats(student_rows, teacher_rows, start, end)
+                importance = extras.importance(student_rows, start, end)
+                if importance is not None:
+                    weights = torch.where(weights != 0, weights * importance, 0.0)
+                    if all_weights is row_weights:
+                        all_weights = row_weights.clone()
+                    all_weights[start:end] = weights
             aux: tuple[Tensor, ...] = ()
             if not full_vocabulary:
                 ids = student_rows.topk(topk, dim=-1).indices  # (n, k)
                 aux = (ids, _bucket_logprobs(teacher_rows, ids, op.temperature, op.add_tail))
                 teacher_rows = None  # (the buckets are all the top-k divergence needs of the teacher)
-            weights = row_weights[start:end]
             if grad_hidden is None and grad_weight is None or not bool((weights != 0).any()):
                 values[start:end] = op.values(student_rows, teacher_rows, aux)
                 continue
             values[start:end], grad_rows = op.values_and_grads(student_rows, teacher_rows, aux, weights.to(compute))
             # Rows outside the loss may hold inf/NaN divergences (padding): select them away, never multiply by 0.
-            grad_rows = grad_rows.masked_fill_((weights == 0)[:, None], 0.0).to(student_weight.dtype)
+            grad_rows = grad_rows.masked_fill_((weights == 0)[:, None], 0.0).to(student_head.dtype)
             del student_rows, teacher_rows, aux
             if grad_hidden is not None:
-                grad_hidden[start:end] = grad_rows @ student_weight
+                grad_hidden[start:end] = grad_rows @ student_head
             if grad_weight is not None:
-                grad_weight.addmm_(grad_rows.t(), hidden)
-        loss = torch.where(row_weights != 0, values * row_weights, 0.0).sum()
-        ctx.save_for_backward(grad_hidden, grad_weight)
+                grad_weight.addmm_(grad_rows.t().to(compute), hidden.to(compute))
+        loss = torch.where(all_weights != 0, values * all_weights, 0.0).sum()
+        # Kept on ctx rather than saved for backward: the backward hands them over as the only reference, so autograd
+        # can take the head-sized gradient as the parameter's .grad instead of copying it.
+        ctx.grads = (
+            None if grad_hidden is None else grad_hidden.to(student_hidden.dtype),
+            None if grad_weight is None else grad_weight.to(student_weight.dtype),
+        )
         ctx.mark_non_differentiable(values)
         return loss, values
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_values: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = (None, None)
         if bool((grad_loss != 1).any()):  # (a plain loss.backward() passes 1: no copy of the head-sized gradient)
             grad_hidden, grad_weight = (
                 None if grad is None else grad * grad_loss.to(grad.dtype) for grad in (grad_hidden, grad_weight)
             )
-        return (None, None, None, None, grad_hidden, grad_weight, None, None)
+        return (None, None, None, None, None, None, grad_hidden, grad_weight, None, None)
 
 
 def linear_divergence_loss(
@@ -552,12 +610,102 @@ def linear_divergence_loss(
         op,
         chunk_size,
         topk,
+        None,
+        None,
         row_weights.detach().to(_compute_dtype(student_hidden.dtype)),
         student_hidden,
         student_weight,
         teacher_hidden.detach(),
         teacher_weight.detach(),
     )
+
+
+def hidden_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    response_mask: Tensor,
+    config: DivergenceConfig,
+    *,
+    response_ids: Tensor | None = None,
+    behaviour_logprobs: Tensor | None = None,
+    normalizer: float | None = None,
+    stats_topk: int = 100,
+    chunk_size: int = 128,
+    matmul_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """``distillation_loss`` and ``distribution_stats`` of the logits ``hidden @ weight.T``, never building them.
+
+    ``student_hidden`` (B, R, H) and ``teacher_hidden`` (B, R, H_t) are the final hidden states at the positions that
+    predict the response tokens, ``student_weight`` (V, H) and ``teacher_weight`` (V, H_t) the LM heads; the other
+    arguments mean what they mean for ``distillation_loss``. Returns (scalar loss, per-token divergence (B, R)
+    detached and 0 off the mask, the metrics of ``distribution_stats`` with ``topk=stats_topk``), all from one pass
+    over [chunk_size, V] blocks of both sides' logits (``full_logits`` mode only). ``matmul_dtype`` is the dtype
+    of the head projections (the trainer passes its autocast dtype: the logits path runs the LM head under autocast
+    too); by default each side's hidden-state dtype. The divergence itself is computed in fp32 (fp64 for fp64).
+
+    Why: the trainer's logits path holds both sides' (B, R, V) logits plus the student's gradient of them; with V ~
+    150k and long rollouts that is gigabytes per micro-batch. Here it is a few [chunk_size, V] temporaries and the
+    head's gradient, which training needs anyway. Values equal the logits path's up to the matmuls' rounding.
+    """
+    if config.mode != "full_logits":
+        raise ValueError(f"hidden_distillation_loss computes the full_logits mode only, not {config.mode!r}")
+    if student_hidden.dim() != 3 or student_hidden.shape[:2] != response_mask.shape:
+        raise ValueError(
+            f"student_hidden must be (B, R, H) with (B, R) = the mask's {tuple(response_mask.shape)}, "
+            f"got {tuple(student_hidden.shape)}"
+        )
+    if teacher_hidden.dim() != 3 or teacher_hidden.shape[:2] != response_mask.shape:
+        raise ValueError(f"teacher_hidden must be (B, R, H_t), got {tuple(teacher_hidden.shape)}")
+    weighted = behaviour_logprobs is not None and config.is_clip is not None
+    if weighted and response_ids is None:
+        raise ValueError("response_ids (the sampled tokens) are required for importance weighting")
+    if weighted and behaviour_logprobs.shape != response_mask.shape:
+        raise ValueError(
+            f"behaviour_logprobs must have shape {tuple(response_mask.shape)}, got {tuple(behaviour_logprobs.shape)}"
+        )
+    if stats_topk < 0:
+        raise ValueError(f"stats_topk must be >= 0 (0 = full vocabulary), got {stats_topk}")
+    keep = response_mask.reshape(-1).bool()
+    if normalizer is not None and not normalizer > 0:
+        raise ValueError(f"normalizer must be a positive token count, got {normalizer}")
+    denominator = float(normalizer) if normalizer is not None else float(max(int(keep.sum()), 1))
+    compute = _compute_dtype(student_hidden.dtype)
+    totals = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=student_hidden.device)
+    extras = _HeadLossExtras(
+        temperature=float(config.temperature),
+        sampled_ids=response_ids.reshape(-1) if weighted else None,
+        behaviour_logprobs=behaviour_logprobs.reshape(-1).detach().to(compute) if weighted else None,
+        is_clip=config.is_clip if weighted else None,
+        stats_mask=keep,
+        stats_k=stats_topk,
+        stats_totals=totals,
+    )
+    _check_divergence_settings(config.alpha, config.topk, config.temperature, chunk_size)
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"both LM heads must share the vocabulary, got {student_weight.shape[0]} and {teacher_weight.shape[0]} rows"
+        )
+    hidden_size, teacher_size = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    if student_weight.shape[1] != hidden_size or teacher_weight.shape[1] != teacher_size:
+        raise ValueError("each LM head must be (V, H) with the H of its hidden states")
+    op = _DivergenceOp(alpha=float(config.alpha), add_tail=config.add_tail, temperature=float(config.temperature))
+    row_weights = keep.to(compute) / denominator  # (in the compute dtype: 1 / denominator in fp32 would round)
+    loss, values = _FusedLinearDivergence.apply(
+        op,
+        chunk_size,
+        config.topk,
+        extras,
+        matmul_dtype,
+        row_weights,
+        student_hidden.reshape(-1, hidden_size),
+        student_weight,
+        teacher_hidden.detach().reshape(-1, teacher_size),
+        teacher_weight.detach(),
+    )
+    per_token = torch.where(keep, values, 0.0).view(response_mask.shape)
+    return loss, per_token, _stats_means(totals, int(keep.sum()))
 
 
 @dataclass(frozen=True)
@@ -778,44 +926,44 @@ def distribution_stats(
     vocab = student_logits.shape[-1]
     k = vocab if topk == 0 else min(topk, vocab)
     keep = mask.reshape(-1).bool()
-    names = (
-        "student_topk_mass",
-        "teacher_topk_mass",
-        "topk_overlap",
-        "argmax_agreement",
-        "student_entropy",
-        "teacher_entropy",
-    )
-    totals = torch.zeros(len(names), dtype=torch.float64, device=student_logits.device)
+    totals = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=student_logits.device)
     for start, end, (student_rows, teacher_rows) in _row_chunks([student_logits, teacher_logits], chunk_size):
-        student = _log_softmax(student_rows, temperature)  # (n, V)
-        teacher = _log_softmax(teacher_rows.detach(), temperature)  # (n, V)
-        agreement = (student.argmax(-1) == teacher.argmax(-1)).to(student.dtype)  # (n,)
-        if k == vocab:  # full vocabulary: nothing outside the "top-k", skip sorting V entries per row
-            ones = torch.ones_like(agreement)
-            student_mass, teacher_mass, overlap = ones, ones, ones
-        else:
-            student_ids = student.topk(k, dim=-1).indices  # (n, k)
-            teacher_ids = teacher.topk(k, dim=-1).indices  # (n, k)
-            in_student_topk = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, student_ids, True)  # (n, V)
-            student_mass = student.gather(-1, student_ids).exp().sum(-1)
-            teacher_mass = teacher.gather(-1, student_ids).exp().sum(-1)
-            overlap = in_student_topk.gather(-1, teacher_ids).sum(-1).to(student.dtype) / k
-        rows = torch.stack(
-            [
-                student_mass,
-                teacher_mass,
-                overlap,
-                agreement,
-                _entropy(student),
-                _entropy(teacher),
-            ],
-            dim=-1,
-        )  # (n, 6)
-        rows_kept = keep[start:end, None]
-        totals += torch.where(rows_kept, rows, 0.0).sum(0).double()
-    means = totals / max(int(keep.sum()), 1)
-    return {name: float(value) for name, value in zip(names, means, strict=True)}
+        rows = _stats_rows(student_rows, teacher_rows.detach(), k, temperature)  # (n, 6)
+        totals += torch.where(keep[start:end, None], rows, 0.0).sum(0).double()
+    return _stats_means(totals, int(keep.sum()))
+
+
+STAT_NAMES = (
+    "student_topk_mass",
+    "teacher_topk_mass",
+    "topk_overlap",
+    "argmax_agreement",
+    "student_entropy",
+    "teacher_entropy",
+)
+
+
+def _stats_rows(student_rows: Tensor, teacher_rows: Tensor, k: int, temperature: float) -> Tensor:
+    """``distribution_stats``'s figures for each row of one chunk, in ``STAT_NAMES`` order.  # (n, V) x 2 -> (n, 6)"""
+    student = _log_softmax(student_rows, temperature)  # (n, V)
+    teacher = _log_softmax(teacher_rows, temperature)  # (n, V)
+    agreement = (student.argmax(-1) == teacher.argmax(-1)).to(student.dtype)  # (n,)
+    if k >= student.shape[-1]:  # full vocabulary: nothing outside the "top-k", skip sorting V entries per row
+        ones = torch.ones_like(agreement)
+        student_mass, teacher_mass, overlap = ones, ones, ones
+    else:
+        student_ids = student.topk(k, dim=-1).indices  # (n, k)
+        teacher_ids = teacher.topk(k, dim=-1).indices  # (n, k)
+        in_student_topk = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, student_ids, True)  # (n, V)
+        student_mass = student.gather(-1, student_ids).exp().sum(-1)
+        teacher_mass = teacher.gather(-1, student_ids).exp().sum(-1)
+        overlap = in_student_topk.gather(-1, teacher_ids).sum(-1).to(student.dtype) / k
+    return torch.stack([student_mass, teacher_mass, overlap, agreement, _entropy(student), _entropy(teacher)], dim=-1)
+
+
+def _stats_means(totals: Tensor, kept_rows: int) -> dict[str, float]:
+    means = totals / max(kept_rows, 1)
+    return {name: float(value) for name, value in zip(STAT_NAMES, means, strict=True)}
 
 
 @torch.no_grad()

@@ -7,6 +7,8 @@ scores while generating (O(N) memory per step, never the [N, R, V] score history
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -197,3 +199,55 @@ def response_logits(model: torch.nn.Module, prompts: BatchFeature, rollout: Roll
     inputs = append_response(prompts, rollout)
     output = model(**inputs, logits_to_keep=response_length + 1, use_cache=False)
     return output.logits[:, :-1, :]  # position P-1+j predicts response token j
+
+
+def _head_slot(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Module]:
+    """(parent module, attribute name, the LM head) of ``model``'s output embeddings."""
+    head = model.get_output_embeddings()
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is head:
+                return parent, name, head
+    raise ValueError(f"{type(model).__name__} has no LM head module to take the hidden states from")
+
+
+def head_bypass_refusal(model: torch.nn.Module) -> str | None:
+    """Why the logits of ``model`` are not simply ``hidden @ lm_head.weight.T`` (None when they are).
+
+    The loss from hidden states (``vopd.divergence.hidden_distillation_loss``) applies the head itself, so it needs a
+    plain linear head without bias, and no logit scaling or soft-capping after it (Gemma, Cohere).
+    """
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    if type(head) is not torch.nn.Linear:
+        return f"the LM head is a {type(head).__name__}, not a plain Linear layer"
+    if head.bias is not None:
+        return "the LM head has a bias"
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        value = getattr(text_config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"the model transforms its logits after the head ({name}={value})"
+    return None
+
+
+@contextmanager
+def head_bypassed(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """While inside, ``model``'s forward returns the LM head's *inputs* (final hidden states) as its "logits".
+
+    Yields the head's weight (V, H). Call the forward through any wrapper of ``model`` (DDP): the wrapper runs
+    the same module, so its gradient hooks still see every parameter, the head's included once the loss uses
+    the yielded weight. Only for models ``head_bypass_refusal`` accepts.
+    """
+    refusal = head_bypass_refusal(model)
+    if refusal is not None:
+        raise ValueError(f"cannot take the hidden states in place of the logits: {refusal}")
+    parent, name, head = _head_slot(model)
+    setattr(parent, name, torch.nn.Identity())
+    try:
+        yield head.weight
+    finally:
+        setattr(parent, name, head)

@@ -28,7 +28,7 @@ from transformers import BatchFeature
 
 from vopd.config import TeacherConfig
 from vopd.distributed import copy_full_into, full_tensor, reshard
-from vopd.rollout import RolloutBatch, response_logits
+from vopd.rollout import RolloutBatch, head_bypassed, response_logits
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -106,6 +106,19 @@ class Teacher:
             current = response_logits(self.student, prompts, rollout)
             logits = torch.lerp(logits, current, self.config.trust_region_mix)
         return logits
+
+    @torch.no_grad()
+    def response_hidden(self, prompts: BatchFeature, rollout: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's final hidden states at the response positions (N, R, H) and its LM head (V, H): what
+        ``response_logits`` would project, for the loss that never builds the logits (not for trust_region, whose
+        logits mix two models)."""
+        if self.config.mode == "trust_region":
+            raise ValueError("a trust_region teacher's logits mix two models: score it with response_logits")
+        with self.scoring() as module, head_bypassed(module) as head:
+            hidden = response_logits(module, prompts, rollout)
+            # The head is never among the weights ``scoring`` swaps in and back (head_bypassed refuses a LoRA-wrapped
+            # head), so this tensor still holds the teacher's head after the context is left.
+            return hidden, head.detach()
 
     @torch.no_grad()
     def update(self, step: int) -> None:

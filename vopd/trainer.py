@@ -35,7 +35,7 @@ from vopd import distributed
 from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import TrainConfig
 from vopd.data import Sample, load_dataset
-from vopd.divergence import distillation_loss, distribution_stats
+from vopd.divergence import distillation_loss, distribution_stats, hidden_distillation_loss
 from vopd.evidence import EvidenceCache, evidence_metrics
 from vopd.guard import CollapseGuard
 from vopd.models import (
@@ -45,7 +45,7 @@ from vopd.models import (
     resolve_dtype,
     vision_tower_module,
 )
-from vopd.rollout import RolloutBatch, response_logits, sample_rollouts
+from vopd.rollout import RolloutBatch, head_bypass_refusal, head_bypassed, response_logits, sample_rollouts
 from vopd.teacher import Teacher, trainable_parameters
 from vopd.trackers import tracker_callbacks
 from vopd.views import student_view, teacher_view, to_messages
@@ -221,6 +221,10 @@ class OPDTrainer:
         self._behaviour_comparable = (
             config.rollout.temperature == config.divergence.temperature and config.rollout.top_p == 1.0
         )
+        # The loss from hidden states (never the (N, R, V) logits) where it applies; the reason when it does not.
+        self.logits_fallback = self._logits_fallback()
+        if self.logits_fallback is not None and config.divergence.from_hidden_states:
+            self.callbacks.on_log(f"the loss is computed from full logits: {self.logits_fallback}")
         self.step = 0
         if checkpoint is not None:
             self._load_state(checkpoint)
@@ -246,6 +250,19 @@ class OPDTrainer:
 
             set_peft_model_state_dict(loaded.model, load_file(checkpoint / "adapter_model.safetensors"))
         return loaded
+
+    def _logits_fallback(self) -> str | None:
+        """Why this run scores with full logits instead of hidden states and the LM head (None: it does not)."""
+        config = self.config
+        if not config.divergence.from_hidden_states:
+            return "divergence.from_hidden_states is off"
+        if config.divergence.mode != "full_logits":
+            return f"divergence mode {config.divergence.mode} reads the sampled tokens' log-probs from the logits"
+        if config.teacher.mode == "trust_region":
+            return "a trust_region teacher's logits mix two models"
+        if self.ranks.strategy == "fsdp":
+            return "under fsdp the LM head's weight is sharded outside the forward"
+        return head_bypass_refusal(self.student)
 
     def _two_token_ids(self) -> torch.Tensor:
         return torch.full((1, 2), self.loaded.pad_token_id, dtype=torch.long, device=self.loaded.device)
@@ -385,6 +402,57 @@ class OPDTrainer:
             )
         return student_prompts, rollout
 
+    def _loss(
+        self,
+        student_prompts: Any,
+        rollout: RolloutBatch,
+        teacher_outputs: tuple[torch.Tensor, torch.Tensor | None],
+        normalizer: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The student's forward on its prompts and the micro-batch's loss: (loss, per-token divergence, metrics).
+
+        ``teacher_outputs`` is (hidden states, LM head) on the loss-from-hidden-states path, (logits, None) otherwise.
+        """
+        config = self.config
+        teacher, teacher_head = teacher_outputs
+        behaviour = rollout.behaviour_logprobs if self._behaviour_comparable else None
+        stats_topk = config.divergence.topk or 100
+        if teacher_head is not None:
+            with self.loaded.autocast(), head_bypassed(self.student) as student_head:
+                student_hidden = response_logits(self.trained, student_prompts, rollout)  # (N, R, H)
+            return hidden_distillation_loss(
+                student_hidden,
+                student_head,
+                teacher,
+                teacher_head,
+                rollout.response_mask,
+                config.divergence,
+                response_ids=rollout.response_ids,
+                behaviour_logprobs=behaviour,
+                normalizer=normalizer,
+                stats_topk=stats_topk,
+                matmul_dtype=self.loaded.compute_dtype if self.loaded.mixed_precision else None,
+            )
+        with self.loaded.autocast():
+            student_logits = response_logits(self.trained, student_prompts, rollout)  # (N, R, V)
+        loss, per_token = distillation_loss(
+            student_logits,
+            teacher,
+            rollout.response_mask,
+            config.divergence,
+            response_ids=rollout.response_ids,
+            behaviour_logprobs=behaviour,
+            normalizer=normalizer,
+        )
+        stats = distribution_stats(
+            student_logits.detach(),
+            teacher,
+            rollout.response_mask,
+            topk=stats_topk,
+            temperature=config.divergence.temperature,
+        )
+        return loss, per_token, stats
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
         config = self.config
@@ -432,22 +500,15 @@ class OPDTrainer:
 
             tick = time.perf_counter()
             with self.loaded.autocast():
-                teacher_logits = self.teacher.response_logits(teacher_prompts, rollout)  # (N, R, V)
+                if self.logits_fallback is None:  # (N, R, H) and (V, H): the logits are never built
+                    teacher_outputs = self.teacher.response_hidden(teacher_prompts, rollout)
+                else:
+                    teacher_outputs = (self.teacher.response_logits(teacher_prompts, rollout), None)  # (N, R, V)
             timings["teacher_time"] += time.perf_counter() - tick
 
             tick = time.perf_counter()
             with distributed.gradient_sync(self.trained, self.ranks, enabled=last_micro_batch):
-                with self.loaded.autocast():
-                    student_logits = response_logits(self.trained, student_prompts, rollout)  # (N, R, V)
-                loss, per_token = distillation_loss(
-                    student_logits,
-                    teacher_logits,
-                    rollout.response_mask,
-                    config.divergence,
-                    response_ids=rollout.response_ids,
-                    behaviour_logprobs=rollout.behaviour_logprobs if self._behaviour_comparable else None,
-                    normalizer=normalizer,
-                )
+                loss, per_token, stats = self._loss(student_prompts, rollout, teacher_outputs, normalizer)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             timings["student_time"] += time.perf_counter() - tick
 
@@ -456,18 +517,11 @@ class OPDTrainer:
             if mask.any():
                 divergence_sum += float(per_token[mask].sum())
                 divergence_max = max(divergence_max, float(per_token[mask].max()))
-            stats = distribution_stats(
-                student_logits.detach(),
-                teacher_logits,
-                mask,
-                topk=config.divergence.topk or 100,
-                temperature=config.divergence.temperature,
-            )
             for key, value in stats.items():
                 self._accumulate(totals, key, value / config.grad_accum)
             rows += mask.shape[0]
             truncated += int(rollout.truncated.sum())
-            del student_logits, teacher_logits, rollout, student_prompts, teacher_prompts
+            del teacher_outputs, rollout, student_prompts, teacher_prompts
 
         # 3. The update, unless the gradient is not finite: then neither the student nor the teacher moves.
         parameters = [p for p in self.student.parameters() if p.requires_grad]
