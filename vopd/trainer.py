@@ -368,9 +368,19 @@ class OPDTrainer:
         start = micro_batch * self.config.batch_size + self.ranks.rank * self._share
         return [self.samples[self.order.index(start + i)] for i in range(self._share)]
 
-    def _encode(self, samples: list[Sample], view_fn) -> Any:
+    def _conversations(self, samples: list[Sample], view_fn) -> list[Any]:
         repeats = self.config.rollout.num_rollouts
-        conversations = [to_messages(view_fn(sample, self.config.views)) for sample in samples for _ in range(repeats)]
+        return [to_messages(view_fn(sample, self.config.views)) for sample in samples for _ in range(repeats)]
+
+    def _encode(self, samples: list[Sample], view_fn) -> Any:
+        return self.loaded.encode(self._conversations(samples, view_fn))
+
+    def _teacher_prompts(self, samples: list[Sample], student_prompts: Any) -> Any:
+        """The teacher's encoded prompts: the student's own when both views are the same (a teacher without the crop,
+        as TRL's distillation or the no-privilege arm runs it), which spares encoding the images a second time."""
+        conversations = self._conversations(samples, teacher_view)
+        if conversations == self._conversations(samples, student_view):  # PIL images compare by their pixels
+            return student_prompts
         return self.loaded.encode(conversations)
 
     def _row_seeds(self, micro: int) -> list[int]:
@@ -496,7 +506,7 @@ class OPDTrainer:
             samples, student_prompts, rollout = micro_batches.pop(0)
             if student_prompts is None:
                 student_prompts = self._encode(samples, student_view)
-            teacher_prompts = self._encode(samples, teacher_view)
+            teacher_prompts = self._teacher_prompts(samples, student_prompts)
 
             tick = time.perf_counter()
             with self.loaded.autocast():
