@@ -251,10 +251,12 @@ def _divergence_from_logprobs(student: Tensor, teacher: Tensor, alpha: float) ->
 def _complement_logsumexp(logprobs: Tensor, topk_ids: Tensor) -> Tensor:
     """log of the probability mass outside ``topk_ids``; -inf when nothing outside has mass.  # (n, V) -> (n,)"""
     rest = logprobs.scatter(-1, topk_ids, NEG_INF)  # (n, V)
+    if not rest.requires_grad:  # every caller here: an all -inf row's logsumexp is -inf, the value wanted
+        return rest.logsumexp(-1)
     has_rest = (rest != NEG_INF).any(-1)  # (n,)
     if bool(has_rest.all()):
         return rest.logsumexp(-1)
-    # logsumexp of an all -inf row has a NaN gradient: feed it zeros and put -inf back afterwards.
+    # Under autograd, logsumexp of an all -inf row has a NaN gradient: feed it zeros and put -inf back afterwards.
     safe = torch.where(has_rest[:, None], rest, 0.0)
     return torch.where(has_rest, safe.logsumexp(-1), NEG_INF)
 
