@@ -350,3 +350,26 @@ def test_the_loss_falls_back_to_logits_where_hidden_states_cannot_serve(tiny_mod
     assert "trust_region" in mixed.logits_fallback
     sampled = make_config(tiny_model_dir, dataset, tmp_path / "pg", divergence={"mode": "sampled_token"})
     assert "sampled_token" in OPDTrainer(sampled).logits_fallback
+
+
+def test_the_teacher_reuses_the_students_prompts_only_when_it_sees_the_same(tiny_model_dir, tmp_path) -> None:
+    """A teacher shown the student's own image and text (crop_image = image, no box drawn) takes the student's
+    encoded prompts as they are; the crop view is encoded on its own."""
+    from vopd.views import student_view
+
+    data = write_dataset(tmp_path / "data", count=4)
+    same = data.parent / "same.jsonl"  # beside the images: paths stay relative
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    same.write_text("".join(json.dumps(record | {"crop_image": record["image"]}) + "\n" for record in records))
+    plain = OPDTrainer(make_config(tiny_model_dir, same, tmp_path / "same", views={"draw_box": False}))
+    samples = plain._samples_for(0)
+    student_prompts = plain._encode(samples, student_view)
+    assert plain._teacher_prompts(samples, student_prompts) is student_prompts
+    cropped = OPDTrainer(make_config(tiny_model_dir, data, tmp_path / "crop"))
+    samples = cropped._samples_for(0)
+    student_prompts = cropped._encode(samples, student_view)
+    teacher_prompts = cropped._teacher_prompts(samples, student_prompts)
+    assert teacher_prompts is not student_prompts
+    assert teacher_prompts["pixel_values"].shape != student_prompts["pixel_values"].shape or not torch.equal(
+        teacher_prompts["pixel_values"], student_prompts["pixel_values"]
+    )
