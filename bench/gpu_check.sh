@@ -56,8 +56,11 @@ tiny_cuda() {  # the tiny model trained on CUDA: one process in bf16, then one-r
 
 export PY
 export -f tiny_cuda
-want() { [[ " ${STAGES:-tiny qwen35 qwen25vl} " == *" $1 "* ]]; }
+want() { [[ " ${STAGES:-tiny qwen35 qwen25vl logits} " == *" $1 "* ]]; }
 want tiny && stage tiny_cuda 180 bash -c tiny_cuda
 [ "${DEVICE:-cuda}" = cuda ] || exit 0  # DEVICE=cpu checks the script's first stage on a machine with no GPU
 want qwen35 && stage qwen35_4b 300 $PY bench/gpu_step.py --arch qwen3.5-4b --steps 3 --warmup 1
 want qwen25vl && stage qwen25vl_3b 260 $PY bench/gpu_step.py --arch qwen2.5-vl-3b --steps 3 --warmup 1
+# the same full fine-tune scored from full logits: what the default loss from hidden states saves on a real vocabulary
+want logits && stage qwen25vl_3b_logits 200 $PY bench/gpu_step.py --arch qwen2.5-vl-3b --modes full --loss-from logits \
+  --steps 2 --warmup 1

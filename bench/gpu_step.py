@@ -8,6 +8,8 @@ a lower bound) and Qwen2.5-VL-3B's (36 layers, hidden 2048, 16 / 2 heads, FFN 11
 32 x 1280: 3.76B parameters). The tokenizer and processor are the tiny builders' (a
 small vocabulary inside the real one: only the token ids differ, not the cost). Training runs as the `paper` recipe
 does: fp32 master weights, bf16 autocast, EMA teacher, JSD over top-100 + tail; responses are forced to full length.
+The loss is scored from the hidden states and the LM heads (the trainer's default); ``--loss-from hidden,logits``
+adds rows scored from full logits, the memory that default saves at a real vocabulary.
 
 Prints a table and ends with one JSON line. FLOPs per step are estimated as 2 x parameters x tokens for each
 forward (generation, teacher, student) plus 4 x parameters x tokens for the student's backward; MFU divides them by
@@ -16,6 +18,7 @@ the step time and `--peak-tflops` (989, dense bf16 on H100/H200).
     python bench/gpu_step.py                      # both architectures, full fine-tune and LoRA
     python bench/gpu_step.py --arch qwen3.5-4b --batch 2 --rollouts 4 --new-tokens 256
     python bench/gpu_step.py --smoke              # shrunk shapes on the CPU: checks the script itself
+    python bench/gpu_step.py --arch qwen2.5-vl-3b --modes full --loss-from hidden,logits
 """
 
 from __future__ import annotations
@@ -163,7 +166,9 @@ def build_qwen25vl_processor(folder: Path) -> None:
         stale.unlink()
 
 
-def run(arch: str, lora: bool, args: argparse.Namespace, work: Path, device: torch.device) -> dict[str, Any]:
+def run(
+    arch: str, lora: bool, loss_from: str, args: argparse.Namespace, work: Path, device: torch.device
+) -> dict[str, Any]:
     from vopd.config import TrainConfig
     from vopd.synth import SynthConfig, generate_dataset
     from vopd.trainer import OPDTrainer
@@ -178,7 +183,7 @@ def run(arch: str, lora: bool, args: argparse.Namespace, work: Path, device: tor
     config = TrainConfig(
         model=str(folder),
         dataset=str(data),
-        output=str(work / f"run-{arch}-{lora}"),
+        output=str(work / f"run-{arch}-{lora}-{loss_from}"),
         steps=1000,
         batch_size=args.batch,
         lr=2e-6,
@@ -186,6 +191,7 @@ def run(arch: str, lora: bool, args: argparse.Namespace, work: Path, device: tor
         collapse_guard={"enabled": False},
         rollout={"num_rollouts": args.rollouts, "max_new_tokens": args.new_tokens},
         lora={"enabled": lora, "rank": 16},
+        divergence={"from_hidden_states": loss_from == "hidden"},
         runtime={"device": device.type, "dtype": "bfloat16" if device.type == "cuda" else "float32"},
     )
     trainer = OPDTrainer(config)
@@ -216,6 +222,7 @@ def run(arch: str, lora: bool, args: argparse.Namespace, work: Path, device: tor
     return {
         "arch": arch,
         "mode": "lora" if lora else "full",
+        "loss_from": loss_from,
         "parameters_b": parameters / 1e9,
         "step_s": step_time,
         "response_tokens_per_s": response_tokens / step_time,
@@ -237,6 +244,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=[*REAL_SHAPES, "both"], default="both")
     parser.add_argument("--modes", default="full,lora", help="full, lora or both (comma-separated)")
+    parser.add_argument(
+        "--loss-from", default="hidden", help="hidden (the default), logits, or both comma-separated: extra rows"
+    )
     parser.add_argument("--batch", type=int, default=2, help="prompts per step")
     parser.add_argument("--rollouts", type=int, default=4, help="rollouts per prompt")
     parser.add_argument("--new-tokens", type=int, default=256, help="response length (forced)")
@@ -254,19 +264,25 @@ def main() -> None:
     results = []
     for arch in arches:
         for mode in args.modes.split(","):
-            started = time.perf_counter()
-            results.append(run(arch, mode == "lora", args, work, device))
-            # each row as soon as it is measured, so a run stopped at its time limit still reports what it finished
-            print(f"row: {json.dumps(results[-1])} ({time.perf_counter() - started:.0f} s)", flush=True)
+            for loss_from in args.loss_from.split(","):
+                if loss_from not in ("hidden", "logits"):
+                    raise SystemExit(f"--loss-from takes hidden and/or logits, not {loss_from!r}")
+                started = time.perf_counter()
+                results.append(run(arch, mode == "lora", loss_from, args, work, device))
+                # each row as soon as it is measured, so a run stopped at its time limit still reports what it has
+                print(f"row: {json.dumps(results[-1])} ({time.perf_counter() - started:.0f} s)", flush=True)
     print(
         f"{args.batch} prompts x {args.rollouts} rollouts x {args.new_tokens} tokens, {args.image} px, "
         f"median of {args.steps} steps after {args.warmup} warm-up, {'CPU smoke' if args.smoke else device}"
     )
-    print("| arch | mode | params (B) | step (s) | response tok/s | peak GiB | MFU | rollout / teacher / student (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| arch | mode | loss from | params (B) | step (s) | response tok/s | peak GiB | MFU "
+        "| rollout / teacher / student (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in results:
         print(
-            f"| {row['arch']} | {row['mode']} | {row['parameters_b']:.2f} | {row['step_s']:.2f} | "
+            f"| {row['arch']} | {row['mode']} | {row['loss_from']} | {row['parameters_b']:.2f} | {row['step_s']:.2f} | "
             f"{row['response_tokens_per_s']:.0f} | {row['peak_gib']:.1f} | {row['mfu']:.3f} | "
             f"{row['rollout_s']:.2f} / {row['teacher_s']:.2f} / {row['student_s']:.2f} |"
         )
