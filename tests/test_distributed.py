@@ -100,6 +100,7 @@ def test_two_data_parallel_processes_train_the_single_process_weights(tiny_model
         strategy,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "full logits" not in done.stdout + done.stderr  # scored from hidden states, the head's gradient synced
     _assert_same_weights(_weights(single_run), _weights(run))
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(line)["loss"] for line in (single_run / "metrics.jsonl").read_text().splitlines()]
@@ -108,7 +109,8 @@ def test_two_data_parallel_processes_train_the_single_process_weights(tiny_model
 
 
 def test_a_sharded_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_model_dir, data, single_run, tmp_path):
-    """FSDP over 2 processes, stopped after step 1 and resumed: the single process's weights after 2 steps."""
+    """FSDP over 2 processes, stopped after step 1 and resumed: the single process's weights after 2 steps. The loss is
+    scored from the hidden states and the LM head, whose weight is whole only between the forward and the backward."""
     run = tmp_path / "resumed"
     first = [*COMMON]
     first[first.index("--steps") + 1] = "1"
@@ -129,6 +131,7 @@ def test_a_sharded_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_mode
     assert (run / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
     done = _vopd_train(*args, *COMMON, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "full logits" not in done.stdout + done.stderr  # scored from hidden states, the head's shards updated
     _assert_same_weights(_weights(single_run), _weights(run))
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 

@@ -174,7 +174,7 @@ class DivergenceConfig(_Strict):
             "Compute the full_logits loss and its metrics from the final hidden states and the LM head, a few "
             "hundred positions at a time, so that neither side's (batch, response, vocabulary) logits are ever built "
             "(gigabytes at a 150k vocabulary); same values up to rounding. The trainer falls back to the logits where "
-            "it cannot: sampled_token mode, a trust_region teacher, fsdp, or a head that is not a plain linear layer."
+            "it cannot: sampled_token mode, a trust_region teacher, or a head that is not a plain linear layer."
         ),
     )
 

@@ -177,6 +177,13 @@ def gradient_sync(wrapped: nn.Module, ranks: Ranks, enabled: bool) -> Iterator[N
     yield
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``shard`` made ``model`` an FSDP2 module."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a DTensor shard (the tensor itself otherwise)."""
     from torch.distributed.tensor import DTensor

@@ -235,12 +235,13 @@ def head_bypass_refusal(model: torch.nn.Module) -> str | None:
 
 
 @contextmanager
-def head_bypassed(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+def head_bypassed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """While inside, ``model``'s forward returns the LM head's *inputs* (final hidden states) as its "logits".
 
-    Yields the head's weight (V, H). Call the forward through any wrapper of ``model`` (DDP): the wrapper runs
-    the same module, so its gradient hooks still see every parameter, the head's included once the loss uses
-    the yielded weight. Only for models ``head_bypass_refusal`` accepts.
+    Yields the head module (set aside); read its ``weight`` *after* the forward: under FSDP2 that is when the
+    root's parameters are whole (they stay so until the backward has used them). Call the forward through any
+    wrapper of ``model`` (DDP): the wrapper runs the same module, so its gradient hooks still see every parameter,
+    the head's included once the loss uses its weight. Only for models ``head_bypass_refusal`` accepts.
     """
     refusal = head_bypass_refusal(model)
     if refusal is not None:
@@ -248,6 +249,6 @@ def head_bypassed(model: torch.nn.Module) -> Iterator[torch.Tensor]:
     parent, name, head = _head_slot(model)
     setattr(parent, name, torch.nn.Identity())
     try:
-        yield head.weight
+        yield head
     finally:
         setattr(parent, name, head)

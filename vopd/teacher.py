@@ -27,7 +27,7 @@ from torch import nn
 from transformers import BatchFeature
 
 from vopd.config import TeacherConfig
-from vopd.distributed import copy_full_into, full_tensor, reshard
+from vopd.distributed import copy_full_into, full_tensor, is_sharded, reshard
 from vopd.rollout import RolloutBatch, head_bypassed, response_logits
 
 
@@ -116,9 +116,11 @@ class Teacher:
             raise ValueError("a trust_region teacher's logits mix two models: score it with response_logits")
         with self.scoring() as module, head_bypassed(module) as head:
             hidden = response_logits(module, prompts, rollout)
-            # The head is never among the weights ``scoring`` swaps in and back (head_bypassed refuses a LoRA-wrapped
-            # head), so this tensor still holds the teacher's head after the context is left.
-            return hidden, head.detach()
+            weight = head.weight.detach()
+            # A sharded teacher frees its whole weights when ``scoring`` reshards it: keep a copy of the head. Otherwise
+            # the head is never among the weights ``scoring`` swaps in and back (head_bypassed refuses a LoRA-wrapped
+            # head), so the tensor still holds the teacher's head after the context is left.
+            return hidden, weight.clone() if self.frozen_copy is not None and is_sharded(self.frozen_copy) else weight
 
     @torch.no_grad()
     def update(self, step: int) -> None:

@@ -260,8 +260,6 @@ class OPDTrainer:
             return f"divergence mode {config.divergence.mode} reads the sampled tokens' log-probs from the logits"
         if config.teacher.mode == "trust_region":
             return "a trust_region teacher's logits mix two models"
-        if self.ranks.strategy == "fsdp":
-            return "under fsdp the LM head's weight is sharded outside the forward"
         return head_bypass_refusal(self.student)
 
     def _two_token_ids(self) -> torch.Tensor:
@@ -428,8 +426,9 @@ class OPDTrainer:
         behaviour = rollout.behaviour_logprobs if self._behaviour_comparable else None
         stats_topk = config.divergence.topk or 100
         if teacher_head is not None:
-            with self.loaded.autocast(), head_bypassed(self.student) as student_head:
+            with self.loaded.autocast(), head_bypassed(self.student) as head:
                 student_hidden = response_logits(self.trained, student_prompts, rollout)  # (N, R, H)
+                student_head = head.weight  # after the forward: whole under FSDP too, until the backward
             return hidden_distillation_loss(
                 student_hidden,
                 student_head,
