@@ -23,7 +23,6 @@ and ends with one JSON line: ``peak_ratio_logits_vs_hidden`` (logits path peak /
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -35,15 +34,6 @@ from pathlib import Path
 from typing import Any
 
 PATHS = {"hidden": "from hidden states (default)", "logits": "from full logits"}
-
-
-def _pin_mmap_threshold(nbytes: int) -> None:
-    """glibc's M_MMAP_THRESHOLD (no-op elsewhere): big blocks are mapped and unmapped, never kept in the heap."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, nbytes)
 
 
 def _status_mib(field: str) -> float:
@@ -78,6 +68,7 @@ def prepare(work: Path, vocab: int) -> dict[str, str]:
 
 def child(args: argparse.Namespace) -> None:
     import torch
+    from loss_memory import _pin_mmap_threshold  # (this script's folder is on the path)
 
     from vopd.config import TrainConfig
     from vopd.trainer import OPDTrainer

@@ -10,16 +10,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _quick_run(script: str, *args: str) -> list[str]:
+    """The script's printed lines (it must exit 0)."""
+    command = [sys.executable, str(ROOT / "bench" / script), "--quick", *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, check=True)
+    return result.stdout.strip().splitlines()
+
+
 def test_quick_run_prints_a_table_and_a_headline_whose_values_agree():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "loss_memory.py"), "--quick", "--methods", "ours-full", "naive"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        check=True,
-    )
-    lines = result.stdout.strip().splitlines()
+    lines = _quick_run("loss_memory.py", "--methods", "ours-full", "naive")
     assert any(line.startswith("| ours, full vocabulary") for line in lines)
     headline = json.loads(lines[-1])
     assert set(headline["peak_extra_mib"]) == {"ours-full", "naive"}
@@ -29,15 +28,7 @@ def test_quick_run_prints_a_table_and_a_headline_whose_values_agree():
 
 def test_step_memory_quick_run_scores_both_paths_to_the_same_loss():
     """bench/step_memory.py --quick: both trainer paths run a step in their own process and agree on the loss."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "step_memory.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        check=True,
-    )
-    lines = result.stdout.strip().splitlines()
+    lines = _quick_run("step_memory.py")
     assert any(line.startswith("| from hidden states") for line in lines)
     headline = json.loads(lines[-1])
     assert set(headline["peak_extra_mib"]) == {"hidden", "logits"} and headline["vocab"] == 32_000

@@ -187,6 +187,16 @@ def _check_divergence_settings(alpha: float, topk: int, temperature: float, chun
     _check_chunk_size(chunk_size)
 
 
+def _check_heads(hidden_size: int, student_weight: Tensor, teacher_size: int, teacher_weight: Tensor) -> None:
+    """Both LM heads (V, H) share the vocabulary and fit their sides' hidden sizes."""
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"both LM heads must share the vocabulary, got {student_weight.shape[0]} and {teacher_weight.shape[0]} rows"
+        )
+    if student_weight.shape[1] != hidden_size or teacher_weight.shape[1] != teacher_size:
+        raise ValueError("each LM head must be (V, H) with the H of its hidden states")
+
+
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -599,12 +609,7 @@ def linear_divergence_loss(
             "student_hidden and teacher_hidden must be (N, H) with the same N rows, got "
             f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
         )
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(
-            f"both LM heads must share the vocabulary, got {student_weight.shape[0]} and {teacher_weight.shape[0]} rows"
-        )
-    if student_weight.shape[1] != student_hidden.shape[1] or teacher_weight.shape[1] != teacher_hidden.shape[1]:
-        raise ValueError("each LM head must be (V, H) with the H of its hidden states")
+    _check_heads(student_hidden.shape[-1], student_weight, teacher_hidden.shape[-1], teacher_weight)
     if row_weights.shape != student_hidden.shape[:1]:
         raise ValueError(f"row_weights must have shape ({student_hidden.shape[0]},), got {tuple(row_weights.shape)}")
     op = _DivergenceOp(alpha=float(alpha), add_tail=add_tail, temperature=float(temperature))
@@ -685,13 +690,8 @@ def hidden_distillation_loss(
         stats_totals=totals,
     )
     _check_divergence_settings(config.alpha, config.topk, config.temperature, chunk_size)
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(
-            f"both LM heads must share the vocabulary, got {student_weight.shape[0]} and {teacher_weight.shape[0]} rows"
-        )
     hidden_size, teacher_size = student_hidden.shape[-1], teacher_hidden.shape[-1]
-    if student_weight.shape[1] != hidden_size or teacher_weight.shape[1] != teacher_size:
-        raise ValueError("each LM head must be (V, H) with the H of its hidden states")
+    _check_heads(hidden_size, student_weight, teacher_size, teacher_weight)
     op = _DivergenceOp(alpha=float(config.alpha), add_tail=config.add_tail, temperature=float(config.temperature))
     row_weights = keep.to(compute) / denominator  # (in the compute dtype: 1 / denominator in fp32 would round)
     loss, values = _FusedLinearDivergence.apply(
