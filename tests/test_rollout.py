@@ -125,3 +125,40 @@ def test_a_row_seed_samples_the_same_response_in_any_batch(loaded) -> None:
     other = rollout(loaded, encode_prompts(loaded.processor, conversations[2:]), seed=None, row_seeds=[7, 8])
     assert not torch.equal(other.response_ids, pair.response_ids)
     assert not torch.isin(whole.response_ids, torch.tensor(loaded.suppressed_token_ids)).any()
+
+
+class _TinyLM(torch.nn.Module):
+    """A stand-in whose output layer and config can be made to break the logits = hidden @ head.T assumption."""
+
+    def __init__(self, head: torch.nn.Module, **config: float) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(4, 4)
+        self.lm_head = head
+        self.config = type("Config", (), config)()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.body(x))
+
+
+def test_the_head_is_bypassed_only_where_logits_are_hidden_states_times_its_weight(loaded) -> None:
+    """The shipped Qwen2-VL's head is set aside (its forward returns hidden states) and put back; a head with a bias,
+    one that is not a Linear, or logits scaled after the head are refused with the reason."""
+    from vopd.rollout import head_bypass_refusal, head_bypassed
+
+    model = loaded.model
+    original = model.get_output_embeddings()
+    assert head_bypass_refusal(model) is None
+    with head_bypassed(model) as head:
+        assert head is original and model.get_output_embeddings() is not original
+    assert model.get_output_embeddings() is original
+
+    assert "bias" in head_bypass_refusal(_TinyLM(torch.nn.Linear(4, 9)))
+    assert "not a plain Linear" in head_bypass_refusal(_TinyLM(torch.nn.Sequential(torch.nn.Linear(4, 9))))
+    capped = _TinyLM(torch.nn.Linear(4, 9, bias=False), final_logit_softcapping=30.0)
+    assert "final_logit_softcapping=30.0" in head_bypass_refusal(capped)
+    assert head_bypass_refusal(_TinyLM(torch.nn.Linear(4, 9, bias=False), logit_scale=1.0)) is None
+    with pytest.raises(ValueError, match="has a bias"), head_bypassed(_TinyLM(torch.nn.Linear(4, 9))):
+        pass

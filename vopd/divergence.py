@@ -344,15 +344,15 @@ class _DivergenceOp:
         teacher = self._teacher_buckets(teacher_rows, aux)  # (n, m)
         return self.grads_from(logprobs, student, teacher, topk_ids, grad_values)
 
-    def values_and_grads(
-        self, student_rows: Tensor, teacher_rows: Tensor | None, aux: tuple[Tensor, ...], grad_values: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """``values`` and ``grads`` of one chunk sharing one log-softmax and one bucketing (the fused LM-head loss)."""
-        topk_ids = aux[0] if aux else None
-        logprobs = _log_softmax(student_rows, self.temperature)  # (n, V)
+    def values_and_grads_from(
+        self, logprobs: Tensor, teacher: Tensor, topk_ids: Tensor | None, grad_values: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``values`` and (unless ``grad_values`` is None) ``grads`` of one chunk from the student's log-probs (n, V),
+        which the gradient consumes, and the teacher's buckets (n, m): the fused LM-head loss's one pass."""
         student = _bucket_logprobs_from(logprobs, topk_ids, self.add_tail)  # (n, m)
-        teacher = self._teacher_buckets(teacher_rows, aux)  # (n, m)
         values = _divergence_from_logprobs(student, teacher, self.alpha)  # (n,)
+        if grad_values is None:
+            return values, None
         return values, self.grads_from(logprobs, student, teacher, topk_ids, grad_values)
 
     def grads_from(
@@ -460,27 +460,25 @@ class _HeadLossExtras:
     (N,) with ``stats_k``: ``distribution_stats``'s sums over the masked rows are added into ``stats_totals`` (6,).
     """
 
-    temperature: float
+    stats_mask: Tensor
+    stats_k: int
+    stats_totals: Tensor
     sampled_ids: Tensor | None = None
     behaviour_logprobs: Tensor | None = None
     is_clip: float | None = None
-    stats_mask: Tensor | None = None
-    stats_k: int = 100
-    stats_totals: Tensor | None = None
 
-    def importance(self, student_rows: Tensor, start: int, end: int) -> Tensor | None:
-        """min(p_S(y) / p_behaviour(y), is_clip) of one chunk's rows, or None without behaviour log-probs."""
+    def importance(self, student: Tensor, start: int, end: int) -> Tensor | None:
+        """min(p_S(y) / p_behaviour(y), is_clip) of one chunk's rows from the student's log-probs (n, V), or None
+        without behaviour log-probs."""
         if self.sampled_ids is None or self.behaviour_logprobs is None or self.is_clip is None:
             return None
-        scaled = student_rows.to(_compute_dtype(student_rows.dtype)) / self.temperature  # (n, V)
-        current = scaled.gather(-1, self.sampled_ids[start:end, None]).squeeze(-1) - scaled.logsumexp(-1)  # (n,)
+        current = student.gather(-1, self.sampled_ids[start:end, None]).squeeze(-1)  # (n,)
         return _clipped_importance_weight(current, self.behaviour_logprobs[start:end], self.is_clip)
 
-    def add_stats(self, student_rows: Tensor, teacher_rows: Tensor, start: int, end: int) -> None:
-        if self.stats_mask is None or self.stats_totals is None:
-            return
-        k = min(self.stats_k or student_rows.shape[-1], student_rows.shape[-1])
-        rows = _stats_rows(student_rows, teacher_rows, k, self.temperature)  # (n, 6)
+    def add_stats(self, student: Tensor, teacher: Tensor, start: int, end: int, student_ids: Tensor | None) -> None:
+        """Adds the chunk's metric sums, from both sides' log-probs (n, V) and the student's top-k ids if known."""
+        k = min(self.stats_k or student.shape[-1], student.shape[-1])
+        rows = _stats_rows(student, teacher, k, student_ids)  # (n, 6)
         self.stats_totals += torch.where(self.stats_mask[start:end, None], rows, 0.0).sum(0).double()
 
 
@@ -523,38 +521,34 @@ class _FusedLinearDivergence(torch.autograd.Function):
         student_head = student_weight.to(matmul)  # (V, H), the weight itself when the dtypes agree
         teacher_head = teacher_weight.to(matmul_dtype or teacher_hidden.dtype)
         full_vocabulary = topk == 0 or topk >= vocab
-        all_weights = row_weights
+        loss = torch.zeros((), dtype=compute, device=student_hidden.device)
         for start in range(0, rows_total, chunk_size):
             end = min(start + chunk_size, rows_total)
             hidden = student_hidden[start:end].to(matmul)  # (n, H)
-            student_rows = hidden @ student_head.t()  # (n, V)
-            teacher_rows = teacher_hidden[start:end].to(teacher_head.dtype) @ teacher_head.t()  # (n, V)
+            # One log-softmax per side serves the metrics, the importance weight, the top-k and the divergence.
+            student = _log_softmax(hidden @ student_head.t(), op.temperature)  # (n, V)
+            teacher = _log_softmax(teacher_hidden[start:end].to(teacher_head.dtype) @ teacher_head.t(), op.temperature)
+            ids = None if full_vocabulary else student.topk(topk, dim=-1).indices  # (n, k); the logits' ranking
             weights = row_weights[start:end]
             if extras is not None:
-                extras.add_stats(student_rows, teacher_rows, start, end)
-                importance = extras.importance(student_rows, start, end)
+                extras.add_stats(student, teacher, start, end, ids)
+                importance = extras.importance(student, start, end)
                 if importance is not None:
                     weights = torch.where(weights != 0, weights * importance, 0.0)
-                    if all_weights is row_weights:
-                        all_weights = row_weights.clone()
-                    all_weights[start:end] = weights
-            aux: tuple[Tensor, ...] = ()
-            if not full_vocabulary:
-                ids = student_rows.topk(topk, dim=-1).indices  # (n, k)
-                aux = (ids, _bucket_logprobs(teacher_rows, ids, op.temperature, op.add_tail))
-                teacher_rows = None  # (the buckets are all the top-k divergence needs of the teacher)
-            if grad_hidden is None and grad_weight is None or not bool((weights != 0).any()):
-                values[start:end] = op.values(student_rows, teacher_rows, aux)
-                continue
-            values[start:end], grad_rows = op.values_and_grads(student_rows, teacher_rows, aux, weights.to(compute))
+            teacher = _bucket_logprobs_from(teacher, ids, op.add_tail)  # (n, m): all the divergence needs of it
+            wanted = (grad_hidden is not None or grad_weight is not None) and bool((weights != 0).any())
+            chunk_values, grad_rows = op.values_and_grads_from(student, teacher, ids, weights if wanted else None)
+            values[start:end] = chunk_values
             # Rows outside the loss may hold inf/NaN divergences (padding): select them away, never multiply by 0.
+            loss += torch.where(weights != 0, chunk_values * weights, 0.0).sum()
+            if grad_rows is None:
+                continue
             grad_rows = grad_rows.masked_fill_((weights == 0)[:, None], 0.0).to(student_head.dtype)
-            del student_rows, teacher_rows, aux
+            del student, teacher
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_rows @ student_head
             if grad_weight is not None:
                 grad_weight.addmm_(grad_rows.t().to(compute), hidden.to(compute))
-        loss = torch.where(all_weights != 0, values * all_weights, 0.0).sum()
         # Kept on ctx rather than saved for backward: the backward hands them over as the only reference, so autograd
         # can take the head-sized gradient as the parameter's .grad instead of copying it.
         ctx.grads = (
@@ -681,13 +675,12 @@ def hidden_distillation_loss(
     compute = _compute_dtype(student_hidden.dtype)
     totals = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=student_hidden.device)
     extras = _HeadLossExtras(
-        temperature=float(config.temperature),
-        sampled_ids=response_ids.reshape(-1) if weighted else None,
-        behaviour_logprobs=behaviour_logprobs.reshape(-1).detach().to(compute) if weighted else None,
-        is_clip=config.is_clip if weighted else None,
         stats_mask=keep,
         stats_k=stats_topk,
         stats_totals=totals,
+        sampled_ids=response_ids.reshape(-1) if weighted else None,
+        behaviour_logprobs=behaviour_logprobs.reshape(-1).detach().to(compute) if weighted else None,
+        is_clip=config.is_clip if weighted else None,
     )
     _check_divergence_settings(config.alpha, config.topk, config.temperature, chunk_size)
     hidden_size, teacher_size = student_hidden.shape[-1], teacher_hidden.shape[-1]
@@ -930,7 +923,8 @@ def distribution_stats(
     keep = mask.reshape(-1).bool()
     totals = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=student_logits.device)
     for start, end, (student_rows, teacher_rows) in _row_chunks([student_logits, teacher_logits], chunk_size):
-        rows = _stats_rows(student_rows, teacher_rows.detach(), k, temperature)  # (n, 6)
+        student, teacher = _log_softmax(student_rows, temperature), _log_softmax(teacher_rows.detach(), temperature)
+        rows = _stats_rows(student, teacher, k)  # (n, 6)
         totals += torch.where(keep[start:end, None], rows, 0.0).sum(0).double()
     return _stats_means(totals, int(keep.sum()))
 
@@ -945,16 +939,16 @@ STAT_NAMES = (
 )
 
 
-def _stats_rows(student_rows: Tensor, teacher_rows: Tensor, k: int, temperature: float) -> Tensor:
-    """``distribution_stats``'s figures for each row of one chunk, in ``STAT_NAMES`` order.  # (n, V) x 2 -> (n, 6)"""
-    student = _log_softmax(student_rows, temperature)  # (n, V)
-    teacher = _log_softmax(teacher_rows, temperature)  # (n, V)
+def _stats_rows(student: Tensor, teacher: Tensor, k: int, student_ids: Tensor | None = None) -> Tensor:
+    """``distribution_stats``'s figures for each row of one chunk, in ``STAT_NAMES`` order, from both sides'
+    log-probs (left as they are); ``student_ids``: the student's top-k when the caller has it.  # (n, V) -> (n, 6)"""
     agreement = (student.argmax(-1) == teacher.argmax(-1)).to(student.dtype)  # (n,)
     if k >= student.shape[-1]:  # full vocabulary: nothing outside the "top-k", skip sorting V entries per row
         ones = torch.ones_like(agreement)
         student_mass, teacher_mass, overlap = ones, ones, ones
     else:
-        student_ids = student.topk(k, dim=-1).indices  # (n, k)
+        if student_ids is None or student_ids.shape[-1] != k:
+            student_ids = student.topk(k, dim=-1).indices  # (n, k)
         teacher_ids = teacher.topk(k, dim=-1).indices  # (n, k)
         in_student_topk = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, student_ids, True)  # (n, V)
         student_mass = student.gather(-1, student_ids).exp().sum(-1)
