@@ -237,7 +237,9 @@ def run(
 def _prompt_tokens(trainer) -> int:
     from vopd.views import student_view
 
-    return int(trainer._encode(trainer._samples_for(0)[:1], student_view)["input_ids"].shape[1])
+    return int(
+        trainer.loaded.encode(trainer._conversations(trainer._samples_for(0)[:1], student_view))["input_ids"].shape[1]
+    )
 
 
 def main() -> None:

@@ -12,8 +12,9 @@ number of response tokens (every rollout is forced to full length: the end token
 The machine is shared and noisy, so the processes are driven in lock step by this one: every round runs one step in
 each process in turn (the first one rotating), times are medians over ``--steps`` rounds after ``--warmup``, and a
 ratio to TRL is the median over rounds of the ratio within the round (the same minute of load for both). In each
-round one of our processes (in turn) also times the step's irreducible parts alone (student generation, teacher
-forward, student forward + backward + optimizer step); ``loop_overhead`` is our step over their sum, minus 1. Peak
+round one of our processes (in turn) also times the step's irreducible parts alone (each view through the vision
+encoder once where the trainer shares image features, student generation, teacher forward, student forward + backward
++ optimizer step); ``loop_overhead`` is our step over their sum, minus 1. Peak
 RSS is each process's ``ru_maxrss``. Prints a table and ends with one JSON line: ``step_time_ratio_vs_trl`` (our
 step in TRL's mode over TRL's; goal at most 0.8), ``vision_opd_ratio_vs_trl`` (goal at most 1.0), ``loop_overhead``
 (goal at most 0.15).
@@ -110,8 +111,11 @@ class OursWorker:
         self.never = [trainer.loaded.suppressed_token_ids[0]]
         trainer.loaded.eos_token_ids = self.never
         samples = trainer._samples_for(0)
-        self.student_prompts = trainer._encode(samples, student_view)
-        self.teacher_prompts = trainer._encode(samples, teacher_view)
+        student_conversations = trainer._conversations(samples, student_view)
+        teacher_conversations = trainer._conversations(samples, teacher_view)
+        self.same_view = student_conversations == teacher_conversations
+        self.student_prompts = trainer.loaded.encode(student_conversations)
+        self.teacher_prompts = trainer.loaded.encode(teacher_conversations)
         self.seed = derive_seed(0, 0, 0)
         self.args = args
 
@@ -121,13 +125,24 @@ class OursWorker:
         return {"seconds": time.perf_counter() - start, "tokens": metrics["response_length"] * self.args.batch}
 
     def parts(self) -> dict[str, float]:
+        from vopd.models import with_image_features
         from vopd.rollout import response_logits, sample_rollouts
 
         trainer, loaded = self.trainer, self.trainer.loaded
+        student_prompts, teacher_prompts = self.student_prompts, self.teacher_prompts
+        timed: dict[str, float] = {}
+        if trainer.shares_image_features:  # as the step does: each view through the vision encoder once
+            start = time.perf_counter()
+            student_prompts = with_image_features(trainer.student, student_prompts)
+            if self.same_view:
+                teacher_prompts = student_prompts
+            else:
+                teacher_prompts = with_image_features(trainer.student, teacher_prompts)
+            timed["encoder"] = time.perf_counter() - start
         start = time.perf_counter()
         rollout = sample_rollouts(
             trainer.student,
-            self.student_prompts,
+            student_prompts,
             max_new_tokens=self.args.new_tokens,
             temperature=1.0,
             top_p=1.0,
@@ -139,15 +154,15 @@ class OursWorker:
         generation = time.perf_counter() - start
         start = time.perf_counter()
         with trainer.teacher.scoring() as module:
-            response_logits(module, self.teacher_prompts, rollout)
+            response_logits(module, teacher_prompts, rollout)
         teacher = time.perf_counter() - start
         start = time.perf_counter()
-        logits = response_logits(trainer.student, self.student_prompts, rollout)
+        logits = response_logits(trainer.student, student_prompts, rollout)
         logits.logsumexp(-1).mean().backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         student = time.perf_counter() - start
-        return {"generation": generation, "teacher": teacher, "student": student}
+        return timed | {"generation": generation, "teacher": teacher, "student": student}
 
 
 # ------------------------------------------------------------------------------------------------ TRL's process

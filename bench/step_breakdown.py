@@ -63,8 +63,8 @@ def main() -> None:
     never = [loaded.suppressed_token_ids[0]]  # a suppressed id as "end": full-length responses, a fair comparison
     trainer.loaded.eos_token_ids = never
     samples = trainer._samples_for(0)
-    student_prompts = trainer._encode(samples, student_view)
-    teacher_prompts = trainer._encode(samples, teacher_view)
+    student_prompts = trainer.loaded.encode(trainer._conversations(samples, student_view))
+    teacher_prompts = trainer.loaded.encode(trainer._conversations(samples, teacher_view))
 
     def generate():
         return sample_rollouts(

@@ -279,8 +279,8 @@ def test_trust_region_teacher_mixes_initial_and_current_logits(tiny_model_dir, d
     trainer = OPDTrainer(config)
     trainer.train_step()  # the student moves away from the initial weights
     samples = trainer._samples_for(0)
-    _, rollout = trainer._sample(samples, 0)
-    prompts = trainer._encode(samples, teacher_view)
+    _, _, rollout = trainer._sample(samples, 0)
+    prompts = trainer._encode(trainer._conversations(samples, teacher_view))
     with torch.no_grad():
         initial = response_logits(trainer.teacher.frozen_copy, prompts, rollout)
         current = response_logits(trainer.student, prompts, rollout)
@@ -363,13 +363,15 @@ def test_the_teacher_reuses_the_students_prompts_only_when_it_sees_the_same(tiny
     same.write_text("".join(json.dumps(record | {"crop_image": record["image"]}) + "\n" for record in records))
     plain = OPDTrainer(make_config(tiny_model_dir, same, tmp_path / "same", views={"draw_box": False}))
     samples = plain._samples_for(0)
-    student_prompts = plain._encode(samples, student_view)
-    assert plain._teacher_prompts(samples, student_prompts) is student_prompts
+    conversations = plain._conversations(samples, student_view)
+    student_prompts = plain._encode(conversations)
+    assert plain._teacher_prompts(samples, conversations, student_prompts) is student_prompts
     cropped = OPDTrainer(make_config(tiny_model_dir, data, tmp_path / "crop"))
     samples = cropped._samples_for(0)
-    student_prompts = cropped._encode(samples, student_view)
-    teacher_prompts = cropped._teacher_prompts(samples, student_prompts)
+    conversations = cropped._conversations(samples, student_view)
+    student_prompts = cropped._encode(conversations)
+    teacher_prompts = cropped._teacher_prompts(samples, conversations, student_prompts)
     assert teacher_prompts is not student_prompts
-    assert teacher_prompts["pixel_values"].shape != student_prompts["pixel_values"].shape or not torch.equal(
-        teacher_prompts["pixel_values"], student_prompts["pixel_values"]
-    )
+    student_images = student_prompts["mm_encoder_outputs"]["image"].pooler_output  # encoded once per view
+    teacher_images = teacher_prompts["mm_encoder_outputs"]["image"].pooler_output
+    assert not all(torch.equal(a, b) for a, b in zip(student_images, teacher_images, strict=False))

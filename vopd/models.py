@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import re
 from collections.abc import Sequence
@@ -331,6 +332,50 @@ def vision_tower_module(model: nn.Module) -> nn.Module:
 def vision_tower_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters of the vision encoder."""
     return list(vision_tower_module(model).parameters())
+
+
+# The keys processors put raw pixels under (the ones generate() looks for too).
+_PIXEL_KEYS = ("pixel_values", "pixel_values_images", "image_patches")
+
+
+def image_features_refusal(model: nn.Module) -> str | None:
+    """Why the image features of ``model`` cannot be computed once per view and handed to every forward of a step
+    (None when they can): the model must take them precomputed (``mm_encoder_outputs``), and no weight they depend on
+    (vision tower, projector: everything outside the language model and its head) may train, or the student's
+    forward would need them with their gradient."""
+    base = unwrap_model(model)
+    forward_takes = "mm_encoder_outputs" in inspect.signature(base.forward).parameters
+    if getattr(base, "get_image_features", None) is None or not forward_takes:
+        return f"{type(base).__name__} does not take precomputed image features"
+    language = {id(parameter) for parameter in base.get_decoder().parameters()}
+    language |= {id(parameter) for parameter in base.get_output_embeddings().parameters()}
+    trained = [
+        name for name, parameter in base.named_parameters() if parameter.requires_grad and id(parameter) not in language
+    ]
+    if trained:
+        return f"the image features depend on trained weights ({trained[0]} and {len(trained) - 1} more)"
+    return None
+
+
+@torch.no_grad()
+def with_image_features(model: nn.Module, prompts: BatchFeature) -> BatchFeature:
+    """``prompts`` with their images already through the vision encoder: ``mm_encoder_outputs`` in place of the pixels.
+
+    Every forward given these (``generate``, the teacher's, the student's) skips the encoder. Only for a model that
+    ``image_features_refusal`` accepts: its features are then the same in every forward, and a teacher whose trained
+    weights differ from the student's (EMA, fixed) still has the same encoder. The call is the one ``generate`` makes
+    (``get_image_features`` with the keys its signature names); the other keys, the grid sizes the 3-D positions are
+    computed from included, stay.
+    """
+    pixel_key = next((key for key in _PIXEL_KEYS if key in prompts), None)
+    if pixel_key is None:
+        return prompts
+    encoder = unwrap_model(model).get_image_features
+    arguments = {name: prompts[name] for name in inspect.signature(encoder).parameters if name in prompts}
+    features = encoder(**arguments, return_dict=True)
+    encoded = BatchFeature({key: value for key, value in prompts.items() if key != pixel_key})
+    encoded["mm_encoder_outputs"] = {"image": features}
+    return encoded
 
 
 def optimizer_param_groups(model: nn.Module, lr: float, vision_lr_scale: float = 1.0) -> list[dict[str, Any]]:

@@ -40,10 +40,12 @@ from vopd.evidence import EvidenceCache, evidence_metrics
 from vopd.guard import CollapseGuard
 from vopd.models import (
     LoadedModel,
+    image_features_refusal,
     load_model_and_processor,
     optimizer_param_groups,
     resolve_dtype,
     vision_tower_module,
+    with_image_features,
 )
 from vopd.rollout import RolloutBatch, head_bypass_refusal, head_bypassed, response_logits, sample_rollouts
 from vopd.teacher import Teacher, trainable_parameters
@@ -223,6 +225,9 @@ class OPDTrainer:
         )
         # The loss from hidden states (never the (N, R, V) logits) where it applies; the reason when it does not.
         self.logits_fallback = self._logits_fallback()
+        # With no trained weight behind the image features (a frozen vision tower and projector, the default), each
+        # view's images go through the encoder once per micro-batch; generate, the teacher and the student reuse them.
+        self.shares_image_features = image_features_refusal(self.student) is None
         if self.logits_fallback is not None and config.divergence.from_hidden_states:
             self.callbacks.on_log(f"the loss is computed from full logits: {self.logits_fallback}")
         self.step = 0
@@ -370,16 +375,22 @@ class OPDTrainer:
         repeats = self.config.rollout.num_rollouts
         return [to_messages(view_fn(sample, self.config.views)) for sample in samples for _ in range(repeats)]
 
-    def _encode(self, samples: list[Sample], view_fn) -> Any:
-        return self.loaded.encode(self._conversations(samples, view_fn))
+    def _encode(self, conversations: list[Any]) -> Any:
+        """The model's inputs for ``conversations``; where the trainer shares image features, with the images already
+        through the vision encoder (under the same autocast as the forwards that would otherwise run it)."""
+        prompts = self.loaded.encode(conversations)
+        if self.shares_image_features:
+            with self.loaded.autocast():
+                prompts = with_image_features(self.student, prompts)
+        return prompts
 
-    def _teacher_prompts(self, samples: list[Sample], student_prompts: Any) -> Any:
+    def _teacher_prompts(self, samples: list[Sample], student_conversations: list[Any], student_prompts: Any) -> Any:
         """The teacher's encoded prompts: the student's own when both views are the same (a teacher without the crop,
         as TRL's distillation or the no-privilege arm runs it), which spares encoding the images a second time."""
         conversations = self._conversations(samples, teacher_view)
-        if conversations == self._conversations(samples, student_view):  # PIL images compare by their pixels
+        if conversations == student_conversations:  # PIL images compare by their pixels
             return student_prompts
-        return self.loaded.encode(conversations)
+        return self._encode(conversations)
 
     def _row_seeds(self, micro: int) -> list[int]:
         """One sampling seed per rollout row: (run seed, step, the prompt's place in the step, rollout index)."""
@@ -391,10 +402,11 @@ class OPDTrainer:
             for rollout in range(config.rollout.num_rollouts)
         ]
 
-    def _sample(self, samples: list[Sample], micro: int) -> tuple[Any, RolloutBatch]:
-        """The student's prompts for ``samples`` and its rollouts on them."""
+    def _sample(self, samples: list[Sample], micro: int) -> tuple[list[Any], Any, RolloutBatch]:
+        """The student's conversations and encoded prompts for ``samples``, and its rollouts on them."""
         config = self.config
-        student_prompts = self._encode(samples, student_view)
+        conversations = self._conversations(samples, student_view)
+        student_prompts = self._encode(conversations)
         with self.loaded.autocast():
             rollout = sample_rollouts(
                 self.student,
@@ -408,7 +420,7 @@ class OPDTrainer:
                 row_seeds=self._row_seeds(micro),
                 synced_gpus=self.ranks.strategy == "fsdp",  # sharded ranks must run every forward together
             )
-        return student_prompts, rollout
+        return conversations, student_prompts, rollout
 
     def _loss(
         self,
@@ -467,12 +479,13 @@ class OPDTrainer:
         config = self.config
         started = time.perf_counter()
         timings = {"rollout_time": 0.0, "teacher_time": 0.0, "student_time": 0.0}
-        self.student.train()
+        if not self.student.training:  # a transformers model's train() walks every module: only when needed
+            self.student.train()
         self.optimizer.zero_grad(set_to_none=True)
 
         # 1. Every micro-batch's rollouts first: the step's token count is the loss's denominator.
         tick = time.perf_counter()
-        micro_batches: list[tuple[list[Sample], Any, RolloutBatch]] = []
+        micro_batches: list[tuple[list[Sample], list[Any] | None, Any, RolloutBatch]] = []
         evidence_totals: dict[str, float] = {}
         for micro in range(config.grad_accum):
             samples = self._samples_for(self.step * config.grad_accum + micro)
@@ -483,12 +496,16 @@ class OPDTrainer:
                 self._accumulate(evidence_totals, key, share)
             if found:
                 self._accumulate(timings, "evidence_time", time.perf_counter() - evidence_tick)
-            student_prompts, rollout = self._sample(samples, micro)
-            # One micro-batch keeps its encoded prompts; several re-encode them below (pixels of every micro-batch
-            # at once can outweigh the model at real image sizes).
-            micro_batches.append((samples, student_prompts if config.grad_accum == 1 else None, rollout))
+            conversations, student_prompts, rollout = self._sample(samples, micro)
+            # One micro-batch keeps its conversations and encoded prompts; several rebuild them below (the images of
+            # every micro-batch at once can outweigh the model at real image sizes).
+            if config.grad_accum == 1:
+                micro_batches.append((samples, conversations, student_prompts, rollout))
+            else:
+                micro_batches.append((samples, None, None, rollout))
+            del conversations, student_prompts
         timings["rollout_time"] = time.perf_counter() - tick - timings.get("evidence_time", 0.0)
-        local_tokens = sum(int(rollout.response_mask.sum()) for _, _, rollout in micro_batches)
+        local_tokens = sum(int(rollout.response_mask.sum()) for *_, rollout in micro_batches)
         (step_tokens,) = self.ranks.sum([float(local_tokens)], self.loaded.device)
         # Each rank divides its token sum by the step's tokens over all ranks; DDP and FSDP then *average* the ranks'
         # gradients, so the denominator is divided by the world size to make their sum the global token-mean.
@@ -502,10 +519,11 @@ class OPDTrainer:
         truncated = 0
         while micro_batches:
             last_micro_batch = len(micro_batches) == 1
-            samples, student_prompts, rollout = micro_batches.pop(0)
-            if student_prompts is None:
-                student_prompts = self._encode(samples, student_view)
-            teacher_prompts = self._teacher_prompts(samples, student_prompts)
+            samples, student_conversations, student_prompts, rollout = micro_batches.pop(0)
+            if student_conversations is None:
+                student_conversations = self._conversations(samples, student_view)
+                student_prompts = self._encode(student_conversations)
+            teacher_prompts = self._teacher_prompts(samples, student_conversations, student_prompts)
 
             tick = time.perf_counter()
             with self.loaded.autocast():
@@ -530,7 +548,7 @@ class OPDTrainer:
                 self._accumulate(totals, key, value / config.grad_accum)
             rows += mask.shape[0]
             truncated += int(rollout.truncated.sum())
-            del teacher_outputs, rollout, student_prompts, teacher_prompts
+            del teacher_outputs, rollout, student_prompts, teacher_prompts, student_conversations
 
         # 3. The update, unless the gradient is not finite: then neither the student nor the teacher moves.
         parameters = [p for p in self.student.parameters() if p.requires_grad]

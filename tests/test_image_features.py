@@ -1,0 +1,115 @@
+"""Image features computed once per view and handed to every forward of a step (``vopd.models.with_image_features``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.test_trainer import make_config, trainable_snapshot, write_dataset
+from vopd.config import RuntimeConfig
+from vopd.models import image_features_refusal, load_model_and_processor, with_image_features
+from vopd.rollout import response_logits, sample_rollouts
+from vopd.trainer import OPDTrainer
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), count=4)
+
+
+def _prompts(loaded, dataset: Path):
+    from vopd.config import ViewConfig
+    from vopd.data import load_dataset
+    from vopd.views import student_view, to_messages
+
+    samples = load_dataset(dataset)[:3]
+    return loaded.encode([to_messages(student_view(sample, ViewConfig())) for sample in samples])
+
+
+@pytest.mark.parametrize("family", ["qwen2vl", "llava"])
+def test_precomputed_features_sample_and_score_exactly_as_the_pixels_do(
+    family, tiny_model_dir, tiny_llava_dir, dataset
+) -> None:
+    folder = tiny_model_dir if family == "qwen2vl" else tiny_llava_dir
+    loaded = load_model_and_processor(folder, RuntimeConfig(device="cpu", dtype="float32"), trainable=True)
+    if family == "llava":  # its projector lies outside the vision tower and trains: no sharing until it is frozen
+        assert "multi_modal_projector" in str(image_features_refusal(loaded.model))
+        loaded.model.model.multi_modal_projector.requires_grad_(False)
+    assert image_features_refusal(loaded.model) is None  # Qwen2-VL: its merger is inside the frozen vision tower
+    pixels = _prompts(loaded, dataset)
+    features = with_image_features(loaded.model, pixels)
+    assert "pixel_values" not in features and "mm_encoder_outputs" in features
+    assert torch.equal(features["input_ids"], pixels["input_ids"])
+    settings = {
+        "max_new_tokens": 5,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "eos_token_ids": loaded.eos_token_ids,
+        "pad_token_id": loaded.pad_token_id,
+        "suppressed_token_ids": loaded.suppressed_token_ids,
+        "row_seeds": [3, 4, 5],
+    }
+    from_pixels = sample_rollouts(loaded.model, pixels, **settings)
+    from_features = sample_rollouts(loaded.model, features, **settings)
+    assert torch.equal(from_pixels.response_ids, from_features.response_ids)
+    assert torch.equal(from_pixels.behaviour_logprobs, from_features.behaviour_logprobs)
+    with torch.no_grad():
+        expected = response_logits(loaded.model, pixels, from_pixels)
+        actual = response_logits(loaded.model, features, from_pixels)
+    assert torch.equal(expected, actual)
+
+
+def test_features_are_not_shared_when_a_weight_behind_them_trains(tiny_model_dir) -> None:
+    runtime = RuntimeConfig(device="cpu", dtype="float32")
+    trained_tower = load_model_and_processor(tiny_model_dir, runtime, trainable=True, freeze_vision_tower=False)
+    reason = image_features_refusal(trained_tower.model)
+    assert reason is not None and "trained weights" in reason and "visual" in reason
+
+    class TextOnly(nn.Module):
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return input_ids
+
+    assert "does not take precomputed image features" in str(image_features_refusal(TextOnly()))
+
+
+def _count_encoder_calls(trainer: OPDTrainer) -> list[int]:
+    from vopd.models import vision_tower_module
+
+    calls = [0]
+    for model in (trainer.student, trainer.teacher.frozen_copy):  # the EMA teacher holds a copy of the encoder
+        if model is not None:
+            vision_tower_module(model).register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_a_step_that_shares_image_features_equals_one_that_does_not(tiny_model_dir, dataset, tmp_path) -> None:
+    """Same loss, metrics and weights; the encoder runs once per view (student, crop) instead of in every forward
+    (generate, teacher, student)."""
+    shared = OPDTrainer(make_config(tiny_model_dir, dataset, tmp_path / "shared", steps=1))
+    unshared = OPDTrainer(make_config(tiny_model_dir, dataset, tmp_path / "unshared", steps=1))
+    assert shared.shares_image_features
+    unshared.shares_image_features = False
+    shared_calls, unshared_calls = _count_encoder_calls(shared), _count_encoder_calls(unshared)
+    first, second = shared.train_step(), unshared.train_step()
+    assert (shared_calls[0], unshared_calls[0]) == (2, 3)
+    for key in ("loss", "divergence_mean", "grad_norm", "response_length"):
+        assert first[key] == pytest.approx(second[key], rel=1e-6, abs=1e-9), key
+    after_shared, after_unshared = trainable_snapshot(shared), trainable_snapshot(unshared)
+    for name, value in after_shared.items():
+        torch.testing.assert_close(value, after_unshared[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_teacher_on_the_students_own_view_takes_the_same_features(tiny_model_dir, tmp_path) -> None:
+    """TRL's setting (the teacher sees the student's image): the encoder runs once a step."""
+    data = write_dataset(tmp_path / "data", count=4)
+    same = data.parent / "same.jsonl"
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    same.write_text("".join(json.dumps(record | {"crop_image": record["image"]}) + "\n" for record in records))
+    trainer = OPDTrainer(make_config(tiny_model_dir, same, tmp_path / "run", steps=1, views={"draw_box": False}))
+    calls = _count_encoder_calls(trainer)
+    trainer.train_step()
+    assert calls[0] == 1
