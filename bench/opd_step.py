@@ -12,9 +12,10 @@ number of response tokens (every rollout is forced to full length: the end token
 The machine is shared and noisy, so the processes are driven in lock step by this one: every round runs one step in
 each process in turn (the first one rotating), times are medians over ``--steps`` rounds after ``--warmup``, and a
 ratio to TRL is the median over rounds of the ratio within the round (the same minute of load for both). In each
-round one of our processes (in turn) also times the step's irreducible parts alone (each view through the vision
-encoder once where the trainer shares image features, student generation, teacher forward, student forward + backward
-+ optimizer step); ``loop_overhead`` is our step over their sum, minus 1. Peak
+round one of our processes (in turn) also times the step's irreducible parts alone, each the way the step runs it
+(each view through the vision encoder once where the trainer shares image features; student generation, from one
+prompt pass with gradient where the trainer shares it; teacher forward; student forward, over the response alone
+after a prompt pass, + backward + optimizer step); ``loop_overhead`` is our step over their sum, minus 1. Peak
 RSS is each process's ``ru_maxrss``. Prints a table and ends with one JSON line: ``step_time_ratio_vs_trl`` (our
 step in TRL's mode over TRL's; goal at most 0.8), ``vision_opd_ratio_vs_trl`` (goal at most 1.0), ``loop_overhead``
 (goal at most 0.15).
@@ -126,7 +127,7 @@ class OursWorker:
 
     def parts(self) -> dict[str, float]:
         from vopd.models import with_image_features
-        from vopd.rollout import response_logits, sample_rollouts
+        from vopd.rollout import PromptPass, response_logits, sample_rollouts
 
         trainer, loaded = self.trainer, self.trainer.loaded
         student_prompts, teacher_prompts = self.student_prompts, self.teacher_prompts
@@ -140,9 +141,12 @@ class OursWorker:
                 teacher_prompts = with_image_features(trainer.student, teacher_prompts)
             timed["encoder"] = time.perf_counter() - start
         start = time.perf_counter()
+        # As the step does where it applies: one forward over the prompts (with gradient) for sampling and scoring.
+        prompt_pass = None if trainer.prompt_pass_refusal else PromptPass.run(trainer.student, student_prompts)
         rollout = sample_rollouts(
             trainer.student,
             student_prompts,
+            prompt_pass=prompt_pass,
             max_new_tokens=self.args.new_tokens,
             temperature=1.0,
             top_p=1.0,
@@ -157,7 +161,10 @@ class OursWorker:
             response_logits(module, teacher_prompts, rollout)
         teacher = time.perf_counter() - start
         start = time.perf_counter()
-        logits = response_logits(trainer.student, student_prompts, rollout)
+        if prompt_pass is None:
+            logits = response_logits(trainer.student, student_prompts, rollout)
+        else:
+            logits = prompt_pass.response_logits(trainer.student, rollout)
         logits.logsumexp(-1).mean().backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)

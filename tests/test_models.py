@@ -96,6 +96,7 @@ def test_load_for_sampling_is_frozen_in_eval_mode_with_safe_generation_defaults(
     assert loaded.device == torch.device("cpu") and loaded.dtype == torch.float32
     assert not loaded.model.training
     assert not any(parameter.requires_grad for parameter in loaded.model.parameters())
+    assert not loaded.model.use_kernels  # nothing fetched from the Hub, no re-kernelizing on every train()/eval()
     expected = {
         tokenizer.convert_tokens_to_ids(token)
         for token in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")

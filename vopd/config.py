@@ -209,6 +209,14 @@ class RolloutConfig(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
     max_new_tokens: int = Field(256, ge=1, le=32768, description="Longest response sampled.")
+    share_prompt_pass: bool = Field(
+        True,
+        description=(
+            "Run the student's prompts once, with gradient, and let both the sampling and the scoring start from "
+            "that forward's KV cache, instead of once for each (same values; single process, grad_accum 1, "
+            "full-attention models without dropout). Off: the prompts' activations are not held while sampling."
+        ),
+    )
 
 
 class LoraConfig(_Strict):

@@ -482,7 +482,12 @@ def load_model_and_processor(
     full_training = trainable and adapter_folder is None and not (lora is not None and lora.enabled)
     dtype = torch.float32 if full_training and runtime.master_dtype == "float32" else compute_dtype
     try:
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        # No Hub kernels: transformers would otherwise fetch replacement layers from the Hub (workers have no Hub
+        # access, and a run must not change with what the Hub serves) and re-kernelize the whole model on every
+        # train()/eval(), which the sampling does twice a step.
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, use_kernels=False
+        )
     except ValueError as error:
         raise ModelLoadError(
             f"{folder}: a {config.model_type!r} model is not an image-text-to-text model transformers can load "

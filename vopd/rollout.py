@@ -7,12 +7,20 @@ scores while generating (O(N) memory per step, never the [N, R, V] score history
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import BatchFeature, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    BatchFeature,
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.logits_process import (
     SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
@@ -101,6 +109,7 @@ def sample_rollouts(
     seed: int | None = None,
     row_seeds: list[int] | None = None,
     synced_gpus: bool = False,
+    prompt_pass: PromptPass | None = None,
 ) -> RolloutBatch:
     """Sample one response per prompt row (repeat rows beforehand for several rollouts per prompt).
 
@@ -111,7 +120,8 @@ def sample_rollouts(
     forward is a collective). Temperature, top-p and
     token suppression are applied by our own processor chain (with generate's own warpers switched
     off), so the recorded behaviour log-probs are those of the distribution each token was drawn from,
-    whatever defaults a model's generation_config.json carries.
+    whatever defaults a model's generation_config.json carries. With a ``prompt_pass`` of these prompts,
+    ``generate`` starts from its cache: it runs the last prompt token and the response only.
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -141,9 +151,11 @@ def sample_rollouts(
     was_training = model.training
     model.eval()
     sampling = not greedy and not per_row  # per-row sampling draws in its processor; generate then picks greedily
+    inputs, cache = (prompts, {}) if prompt_pass is None else prompt_pass.generation_start(model)
     try:
         sequences = model.generate(
-            **prompts,
+            **inputs,
+            **cache,
             do_sample=sampling,
             **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sampling else {}),
             repetition_penalty=1.0,
@@ -199,6 +211,125 @@ def response_logits(model: torch.nn.Module, prompts: BatchFeature, rollout: Roll
     inputs = append_response(prompts, rollout)
     output = model(**inputs, logits_to_keep=response_length + 1, use_cache=False)
     return output.logits[:, :-1, :]  # position P-1+j predicts response token j
+
+
+# The keys processors put raw pixels under; a prompt pass's continuation needs none of them (the images are cached).
+_IMAGE_INPUT_KEYS = ("pixel_values", "pixel_values_images", "image_patches", "mm_encoder_outputs")
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The name this model's forward takes its KV cache under (``cache`` from transformers 5.x's rename on)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _per_token_keys(prompts: BatchFeature) -> list[str]:
+    """The tensors laid out like ``input_ids`` (the attention mask, mm_token_type_ids and other side tensors)."""
+    shape = prompts["input_ids"].shape
+    return [key for key, value in prompts.items() if torch.is_tensor(value) and value.shape == shape]
+
+
+def prompt_pass_refusal(model: torch.nn.Module) -> str | None:
+    """Why ``model``'s prompt forward cannot serve both sampling and scoring (None when it can; ``PromptPass``).
+
+    The cache must carry its gradient as plain tensors (full attention only: linear-attention states and sliding
+    windows are updated in place), and the forward in training mode must equal the one ``generate`` runs in
+    evaluation mode (no active dropout), since ``generate`` samples from the cache the training-mode pass made.
+    """
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    other_layers = sorted(
+        {kind for kind in getattr(text_config, "layer_types", None) or [] if kind != "full_attention"}
+    )
+    if other_layers:
+        return f"its {', '.join(other_layers)} layers keep a cache that is updated in place"
+    if getattr(text_config, "use_sliding_window", False):
+        return "its sliding-window attention keeps a cache that is updated in place"
+    if (getattr(text_config, "attention_dropout", 0.0) or 0.0) > 0:
+        return "its attention dropout makes the training-mode forward differ from the one generate runs"
+    dropout = next((m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0), None)
+    if dropout is not None:
+        return f"a dropout of {dropout.p} makes the training-mode forward differ from the one generate runs"
+    return None
+
+
+@dataclass
+class PromptPass:
+    """The student's forward over its prompts but their last token, in the caller's grad mode, whose KV cache serves
+    both the sampling and the scoring.
+
+    The scoring forward would otherwise run the prompts a second time: ``generate`` runs them without gradient, the
+    loss needs them with it. Here ``generate`` starts from a detached copy of the cache (it runs the last prompt
+    token, then the response), and ``response_logits`` runs the last prompt token and the response on the cache
+    itself, so the gradient flows back through the cached keys and values into the prompt's own forward. The result
+    equals a forward over prompt + response up to rounding (tested, gradients included). Only for models that
+    ``prompt_pass_refusal`` accepts; build it in the mode the scoring forward runs in (training).
+    """
+
+    prompts: BatchFeature
+    cache: DynamicCache
+
+    @classmethod
+    def run(cls, model: torch.nn.Module, prompts: BatchFeature) -> PromptPass:
+        inputs = dict(prompts)
+        for key in _per_token_keys(prompts):
+            inputs[key] = prompts[key][:, :-1]
+        image_token_id = getattr(model.config, "image_token_id", None)
+        if image_token_id is not None and bool((prompts["input_ids"][:, -1] == image_token_id).any()):
+            raise ValueError("a prompt ends with an image token: its last token must be text to start a prompt pass")
+        output = model(**inputs, use_cache=True, logits_to_keep=1)
+        cache = getattr(output, "cache", None) or output.past_key_values
+        if type(cache) is not DynamicCache or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            raise ValueError(f"{type(model).__name__} returned a {type(cache).__name__}, not a plain dynamic cache")
+        return cls(prompts, cache)
+
+    @property
+    def prompt_length(self) -> int:
+        return int(self.prompts["input_ids"].shape[1])
+
+    def generation_start(self, model: torch.nn.Module) -> tuple[BatchFeature, dict[str, DynamicCache]]:
+        """``generate``'s inputs: the prompts without their images (all cached) and a detached copy of the cache,
+        which ``generate`` extends as it goes while this one stays for the scoring."""
+        with torch.no_grad():
+            copy = DynamicCache(
+                ddp_cache_data=[(layer.keys.detach(), layer.values.detach()) for layer in self.cache.layers]
+            )
+        prompts = BatchFeature({key: value for key, value in self.prompts.items() if key not in _IMAGE_INPUT_KEYS})
+        return prompts, {_cache_keyword(model): copy}
+
+    def response_logits(self, model: torch.nn.Module, rollout: RolloutBatch) -> torch.Tensor:
+        """``response_logits(model, prompts, rollout)`` from a forward over the last prompt token and the response but
+        its last token, on this pass's cache: ``(N, R, V)``, or the hidden states with the head bypassed. Once only:
+        the forward extends the cache."""
+        start = self.prompt_length - 1
+        whole = append_response(self.prompts, rollout)  # prompt + response: the positions are computed over it
+        keep = start + rollout.response_ids.shape[1]  # up to the response's last token, which predicts nothing
+        inputs = {key: whole[key][:, start:keep] for key in _per_token_keys(whole) if key != "attention_mask"}
+        inputs["attention_mask"] = whole["attention_mask"][:, :keep]
+        positions = _positions(
+            model, {key: value[:, :keep] if key in _per_token_keys(whole) else value for key, value in whole.items()}
+        )
+        if positions is not None:
+            inputs["position_ids"] = positions[..., start:keep]
+        output = model(**inputs, **{_cache_keyword(model): self.cache}, use_cache=True)
+        return output.logits
+
+
+def _positions(model: torch.nn.Module, inputs: BatchFeature | dict) -> torch.Tensor | None:
+    """The position ids a forward over ``inputs`` from scratch would use, where the family computes its own (the
+    Qwen-VL families' 3-D rotary positions, which depend on where the images are); None where they simply count."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    compute = getattr(inner, "compute_3d_position_ids", None)
+    if compute is None:
+        return None
+    wanted = inspect.signature(compute).parameters
+    arguments = {key: value for key, value in inputs.items() if key in wanted}
+    arguments.setdefault("inputs_embeds", None)
+    positions = compute(**arguments)
+    if positions is None:
+        raise ValueError(f"{type(base).__name__} could not compute the 3-D positions of these prompts")
+    return positions
 
 
 def _head_slot(model: torch.nn.Module) -> tuple[torch.nn.Module, str, torch.nn.Module]:

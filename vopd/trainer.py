@@ -47,7 +47,15 @@ from vopd.models import (
     vision_tower_module,
     with_image_features,
 )
-from vopd.rollout import RolloutBatch, head_bypass_refusal, head_bypassed, response_logits, sample_rollouts
+from vopd.rollout import (
+    PromptPass,
+    RolloutBatch,
+    head_bypass_refusal,
+    head_bypassed,
+    prompt_pass_refusal,
+    response_logits,
+    sample_rollouts,
+)
 from vopd.teacher import Teacher, trainable_parameters
 from vopd.trackers import tracker_callbacks
 from vopd.views import student_view, teacher_view, to_messages
@@ -228,6 +236,8 @@ class OPDTrainer:
         # With no trained weight behind the image features (a frozen vision tower and projector, the default), each
         # view's images go through the encoder once per micro-batch; generate, the teacher and the student reuse them.
         self.shares_image_features = image_features_refusal(self.student) is None
+        # One forward over the student's prompts for both the sampling and the scoring, where it applies.
+        self.prompt_pass_refusal = self._prompt_pass_refusal()
         if self.logits_fallback is not None and config.divergence.from_hidden_states:
             self.callbacks.on_log(f"the loss is computed from full logits: {self.logits_fallback}")
         self.step = 0
@@ -266,6 +276,17 @@ class OPDTrainer:
         if config.teacher.mode == "trust_region":
             return "a trust_region teacher's logits mix two models"
         return head_bypass_refusal(self.student)
+
+    def _prompt_pass_refusal(self) -> str | None:
+        """Why the student's prompts run twice a step, once to sample and once to score (None: once, ``PromptPass``)."""
+        config = self.config
+        if not config.rollout.share_prompt_pass:
+            return "rollout.share_prompt_pass is off"
+        if self.ranks.distributed:
+            return "under DDP and FSDP the scoring forward must be the one forward before the backward"
+        if config.grad_accum > 1:
+            return "with grad_accum above 1 every micro-batch's prompt activations would be held until its scoring"
+        return prompt_pass_refusal(self.student)
 
     def _two_token_ids(self) -> torch.Tensor:
         return torch.full((1, 2), self.loaded.pad_token_id, dtype=torch.long, device=self.loaded.device)
@@ -403,11 +424,13 @@ class OPDTrainer:
         ]
 
     def _sample(self, samples: list[Sample], micro: int) -> tuple[list[Any], Any, RolloutBatch]:
-        """The student's conversations and encoded prompts for ``samples``, and its rollouts on them."""
+        """The student's conversations and encoded prompts for ``samples`` (a ``PromptPass`` of them where the prompts
+        run once), and its rollouts on them."""
         config = self.config
         conversations = self._conversations(samples, student_view)
         student_prompts = self._encode(conversations)
         with self.loaded.autocast():
+            prompt_pass = None if self.prompt_pass_refusal else PromptPass.run(self.student, student_prompts)
             rollout = sample_rollouts(
                 self.student,
                 student_prompts,
@@ -419,8 +442,16 @@ class OPDTrainer:
                 suppressed_token_ids=self.loaded.suppressed_token_ids,
                 row_seeds=self._row_seeds(micro),
                 synced_gpus=self.ranks.strategy == "fsdp",  # sharded ranks must run every forward together
+                prompt_pass=prompt_pass,
             )
-        return conversations, student_prompts, rollout
+        return conversations, student_prompts if prompt_pass is None else prompt_pass, rollout
+
+    def _student_scores(self, student_prompts: Any, rollout: RolloutBatch) -> torch.Tensor:
+        """The student's forward with gradient: logits (or hidden states, the head bypassed) at the response positions;
+        over the response alone when ``student_prompts`` is the prompt pass the sampling started from."""
+        if isinstance(student_prompts, PromptPass):
+            return student_prompts.response_logits(self.trained, rollout)
+        return response_logits(self.trained, student_prompts, rollout)
 
     def _loss(
         self,
@@ -439,7 +470,7 @@ class OPDTrainer:
         stats_topk = config.divergence.topk or 100
         if teacher_head is not None:
             with self.loaded.autocast(), head_bypassed(self.student) as head:
-                student_hidden = response_logits(self.trained, student_prompts, rollout)  # (N, R, H)
+                student_hidden = self._student_scores(student_prompts, rollout)  # (N, R, H)
                 student_head = head.weight  # after the forward: whole under FSDP too, until the backward
             return hidden_distillation_loss(
                 student_hidden,
@@ -455,7 +486,7 @@ class OPDTrainer:
                 matmul_dtype=self.loaded.compute_dtype if self.loaded.mixed_precision else None,
             )
         with self.loaded.autocast():
-            student_logits = response_logits(self.trained, student_prompts, rollout)  # (N, R, V)
+            student_logits = self._student_scores(student_prompts, rollout)  # (N, R, V)
         loss, per_token = distillation_loss(
             student_logits,
             teacher,
@@ -523,7 +554,8 @@ class OPDTrainer:
             if student_conversations is None:
                 student_conversations = self._conversations(samples, student_view)
                 student_prompts = self._encode(student_conversations)
-            teacher_prompts = self._teacher_prompts(samples, student_conversations, student_prompts)
+            encoded = student_prompts.prompts if isinstance(student_prompts, PromptPass) else student_prompts
+            teacher_prompts = self._teacher_prompts(samples, student_conversations, encoded)
 
             tick = time.perf_counter()
             with self.loaded.autocast():
