@@ -93,6 +93,8 @@ def test_a_step_that_shares_image_features_equals_one_that_does_not(tiny_model_d
     unshared = OPDTrainer(make_config(tiny_model_dir, dataset, tmp_path / "unshared", steps=1))
     assert shared.shares_image_features
     unshared.shares_image_features = False
+    for trainer in (shared, unshared):  # a prompt pass spares generate and the student's forward the encoder anyway
+        trainer.prompt_pass_refusal = "switched off by the test"
     shared_calls, unshared_calls = _count_encoder_calls(shared), _count_encoder_calls(unshared)
     first, second = shared.train_step(), unshared.train_step()
     assert (shared_calls[0], unshared_calls[0]) == (2, 3)
