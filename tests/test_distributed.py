@@ -101,6 +101,7 @@ def test_two_data_parallel_processes_train_the_single_process_weights(tiny_model
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "full logits" not in done.stdout + done.stderr  # scored from hidden states, the head's gradient synced
+    assert "prompts run twice" not in done.stdout + done.stderr  # one prompt pass per rank, synced through DDP
     _assert_same_weights(_weights(single_run), _weights(run))
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(line)["loss"] for line in (single_run / "metrics.jsonl").read_text().splitlines()]
@@ -132,6 +133,7 @@ def test_a_sharded_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_mode
     done = _vopd_train(*args, *COMMON, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "full logits" not in done.stdout + done.stderr  # scored from hidden states, the head's shards updated
+    assert "the student's prompts run twice a step: under FSDP" in done.stdout + done.stderr
     _assert_same_weights(_weights(single_run), _weights(run))
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 

@@ -213,7 +213,7 @@ class RolloutConfig(_Strict):
         True,
         description=(
             "Run the student's prompts once, with gradient, and let both the sampling and the scoring start from "
-            "that forward's KV cache, instead of once for each (same values; single process, grad_accum 1, "
+            "that forward's KV cache, instead of once for each (same values; one process or DDP, grad_accum 1, "
             "full-attention models without dropout). Off: the prompts' activations are not held while sampling."
         ),
     )

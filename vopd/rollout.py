@@ -217,9 +217,16 @@ def response_logits(model: torch.nn.Module, prompts: BatchFeature, rollout: Roll
 _IMAGE_INPUT_KEYS = ("pixel_values", "pixel_values_images", "image_patches", "mm_encoder_outputs")
 
 
+def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a DDP and a peft wrapper (the model itself otherwise)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _cache_keyword(model: torch.nn.Module) -> str:
     """The name this model's forward takes its KV cache under (``cache`` from transformers 5.x's rename on)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _transformers_model(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
@@ -318,7 +325,7 @@ class PromptPass:
 def _positions(model: torch.nn.Module, inputs: BatchFeature | dict) -> torch.Tensor | None:
     """The position ids a forward over ``inputs`` from scratch would use, where the family computes its own (the
     Qwen-VL families' 3-D rotary positions, which depend on where the images are); None where they simply count."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _transformers_model(model)
     inner = getattr(base, "model", base)
     compute = getattr(inner, "compute_3d_position_ids", None)
     if compute is None:

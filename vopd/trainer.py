@@ -238,6 +238,8 @@ class OPDTrainer:
         self.shares_image_features = image_features_refusal(self.student) is None
         # One forward over the student's prompts for both the sampling and the scoring, where it applies.
         self.prompt_pass_refusal = self._prompt_pass_refusal()
+        if self.prompt_pass_refusal is not None and config.rollout.share_prompt_pass:
+            self.callbacks.on_log(f"the student's prompts run twice a step: {self.prompt_pass_refusal}")
         if self.logits_fallback is not None and config.divergence.from_hidden_states:
             self.callbacks.on_log(f"the loss is computed from full logits: {self.logits_fallback}")
         self.step = 0
@@ -282,8 +284,8 @@ class OPDTrainer:
         config = self.config
         if not config.rollout.share_prompt_pass:
             return "rollout.share_prompt_pass is off"
-        if self.ranks.distributed:
-            return "under DDP and FSDP the scoring forward must be the one forward before the backward"
+        if self.ranks.strategy == "fsdp":
+            return "under FSDP the scoring forward must be the one forward of the sharded model before the backward"
         if config.grad_accum > 1:
             return "with grad_accum above 1 every micro-batch's prompt activations would be held until its scoring"
         return prompt_pass_refusal(self.student)
