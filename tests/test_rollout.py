@@ -162,3 +162,26 @@ def test_the_head_is_bypassed_only_where_logits_are_hidden_states_times_its_weig
     assert head_bypass_refusal(_TinyLM(torch.nn.Linear(4, 9, bias=False), logit_scale=1.0)) is None
     with pytest.raises(ValueError, match="has a bias"), head_bypassed(_TinyLM(torch.nn.Linear(4, 9))):
         pass
+
+
+def test_rollouts_sampled_in_inference_mode_can_enter_autograd(tiny_model_dir, prompts) -> None:
+    """generate runs under torch.inference_mode; what it returns must still be usable by the loss's backward."""
+    trainable = load_model_and_processor(tiny_model_dir, trainable=True)
+    batch = sample_rollouts(
+        trainable.model,
+        prompts,
+        max_new_tokens=4,
+        temperature=1.0,
+        top_p=1.0,
+        eos_token_ids=trainable.eos_token_ids,
+        pad_token_id=trainable.pad_token_id,
+        suppressed_token_ids=trainable.suppressed_token_ids,
+        row_seeds=[1, 2, 3],
+    )
+    assert not any(t.is_inference() for t in (batch.response_ids, batch.response_mask, batch.behaviour_logprobs))
+    assert trainable.model.training  # put back in training mode
+    logits = response_logits(trainable.model, prompts, batch)
+    chosen = torch.log_softmax(logits, -1).gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    weighted = torch.where(batch.response_mask, (chosen - batch.behaviour_logprobs).exp() * chosen, 0.0)
+    weighted.sum().backward()  # the mask, ids and behaviour log-probs are saved for the backward
+    assert any(p.grad is not None for p in trainable.model.parameters())
