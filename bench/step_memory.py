@@ -12,8 +12,10 @@ high-water mark of the resident size (``VmHWM``, reset after the warm-up) minus 
 model, the teacher's copy, AdamW's state and the data are there by then), so it is what a step itself adds:
 generation's KV cache, activations, the logits or their chunks, gradients. glibc's mmap threshold is pinned low so
 that freed blocks leave the process. Prints a table
-and ends with one JSON line: ``peak_ratio_logits_vs_hidden`` (logits path peak / hidden-states path peak) and
-``step_time_ratio_hidden_vs_logits``; both paths' losses must agree (``loss_rel_diff``).
+and ends with one JSON line: ``peak_ratio_logits_vs_hidden`` (logits path peak / hidden-states path peak),
+``step_time_ratio_hidden_vs_logits``, and the same two for the student's prompts run once for sampling and scoring
+(the default, ``rollout.share_prompt_pass``) against twice (``..._prompt_pass_vs_two_passes``: the prompt pass holds
+the prompts' activations while sampling); all paths' losses must agree (``loss_rel_diff``).
 
     python bench/step_memory.py                          # vocab 151,936, 4 x 256 tokens: about 2 minutes
     python bench/step_memory.py --quick                  # vocab 32,000, 2 x 32 tokens: seconds (also a test)
@@ -33,7 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-PATHS = {"hidden": "from hidden states (default)", "logits": "from full logits"}
+PATHS = {
+    "hidden": "from hidden states (default)",
+    "logits": "from full logits",
+    "two-passes": "hidden states, prompts run twice",
+}
 
 
 def _status_mib(field: str) -> float:
@@ -83,13 +89,14 @@ def child(args: argparse.Namespace) -> None:
         steps=10_000,
         batch_size=args.batch,
         lr=1e-4,
-        rollout={"num_rollouts": 1, "max_new_tokens": args.new_tokens},
-        divergence={"alpha": 0.5, "topk": 100, "from_hidden_states": args.child == "hidden"},
+        rollout={"num_rollouts": 1, "max_new_tokens": args.new_tokens, "share_prompt_pass": args.child != "two-passes"},
+        divergence={"alpha": 0.5, "topk": 100, "from_hidden_states": args.child != "logits"},
         collapse_guard={"enabled": False},
         runtime={"device": "cpu", "dtype": "float32"},
     )
     trainer = OPDTrainer(config)
-    assert (trainer.logits_fallback is None) == (args.child == "hidden"), trainer.logits_fallback
+    assert (trainer.logits_fallback is None) == (args.child != "logits"), trainer.logits_fallback
+    assert (trainer.prompt_pass_refusal is None) == (args.child != "two-passes"), trainer.prompt_pass_refusal
     trainer.loaded.eos_token_ids = [trainer.loaded.suppressed_token_ids[0]]  # full-length responses: never sampled
     times, losses = [], []
     for step in range(args.warmup + args.steps):
@@ -149,13 +156,13 @@ def main() -> None:
         f"tiny Qwen2-VL (hidden 256), vocabulary {args.vocab:,}, {args.batch} x {args.new_tokens} forced tokens, "
         f"fp32, {args.threads} threads; median of {args.steps} steps after {args.warmup}"
     )
-    print(f"| {'loss computed':<30} | {'peak extra MiB':>14} | {'step s':>7} | {'loss (first step)':>17} |")
-    print(f"|{'-' * 32}|{'-' * 15}:|{'-' * 8}:|{'-' * 18}:|")
+    print(f"| {'loss computed':<32} | {'peak extra MiB':>14} | {'step s':>7} | {'loss (first step)':>17} |")
+    print(f"|{'-' * 34}|{'-' * 15}:|{'-' * 8}:|{'-' * 18}:|")
     peaks, steps = {}, {}
     for path, result in results.items():
         peaks[path] = result["peak_mib"] - result["before_mib"]
         steps[path] = statistics.median(result["times"])
-        print(f"| {PATHS[path]:<30} | {peaks[path]:14.0f} | {steps[path]:7.2f} | {result['losses'][0]:17.6e} |")
+        print(f"| {PATHS[path]:<32} | {peaks[path]:14.0f} | {steps[path]:7.2f} | {result['losses'][0]:17.6e} |")
     first = [results[path]["losses"][0] for path in PATHS]
     headline = {
         "vocab": args.vocab,
@@ -164,7 +171,9 @@ def main() -> None:
         "step_s": {path: round(value, 3) for path, value in steps.items()},
         "peak_ratio_logits_vs_hidden": round(peaks["logits"] / max(peaks["hidden"], 1.0), 2),
         "step_time_ratio_hidden_vs_logits": round(steps["hidden"] / steps["logits"], 3),
-        "loss_rel_diff": abs(first[0] - first[1]) / max(abs(first[1]), 1e-12),
+        "peak_ratio_prompt_pass_vs_two_passes": round(peaks["hidden"] / max(peaks["two-passes"], 1.0), 2),
+        "step_time_ratio_prompt_pass_vs_two_passes": round(steps["hidden"] / steps["two-passes"], 3),
+        "loss_rel_diff": max(abs(value - first[0]) for value in first) / max(abs(first[0]), 1e-12),
     }
     print(json.dumps(headline))
 

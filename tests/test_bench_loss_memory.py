@@ -27,9 +27,10 @@ def test_quick_run_prints_a_table_and_a_headline_whose_values_agree():
 
 
 def test_step_memory_quick_run_scores_both_paths_to_the_same_loss():
-    """bench/step_memory.py --quick: both trainer paths run a step in their own process and agree on the loss."""
+    """bench/step_memory.py --quick: the trainer's paths (hidden states or logits; one prompt pass or two) each run a
+    step in their own process and agree on the loss."""
     lines = _quick_run("step_memory.py")
     assert any(line.startswith("| from hidden states") for line in lines)
     headline = json.loads(lines[-1])
-    assert set(headline["peak_extra_mib"]) == {"hidden", "logits"} and headline["vocab"] == 32_000
+    assert set(headline["peak_extra_mib"]) == {"hidden", "logits", "two-passes"} and headline["vocab"] == 32_000
     assert headline["loss_rel_diff"] < 1e-4
