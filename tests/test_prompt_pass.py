@@ -134,3 +134,18 @@ def test_the_trainer_says_why_it_runs_the_prompts_twice(overrides, reason, tiny_
     trainer = OPDTrainer(make_config(tiny_model_dir, dataset, tmp_path / "run", steps=1, **overrides))
     assert reason in str(trainer.prompt_pass_refusal)
     assert trainer.train_step()["loss"] > 0
+
+
+def test_a_prompt_ending_in_an_image_token_is_refused_before_any_forward(tiny_model_dir, dataset) -> None:
+    """The pass leaves the last prompt token to generate: it must be text, or the images' features would not fit."""
+    loaded, prompts = _loaded_and_prompts(tiny_model_dir, dataset)
+    cut = dict(prompts)
+    last_image = int((prompts["input_ids"][0] == loaded.model.config.image_token_id).nonzero().max()) + 1
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        cut[key] = prompts[key][:, :last_image]
+    calls: list[int] = []
+    hook = loaded.model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match="ends with an image token"):
+        PromptPass.run(loaded.model, cut)
+    hook.remove()
+    assert not calls

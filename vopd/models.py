@@ -335,7 +335,7 @@ def vision_tower_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 # The keys processors put raw pixels under (the ones generate() looks for too).
-_PIXEL_KEYS = ("pixel_values", "pixel_values_images", "image_patches")
+PIXEL_KEYS = ("pixel_values", "pixel_values_images", "image_patches")
 
 
 def image_features_refusal(model: nn.Module) -> str | None:
@@ -367,7 +367,7 @@ def with_image_features(model: nn.Module, prompts: BatchFeature) -> BatchFeature
     (``get_image_features`` with the keys its signature names); the other keys, the grid sizes the 3-D positions are
     computed from included, stay.
     """
-    pixel_key = next((key for key in _PIXEL_KEYS if key in prompts), None)
+    pixel_key = next((key for key in PIXEL_KEYS if key in prompts), None)
     if pixel_key is None:
         return prompts
     encoder = unwrap_model(model).get_image_features

@@ -27,6 +27,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from vopd.models import PIXEL_KEYS, unwrap_model
+
 
 @dataclass
 class RolloutBatch:
@@ -216,15 +218,15 @@ def response_logits(model: torch.nn.Module, prompts: BatchFeature, rollout: Roll
     return output.logits[:, :-1, :]  # position P-1+j predicts response token j
 
 
-# The keys processors put raw pixels under; a prompt pass's continuation needs none of them (the images are cached).
-_IMAGE_INPUT_KEYS = ("pixel_values", "pixel_values_images", "image_patches", "mm_encoder_outputs")
+# What a prompt pass's generation start needs none of: its images are in the cache already.
+_IMAGE_INPUT_KEYS = (*PIXEL_KEYS, "mm_encoder_outputs")
 
 
 def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a DDP and a peft wrapper (the model itself otherwise)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return unwrap_model(model)
 
 
 def _cache_keyword(model: torch.nn.Module) -> str:
@@ -314,10 +316,11 @@ class PromptPass:
         start = self.prompt_length - 1
         whole = append_response(self.prompts, rollout)  # prompt + response: the positions are computed over it
         keep = start + rollout.response_ids.shape[1]  # up to the response's last token, which predicts nothing
-        inputs = {key: whole[key][:, start:keep] for key in _per_token_keys(whole) if key != "attention_mask"}
+        per_token = _per_token_keys(whole)
+        inputs = {key: whole[key][:, start:keep] for key in per_token if key != "attention_mask"}
         inputs["attention_mask"] = whole["attention_mask"][:, :keep]
         positions = _positions(
-            model, {key: value[:, :keep] if key in _per_token_keys(whole) else value for key, value in whole.items()}
+            model, {key: value[:, :keep] if key in per_token else value for key, value in whole.items()}
         )
         if positions is not None:
             inputs["position_ids"] = positions[..., start:keep]
