@@ -27,8 +27,9 @@ must agree between methods computing the same math (``max_abs_diff``: the larges
 group that ran, ours when it did). Prints a table and ends with one JSON line (``memory_ratio_vs_naive`` = naive
 peak / our top-k peak; goal at least 10).
 
-The default methods take about 6 minutes on 2 idle cores (TRL's kernel alone projects each side 4 times, ~2
-minutes); on a shared machine, run them a few at a time with ``--methods``.
+The default methods take 6 to 11 minutes on 2 idle cores, depending on the machine's day (TRL's kernel alone
+projects each side 4 times, 2 to 3.5 minutes); ``--tokens 256`` runs them all in about 3. On a shared machine, run
+them a few at a time with ``--methods``.
 
     python bench/loss_memory.py                 # the paper's shape, every method
     python bench/loss_memory.py --quick         # vocab 32,000, 4 x 128 tokens, hidden 256: seconds (also a test)

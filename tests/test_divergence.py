@@ -572,6 +572,26 @@ def test_linear_loss_equals_the_loss_on_projected_logits(alpha, topk, add_tail):
     assert not values.requires_grad
 
 
+def test_linear_loss_projects_in_vocabulary_blocks_with_a_ragged_last_one(monkeypatch):
+    """The CPU projection in blocks of the vocabulary (shrunk here to 16, so 40 = 16 + 16 + 8) gives the same loss
+    and gradients as the logits path, and the same logits as hidden @ head.T up to rounding."""
+    import vopd.divergence as divergence
+
+    monkeypatch.setattr(divergence, "_PROJECTION_BLOCK", 16)
+    student_hidden, student_head, teacher_hidden, teacher_head = _hidden_pair()
+    out = torch.empty(23, 40, dtype=torch.float64)
+    projected = divergence._project(student_hidden.detach(), student_head.detach(), out)
+    torch.testing.assert_close(projected, (student_hidden @ student_head.T).detach(), atol=1e-12, rtol=1e-12)
+    weights = torch.full((23,), 1 / 23, dtype=torch.float64)
+    loss, _ = linear_divergence_loss(student_hidden, student_head, teacher_hidden, teacher_head, weights, topk=7)
+    expected = token_divergence(student_hidden @ student_head.T, teacher_hidden @ teacher_head.T, topk=7).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-12, rtol=1e-10)
+    grads = torch.autograd.grad(loss, [student_hidden, student_head])
+    expected_grads = torch.autograd.grad(expected, [student_hidden, student_head])
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=1e-10)
+
+
 def test_linear_loss_in_float32_matches_the_reference_and_ignores_padding_rows():
     """fp32 as the trainer runs it, against the float64 reference; a padding row whose teacher has no mass where
     the student has all of it (an infinite forward KL) gets weight 0 and changes neither the loss nor a gradient."""

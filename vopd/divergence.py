@@ -258,32 +258,53 @@ def _divergence_from_logprobs(student: Tensor, teacher: Tensor, alpha: float) ->
     return divergence.clamp_min(0.0)
 
 
-def _complement_logsumexp(logprobs: Tensor, topk_ids: Tensor) -> Tensor:
-    """log of the probability mass outside ``topk_ids``; -inf when nothing outside has mass.  # (n, V) -> (n,)"""
-    rest = logprobs.scatter(-1, topk_ids, NEG_INF)  # (n, V)
-    if not rest.requires_grad:  # every caller here: an all -inf row's logsumexp is -inf, the value wanted
-        return rest.logsumexp(-1)
-    has_rest = (rest != NEG_INF).any(-1)  # (n,)
-    if bool(has_rest.all()):
-        return rest.logsumexp(-1)
-    # Under autograd, logsumexp of an all -inf row has a NaN gradient: feed it zeros and put -inf back afterwards.
-    safe = torch.where(has_rest[:, None], rest, 0.0)
-    return torch.where(has_rest, safe.logsumexp(-1), NEG_INF)
+def _tempered_copy(logits: Tensor, temperature: float) -> Tensor:
+    """A chunk's logits / temperature as a new tensor in the compute dtype, for the in-place functions below."""
+    scaled = logits.to(_compute_dtype(logits.dtype), copy=True)
+    return scaled if temperature == 1.0 else scaled.div_(temperature)
+
+
+def _split_top_and_rest_(
+    logits: Tensor, topk_ids: Tensor, rest_max: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-k + tail bucket log-probs of one chunk's tempered logits (or log-probs), overwriting them.
+
+    Returns (buckets (n, k + 1), ``rest`` (n, V), ``rest_sum`` (n,)): ``rest`` is exp(logit - m) outside the top-k
+    and 0 inside, written over ``logits``, with m the largest logit outside; ``rest_sum`` its row sums. Why in place:
+    every entry of the chunk is touched by one scatter, one subtraction, one exp and one sum, with no [n, V] copy (a
+    log-softmax, a masked copy and a log-sum-exp made four), and ``rest`` is what the gradient outside the top-k is
+    made of (``_DivergenceOp._grads_top_and_tail_``). Shifting by the largest logit *outside* keeps the tail exact
+    when it holds 1e-30 of the mass, where 1 - sum(top-k) would round to 0 or noise. ``rest_max`` is that largest
+    logit when the caller has it (the student's (k+1)-th largest, from the top-k it took anyway); -inf (nothing
+    outside has mass) gives a -inf tail.  # (n, V), (n, k) -> (n, k + 1), (n, V), (n,)
+    """
+    top = logits.gather(-1, topk_ids)  # (n, k)
+    rest = logits.scatter_(-1, topk_ids, NEG_INF)
+    if rest_max is None:
+        rest_max = rest.amax(-1)  # (n,)
+    shift = torch.where(rest_max.isfinite(), rest_max, 0.0)  # (NaN stays in the rest and propagates)
+    rest_sum = rest.sub_(shift[:, None]).exp_().sum(-1)  # (n,), >= 1 whenever anything outside has mass
+    # Relative to the row's largest logit, as a log-softmax computes, so that large logits keep their precision.
+    top_max = top.amax(-1, keepdim=True)  # (n, 1)
+    top = top - top_max
+    log_rest = (shift - top_max[:, 0]) + rest_sum.log()  # (n,): log of the unnormalised mass outside
+    log_norm = torch.logaddexp(top.logsumexp(-1), log_rest)  # (n,): the log-softmax's normaliser
+    return torch.cat([top, log_rest[:, None]], dim=-1).sub_(log_norm[:, None]), rest, rest_sum
 
 
 def _bucket_logprobs(logits: Tensor, topk_ids: Tensor | None, temperature: float, add_tail: bool) -> Tensor:
     """The distribution compared by the divergence, as log-probs.  # (n, V) -> (n, V) | (n, k) | (n, k + 1)"""
-    return _bucket_logprobs_from(_log_softmax(logits, temperature), topk_ids, add_tail)
+    if topk_ids is not None and add_tail:
+        return _split_top_and_rest_(_tempered_copy(logits, temperature), topk_ids)[0]
+    return _bucket_logprobs_from(_log_softmax(logits, temperature), topk_ids)
 
 
-def _bucket_logprobs_from(logprobs: Tensor, topk_ids: Tensor | None, add_tail: bool) -> Tensor:
-    """Buckets from full-vocabulary log-probs (returned as is for the full vocabulary).  # (n, V) -> (n, m)"""
+def _bucket_logprobs_from(logprobs: Tensor, topk_ids: Tensor | None) -> Tensor:
+    """Buckets without a tail from full-vocabulary log-probs: the k entries renormalised, or the full vocabulary as
+    is.  # (n, V) -> (n, k) | (n, V)"""
     if topk_ids is None:
         return logprobs
     top = logprobs.gather(-1, topk_ids)  # (n, k)
-    if add_tail:
-        tail = _complement_logsumexp(logprobs, topk_ids)  # (n,)
-        return torch.cat([top, tail[:, None]], dim=-1)  # (n, k + 1)
     norm = top.logsumexp(-1, keepdim=True)  # (n, 1)
     # A teacher with no mass at all on the student's top-k cannot be renormalised: leave it at -inf (zero mass).
     return top - norm.masked_fill(norm == NEG_INF, 0.0)
@@ -339,32 +360,53 @@ class _DivergenceOp:
         The clamp at 0 in ``values`` only hides rounding, so its (zero-measure) effect on the gradient is ignored.
         """
         topk_ids = aux[0] if aux else None
-        logprobs = _log_softmax(student_rows, self.temperature)  # (n, V)
-        student = _bucket_logprobs_from(logprobs, topk_ids, self.add_tail)  # (n, m)
         teacher = self._teacher_buckets(teacher_rows, aux)  # (n, m)
+        if topk_ids is not None and self.add_tail:
+            student, rest, rest_sum = _split_top_and_rest_(_tempered_copy(student_rows, self.temperature), topk_ids)
+            return self._grads_top_and_tail_(student, rest, rest_sum, teacher, topk_ids, grad_values)
+        logprobs = _log_softmax(student_rows, self.temperature)  # (n, V)
+        student = _bucket_logprobs_from(logprobs, topk_ids)  # (n, m)
         return self.grads_from(logprobs, student, teacher, topk_ids, grad_values)
 
     def values_and_grads_from(
         self, logprobs: Tensor, teacher: Tensor, topk_ids: Tensor | None, grad_values: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
-        """``values`` and (unless ``grad_values`` is None) ``grads`` of one chunk from the student's log-probs (n, V),
-        which the gradient consumes, and the teacher's buckets (n, m): the fused LM-head loss's one pass."""
-        student = _bucket_logprobs_from(logprobs, topk_ids, self.add_tail)  # (n, m)
+        """``values`` and (unless ``grad_values`` is None) ``grads`` of one chunk without a tail bucket, from the
+        student's log-probs (n, V), which the gradient consumes, and the teacher's buckets (n, m)."""
+        student = _bucket_logprobs_from(logprobs, topk_ids)  # (n, m)
         values = _divergence_from_logprobs(student, teacher, self.alpha)  # (n,)
         if grad_values is None:
             return values, None
         return values, self.grads_from(logprobs, student, teacher, topk_ids, grad_values)
 
+    def top_and_tail_values_and_grads_(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        topk_ids: Tensor,
+        student_rest_max: Tensor | None,
+        grad_values: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``values`` and (unless ``grad_values`` is None) ``grads`` of one chunk with the tail bucket, from both
+        sides' tempered logits or log-probs (n, V), which it overwrites (the gradient is written over the student's):
+        the fused LM-head loss's one pass. ``student_rest_max``: the student's largest logit outside ``topk_ids``."""
+        student_buckets, rest, rest_sum = _split_top_and_rest_(student, topk_ids, student_rest_max)
+        teacher_buckets = _split_top_and_rest_(teacher, topk_ids)[0]
+        values = _divergence_from_logprobs(student_buckets, teacher_buckets, self.alpha)  # (n,)
+        if grad_values is None:
+            return values, None
+        grads = self._grads_top_and_tail_(student_buckets, rest, rest_sum, teacher_buckets, topk_ids, grad_values)
+        return values, grads
+
     def grads_from(
         self, logprobs: Tensor, student: Tensor, teacher: Tensor, topk_ids: Tensor | None, grad_values: Tensor
     ) -> Tensor:
-        """``grads`` from the chunk's student log-probs (n, V) and both sides' buckets (n, m); consumes ``logprobs``."""
+        """``grads`` without a tail bucket from the chunk's student log-probs (n, V) and both sides' buckets (n, m);
+        consumes ``logprobs``."""
         grad_buckets = _divergence_bucket_grad(student, teacher, self.alpha).mul_(grad_values[:, None])  # (n, m)
         del teacher
         if topk_ids is None:
             grad_logprobs = grad_buckets  # (n, V)
-        elif self.add_tail:
-            return self._grads_top_and_tail(logprobs, student, grad_buckets, topk_ids)
         else:
             # Renormalisation over the k entries: d b_j / d s_i = [i == j] - exp(b_i).
             grad_top = grad_buckets - student.exp() * grad_buckets.sum(-1, keepdim=True)  # (n, k)
@@ -374,28 +416,35 @@ class _DivergenceOp:
         grad_logits = grad_logprobs.sub_(logprobs.exp_().mul_(row_sums))
         return grad_logits if self.temperature == 1.0 else grad_logits.div_(self.temperature)
 
-    def _grads_top_and_tail(self, logprobs: Tensor, student: Tensor, grad_buckets: Tensor, topk_ids: Tensor) -> Tensor:
-        """``grads_from`` for the top-k + tail buckets in three passes over the (n, V) chunk instead of eight.
+    def _grads_top_and_tail_(
+        self,
+        student: Tensor,
+        rest: Tensor,
+        rest_sum: Tensor,
+        teacher: Tensor,
+        topk_ids: Tensor,
+        grad_values: Tensor,
+    ) -> Tensor:
+        """The gradient w.r.t. the logits for the top-k + tail buckets, written over ``rest`` (one scale and a scatter).
 
-        With g the bucket gradients, t the tail's log-mass and r_i = exp(logprob_i - t) outside the top-k (a ratio
-        <= 1, never exp(-t), which overflows for a tiny tail), the chain rule through the tail and the log-softmax
-        gives dz_i = r_i g_tail - p_i S outside the top-k and dz_i = g_i - p_i S inside, where S, the sum over the
-        vocabulary of d/d logprob, is g_tail + sum(g_top) in closed form (the ratios sum to one). As p_i = r_i
-        exp(t), the outside entries are r_i (g_tail - exp(t) S): one exp and one scale per entry; the k inside
-        entries are written over them.
+        ``student`` and ``teacher`` are the buckets (n, k + 1); ``rest`` and ``rest_sum`` come from
+        ``_split_top_and_rest_``. With g the bucket gradients and t the tail's log-mass, the chain rule through the
+        tail and the log-softmax gives dz_i = g_i - p_i S inside the top-k and dz_i = r_i g_tail - p_i S outside,
+        where S = g_tail + sum(g_top) is the sum over the vocabulary of d/d logprob and r_i = exp(logprob_i - t)
+        = rest_i / rest_sum (a ratio <= 1: never exp(-t), which overflows for a tiny tail). As p_i = r_i exp(t), the
+        outside entries are rest_i (g_tail - exp(t) S) / rest_sum; the k inside entries are written over them.
         """
+        grad_buckets = _divergence_bucket_grad(student, teacher, self.alpha).mul_(grad_values[:, None])  # (n, k + 1)
         k = topk_ids.shape[-1]
-        tail, grad_tail = student[:, k], grad_buckets[:, k]  # (n,)
-        has_tail = tail != NEG_INF
-        tail_safe = torch.where(has_tail, tail, 0.0)
-        grad_tail = torch.where(has_tail, grad_tail, 0.0)
+        has_tail = rest_sum > 0  # (n,)
+        grad_tail = torch.where(has_tail, grad_buckets[:, k], 0.0)
         grad_top = grad_buckets[:, :k]  # (n, k)
         row_sums = grad_tail + grad_top.sum(-1)  # (n,)
-        outside_scale = grad_tail - torch.where(has_tail, tail_safe.exp(), 0.0) * row_sums  # (n,)
-        grad_logits = logprobs.sub_(tail_safe[:, None]).exp_().mul_(outside_scale[:, None])  # (n, V), in place
+        outside = torch.where(has_tail, (grad_tail - student[:, k].exp() * row_sums) / rest_sum, 0.0)  # (n,)
         inside = grad_top - student[:, :k].exp() * row_sums[:, None]  # (n, k)
-        grad_logits.scatter_(-1, topk_ids, inside)
-        return grad_logits if self.temperature == 1.0 else grad_logits.div_(self.temperature)
+        if self.temperature != 1.0:
+            outside, inside = outside / self.temperature, inside / self.temperature
+        return rest.mul_(outside[:, None]).scatter_(-1, topk_ids, inside)
 
 
 @torch.no_grad()
@@ -482,6 +531,37 @@ class _HeadLossExtras:
         self.stats_totals += torch.where(self.stats_mask[start:end, None], rows, 0.0).sum(0).double()
 
 
+_PROJECTION_BLOCK = 2048
+
+
+def _log_softmax_(logits: Tensor) -> Tensor:
+    """The log-softmax over the last dimension, written over ``logits`` on the CPU, where that is exact and about a
+    third of the time of filling a fresh [chunk, V] tensor (whose pages are new each chunk); a new tensor elsewhere."""
+    if logits.device.type == "cpu":
+        return torch.log_softmax(logits, dim=-1, out=logits)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _project(hidden: Tensor, head: Tensor, out: Tensor) -> Tensor:
+    """``hidden @ head.T`` written into ``out``.  # (n, H), (V, H), (n, V) -> (n, V)
+
+    Why not one matmul on the CPU: for a chunk of ~128 rows the wide, short (n, V) product is BLAS's worst shape
+    there; ``head @ hidden.T`` in vocabulary blocks, each block transposed into place while it is still in cache,
+    runs 1.3-1.4x faster on the machines measured at hidden size 1536 (``bench/loss_memory.py``), about even at 256.
+    Other devices take one matmul.
+    """
+    vocab = head.shape[0]
+    if out.device.type != "cpu" or vocab <= _PROJECTION_BLOCK:  # (a small head gains nothing from blocks)
+        return torch.mm(hidden, head.t(), out=out)
+    block = torch.empty(_PROJECTION_BLOCK, hidden.shape[0], dtype=out.dtype, device=out.device)
+    hidden_t = hidden.t()
+    for start in range(0, vocab, _PROJECTION_BLOCK):
+        end = min(start + _PROJECTION_BLOCK, vocab)
+        torch.mm(head[start:end], hidden_t, out=block[: end - start])
+        out[:, start:end].copy_(block[: end - start].t())
+    return out
+
+
 class _FusedLinearDivergence(torch.autograd.Function):
     """``sum_r row_weights[r] * D(student_r, teacher_r)`` from hidden states and LM heads, rows in chunks.
 
@@ -521,29 +601,54 @@ class _FusedLinearDivergence(torch.autograd.Function):
         student_head = student_weight.to(matmul)  # (V, H), the weight itself when the dtypes agree
         teacher_head = teacher_weight.to(matmul_dtype or teacher_hidden.dtype)
         full_vocabulary = topk == 0 or topk >= vocab
+        with_tail = op.add_tail and not full_vocabulary
         loss = torch.zeros((), dtype=compute, device=student_hidden.device)
+        # One [chunk, V] buffer per side, filled by each chunk's projection and reused: no fresh pages per chunk.
+        buffer_rows = min(chunk_size, rows_total)
+        device = student_hidden.device
+        student_buffer = torch.empty(buffer_rows, vocab, dtype=student_head.dtype, device=device)
+        teacher_buffer = torch.empty(buffer_rows, vocab, dtype=teacher_head.dtype, device=device)
         for start in range(0, rows_total, chunk_size):
             end = min(start + chunk_size, rows_total)
             hidden = student_hidden[start:end].to(matmul)  # (n, H)
-            # One log-softmax per side serves the metrics, the importance weight, the top-k and the divergence.
-            student = _log_softmax(hidden @ student_head.t(), op.temperature)  # (n, V)
-            teacher = _log_softmax(teacher_hidden[start:end].to(teacher_head.dtype) @ teacher_head.t(), op.temperature)
-            ids = None if full_vocabulary else student.topk(topk, dim=-1).indices  # (n, k); the logits' ranking
+            student = _project(hidden, student_head, student_buffer[: end - start]).to(compute)  # (n, V)
+            teacher = _project(
+                teacher_hidden[start:end].to(teacher_head.dtype), teacher_head, teacher_buffer[: end - start]
+            )
+            teacher = teacher.to(compute)
+            if op.temperature != 1.0:
+                student, teacher = student.div_(op.temperature), teacher.div_(op.temperature)
+            if extras is not None or not with_tail:
+                # One log-softmax per side serves the metrics, the importance weight, the top-k and the divergence.
+                student, teacher = _log_softmax_(student), _log_softmax_(teacher)
+            # With the tail, one more than k: the (k+1)-th largest is the largest outside the top-k, which the split
+            # needs. Ranking the logits ranks the log-probs.
+            ranked = None if full_vocabulary else student.topk(topk + with_tail, dim=-1)
+            ids = None if ranked is None else ranked.indices[:, :topk]  # (n, k)
             weights = row_weights[start:end]
             if extras is not None:
                 extras.add_stats(student, teacher, start, end, ids)
                 importance = extras.importance(student, start, end)
                 if importance is not None:
                     weights = torch.where(weights != 0, weights * importance, 0.0)
-            teacher = _bucket_logprobs_from(teacher, ids, op.add_tail)  # (n, m): all the divergence needs of it
             wanted = (grad_hidden is not None or grad_weight is not None) and bool((weights != 0).any())
-            chunk_values, grad_rows = op.values_and_grads_from(student, teacher, ids, weights if wanted else None)
+            if with_tail:
+                assert ranked is not None and ids is not None
+                chunk_values, grad_rows = op.top_and_tail_values_and_grads_(
+                    student, teacher, ids, ranked.values[:, topk], weights if wanted else None
+                )
+            else:
+                teacher = _bucket_logprobs_from(teacher, ids)  # (n, m): all the divergence needs of it
+                chunk_values, grad_rows = op.values_and_grads_from(student, teacher, ids, weights if wanted else None)
             values[start:end] = chunk_values
             # Rows outside the loss may hold inf/NaN divergences (padding): select them away, never multiply by 0.
             loss += torch.where(weights != 0, chunk_values * weights, 0.0).sum()
             if grad_rows is None:
                 continue
-            grad_rows = grad_rows.masked_fill_((weights == 0)[:, None], 0.0).to(student_head.dtype)
+            outside_loss = (weights == 0).nonzero().squeeze(-1)
+            if outside_loss.numel():
+                grad_rows.index_fill_(0, outside_loss, 0.0)
+            grad_rows = grad_rows.to(student_head.dtype)
             del student, teacher
             if grad_hidden is not None:
                 grad_hidden[start:end] = grad_rows @ student_head
@@ -1010,6 +1115,7 @@ def per_token_details(
         details["student_entropy"][rows] = _entropy(student)
         details["teacher_entropy"][rows] = _entropy(teacher)
         details["argmax_agreement"][rows] = student_top.indices[:, 0] == teacher_top.indices[:, 0]
-        details["student_tail_mass"][rows] = _complement_logsumexp(student, student_top.indices).exp()
-        details["teacher_tail_mass"][rows] = _complement_logsumexp(teacher, student_top.indices).exp()
+        # Last: the split overwrites the log-probs it reads.
+        details["student_tail_mass"][rows] = _split_top_and_rest_(student, student_top.indices)[0][:, k].exp()
+        details["teacher_tail_mass"][rows] = _split_top_and_rest_(teacher, student_top.indices)[0][:, k].exp()
     return {name: value.view(*leading, *value.shape[1:]) for name, value in details.items()}
