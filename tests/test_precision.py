@@ -51,7 +51,7 @@ def test_fp32_masters_under_bf16_autocast_keep_the_papers_small_updates(tiny_mod
     mixed = OPDTrainer(_config(tiny_model_dir, dataset, tmp_path / "mixed", {"dtype": "bfloat16"}))
     assert mixed.loaded.dtype == torch.float32 and mixed.loaded.compute_dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 for t in mixed.teacher.state_dict().values())
-    student, teacher = _fractions_changed(mixed, 5)
+    student, teacher = _fractions_changed(mixed, 3)
     # The entries left are embedding rows of tokens no rollout used (no gradient, so Adam does not move them).
     assert student >= 0.95 and teacher >= 0.95, (student, teacher)
     state = next(iter(mixed.optimizer.state.values()))
@@ -61,7 +61,7 @@ def test_fp32_masters_under_bf16_autocast_keep_the_papers_small_updates(tiny_mod
         _config(tiny_model_dir, dataset, tmp_path / "pure", {"dtype": "bfloat16", "master_dtype": "compute"})
     )
     assert pure.loaded.dtype == torch.bfloat16 and not pure.loaded.mixed_precision
-    student, teacher = _fractions_changed(pure, 5)
+    student, teacher = _fractions_changed(pure, 3)
     assert student < 0.2 and teacher < 0.05, (student, teacher)  # most updates round away in bf16
 
 
