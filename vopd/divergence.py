@@ -996,7 +996,9 @@ def distillation_loss(
 
 def _entropy(logprobs: Tensor) -> Tensor:
     """Shannon entropy in nats with 0 log 0 = 0.  # (n, V) -> (n,)"""
-    return -torch.where(logprobs != NEG_INF, logprobs.exp() * logprobs, 0.0).sum(-1)
+    if bool((logprobs.amin(-1) == NEG_INF).any()):  # some entry has no mass: 0 log 0 must be 0, not 0 * -inf = NaN
+        return -torch.where(logprobs != NEG_INF, logprobs.exp() * logprobs, 0.0).sum(-1)
+    return -logprobs.exp().mul_(logprobs).sum(-1)  # the usual case: one [n, V] temporary instead of four
 
 
 @torch.no_grad()
@@ -1055,10 +1057,12 @@ def _stats_rows(student: Tensor, teacher: Tensor, k: int, student_ids: Tensor | 
         if student_ids is None or student_ids.shape[-1] != k:
             student_ids = student.topk(k, dim=-1).indices  # (n, k)
         teacher_ids = teacher.topk(k, dim=-1).indices  # (n, k)
-        in_student_topk = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, student_ids, True)  # (n, V)
         student_mass = student.gather(-1, student_ids).exp().sum(-1)
         teacher_mass = teacher.gather(-1, student_ids).exp().sum(-1)
-        overlap = in_student_topk.gather(-1, teacher_ids).sum(-1).to(student.dtype) / k
+        # The teacher's top-k ids found among the student's, by binary search in each row (no (n, V) mask).
+        sorted_ids = student_ids.sort(dim=-1).values  # (n, k)
+        places = torch.searchsorted(sorted_ids, teacher_ids).clamp_(max=k - 1)  # (n, k)
+        overlap = (sorted_ids.gather(-1, places) == teacher_ids).sum(-1).to(student.dtype) / k
     return torch.stack([student_mass, teacher_mass, overlap, agreement, _entropy(student), _entropy(teacher)], dim=-1)
 
 
