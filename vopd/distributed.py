@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vopd.models import unwrap_model
+
 Strategy = Literal["single", "ddp", "fsdp"]
 
 
@@ -109,12 +111,6 @@ def teardown(ranks: Ranks) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ wrapping
-def _transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (itself otherwise): the FSDP root. peft's generate() calls the
-    inner model directly, so a root on the wrapper would never gather the embeddings for it."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _shard_units(model: nn.Module, vision_tower: nn.Module | None) -> list[nn.Module]:
     """The sub-modules that become their own FSDP units: every transformer block the model names in
     ``_no_split_modules`` (decoder layers, vision blocks) and the vision tower, which generate() calls directly."""
@@ -133,7 +129,9 @@ def shard(model: nn.Module, vision_tower: nn.Module | None) -> nn.Module:
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    root = _transformers_model(model)
+    # The root is the transformers model under peft's wrapper: peft's generate() calls the inner model directly, so a
+    # root on the wrapper would never gather the embeddings for it.
+    root = unwrap_model(model)
     for unit in _shard_units(root, vision_tower):
         fully_shard(unit, mesh=mesh)
     fully_shard(root, mesh=mesh)
@@ -153,7 +151,7 @@ def reshard(model: nn.Module) -> None:
     forward, expecting one): the module's parameters are then the same DTensor shards that the EMA updates."""
     from torch.distributed.fsdp import FSDPModule
 
-    root = _transformers_model(model)
+    root = unwrap_model(model)
     if isinstance(root, FSDPModule):
         root.reshard()
 
@@ -173,7 +171,7 @@ def gradient_sync(wrapped: nn.Module, ranks: Ranks, enabled: bool) -> Iterator[N
             yield
         return
     if ranks.strategy == "fsdp":
-        _transformers_model(wrapped).set_requires_gradient_sync(enabled)  # type: ignore[operator]
+        unwrap_model(wrapped).set_requires_gradient_sync(enabled)  # type: ignore[operator]
     yield
 
 

@@ -305,7 +305,10 @@ _VISION_TOWER_NAMES = ("visual", "vision_tower", "vision_model", "vision_encoder
 
 
 def unwrap_model(model: nn.Module) -> PreTrainedModel:
-    """The transformers model under a peft wrapper (the model itself otherwise)."""
+    """The transformers model under a DDP and a peft wrapper (the model itself otherwise). Under FSDP2 this is the
+    sharded root: ``fully_shard`` changes the module's class in place rather than wrapping it."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if isinstance(model, PeftModel) else model  # type: ignore[return-value]
 
 

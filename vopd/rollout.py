@@ -222,16 +222,9 @@ def response_logits(model: torch.nn.Module, prompts: BatchFeature, rollout: Roll
 _IMAGE_INPUT_KEYS = (*PIXEL_KEYS, "mm_encoder_outputs")
 
 
-def _transformers_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a DDP and a peft wrapper (the model itself otherwise)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    return unwrap_model(model)
-
-
 def _cache_keyword(model: torch.nn.Module) -> str:
     """The name this model's forward takes its KV cache under (``cache`` from transformers 5.x's rename on)."""
-    base = _transformers_model(model)
+    base = unwrap_model(model)
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
@@ -331,7 +324,7 @@ class PromptPass:
 def _positions(model: torch.nn.Module, inputs: BatchFeature | dict) -> torch.Tensor | None:
     """The position ids a forward over ``inputs`` from scratch would use, where the family computes its own (the
     Qwen-VL families' 3-D rotary positions, which depend on where the images are); None where they simply count."""
-    base = _transformers_model(model)
+    base = unwrap_model(model)
     inner = getattr(base, "model", base)
     compute = getattr(inner, "compute_3d_position_ids", None)
     if compute is None:
