@@ -15,7 +15,7 @@ from app.queueing import BrokerUnavailable, JobQueue, queue_shape, routed_queue
 from app.registry import UnknownName, parse_job_model_name, resolve_dataset, resolve_model
 from app.schemas import EvalJobCreate, JobOut, TrainJobCreate
 from app.settings import Settings
-from app.tables import TERMINAL_STATUSES, Job, JobLog, JobMetric, Worker, utcnow
+from app.tables import TERMINAL_STATUSES, ApiKey, Job, JobLog, JobMetric, Worker, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +163,15 @@ def _queue_position_column() -> ColumnElement[int | None]:
 _QUEUE_POSITION = _queue_position_column()
 
 
-def owned_job_with_position(session: Session, owner_id: int, job_id: int) -> tuple[Job, int | None] | None:
-    """The caller's job and its queue position in one statement (None: no such job, or someone else's)."""
-    row = session.execute(select(Job, _QUEUE_POSITION).where(Job.id == job_id, Job.owner_id == owner_id)).one_or_none()
+def job_with_position_for_key(session: Session, key_hash: str, job_id: int) -> tuple[Job, int | None] | None:
+    """The job and its queue position, if the live (unrevoked) key with ``key_hash`` owns it: the key check, the row
+    and the position in one statement, for the status poll (None: no such job, someone else's, or no such key)."""
+    query = (
+        select(Job, _QUEUE_POSITION)
+        .join(ApiKey, ApiKey.id == Job.owner_id)
+        .where(Job.id == job_id, ApiKey.key_hash == key_hash, ApiKey.revoked.is_(False))
+    )
+    row = session.execute(query).one_or_none()
     return None if row is None else (row[0], row[1])
 
 

@@ -30,20 +30,32 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_api_key(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> ApiKey:
+async def get_presented_key(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The key the caller sent, not yet checked (no database work, so it runs on the event loop)."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing API key: send 'Authorization: Bearer <key>' (create one with `vopd apikey create`)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    key = find_api_key(session, credentials.credentials)
+    return credentials.credentials
+
+
+PresentedKeyDep = Annotated[str, Depends(get_presented_key)]
+
+
+def unknown_key_error() -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def get_api_key(session: SessionDep, presented: PresentedKeyDep) -> ApiKey:
+    key = find_api_key(session, presented)
     if key is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}
-        )
+        raise unknown_key_error()
     return key
 
 

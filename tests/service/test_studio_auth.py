@@ -232,6 +232,14 @@ def test_signin_page_sets_an_httponly_cookie_and_signout_clears_it(studio: Studi
 
 def test_a_revoked_key_is_refused_everywhere_at_once(studio: Studio) -> None:
     key_id, key = studio.new_key("soon-revoked")
+    # The status poll checks the key inside the statement that reads the job: the owner reads it, another key gets
+    # a 404 (not someone else's data), and once revoked the owner itself gets a 401 for its own job.
+    body = {"kind": "eval", "config": {"model": "tiny", "dataset": "synth-64", "limit": 2}}
+    job = httpx.post(f"{studio.url}/api/jobs", json=body, headers=studio.bearer(key)).json()["id"]
+    poll = f"{studio.url}/api/jobs/{job}"
+    assert httpx.get(poll, headers=studio.bearer(key)).json()["status"] == "queued"
+    assert httpx.get(poll, headers=studio.bearer(studio.bob)).status_code == 404
+    assert httpx.get(poll, headers=studio.bearer("vopd_wrong")).status_code == 401
     with httpx.Client(base_url=studio.url, timeout=10) as browser:
         assert browser.get("/signin", params={"key": key}).status_code == 303
         checks = {
@@ -242,6 +250,8 @@ def test_a_revoked_key_is_refused_everywhere_at_once(studio: Studio) -> None:
         revoked = httpx.post(f"{studio.url}/api/keys/{key_id}/revoke", headers=studio.bearer(studio.admin))
         assert revoked.status_code == 200 and revoked.json()["revoked"] is True
         assert [checks[path](path).status_code for path in checks] == [401, 401]
+        refused = httpx.get(poll, headers=studio.bearer(key))
+        assert refused.status_code == 401 and refused.json()["detail"] == "unknown or revoked API key"
         assert browser.get("/ui/", headers={"Accept": "text/html"}).headers["location"].startswith("/signin")
         assert httpx.get(f"{studio.url}/ui/gradio_api/info", headers=studio.bearer(key)).status_code == 401
 
