@@ -27,11 +27,15 @@ must agree between methods computing the same math (``max_abs_diff``: the larges
 group that ran, ours when it did). Prints a table and ends with one JSON line (``memory_ratio_vs_naive`` = naive
 peak / our top-k peak; goal at least 10).
 
-The default methods take 6 to 11 minutes on 2 idle cores, depending on the machine's day (TRL's kernel alone
-projects each side 4 times, 2 to 3.5 minutes); ``--tokens 256`` runs them all in about 3. On a shared machine, run
-them a few at a time with ``--methods``.
+By default it runs ours, the naive loss and TRL's SDFT loss (the peer with our math, and the fastest): about 3
+minutes on 2 idle cores. TRL's chunked kernel and Liger's loss take minutes each at this shape (TRL's projects each
+side four times: 2.5 to 3.5 minutes alone), which would take the run past five; ``--all`` adds them (8 to 11
+minutes, depending on the machine's day), ``--tokens 256`` runs all of them in about 3 (there the naive loss, whose
+peak scales with the tokens while ours carries the head's fixed 0.9 GB gradient, is only about 7x ours). On a
+shared machine, run them a few at a time with ``--methods``.
 
-    python bench/loss_memory.py                 # the paper's shape, every method
+    python bench/loss_memory.py                 # the paper's shape: ours, naive, TRL SDFT
+    python bench/loss_memory.py --all           # and TRL's chunked kernel and Liger's loss
     python bench/loss_memory.py --quick         # vocab 32,000, 4 x 128 tokens, hidden 256: seconds (also a test)
     python bench/loss_memory.py --methods ours trl-chunked --tokens 512
 """
@@ -60,6 +64,9 @@ METHODS = {
     "trl-sdft": "TRL SDFT top-k loss (100 + tail)",
     "liger": "Liger LigerFusedLinearJSDLoss",
 }
+# The default fits in five minutes at the paper's shape on two cores; --all adds the two slow full-vocabulary peers.
+DEFAULT_METHODS = ("ours", "naive", "trl-sdft")
+ALL_METHODS = ("ours", "naive", "trl-chunked", "trl-sdft", "liger")  # ours-full: naive/TRL/Liger's math, 1 more minute
 # Which methods compute the same number (compared with the first of each group).
 GROUPS = {"ours": ("ours", "trl-sdft"), "ours-full": ("ours-full", "naive", "trl-chunked", "liger")}
 ALPHA = 0.5
@@ -198,13 +205,28 @@ def _child(args: argparse.Namespace, method: str, tokens: int) -> dict[str, Any]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _naive_fits(args: argparse.Namespace, tokens: int) -> bool:
+    """About 12 live [N, V] fp32 tensors: run it whole when that fits in 4 GiB."""
+    return 12 * args.batch * tokens * args.vocab * 4 < 4 * 2**30
+
+
+def _naive_token_counts(args: argparse.Namespace) -> list[int]:
+    """The largest halving of the tokens that fits, and its half: the naive loss's extrapolation points.
+
+    They must be large: below a few hundred rows the [N, V] tensors are smaller than the head's gradient, which then
+    sets the peak on its own, and a line through two such points falls far short (at 4 x 16 and 4 x 32 tokens the
+    peaks differ by 37 MiB where the [N, V] tensors differ by 445)."""
+    tokens = args.tokens
+    while tokens > 2 and not _naive_fits(args, tokens):
+        tokens //= 2
+    return [max(1, tokens // 2), tokens]
+
+
 def measure(args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
     """(method, row) as each child process finishes, so a long run shows its rows as it goes."""
     for method in args.methods:
-        # ~12 live [N, V] fp32 tensors: run it whole when that fits in 4 GiB, else extrapolate from smaller N.
-        naive_fits = 12 * args.batch * args.tokens * args.vocab * 4 < 4 * 2**30
-        if method == "naive" and not (args.naive_full or naive_fits):
-            small = [max(1, args.tokens // 16), max(2, args.tokens // 8)]
+        if method == "naive" and not (args.naive_full or _naive_fits(args, args.tokens)):
+            small = _naive_token_counts(args)
             first, second = (_child(args, method, tokens) for tokens in small)
             if "error" in first or "error" in second:
                 yield method, first if "error" in first else second
@@ -277,9 +299,10 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=[m for m in METHODS if m != "ours-full"],  # ours-full: the same as naive/TRL/Liger, 1 more minute
+        default=list(DEFAULT_METHODS),
         choices=list(METHODS),
     )
+    parser.add_argument("--all", action="store_true", help=f"every method but ours-full: {', '.join(ALL_METHODS)}")
     parser.add_argument("--naive-full", action="store_true", help="run the naive loss at full size (~25 GB)")
     parser.add_argument("--quick", action="store_true", help="vocab 32,000, 4 x 128 tokens, hidden 256")
     parser.add_argument("--method", choices=list(METHODS), help=argparse.SUPPRESS)  # set in the child process
@@ -287,6 +310,8 @@ def main() -> None:
     if args.method:
         print(json.dumps(run_method(args)))
         return
+    if args.all:
+        args.methods = list(ALL_METHODS)
     if args.quick:
         args.vocab, args.tokens, args.hidden = 32_000, 128, 256
     report(args, measure(args))
