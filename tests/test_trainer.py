@@ -366,6 +366,11 @@ def test_the_teacher_reuses_the_students_prompts_only_when_it_sees_the_same(tiny
     conversations = plain._conversations(samples, student_view)
     student_prompts = plain._encode(conversations)
     assert plain._teacher_prompts(samples, conversations, student_prompts) is student_prompts
+    # Each sample's view is made once and repeated for its rollouts, in the sample's order.
+    rollouts = plain.config.rollout.num_rollouts
+    assert rollouts > 1 and len(conversations) == len(samples) * rollouts
+    assert all(conversations[i] is conversations[i - i % rollouts] for i in range(len(conversations)))
+    assert conversations[0] is not conversations[rollouts]
     cropped = OPDTrainer(make_config(tiny_model_dir, data, tmp_path / "crop"))
     samples = cropped._samples_for(0)
     conversations = cropped._conversations(samples, student_view)

@@ -395,8 +395,11 @@ class OPDTrainer:
         return [self.samples[self.order.index(start + i)] for i in range(self._share)]
 
     def _conversations(self, samples: list[Sample], view_fn) -> list[Any]:
-        repeats = self.config.rollout.num_rollouts
-        return [to_messages(view_fn(sample, self.config.views)) for sample in samples for _ in range(repeats)]
+        """One conversation per rollout row. Each sample's view is made once and its messages repeated for its
+        rollouts (the processor only reads them): decoding, drawing on and cropping a large image is not free, and
+        the paper samples eight rollouts per prompt."""
+        per_sample = [to_messages(view_fn(sample, self.config.views)) for sample in samples]
+        return [messages for messages in per_sample for _ in range(self.config.rollout.num_rollouts)]
 
     def _encode(self, conversations: list[Any]) -> Any:
         """The model's inputs for ``conversations``; where the trainer shares image features, with the images already
@@ -411,7 +414,9 @@ class OPDTrainer:
         """The teacher's encoded prompts: the student's own when both views are the same (a teacher without the crop,
         as TRL's distillation or the no-privilege arm runs it), which spares encoding the images a second time."""
         conversations = self._conversations(samples, teacher_view)
-        if conversations == student_conversations:  # PIL images compare by their pixels
+        # One row per sample is enough (its rollouts repeat the same messages); PIL images compare by their pixels.
+        every_sample = slice(None, None, self.config.rollout.num_rollouts)
+        if conversations[every_sample] == student_conversations[every_sample]:
             return student_prompts
         return self._encode(conversations)
 
