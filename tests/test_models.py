@@ -19,6 +19,7 @@ from vopd.models import (
     optimizer_param_groups,
     parameter_count,
     register_image_only_processors,
+    repeat_each_row,
     resolve_device,
     resolve_dtype,
     suppressed_token_ids,
@@ -179,6 +180,30 @@ def test_encode_prompts_left_pads_images_of_different_sizes(tiny_model_dir: Path
     assert input_ids[0, :padding].eq(loaded.pad_token_id).all()
     assert attention_mask[1].eq(1).all()
     assert loaded.tokenizer.decode(input_ids[1]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def assert_repeating_rows_equals_encoding_them_all(processor, conversations: list[list[dict]]) -> None:
+    """Each conversation encoded once and its rows repeated three times is the encoding of the repeated list, key by
+    key and value by value (padding included: the longest prompt is the same either way)."""
+    repeated = repeat_each_row(encode_prompts(processor, conversations), 3)
+    expected = encode_prompts(processor, [conversation for conversation in conversations for _ in range(3)])
+    assert repeated is not None and set(repeated) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(repeated[key], value), key
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "llava"])
+def test_repeating_encoded_rows_equals_encoding_the_repeated_conversations(
+    family: str, tiny_model_dir: Path, tiny_llava_dir: Path
+) -> None:
+    loaded = load_model_and_processor(tiny_model_dir if family == "qwen2-vl" else tiny_llava_dir)
+    assert_repeating_rows_equals_encoding_them_all(loaded.processor, two_prompts())
+    batch = encode_prompts(loaded.processor, two_prompts())
+    assert repeat_each_row(batch, 1) is batch
+    if family == "qwen2-vl":  # a row with two images: its patches do not split by row, so the caller encodes all
+        images = [{"type": "image", "image": Image.new("RGB", (56, 56), colour)} for colour in ("red", "blue")]
+        two_images = [{"role": "user", "content": [*images, {"type": "text", "text": "Which one is red?"}]}]
+        assert repeat_each_row(encode_prompts(loaded.processor, [two_images, two_prompts()[0]]), 2) is None
 
 
 def test_encode_prompts_without_generation_prompt_and_bad_images(tiny_model_dir: Path) -> None:

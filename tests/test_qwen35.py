@@ -131,6 +131,13 @@ def test_generation_prompt_thinking_switch(loaded: LoadedModel) -> None:
     assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>\n\n</think>"
 
 
+def test_repeating_encoded_rows_equals_encoding_the_repeated_conversations(loaded: LoadedModel) -> None:
+    """The trainer encodes each prompt once and repeats its rows for the rollouts: the same inputs, exactly."""
+    from tests.test_models import assert_repeating_rows_equals_encoding_them_all, two_prompts
+
+    assert_repeating_rows_equals_encoding_them_all(loaded.processor, two_prompts())
+
+
 def test_builds_qwen35_with_its_real_classes_and_loads_offline(qwen35_dir: Path, loaded: LoadedModel) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3_5ForConditionalGeneration
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor

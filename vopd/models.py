@@ -624,6 +624,36 @@ def encode_prompts(
     )
 
 
+def repeat_each_row(batch: BatchFeature, repeats: int) -> BatchFeature | None:
+    """``batch`` with each row repeated ``repeats`` times in place (row 0, row 0, ..., row 1, ...): what encoding
+    each conversation ``repeats`` times would give, without the processor's work on the repeated images (a step's
+    rollouts repeat their prompt, eight per prompt in the paper). None for a layout this does not know, where the
+    caller encodes every row instead.
+
+    Known layouts, with one image per row: tensors whose first dimension is the row (token ids and masks, LLaVA's
+    and Idefics3's pixels), and the Qwen-VL families' flattened patches (``pixel_values`` rows grouped by image,
+    each image's count the product of its ``image_grid_thw`` row).
+    """
+    if repeats == 1:
+        return batch
+    rows = batch["input_ids"].shape[0]
+    grid = batch.get("image_grid_thw")
+    repeated: dict[str, torch.Tensor] = {}
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor) or value.ndim == 0:
+            return None
+        if key == "pixel_values" and grid is not None:
+            if grid.shape[0] != rows:  # several images (or none) in some row: their patches do not split by row
+                return None
+            blocks = value.split(grid.prod(dim=-1).tolist())  # one block of patches per image, so per row
+            repeated[key] = torch.cat([block for block in blocks for _ in range(repeats)])
+        elif value.shape[0] == rows:
+            repeated[key] = value.repeat_interleave(repeats, dim=0)
+        else:
+            return None
+    return BatchFeature(repeated)
+
+
 def parameter_count(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameters (shared tensors counted once)."""
     seen: set[int] = set()

@@ -43,6 +43,7 @@ from vopd.models import (
     image_features_refusal,
     load_model_and_processor,
     optimizer_param_groups,
+    repeat_each_row,
     resolve_dtype,
     vision_tower_module,
     with_image_features,
@@ -402,9 +403,14 @@ class OPDTrainer:
         return [messages for messages in per_sample for _ in range(self.config.rollout.num_rollouts)]
 
     def _encode(self, conversations: list[Any]) -> Any:
-        """The model's inputs for ``conversations``; where the trainer shares image features, with the images already
-        through the vision encoder (under the same autocast as the forwards that would otherwise run it)."""
-        prompts = self.loaded.encode(conversations)
+        """The model's inputs for ``conversations`` (as ``_conversations`` makes them: each sample's messages repeated
+        for its rollouts); where the trainer shares image features, with the images already through the vision
+        encoder (under the same autocast as the forwards that would otherwise run it). Each sample is encoded once
+        and its rows repeated, where the processor's layout allows it."""
+        repeats = self.config.rollout.num_rollouts
+        prompts = repeat_each_row(self.loaded.encode(conversations[::repeats]), repeats) if repeats > 1 else None
+        if prompts is None:
+            prompts = self.loaded.encode(conversations)
         if self.shares_image_features:
             with self.loaded.autocast():
                 prompts = with_image_features(self.student, prompts)
