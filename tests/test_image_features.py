@@ -11,7 +11,7 @@ from torch import nn
 
 from tests.test_trainer import make_config, trainable_snapshot, write_dataset
 from vopd.config import RuntimeConfig
-from vopd.models import image_features_refusal, load_model_and_processor, with_image_features
+from vopd.models import image_features_refusal, load_model_and_processor, repeat_each_row, with_image_features
 from vopd.rollout import response_logits, sample_rollouts
 from vopd.trainer import OPDTrainer
 
@@ -61,6 +61,28 @@ def test_precomputed_features_sample_and_score_exactly_as_the_pixels_do(
         expected = response_logits(loaded.model, pixels, from_pixels)
         actual = response_logits(loaded.model, features, from_pixels)
     assert torch.equal(expected, actual)
+
+
+@pytest.mark.parametrize("family", ["qwen2vl", "llava"])
+def test_features_of_each_prompt_once_repeated_for_its_rollouts_score_as_every_row_encoded(
+    family, tiny_model_dir, tiny_llava_dir, dataset
+) -> None:
+    """The trainer encodes each prompt's image once and repeats its features for the prompt's rollouts: the forward
+    over the repeated rows gives what encoding every row gives."""
+    folder = tiny_model_dir if family == "qwen2vl" else tiny_llava_dir
+    loaded = load_model_and_processor(folder, RuntimeConfig(device="cpu", dtype="float32"), trainable=True)
+    unique = _prompts(loaded, dataset)
+    every_row = repeat_each_row(unique, 2)  # the pixels repeated: what the processor gives for the repeated list
+    assert every_row is not None
+    repeated = repeat_each_row(with_image_features(loaded.model, unique), 2)
+    assert repeated is not None and "pixel_values" not in repeated
+    features = repeated["mm_encoder_outputs"]["image"]
+    assert features.last_hidden_state is None  # the encoder's internals are not repeated: nothing may read them
+    with torch.no_grad():
+        expected = loaded.model(**every_row).logits
+        actual = loaded.model(**repeated).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(actual[0], actual[1]) and not torch.equal(actual[1], actual[2])
 
 
 def test_features_are_not_shared_when_a_weight_behind_them_trains(tiny_model_dir) -> None:

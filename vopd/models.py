@@ -626,23 +626,29 @@ def encode_prompts(
 
 def repeat_each_row(batch: BatchFeature, repeats: int) -> BatchFeature | None:
     """``batch`` with each row repeated ``repeats`` times in place (row 0, row 0, ..., row 1, ...): what encoding
-    each conversation ``repeats`` times would give, without the processor's work on the repeated images (a step's
-    rollouts repeat their prompt, eight per prompt in the paper). None for a layout this does not know, where the
-    caller encodes every row instead.
+    each conversation ``repeats`` times would give, without the processor's and the vision encoder's work on the
+    repeated images (a step's rollouts repeat their prompt, eight per prompt in the paper). None for a layout this
+    does not know, where the caller encodes every row instead.
 
     Known layouts, with one image per row: tensors whose first dimension is the row (token ids and masks, LLaVA's
-    and Idefics3's pixels), and the Qwen-VL families' flattened patches (``pixel_values`` rows grouped by image,
-    each image's count the product of its ``image_grid_thw`` row).
+    and Idefics3's pixels), the Qwen-VL families' flattened patches (``pixel_values`` rows grouped by image, each
+    image's count the product of its ``image_grid_thw`` row), and image features from ``with_image_features`` whose
+    pooled output is per image (``_repeat_image_features``).
     """
     if repeats == 1:
         return batch
     rows = batch["input_ids"].shape[0]
     grid = batch.get("image_grid_thw")
-    repeated: dict[str, torch.Tensor] = {}
+    repeated: dict[str, Any] = {}
     for key, value in batch.items():
-        if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        if key == "mm_encoder_outputs" and set(value) == {"image"}:
+            features = _repeat_image_features(value["image"], rows, repeats)
+            if features is None:
+                return None
+            repeated[key] = {"image": features}
+        elif not isinstance(value, torch.Tensor) or value.ndim == 0:
             return None
-        if key == "pixel_values" and grid is not None:
+        elif key == "pixel_values" and grid is not None:
             if grid.shape[0] != rows:  # several images (or none) in some row: their patches do not split by row
                 return None
             blocks = value.split(grid.prod(dim=-1).tolist())  # one block of patches per image, so per row
@@ -652,6 +658,28 @@ def repeat_each_row(batch: BatchFeature, repeats: int) -> BatchFeature | None:
         else:
             return None
     return BatchFeature(repeated)
+
+
+# What an encoder's output may carry beside the pooled features, which the language model's forward never reads.
+_ENCODER_INTERNALS = ("last_hidden_state", "hidden_states", "attentions")
+
+
+def _repeat_image_features(features: Any, rows: int, repeats: int) -> Any | None:
+    """``get_image_features``' output for one image per row, with each image's pooled features repeated: a tuple of
+    per-image tensors (the Qwen-VL families, which concatenate it) or a tensor whose first dimension is the image
+    (LLaVA). The encoder's internals are dropped, so that a forward reading them fails instead of reading the
+    unrepeated ones; None for anything else the forward would read (Qwen3-VL's deepstack features, concatenated over
+    all images, do not split by image)."""
+    pooled = getattr(features, "pooler_output", None)
+    if isinstance(pooled, tuple | list) and len(pooled) == rows:
+        pooled = tuple(image for image in pooled for _ in range(repeats))
+    elif isinstance(pooled, torch.Tensor) and pooled.ndim > 0 and pooled.shape[0] == rows:
+        pooled = pooled.repeat_interleave(repeats, dim=0)
+    else:
+        return None
+    if any(value is not None for key, value in features.items() if key not in (*_ENCODER_INTERNALS, "pooler_output")):
+        return None
+    return type(features)(pooler_output=pooled)
 
 
 def parameter_count(model: nn.Module, *, trainable_only: bool = False) -> int:

@@ -405,12 +405,18 @@ class OPDTrainer:
     def _encode(self, conversations: list[Any]) -> Any:
         """The model's inputs for ``conversations`` (as ``_conversations`` makes them: each sample's messages repeated
         for its rollouts); where the trainer shares image features, with the images already through the vision
-        encoder (under the same autocast as the forwards that would otherwise run it). Each sample is encoded once
-        and its rows repeated, where the processor's layout allows it."""
+        encoder (under the same autocast as the forwards that would otherwise run it). Each sample goes through the
+        processor and the encoder once and its rows are repeated, where their layout allows it (``repeat_each_row``);
+        otherwise every row is encoded."""
         repeats = self.config.rollout.num_rollouts
-        prompts = repeat_each_row(self.loaded.encode(conversations[::repeats]), repeats) if repeats > 1 else None
-        if prompts is None:
-            prompts = self.loaded.encode(conversations)
+        if repeats > 1:
+            prompts = repeat_each_row(self._encode_rows(conversations[::repeats]), repeats)
+            if prompts is not None:
+                return prompts
+        return self._encode_rows(conversations)
+
+    def _encode_rows(self, conversations: list[Any]) -> Any:
+        prompts = self.loaded.encode(conversations)
         if self.shares_image_features:
             with self.loaded.autocast():
                 prompts = with_image_features(self.student, prompts)
