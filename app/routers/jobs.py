@@ -86,10 +86,10 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: JobId, request: Request, presented: PresentedKeyDep) -> JobOut:
-    """One job, with its queue position and ETA. This is the status poll, the API's most frequent request, so it
-    does its work in one trip to the thread pool and, when the job is found, one statement that checks the key too
-    (a session dependency and the key dependency would take three more trips and one more statement). Only a miss
-    looks the key up alone, to answer 401 for a bad key and 404 for a job that is not yours."""
+    """One of your jobs, with its queue position and ETA (404 for a job that is not yours)."""
+    # The status poll is the API's most frequent request: it does its work in one trip to the thread pool and, when
+    # the job is found, one statement that checks the key too (a session dependency and the key dependency would take
+    # three more trips and one more statement). Only a miss looks the key up alone, to tell 401 from 404.
     with session_scope(request.app.state.session_factory) as session:
         found = crud.job_with_position_for_key(session, hash_key(presented), job_id)
         if found is None:
