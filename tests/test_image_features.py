@@ -127,6 +127,46 @@ def test_a_step_that_shares_image_features_equals_one_that_does_not(tiny_model_d
         torch.testing.assert_close(value, after_unshared[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_features_that_do_not_split_by_image_are_encoded_for_every_row_after_the_first_refusal(
+    tiny_model_dir, dataset, tmp_path, monkeypatch
+) -> None:
+    """Qwen3-VL's encoder also returns deepstack features concatenated over all images, which cannot be repeated
+    image by image: the trainer then encodes every row, and learns it once rather than on every call."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+    from vopd import trainer as trainer_module
+    from vopd.views import student_view
+
+    trainer = OPDTrainer(make_config(tiny_model_dir, dataset, tmp_path / "run", steps=1))
+    rollouts = trainer.config.rollout.num_rollouts
+    conversations = trainer._conversations(trainer._samples_for(0), student_view)
+    calls = _count_encoder_calls(trainer)
+    plain = trainer._encode(conversations)  # each prompt's image once, its features repeated
+    assert calls[0] == 1 and len(plain["mm_encoder_outputs"]["image"].pooler_output) == len(conversations)
+
+    def with_deepstack(model, prompts):
+        encoded = with_image_features(model, prompts)
+        pooled = encoded["mm_encoder_outputs"]["image"].pooler_output
+        encoded["mm_encoder_outputs"]["image"] = BaseModelOutputWithDeepstackFeatures(
+            pooler_output=pooled, deepstack_features=[torch.cat(pooled)]
+        )
+        return encoded
+
+    monkeypatch.setattr(trainer_module, "with_image_features", with_deepstack)
+    assert repeat_each_row(with_deepstack(trainer.student, trainer.loaded.encode(conversations[::rollouts])), 2) is None
+    calls[0] = 0
+    refused = trainer._encode(conversations)  # the unique rows' features are refused, then every row is encoded
+    again = trainer._encode(conversations)
+    assert calls[0] == 1 + 1 + 1 and not trainer.repeats_image_features
+    for encoded in (refused, again):
+        assert torch.equal(encoded["input_ids"], plain["input_ids"])
+        features = encoded["mm_encoder_outputs"]["image"]
+        assert len(features.pooler_output) == len(conversations) and features.deepstack_features is not None
+        expected = plain["mm_encoder_outputs"]["image"].pooler_output
+        for got, want in zip(features.pooler_output, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_a_teacher_on_the_students_own_view_takes_the_same_features(tiny_model_dir, tmp_path) -> None:
     """TRL's setting (the teacher sees the student's image): the encoder runs once a step."""
     data = write_dataset(tmp_path / "data", count=4)

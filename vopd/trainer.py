@@ -237,6 +237,9 @@ class OPDTrainer:
         # With no trained weight behind the image features (a frozen vision tower and projector, the default), each
         # view's images go through the encoder once per micro-batch; generate, the teacher and the student reuse them.
         self.shares_image_features = image_features_refusal(self.student) is None
+        # Whether a prompt's image features can be repeated for its rollouts (``repeat_each_row``); learnt from the
+        # first features the encoder returns, so a family whose features do not split by image is encoded once.
+        self.repeats_image_features = True
         # One forward over the student's prompts for both the sampling and the scoring, where it applies.
         self.prompt_pass_refusal = self._prompt_pass_refusal()
         if self.prompt_pass_refusal is not None and config.rollout.share_prompt_pass:
@@ -405,22 +408,26 @@ class OPDTrainer:
     def _encode(self, conversations: list[Any]) -> Any:
         """The model's inputs for ``conversations`` (as ``_conversations`` makes them: each sample's messages repeated
         for its rollouts); where the trainer shares image features, with the images already through the vision
-        encoder (under the same autocast as the forwards that would otherwise run it). Each sample goes through the
-        processor and the encoder once and its rows are repeated, where their layout allows it (``repeat_each_row``);
-        otherwise every row is encoded."""
-        repeats = self.config.rollout.num_rollouts
-        if repeats > 1:
-            prompts = repeat_each_row(self._encode_rows(conversations[::repeats]), repeats)
-            if prompts is not None:
-                return prompts
-        return self._encode_rows(conversations)
+        encoder (under the same autocast as the forwards that would otherwise run it).
 
-    def _encode_rows(self, conversations: list[Any]) -> Any:
-        prompts = self.loaded.encode(conversations)
-        if self.shares_image_features:
-            with self.loaded.autocast():
-                prompts = with_image_features(self.student, prompts)
-        return prompts
+        Each sample goes through the processor and the encoder once and its rows are repeated, where their layout
+        allows it (``repeat_each_row``); otherwise every row goes through that stage. The processor's layout is known
+        before the encoder runs, so only the first refused features (Qwen3-VL's deepstack ones) are computed twice.
+        """
+        repeats = self.config.rollout.num_rollouts
+        unique: Any = self.loaded.encode(conversations[::repeats])
+        prompts = repeat_each_row(unique, repeats)
+        if prompts is None:  # a processor layout it does not know: every row through the processor
+            unique, prompts = None, self.loaded.encode(conversations)
+        if not self.shares_image_features:
+            return prompts
+        with self.loaded.autocast():
+            if unique is not None and self.repeats_image_features:
+                repeated = repeat_each_row(with_image_features(self.student, unique), repeats)
+                if repeated is not None:
+                    return repeated
+                self.repeats_image_features = False
+            return with_image_features(self.student, prompts)
 
     def _teacher_prompts(self, samples: list[Sample], student_conversations: list[Any], student_prompts: Any) -> Any:
         """The teacher's encoded prompts: the student's own when both views are the same (a teacher without the crop,
