@@ -296,13 +296,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--repeats", type=int, default=0, help="extra timed passes (the minimum is shown)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=list(DEFAULT_METHODS),
-        choices=list(METHODS),
-    )
-    parser.add_argument("--all", action="store_true", help=f"every method but ours-full: {', '.join(ALL_METHODS)}")
+    which = parser.add_mutually_exclusive_group()  # --all with --methods would silently drop one of them
+    which.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
+    which.add_argument("--all", action="store_true", help=f"every method but ours-full: {', '.join(ALL_METHODS)}")
     parser.add_argument("--naive-full", action="store_true", help="run the naive loss at full size (~25 GB)")
     parser.add_argument("--quick", action="store_true", help="vocab 32,000, 4 x 128 tokens, hidden 256")
     parser.add_argument("--method", choices=list(METHODS), help=argparse.SUPPRESS)  # set in the child process
