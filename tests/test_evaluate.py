@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from vopd.answering import Answer, is_correct, normalize_answer, parse_choice
 from vopd.cli import main
 from vopd.config import EvalConfig
 from vopd.data import Sample
-from vopd.evaluate import Answer, _is_correct, evaluate, normalize_answer, parse_choice, summarize
+from vopd.evaluate import evaluate, summarize
 
 OPTIONS = ["red", "green", "blue", "yellow"]
 
@@ -54,10 +55,10 @@ def test_correctness_and_summary_on_a_hand_built_case() -> None:
         records.append(
             {
                 "id": sample.id,
-                "full_correct": _is_correct(sample, f),
+                "full_correct": is_correct(sample, f),
                 "full_choice": "A",
                 "full_p_correct": f.option_probs[sample.answer_index],
-                "crop_correct": _is_correct(sample, c),
+                "crop_correct": is_correct(sample, c),
                 "crop_choice": "ABCD"[c.choice],
                 "crop_p_correct": None,
             }
@@ -67,8 +68,8 @@ def test_correctness_and_summary_on_a_hand_built_case() -> None:
     assert summary["n"] == 4 and summary["full_letters"] == {"A": 4}
     assert summary["full_p_correct"] == pytest.approx((0.7 + 0.1 * 3) / 4)
     free = Sample(id="f", question="q", answer="Red car", bbox=(0, 0, 4, 4), image_bytes=image)
-    assert _is_correct(free, Answer("a red car.", None, None))
-    assert not _is_correct(free, Answer("blue car", None, None))
+    assert is_correct(free, Answer("a red car.", None, None))
+    assert not is_correct(free, Answer("blue car", None, None))
 
 
 def test_evaluate_on_the_tiny_model_is_self_consistent(tiny_model_dir, tmp_path) -> None:
@@ -102,7 +103,7 @@ def test_eval_cli_ends_with_one_json_line(tiny_model_dir, tmp_path, capsys) -> N
 
 
 def test_reasoning_before_the_answer_is_not_read_as_the_answer() -> None:
-    from vopd.evaluate import _without_reasoning, parse_choice
+    from vopd.answering import _without_reasoning, parse_choice
 
     text = _without_reasoning("<think>\nMaybe A, maybe C.\n</think>\n\nB")
     assert text == "B" and parse_choice(text, ["red", "green", "blue"]) == 1
@@ -117,15 +118,18 @@ def test_box_free_items_report_full_oracle_crop_and_searched_crop(tiny_model_dir
 
     data = generate_dataset(tmp_path / "nb", SynthConfig(n=4, seed=3, no_box=True))
     calls = []
+    from vopd import answering
     from vopd import evaluate as evaluate_module
+    from vopd import evidence as evidence_module
 
-    original_generate = evaluate_module.generate_answers
+    original_generate = answering.generate_answers
 
     def spy(loaded, views, options, *, max_new_tokens):
         calls.append([view.text for view in views])
         return original_generate(loaded, views, options, max_new_tokens=max_new_tokens)
 
-    monkeypatch.setattr(evaluate_module, "generate_answers", spy)
+    monkeypatch.setattr(evaluate_module, "generate_answers", spy)  # the full, crop and searched answers
+    monkeypatch.setattr(evidence_module, "generate_answers", spy)  # the search's own answers on each window
     config = EvalConfig(model=str(tiny_model_dir), dataset=str(data), max_new_tokens=4, views={"search_windows": [0.5]})
     result = evaluate(config)
     summary = result.summary

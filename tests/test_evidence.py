@@ -265,8 +265,8 @@ def test_cli_trains_on_a_plain_vqa_jsonl(tiny_model_dir: Path, tmp_path: Path, c
 def test_confidence_is_the_top_letters_mass_or_the_first_tokens_certainty() -> None:
     """view_confidences on a real model, checked against a forward pass of our own: the letter mass where the greedy
     answer names its letter, exp(-entropy) of the first token for an open question; the model's mode is restored."""
+    from vopd.answering import _letter_token_ids
     from vopd.config import RuntimeConfig
-    from vopd.evaluate import _letter_token_ids
     from vopd.models import load_model_and_processor
     from vopd.rollout import RolloutBatch, response_logits
     from vopd.tiny import shipped_base_model_dir

@@ -4,7 +4,7 @@ Vision-OPD is judged on fine-detail, high-resolution benchmarks where a model se
 question: no evidence box, no crop, no hint (the ``plain`` full-image condition of ``vopd.evaluate``). Nothing is
 downloaded; ``--data`` names the folder a user already holds. Each suite becomes ``vopd.data.Sample`` records (the
 options as text, the answer as the correct option's text, the image as a path or bytes, ``bbox`` None) plus a
-category, so one decoding path (``vopd.evaluate.generate_answers`` + ``parse_choice``) serves every suite.
+category, so one decoding path (``vopd.answering.generate_answers`` + ``parse_choice``) serves every suite.
 
 Layouts supported (learned from the suites' own repositories and dataset cards, and VLMEvalKit's loaders):
 
@@ -60,10 +60,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vopd.answering import EvalResult, accuracy_by, answer_record, generate_answers
 from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import EvalConfig
 from vopd.data import Sample, letter_index
-from vopd.evaluate import EvalResult, _record, accuracy_by, generate_answers
 from vopd.models import LoadedModel, load_model_and_processor
 from vopd.views import full_view
 
@@ -589,7 +589,7 @@ def evaluate_benchmark(
                     "question": item.sample.question,
                     "options": item.sample.options,
                     "answer": item.sample.answer,
-                    **_record(item.sample, "full", answer),
+                    **answer_record(item.sample, "full", answer),
                 }
             )
         events.on_progress(done=len(records), total=len(items), metrics=None)

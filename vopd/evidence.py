@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from vopd.answering import generate_answers
 from vopd.config import ViewConfig
 from vopd.data import Sample
 from vopd.models import LoadedModel
@@ -92,9 +93,7 @@ def view_confidences(
     model: nn.Module | None = None,
 ) -> list[float]:
     """Label-free confidence of ``model`` (default: ``loaded.model``) answering each view (see the module doc): read
-    from the same greedy answers evaluation gives (``vopd.evaluate.generate_answers``)."""
-    from vopd.evaluate import generate_answers  # evaluate imports views; keep this module importable from both
-
+    from the same greedy answers evaluation gives (``vopd.answering.generate_answers``)."""
     module = model if model is not None else loaded.model
     was_training = module.training
     try:

@@ -24,9 +24,9 @@ from typing import Any
 
 from torch import nn
 
+from vopd.answering import generate_answers
 from vopd.config import CollapseGuardConfig, ViewConfig
 from vopd.data import Sample
-from vopd.evaluate import generate_answers
 from vopd.models import LoadedModel
 from vopd.views import student_view, teacher_view
 

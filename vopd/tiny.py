@@ -102,7 +102,7 @@ def shipped_no_box_model_dir() -> Path:
 
 
 def answer_text(letter: str) -> str:
-    """The assistant's reply the tiny model is taught; ``vopd.evaluate.parse_choice`` reads it back."""
+    """The assistant's reply the tiny model is taught; ``vopd.answering.parse_choice`` reads it back."""
     return f"{ANSWER_PREFIX}{letter}"
 
 

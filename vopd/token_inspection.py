@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from vopd.answering import generate_answers, parse_choice
 from vopd.config import InspectConfig
 from vopd.data import Sample, option_letter
 from vopd.divergence import per_token_details, token_divergence
-from vopd.evaluate import generate_answers, parse_choice
 from vopd.models import LoadedModel, load_model_and_processor
 from vopd.rollout import response_logits, sample_rollouts
 from vopd.views import student_view, teacher_view, to_messages
