@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 
+from app.api_docs import install_api_docs
 from app.auth import find_api_key
 from app.crud import reconcile_queued, requeue_orphans
 from app.db import make_engine, make_session_factory, run_migrations, session_scope
@@ -72,7 +73,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Train and evaluate Vision-OPD on queued GPU workers; inspect per-token distributions.",
         lifespan=_lifespan,
+        docs_url=None,  # served from installed assets below, not from a CDN
+        redoc_url=None,
     )
+    install_api_docs(app)
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
