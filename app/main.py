@@ -20,7 +20,7 @@ from app.db import make_engine, make_session_factory, run_migrations, session_sc
 from app.inference import InferencePool, ModelCache
 from app.limits import BodySizeLimit, validation_error_handler
 from app.queueing import BrokerUnavailable, JobQueue
-from app.routers import datasets, health, inspect, jobs, keys, models
+from app.routers import datasets, health, inspect, jobs, keys, models, openai_compat
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.inference_threads:
         torch.set_num_threads(settings.inference_threads)
     app.state.ui_mounted = False
-    for module in (jobs, datasets, models, inspect, health, keys):
+    for module in (jobs, datasets, models, inspect, health, keys, openai_compat):
         app.include_router(module.router)
     # Same-origin only: no Access-Control-Allow-Origin for any foreign origin. Its presence also switches off
     # Gradio's own CORS middleware, which echoes any Origin (with credentials) when the host is not localhost.

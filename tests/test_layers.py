@@ -30,6 +30,7 @@ LIBRARY = [
         "answering",
         "benchmarks",
         "callbacks",
+        "chat",
         "config",
         "data",
         "distributed",

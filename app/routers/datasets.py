@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
-from fastapi.responses import JSONResponse
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from sqlalchemy import or_, select
 
@@ -165,3 +166,22 @@ def list_samples(
             )
         )
     return SamplePage(items=items, total=dataset.n_samples, offset=offset, limit=limit)
+
+
+@router.get(
+    "/{dataset_id}/samples/{index}/image",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}, 404: {"description": "No such dataset or sample for this key."}},
+)
+def sample_image(
+    dataset_id: str, index: Annotated[int, PathParam(ge=0, le=2**31 - 1)], session: SessionDep, key: ApiKeyDep
+) -> Response:
+    """A sample's own image as PNG, unchanged (no box drawn): what an OpenAI-compatible chat request may name as its
+    ``image_url`` on this server."""
+    dataset = _dataset_or_404(session, key.id, dataset_id)
+    if index >= dataset.n_samples:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset_id!r} has {dataset.n_samples} samples")
+    sample = load_dataset(dataset.path, check_images=False, limit=index + 1)[index]
+    buffer = io.BytesIO()
+    sample.load_image().save(buffer, format="PNG")
+    return Response(buffer.getvalue(), media_type="image/png")

@@ -88,7 +88,9 @@ def _check_limits(body: InspectRequest, settings: Settings) -> None:
         raise _unprocessable(["runtime", "device"], f"this server has no {device} device; use auto or cpu")
 
 
-def _decode(data: bytes, field: str, settings: Settings) -> Image.Image:
+def decode_checked_image(data: bytes, field: str | list, settings: Settings) -> Image.Image:
+    """The image in ``data``, refused (422, or 413 over the pixel limit) when unreadable or too large; ``field`` names
+    where it came from in the request body."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
@@ -131,7 +133,7 @@ def _image_and_defaults(
             data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError) as error:
             raise _unprocessable("image_base64", f"not valid base64: {error}") from error
-        return _decode(data, "image_base64", settings), {}
+        return decode_checked_image(data, "image_base64", settings), {}
     dataset = visible_dataset(session, owner_id, body.dataset or "")
     if dataset is None:
         raise _unprocessable("dataset", f"unknown dataset {body.dataset!r}; GET /api/datasets lists ids")
