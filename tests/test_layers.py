@@ -41,6 +41,7 @@ LIBRARY = [
         "models",
         "reproduce",
         "rollout",
+        "scoring",
         "synth",
         "teacher",
         "tiny",

@@ -1117,7 +1117,7 @@ def summarize_benchmark(spec: BenchmarkSpec, records: Sequence[dict[str, Any]]) 
         "n_items": len(flat),
         "correct": sum(bool(r["full_correct"]) for r in flat),
         "unanswered": sum(r["full_choice"] is None for r in flat),
-        "full_p_correct": sum(p_values) / len(p_values) if p_values else float("nan"),
+        "full_p_correct": sum(p_values) / len(p_values) if p_values else None,
         "full_letters": dict(sorted(Counter(str(r["full_choice"]) for r in flat).items())),
         "categories": accuracy_by(flat, "category"),
         "breakdowns": {level: accuracy_by(flat, level) for level in levels},
@@ -1307,7 +1307,19 @@ def format_summary_table(summary: dict[str, Any]) -> str:
     width = max(len("category"), *(len(name) for name, _, _ in rows))
     lines = [f"{summary.get('title', summary.get('benchmark', ''))}", f"{'category':<{width}}  {'n':>6}  accuracy"]
     lines.extend(f"{name:<{width}}  {n:>6}  {accuracy:8.4f}" for name, n, accuracy in rows)
+    crop = summary.get("crop")
+    if crop:
+        lines.append(
+            f"crop (items with a crop or box, n={crop['n']}): full {crop['full_accuracy']:.4f}, "
+            f"crop {crop['crop_accuracy']:.4f}, gap {crop['gap']:+.4f}"
+        )
     reported = summary.get("reported") or {}
     if reported:
         lines.append("as reported: " + ", ".join(f"{name} {value:.4f}" for name, value in reported.items()))
+    judge = summary.get("judge")
+    if judge:
+        lines.append(
+            f"judge: accuracy {judge['accuracy']:.4f} (rules {summary['accuracy']:.4f}), agreement with the rules "
+            f"{judge['agreement']:.4f}, errors {judge['errors']}"
+        )
     return "\n".join(lines)
