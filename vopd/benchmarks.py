@@ -783,6 +783,11 @@ def _load_pope(data: Path, split: str | None) -> list[BenchmarkItem]:
     return items
 
 
+def load_pope(data: Path) -> list[BenchmarkItem]:
+    """All three splits together (the default config's test split), each item's split as its category."""
+    return _load_pope(data, None)
+
+
 def load_pope_adversarial(data: Path) -> list[BenchmarkItem]:
     return _load_pope(data, "adversarial")
 
@@ -1007,6 +1012,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             load_vstar,
             _report_vstar,
         ),
+        BenchmarkSpec("zoombench", "ZoomBench", ("zoom-bench",), ZOOMBENCH_LAYOUT, load_zoombench, _report_by_category),
         BenchmarkSpec(
             "hrbench-4k",
             "HR-Bench 4K",
@@ -1047,8 +1053,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
             load_mme_realworld_lite,
             _report_mme,
         ),
-        BenchmarkSpec("zoombench", "ZoomBench", ("zoom-bench",), ZOOMBENCH_LAYOUT, load_zoombench, _report_by_category),
         BenchmarkSpec("mmstar", "MMStar", ("mm-star",), MMSTAR_LAYOUT, load_mmstar, _report_by_category),
+        BenchmarkSpec("pope", "POPE (all splits)", (), POPE_LAYOUT, load_pope, _report_pope),
         BenchmarkSpec(
             "pope-adversarial", "POPE (adversarial)", ("pope-adv",), POPE_LAYOUT, load_pope_adversarial, _report_pope
         ),

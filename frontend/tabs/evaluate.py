@@ -19,7 +19,23 @@ POLL_INTERVAL_S = 3.0
 FULL_VIEWS = ("student", "plain")
 # The published suites of vopd.benchmarks (named here: the UI must not import the library's torch side; a test pins
 # this list to the registry). The folder is a name inside the server's VOPD_HOME/benchmarks.
-BENCHMARK_CHOICES = ("vstar", "hrbench-4k", "hrbench-8k", "mme-realworld", "mme-realworld-cn")
+BENCHMARK_CHOICES = (
+    "vstar",
+    "zoombench",
+    "hrbench-4k",
+    "hrbench-8k",
+    "mme-realworld",
+    "mme-realworld-cn",
+    "mme-realworld-lite",
+    "mmstar",
+    "pope",
+    "pope-adversarial",
+    "pope-popular",
+    "pope-random",
+    "cv-bench",
+    "mmvp",
+    "visualprobe",
+)
 NO_BENCHMARK = "none (use the dataset)"
 BENCHMARK_LABEL = "Or a published benchmark"
 BENCHMARK_DATA_LABEL = "Benchmark folder on the server (inside VOPD_HOME/benchmarks)"
