@@ -571,3 +571,18 @@ def test_a_failing_judge_is_counted_as_errors_not_as_yes(fake_judge) -> None:
     verdicts = client.judge(["q fail", "q", "q"], ["x", "yes", "no"], ["a", "b", "c"])
     assert verdicts == [None, True, False]
     assert len(_FakeJudge.requests) == 2 + 2  # the failing prompt tried twice (one retry)
+
+
+def test_cli_takes_the_judge_by_dotted_flags_and_prints_both_scorers(tmp_path, fake_judge, capsys) -> None:
+    folder = write_pope_full(tmp_path / "pope")
+    code = main(
+        ["eval", "--model", str(TINY_BASE), "--benchmark", "pope_adv", "--data", str(folder), "--max_new_tokens", "2",
+         "--views.max_pixels", str(112 * 112), "--runtime.device", "cpu", "--judge.url", fake_judge,
+         "--judge.model", "judge-model"]
+    )  # fmt: skip
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["scorer"] == "rule+judge" and summary["judge"]["judge_alone_accuracy"] == 0.5
+    assert any(line.startswith("judge: accuracy") for line in lines[:-1])
+    assert len(_FakeJudge.requests) == 2
