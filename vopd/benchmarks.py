@@ -40,6 +40,13 @@ Layouts supported (learned from the suites' own repositories and dataset cards, 
   per Task/Subtask (the category here), per Task, per fine category (lower-cased, every ``.../attribute*`` folded
   into ``.../attribute``), and overall over all questions.
 
+The rest of the paper's evaluation list (ZoomBench, MME-RealWorld-Lite and the Lmms-eval parquet copies of
+MME-RealWorld, MMStar, POPE's splits, CV-Bench, MMVP, VisualProbe) is read by the loaders further down, each with its
+layout in its docstring and its constant ``*_LAYOUT``; docs/benchmarks.md has one table of all suites (layout, prompt,
+scoring, and what differs from the paper's own script). Every item carries the prompt the paper's script asks
+(``EvalConfig.prompt`` = ``project`` asks in our own format instead) and the kind of rule that scores its reply
+(``vopd.scoring``); ZoomBench's crops and V*'s annotation boxes add the crop condition and the gap.
+
 Every suite's ``accuracy`` is the mean of the per-item ``full_correct`` records (an unparsable answer counts as
 wrong, as in all three papers); ``categories`` splits it by category, ``breakdowns`` by the other levels, and
 ``reported`` holds the numbers in the shape the suite's paper prints them.
