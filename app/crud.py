@@ -44,6 +44,8 @@ def create_job(
         paths["dataset"] = str(resolve_dataset(session, owner_id, config.dataset))
     if getattr(config, "benchmark", None) is not None:
         paths["data"] = str(resolve_benchmark_data(settings, config.benchmark, config.data))
+    if getattr(config, "judge", None) is not None:
+        check_judge_url(settings, config.judge.url)
     gpus = body.resources.gpus if isinstance(body, TrainJobCreate) else 1
     nodes = body.resources.nodes if isinstance(body, TrainJobCreate) else 1
     if gpus * nodes > 1 and config.runtime.strategy == "single":  # several processes need a strategy that joins them
@@ -103,6 +105,16 @@ def resolve_benchmark_data(settings: Settings, benchmark: str, data: str | None)
     if not candidate.exists():
         raise UnknownName("data", f"no benchmark folder {candidate}; {hint}")
     return candidate
+
+
+def check_judge_url(settings: Settings, url: str) -> None:
+    """Refuse a judge other than the server's own: the worker sends its judge key to that address, so a job naming
+    any URL could collect the key (and make the worker call any host)."""
+    allowed = settings.judge_url
+    if allowed is None:
+        raise UnknownName("judge", "this server has no judge: its administrator sets VOPD_JUDGE_URL to allow one")
+    if url.rstrip("/") != allowed.rstrip("/"):
+        raise UnknownName("judge", f"config.judge.url must be this server's judge, {allowed}")
 
 
 def _publish(session: Session, queue: JobQueue, job: Job, warnings: list[str] | None = None) -> None:

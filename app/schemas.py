@@ -99,7 +99,9 @@ class EvalJobCreate(BaseModel):
     config: EvalConfig = Field(
         description=(
             "config.model: a name from GET /api/models; config.dataset: a dataset id, or instead config.benchmark "
-            "(vstar, hrbench-4k, hrbench-8k, mme-realworld) with config.data, a folder inside VOPD_HOME/benchmarks."
+            "(vstar, zoombench, hrbench-4k, hrbench-8k, mme-realworld, mme-realworld-cn, mme-realworld-lite, mmstar, "
+            "pope-adversarial, pope-popular, pope-random, cv-bench, mmvp, visualprobe) with config.data, a folder "
+            "inside VOPD_HOME/benchmarks; config.judge.url must be the server's VOPD_JUDGE_URL."
         )
     )
     queue: str | None = Field(

@@ -59,6 +59,14 @@ class Settings(BaseSettings):
         description="Address of the node group's machine 0, as every machine of the group reaches it (torchrun).",
     )
     master_port: int = Field(29500, ge=1, le=65535, description="Port of the group's rendezvous on machine 0.")
+    judge_url: str | None = Field(
+        None,
+        description=(
+            "The one OpenAI-compatible endpoint (base URL, before /chat/completions) that eval jobs may name as their "
+            "judge. The worker sends its VOPD_JUDGE_API_KEY there, so a job may not choose another address; absent = "
+            "jobs cannot ask for a judge."
+        ),
+    )
     max_upload_mb: float = Field(1024.0, gt=0, description="Largest accepted dataset upload.")
     max_unzipped_mb: float = Field(4096.0, gt=0, description="Largest total uncompressed size of an uploaded zip.")
     max_zip_entries: int = Field(200_000, ge=1, description="Most files an uploaded zip may hold.")

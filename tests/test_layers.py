@@ -42,6 +42,7 @@ LIBRARY = [
         "models",
         "reproduce",
         "rollout",
+        "scoring",
         "synth",
         "teacher",
         "tiny",

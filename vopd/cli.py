@@ -235,14 +235,20 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder")
     parser.add_argument("--dataset", help="JSONL or parquet dataset with answers")
     parser.add_argument(
-        "--benchmark", help="a published suite instead of --dataset: vstar, hrbench-4k, hrbench-8k, mme-realworld"
+        "--benchmark",
+        help=(
+            "a published suite instead of --dataset: vstar, zoombench, hrbench-4k, hrbench-8k, mme-realworld(-cn, "
+            "-lite), mmstar, pope-adversarial, pope-popular, pope-random, cv-bench, mmvp, visualprobe"
+        ),
     )
     parser.add_argument("--data", help="the benchmark's local folder, in its published layout")
     parser.add_argument("--output", help="per-item JSONL records")
     parser.add_argument("--limit", type=int, help="only the first N samples")
     parser.epilog = (
         "Other EvalConfig fields by dotted name, e.g. --full_view plain --views.upscale 3. A benchmark is asked on "
-        "the full image with the plain question and prints accuracy per category (docs/benchmarks.md)."
+        "the full image with the official prompt (--prompt project for ours), on its crops too where it ships them "
+        "(--crops false to skip), and prints accuracy per category; --judge.url URL --judge.model NAME adds an LLM "
+        "judge (key in VOPD_JUDGE_API_KEY) (docs/benchmarks.md)."
     )
 
 

@@ -427,6 +427,24 @@ class TrainConfig(_Strict):
         return self
 
 
+class JudgeConfig(_Strict):
+    """An LLM judge behind any OpenAI-compatible endpoint, asked the official Yes/No question about each answer.
+
+    The key is never part of the config (configs are written into job rows and run folders): it is read from the
+    VOPD_JUDGE_API_KEY environment variable of the process that runs the evaluation."""
+
+    url: str = Field(
+        ...,
+        min_length=1,
+        pattern=r"^https?://",
+        description="The endpoint's base URL, the part before /chat/completions (e.g. http://127.0.0.1:8000/v1).",
+    )
+    model: str = Field(..., min_length=1, description="The judge model's name at that endpoint.")
+    max_tokens: int = Field(256, ge=1, le=8192, description="Longest judge reply (a reasoning judge needs more).")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="Seconds one judge request may take.")
+    workers: int = Field(8, ge=1, le=64, description="Judge requests in flight at once.")
+
+
 class EvalConfig(_Strict):
     """Multiple-choice accuracy on full images and on crops: the regional-to-global gap."""
 
@@ -438,8 +456,9 @@ class EvalConfig(_Strict):
         None,
         min_length=1,
         description=(
-            "A published suite read in its own layout (vstar, hrbench-4k, hrbench-8k, mme-realworld; see "
-            "vopd.benchmarks): full image, plain question, per-category accuracy. None = evaluate `dataset`."
+            "A published suite read in its own layout (vstar, zoombench, hrbench-4k, hrbench-8k, mme-realworld, "
+            "mme-realworld-cn, mme-realworld-lite, mmstar, pope-adversarial, pope-popular, pope-random, cv-bench, "
+            "mmvp, visualprobe; see vopd.benchmarks): full image, per-category accuracy. None = evaluate `dataset`."
         ),
     )
     data: str | None = Field(
@@ -463,6 +482,27 @@ class EvalConfig(_Strict):
         description=(
             "Also answer on the crop the evidence search chooses (vopd.evidence) and report searched_accuracy, with "
             "how often that crop holds the box's centre where a box is known; None = when some sample has no box."
+        ),
+    )
+    prompt: Literal["official", "project"] = Field(
+        "official",
+        description=(
+            "Benchmarks only: 'official' asks each suite's question in the paper's evaluation wording (prompt wording "
+            "moves HR-Bench by points); 'project' = our own format (question, 'A. option' lines, one instruction)."
+        ),
+    )
+    crops: bool = Field(
+        True,
+        description=(
+            "Benchmarks only: where a suite ships a crop (ZoomBench) or an evidence box (V* annotations), also answer "
+            "on the crop and report crop_accuracy and the gap (crop - full)."
+        ),
+    )
+    judge: JudgeConfig | None = Field(
+        None,
+        description=(
+            "Benchmarks only: also score each full-image answer with an LLM judge (Yes/No, as the paper's evaluation) "
+            "and report its accuracy beside the rule-based one, with their agreement. None = rules only."
         ),
     )
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

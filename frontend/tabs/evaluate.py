@@ -19,7 +19,26 @@ POLL_INTERVAL_S = 3.0
 FULL_VIEWS = ("student", "plain")
 # The published suites of vopd.benchmarks (named here: the UI must not import the library's torch side; a test pins
 # this list to the registry). The folder is a name inside the server's VOPD_HOME/benchmarks.
-BENCHMARK_CHOICES = ("vstar", "hrbench-4k", "hrbench-8k", "mme-realworld", "mme-realworld-cn")
+BENCHMARK_CHOICES = (
+    "vstar",
+    "zoombench",
+    "hrbench-4k",
+    "hrbench-8k",
+    "mme-realworld",
+    "mme-realworld-cn",
+    "mme-realworld-lite",
+    "mmstar",
+    "pope",
+    "pope-adversarial",
+    "pope-popular",
+    "pope-random",
+    "cv-bench",
+    "mmvp",
+    "visualprobe",
+)
+# The paper's headline table: the six suites its evaluation script runs by default, and their mean.
+PAPER_SIX = ("vstar", "zoombench", "hrbench-4k", "hrbench-8k", "mme-realworld", "mme-realworld-cn")
+AVERAGE_OF_SIX = "average of the six"
 NO_BENCHMARK = "none (use the dataset)"
 BENCHMARK_LABEL = "Or a published benchmark"
 BENCHMARK_DATA_LABEL = "Benchmark folder on the server (inside VOPD_HOME/benchmarks)"
@@ -160,6 +179,35 @@ def category_rows(job: Job) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["category", "n", "accuracy"])
 
 
+def headline(result: dict[str, Any]) -> float | None:
+    """A suite's one number as its paper prints it (the reported Overall, Average or POPE's Accuracy), else accuracy."""
+    reported = result.get("reported") or {}
+    for key in ("Overall", "Average", "Accuracy"):
+        if isinstance(reported.get(key), int | float):
+            return float(reported[key])
+    value = result.get("accuracy")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def suite_rows(jobs: list[Job]) -> pd.DataFrame:
+    """Per suite (rows) and model (columns, base before trained), the suite's headline number from the newest finished
+    benchmark job; then the average of the paper's six suites for each model that has all six (blank otherwise)."""
+    done = [job for job in before_after_order(jobs) if job.benchmark and job.status == "succeeded" and job.result]
+    models = list(dict.fromkeys(job.model_name for job in done))
+    scores: dict[tuple[str, str], float | None] = {}
+    for job in sorted(done, key=lambda job: job.id):  # the newest job of a (suite, model) wins
+        scores[(job.benchmark or "", job.model_name)] = headline(job.result or {})
+    suites = [name for name in BENCHMARK_CHOICES if any(suite == name for suite, _ in scores)]
+    rows = [[suite, *(scores.get((suite, model)) for model in models)] for suite in suites]
+    if suites:
+        averages = []
+        for model in models:
+            six = [scores.get((suite, model)) for suite in PAPER_SIX]
+            averages.append(sum(six) / len(six) if all(v is not None for v in six) else None)  # type: ignore[misc]
+        rows.append([AVERAGE_OF_SIX, *averages])
+    return pd.DataFrame(rows, columns=["suite", *models])
+
+
 def load_records(client: VopdClient, job_id: Any) -> tuple[Job, list[dict[str, Any]]]:
     """The evaluation's per-item records (its ``records`` artifact, JSONL)."""
     if job_id in (None, ""):
@@ -248,6 +296,9 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
     gr.HTML(render.condition_legend_html(), elem_id="eval-legend", js_on_load=None)
     chart_note = gr.Markdown(strings.EVAL_EMPTY, elem_id="eval-note")
     table = gr.Dataframe(headers=strings.EVAL_TABLE_COLUMNS, interactive=False, wrap=True, elem_id="eval-table")
+    suites = gr.Dataframe(
+        headers=["suite"], interactive=False, wrap=True, label="Per suite (benchmark jobs)", elem_id="eval-suites"
+    )
     categories = gr.Dataframe(
         headers=["category", "n", "accuracy"],
         interactive=False,
@@ -296,8 +347,10 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
 
     @readable_errors
     def on_compare(request: gr.Request, job_ids: list[int] | None) -> tuple[Any, ...]:
-        table_value, chart_value = comparison(fetch_eval_jobs(ctx.client(request), job_ids))
-        return table_value, chart_update(chart_value), "" if chart_value is not None else strings.EVAL_EMPTY
+        jobs = fetch_eval_jobs(ctx.client(request), job_ids)
+        table_value, chart_value = comparison(jobs)
+        note = "" if chart_value is not None else strings.EVAL_EMPTY
+        return table_value, chart_update(chart_value), note, suite_rows(jobs)
 
     @readable_errors
     def on_models(request: gr.Request, model_names: list[str] | None, current: str | None) -> tuple[Any, Any]:
@@ -369,8 +422,8 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
     )
     gr.on([models.change, dataset.change], on_models, [models, dataset], [dataset, trained_warning])
     items_job.change(on_categories, [items_job], [categories])
-    compare_button.click(on_compare, [picked], [table, chart, chart_note])
-    picked.input(on_compare, [picked], [table, chart, chart_note])
+    compare_button.click(on_compare, [picked], [table, chart, chart_note, suites])
+    picked.input(on_compare, [picked], [table, chart, chart_note, suites])
     timer.tick(on_tick, [picked, table, items_job], [table, chart, picked, items_job, chart_note])
     load_button.click(on_load_items, [items_job], [records_job, records_state, items])
     items.select(on_item, [records_job, records_state], [item_text, student_image, teacher_image])

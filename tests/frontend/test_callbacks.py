@@ -394,6 +394,33 @@ def test_benchmark_choices_are_the_librarys_registry() -> None:
     assert list(evaluate.BENCHMARK_CHOICES) == list(BENCHMARKS)
 
 
+def test_suites_table_puts_models_side_by_side_with_the_average_of_the_six() -> None:
+    def job(job_id: int, model: str, suite: str, reported: dict, model_job_id: int | None = None) -> Job:
+        body = job_json(
+            job_id,
+            kind="eval",
+            status="succeeded",
+            result={"benchmark": suite, "accuracy": 0.1, "reported": reported},
+            config={"model": model, "benchmark": suite, "data": suite},
+        )
+        return Job.model_validate({**body, "model_job_id": model_job_id})
+
+    six = {"vstar": 0.5, "zoombench": 0.4, "hrbench-4k": 0.6, "hrbench-8k": 0.3, "mme-realworld": 0.2}
+    jobs = [job(i, "job-1/final", suite, {"Overall": value + 0.1}, model_job_id=1) for i, (suite, value) in
+            enumerate(six.items(), start=10)]  # fmt: skip
+    jobs += [job(i, "base", suite, {"Overall": value}) for i, (suite, value) in enumerate(six.items(), start=20)]
+    jobs.append(job(30, "base", "mme-realworld-cn", {"Perception": 0.9, "Overall": 0.6}))
+    jobs.append(job(31, "base", "visualprobe", {"Easy": 1.0, "Average": 0.7}))
+    jobs.append(job(32, "base", "pope-random", {"Accuracy": 0.8, "F1": 0.75}))
+    table = evaluate.suite_rows(jobs)
+    assert list(table.columns) == ["suite", "base", "job-1/final"]  # base before trained
+    rows = {row[0]: row[1:] for row in table.values.tolist()}
+    assert rows["vstar"] == [0.5, 0.6] and rows["visualprobe"][0] == 0.7 and rows["pope-random"][0] == 0.8
+    assert rows["average of the six"][0] == pytest.approx((0.5 + 0.4 + 0.6 + 0.3 + 0.2 + 0.6) / 6)
+    assert rows["average of the six"][1] is None or rows["average of the six"][1] != rows["average of the six"][1]
+    assert table.values.tolist()[-1][0] == "average of the six"  # the trained model lacks MME-RealWorld-CN
+
+
 def test_a_benchmark_job_shows_its_suite_and_categories() -> None:
     result = {
         "benchmark": "vstar",

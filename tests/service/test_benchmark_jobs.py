@@ -121,3 +121,30 @@ def test_benchmark_eval_job_end_to_end(service: Service) -> None:
         json={"kind": "eval", "config": {"model": "tiny", "benchmark": "vstar", "data": "/etc"}},
     )
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "config", "data"]
+
+
+def test_a_job_may_name_only_the_servers_own_judge(settings: Settings) -> None:
+    """The worker sends its judge key to the judge's URL: a job naming another address would collect it."""
+    with pytest.raises(UnknownName, match="no judge") as caught:
+        crud.check_judge_url(settings, "http://127.0.0.1:9/v1")
+    assert caught.value.field == "judge"
+    allowed = settings.model_copy(update={"judge_url": "http://judge.internal:8000/v1/"})
+    crud.check_judge_url(allowed, "http://judge.internal:8000/v1")
+    with pytest.raises(UnknownName, match="must be this server's judge"):
+        crud.check_judge_url(allowed, "http://attacker.example/v1")
+    engine = make_engine(settings)
+    run_migrations(engine, settings)
+    factory = make_session_factory(engine)
+    try:
+        with session_scope(factory) as session:
+            owner, _ = create_api_key(session, "t")
+            owner_id = owner.id
+        queue = _Queue()
+        config = {"model": "tiny", "benchmark": "vstar", "data": "vstar", "judge": {"url": "http://x.example/v1",
+                                                                                    "model": "j"}}  # fmt: skip
+        body = EvalJobCreate.model_validate({"kind": "eval", "config": config})
+        with factory() as session, pytest.raises(UnknownName, match="no judge"):
+            crud.create_job(session, settings, queue, owner_id, body)  # type: ignore[arg-type]
+        assert queue.sent == []
+    finally:
+        engine.dispose()
