@@ -294,7 +294,9 @@ def test_registry_names_and_aliases() -> None:
         ("mme_realworld", "mme-realworld"),
     ]:
         assert get_benchmark(alias).name == name
-    with pytest.raises(BenchmarkError, match="unknown benchmark 'mmbench'; known benchmarks: vstar, zoombench, hrbench-4k"):
+    with pytest.raises(
+        BenchmarkError, match="unknown benchmark 'mmbench'; known benchmarks: vstar, zoombench, hrbench-4k"
+    ):
         get_benchmark("mmbench")
 
 
