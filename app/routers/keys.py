@@ -12,7 +12,7 @@ from datetime import datetime
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.auth import create_api_key, list_api_keys
+from app.auth import create_api_key, end_sessions_of, list_api_keys
 from app.deps import AdminKeyDep, ApiKeyDep, SessionDep
 from app.tables import ApiKey
 
@@ -69,5 +69,6 @@ def revoke_key(key_id: int, session: SessionDep, caller: ApiKeyDep) -> KeyOut:
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no API key with id {key_id}")
     row.revoked = True
+    end_sessions_of(session, row.id)  # its signed-in browsers too (they were refused anyway: the key is checked)
     session.flush()
     return KeyOut.model_validate(row)
