@@ -254,14 +254,14 @@ def test_signin_page_sets_a_session_cookie_and_signout_ends_the_session(studio: 
 def test_the_printed_link_carries_a_one_time_code_not_the_key(studio: Studio) -> None:
     """Finding: `GET /signin?key=...` put the key in the access log and browser history, set the raw key as the
     cookie, and signed a victim in as the attacker from any site (login CSRF)."""
+    # A link with the key in it signs nobody in any more.
+    keyed = httpx.get(f"{studio.url}/signin", params={"key": studio.admin})
+    assert keyed.status_code == 400 and "set-cookie" not in keyed.headers and "not accepted" in keyed.text
     from app.serve import signin_link
 
     link = signin_link(studio.app.state.settings, studio.app.state.session_factory, studio.url, studio.admin)  # type: ignore[attr-defined]
     assert link.startswith(f"{studio.url}/signin?code=vopdc_") and studio.admin not in link
     code = link.split("code=", 1)[1]
-    # A link with the key in it signs nobody in any more.
-    keyed = httpx.get(f"{studio.url}/signin", params={"key": studio.admin})
-    assert keyed.status_code == 400 and "set-cookie" not in keyed.headers and "not accepted" in keyed.text
     # Opening the link (a GET another site can trigger) only shows a button; the code is not spent.
     for _ in range(2):
         page = httpx.get(link)
@@ -388,24 +388,27 @@ def test_the_cookie_is_secure_over_https(studio: Studio) -> None:
 def test_state_changing_studio_routes_refuse_a_foreign_or_null_origin(studio: Studio) -> None:
     """Finding: `POST /ui/gradio_api/upload` and `queue/join` accepted a foreign `Origin` (a page on another port of
     the same host is same-site, so the Lax cookie goes along)."""
-    signed = httpx.post(f"{studio.url}/signin", data={"key": studio.alice})
-    cookie = {"Cookie": f"vopd_session={_session_cookie(signed)}"}
+    alice = studio.bearer(studio.alice)  # the check does not depend on how the request is signed in
     join = {"data": [], "fn_index": 0, "session_hash": "originprobe", "event_data": None, "trigger_id": None}
     for origin in (FOREIGN_ORIGIN, "null", "http://127.0.0.1:1"):
-        headers = {**cookie, "Origin": origin}
+        headers = {**alice, "Origin": origin}
         upload = httpx.post(
             f"{studio.url}/ui/gradio_api/upload", files={"files": ("x.txt", b"x", "text/plain")}, headers=headers
         )
         queued = httpx.post(f"{studio.url}/ui/gradio_api/queue/join", json=join, headers=headers)
         signout = httpx.post(f"{studio.url}/signout", headers=headers)
         assert [upload.status_code, queued.status_code, signout.status_code] == [403, 403, 403], origin
-    assert httpx.get(f"{studio.url}/ui/config", headers=cookie).status_code == 200, "the foreign sign-out did nothing"
-    same = httpx.post(
-        f"{studio.url}/ui/gradio_api/upload",
-        files={"files": ("x.txt", b"x", "text/plain")},
-        headers={**cookie, "Origin": studio.url},
+    same = {**alice, "Origin": studio.url}
+    upload = httpx.post(
+        f"{studio.url}/ui/gradio_api/upload", files={"files": ("x.txt", b"x", "text/plain")}, headers=same
     )
-    assert same.status_code == 200, same.text
+    assert upload.status_code == 200, upload.text
+    assert httpx.post(f"{studio.url}/ui/gradio_api/queue/join", json=join, headers=same).status_code == 200
+    # A foreign page's sign-out leaves the session alone.
+    signed = httpx.post(f"{studio.url}/signin", data={"key": studio.alice})
+    cookie = {"Cookie": f"vopd_session={_session_cookie(signed)}"}
+    assert httpx.post(f"{studio.url}/signout", headers={**cookie, "Origin": FOREIGN_ORIGIN}).status_code == 403
+    assert httpx.get(f"{studio.url}/ui/config", headers=cookie).status_code == 200
 
 
 def test_each_account_reads_only_its_own_uploads(studio: Studio) -> None:
