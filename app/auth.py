@@ -18,7 +18,7 @@ import hashlib
 import secrets
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.tables import ApiKey, BrowserSession, SigninCode, utcnow
@@ -96,6 +96,18 @@ def end_sessions_of(session: Session, key_id: int) -> int:
         update(SigninCode).where(SigninCode.key_id == key_id, SigninCode.used_at.is_(None)).values(used_at=now)
     )
     return int(ended.rowcount or 0)
+
+
+def prune_sessions(session: Session, keep_s: float = 86400.0) -> int:
+    """Forget sessions and sign-in codes that stopped working more than ``keep_s`` ago (the reaper calls this)."""
+    cutoff = utcnow() - timedelta(seconds=keep_s)
+    gone = session.execute(
+        delete(BrowserSession).where(or_(BrowserSession.expires_at < cutoff, BrowserSession.ended_at < cutoff))
+    ).rowcount
+    gone += session.execute(
+        delete(SigninCode).where(or_(SigninCode.expires_at < cutoff, SigninCode.used_at < cutoff))
+    ).rowcount
+    return int(gone or 0)
 
 
 def create_signin_code(session: Session, key: ApiKey, ttl_s: float) -> tuple[SigninCode, str]:

@@ -14,7 +14,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 
-from app.auth import create_session, end_session, find_api_key, is_session_token, redeem_signin_code
+from app.auth import (
+    create_session,
+    end_session,
+    find_api_key,
+    is_session_token,
+    prune_sessions,
+    redeem_signin_code,
+)
 from app.crud import reconcile_queued, requeue_orphans
 from app.db import make_engine, make_session_factory, run_migrations, session_scope
 from app.inference import InferencePool, ModelCache
@@ -29,8 +36,11 @@ log = logging.getLogger(__name__)
 
 def reap_once(app: FastAPI) -> None:
     """One pass of the reconciler: jobs whose worker is gone go back to the queue, and queued jobs whose message
-    the broker lost (flushed, restarted, never published) are published again. The database is the truth."""
+    the broker lost (flushed, restarted, never published) are published again. The database is the truth. Sessions
+    and sign-in codes dead for a day are forgotten."""
     settings: Settings = app.state.settings
+    with session_scope(app.state.session_factory) as session:
+        prune_sessions(session)
     requeue_orphans(app.state.session_factory, settings, app.state.queue)
     try:
         republished = reconcile_queued(app.state.session_factory, settings, app.state.queue)

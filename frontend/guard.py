@@ -69,7 +69,10 @@ def foreign_origin(headers: Mapping[str, str]) -> bool:
     origin = headers.get("origin")
     if origin is None:
         return False
-    return origin.strip().lower() == "null" or urlsplit(origin).netloc.lower() != headers.get("host", "").lower()
+    # This server's names: the Host header, and the host a proxy says the browser asked for (a cross-site form or
+    # fetch cannot set X-Forwarded-Host without a CORS preflight, which no foreign origin passes).
+    ours = {headers.get("host", "").lower(), headers.get("x-forwarded-host", "").split(",")[0].strip().lower()}
+    return origin.strip().lower() == "null" or urlsplit(origin.strip()).netloc.lower() not in ours - {""}
 
 
 def under(path: str, prefix: str) -> bool:
@@ -195,6 +198,9 @@ class StudioGuard:
                 await self._refuse(scope, receive, send, 403, "this file belongs to another account's session")
                 return
             receive = _replay(body, receive)
+        if any(part in scope["path"] for part in ("/assets/", "/static/")):  # Gradio's own bundles: nothing cached
+            await self.app(scope, receive, send)
+            return
         await self.app(scope, receive, self._recording(send, account))
 
     def _recording(self, send: Send, account: Account) -> Send:
