@@ -70,5 +70,7 @@ def revoke_key(key_id: int, session: SessionDep, caller: ApiKeyDep) -> KeyOut:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no API key with id {key_id}")
     row.revoked = True
     end_sessions_of(session, row.id)  # its signed-in browsers too (they were refused anyway: the key is checked)
-    session.flush()
+    # Committed before the answer: the session dependency commits only after the response is sent, and a caller
+    # told "revoked" must find the key refused by its very next request.
+    session.commit()
     return KeyOut.model_validate(row)

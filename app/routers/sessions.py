@@ -78,6 +78,7 @@ def open_session(
     owner = find_api_key(session, token)
     if owner is None:  # revoked in the meantime
         raise unknown_key_error()
+    session.commit()  # before the answer (the dependency commits after it): the next request may use the session
     return SessionOpened(session=token, expires_at=row.expires_at, key_id=owner.id, name=owner.name)
 
 
@@ -89,6 +90,7 @@ def close_session(session: SessionDep, presented: PresentedKeyDep) -> Response:
             status.HTTP_400_BAD_REQUEST, "this ends a session (vopds_...); to end a key, revoke it at /api/keys"
         )
     end_session(session, presented)
+    session.commit()  # ended before the answer, not after it
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -101,4 +103,5 @@ def new_signin_code(session: SessionDep, settings: SettingsDep, presented: Prese
     if key is None:
         raise unknown_key_error()
     row, code = create_signin_code(session, key, settings.signin_code_ttl_s)
+    session.commit()
     return SigninCodeOut(code=code, expires_at=row.expires_at)
