@@ -22,14 +22,22 @@ def redact(text: str) -> str:
     return _TOKEN.sub(rf"\g<1>{REDACTED}", _QUERY_SECRET.sub(rf"\g<1>{REDACTED}", text))
 
 
+def _redact_value(value: object) -> object:
+    return redact(value) if isinstance(value, str) else value
+
+
 class RedactSecrets(logging.Filter):
-    """A logging filter that rewrites a record's message with ``redact`` (it never drops a record)."""
+    """A logging filter that redacts a record's format string and each of its string arguments (it never drops a
+    record). The arguments keep their shape: uvicorn's access formatter unpacks them as (client, method, path,
+    version, status)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, ()
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact_value(value) for value in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {name: _redact_value(value) for name, value in record.args.items()}
         return True
 
 

@@ -71,7 +71,18 @@ def test_log_lines_lose_keys_codes_and_sessions() -> None:
     assert redact(line) == '127.0.0.1:1 - "GET /signin?key=[redacted]&next=%2Fui%2F HTTP/1.1" 303'
     assert "abc" not in redact("GET /signin?code=abc HTTP/1.1")
     assert redact(f"Bearer vopds_{'s' * 40} and vopdc_{'c' * 40}") == "Bearer vopds_[redacted] and vopdc_[redacted]"
+    # Through uvicorn's own access formatter, which unpacks the record's five arguments.
+    from uvicorn.logging import AccessFormatter
+
     record = logging.LogRecord(
-        "uvicorn.access", logging.INFO, __file__, 1, '%s "%s %s"', ("1.2.3.4", "GET", f"/?key={key}"), None
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("1.2.3.4:5", "GET", f"/signin?key={key}", "1.1", 303),
+        None,
     )
-    assert RedactSecrets().filter(record) and key not in record.getMessage()
+    assert RedactSecrets().filter(record)
+    written = AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s').format(record)
+    assert written == '1.2.3.4:5 - "GET /signin?key=[redacted] HTTP/1.1" 303 See Other', written

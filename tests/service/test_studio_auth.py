@@ -308,9 +308,13 @@ def test_the_access_log_shows_no_key_and_no_code(studio: Studio) -> None:
     logger = logging.getLogger("uvicorn.access")
     lines: list[str] = []
 
+    from uvicorn.logging import AccessFormatter
+
     class Collect(logging.Handler):
+        """Formats as uvicorn's own access handler does (which unpacks the record's arguments)."""
+
         def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
+            lines.append(AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s').format(record))
 
     handler, level = Collect(), logger.level
     logger.addHandler(handler)
