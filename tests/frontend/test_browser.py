@@ -554,12 +554,25 @@ def test_demo_answers_a_question_about_a_plain_image(page, live_server: LiveServ
     assert question and "box" not in question.lower()
     page.locator("#demo-image input[type=file]").set_input_files(image)
     page.locator("#demo-image img").first.wait_for()
+    # The upload's preview is served from Gradio's shared cache, to the account that uploaded it only: it loads.
+    page.wait_for_function("(document.querySelector('#demo-image img')?.naturalWidth ?? 0) > 0")
     page.locator("#demo-ask").click()
     page.wait_for_function("(document.querySelector('#demo-answer textarea')?.value ?? '') !== ''", timeout=60_000)
     answer = page.locator("#demo-answer textarea").input_value()
     assert re.fullmatch(r"[A-D]\. (red|green|blue|yellow)", answer), answer
     page.locator("#demo-looked-caption").get_by_text("the model's own evidence crop").wait_for()
     page.locator("#demo-looked img").first.wait_for()
+    page.wait_for_function("(document.querySelector('#demo-looked img')?.naturalWidth ?? 0) > 0")  # an output, too
+    looked = page.evaluate("document.querySelector('#demo-looked img').src")
+    assert "/ui/gradio_api/file=" in looked, looked
+    # Another account, signed in with its own key, is refused that file (the cache is shared, its reads are not).
+    other = httpx.post(
+        f"{live_server.url}/api/keys",
+        json={"name": "other"},
+        headers={"Authorization": f"Bearer {live_server.local_api_key}"},
+    ).json()["key"]
+    theirs = httpx.get(looked, headers={"Authorization": f"Bearer {other}"})
+    assert theirs.status_code == 403, theirs.status_code
     page.wait_for_timeout(500)
     _screenshots(page, "demo")
 
