@@ -550,4 +550,3 @@ def test_no_foreign_origin_gets_cors_headers(studio: Studio, path: str) -> None:
         for response in (simple, preflight):
             assert "access-control-allow-origin" not in response.headers, (host, response.headers)
             assert "access-control-allow-credentials" not in response.headers, (host, response.headers)
-
