@@ -43,13 +43,26 @@ class SigninCodeOut(BaseModel):
     expires_at: datetime
 
 
+class Refusal(BaseModel):
+    detail: str
+
+
+_UNAUTHORIZED = {401: {"model": Refusal, "description": "No key, an unknown or revoked one, or a spent code."}}
+_SESSION_REFUSED = {403: {"model": Refusal, "description": "A session was sent where an API key is needed."}}
+
+
 def _session_refusal() -> HTTPException:
     return HTTPException(
         status.HTTP_403_FORBIDDEN, "a session cannot open sessions or sign-in codes: use an API key for that"
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=SessionOpened)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=SessionOpened,
+    responses={**_UNAUTHORIZED, **_SESSION_REFUSED},
+)
 def open_session(
     session: SessionDep,
     settings: SettingsDep,
@@ -68,7 +81,11 @@ def open_session(
         row, token = opened
     else:
         if presented is None:
-            raise unknown_key_error()
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "send an API key as 'Authorization: Bearer <key>', or a one-time sign-in code as {\"code\": ...}",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if is_session_token(presented):
             raise _session_refusal()
         key = find_api_key(session, presented)
@@ -82,7 +99,11 @@ def open_session(
     return SessionOpened(session=token, expires_at=row.expires_at, key_id=owner.id, name=owner.name)
 
 
-@router.delete("/current", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/current",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={**_UNAUTHORIZED, 400: {"model": Refusal, "description": "An API key was sent, not a session."}},
+)
 def close_session(session: SessionDep, presented: PresentedKeyDep) -> Response:
     """Sign-out: the Bearer session ends now, everywhere (idempotent). A key is revoked at /api/keys/{id}/revoke."""
     if not is_session_token(presented):
@@ -94,7 +115,12 @@ def close_session(session: SessionDep, presented: PresentedKeyDep) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/codes", status_code=status.HTTP_201_CREATED, response_model=SigninCodeOut)
+@router.post(
+    "/codes",
+    status_code=status.HTTP_201_CREATED,
+    response_model=SigninCodeOut,
+    responses={**_UNAUTHORIZED, **_SESSION_REFUSED},
+)
 def new_signin_code(session: SessionDep, settings: SettingsDep, presented: PresentedKeyDep) -> SigninCodeOut:
     """A one-time sign-in code for the Bearer API key: a link that signs a browser in without pasting the key."""
     if is_session_token(presented):
