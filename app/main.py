@@ -36,11 +36,8 @@ log = logging.getLogger(__name__)
 
 def reap_once(app: FastAPI) -> None:
     """One pass of the reconciler: jobs whose worker is gone go back to the queue, and queued jobs whose message
-    the broker lost (flushed, restarted, never published) are published again. The database is the truth. Sessions
-    and sign-in codes dead for a day are forgotten."""
+    the broker lost (flushed, restarted, never published) are published again. The database is the truth."""
     settings: Settings = app.state.settings
-    with session_scope(app.state.session_factory) as session:
-        prune_sessions(session)
     requeue_orphans(app.state.session_factory, settings, app.state.queue)
     try:
         republished = reconcile_queued(app.state.session_factory, settings, app.state.queue)
@@ -57,6 +54,11 @@ def _reap_forever(app: FastAPI, stop: threading.Event) -> None:
             reap_once(app)
         except Exception:  # the reaper must outlive a database hiccup
             log.exception("job reconciler failed")
+        try:  # sessions and sign-in codes dead for a day are forgotten
+            with session_scope(app.state.session_factory) as session:
+                prune_sessions(session)
+        except Exception:
+            log.exception("pruning dead sessions failed")
 
 
 @asynccontextmanager
