@@ -550,3 +550,25 @@ def test_no_foreign_origin_gets_cors_headers(studio: Studio, path: str) -> None:
         for response in (simple, preflight):
             assert "access-control-allow-origin" not in response.headers, (host, response.headers)
             assert "access-control-allow-credentials" not in response.headers, (host, response.headers)
+
+
+def test_the_standalone_studio_signs_in_and_out_through_the_api(studio: Studio) -> None:
+    """`python -m frontend.app --api URL`: sessions are opened, checked and ended over HTTP only."""
+    from fastapi.testclient import TestClient
+
+    from frontend.app import standalone_app
+
+    with TestClient(standalone_app(studio.url), base_url="http://studio.test") as browser:
+        signed = browser.post("/signin", data={"key": studio.alice}, follow_redirects=False)
+        assert signed.status_code == 303, signed.text
+        token = _session_cookie(signed)
+        assert token.startswith("vopds_") and studio.alice not in signed.headers["set-cookie"]
+        assert browser.get("/ui/config").json()["username"] == "alice"
+        assert httpx.get(f"{studio.url}/api/me", headers=studio.bearer(token)).json()["name"] == "alice"
+        assert browser.post("/signout").status_code == 200
+        assert browser.get("/ui/config").status_code == 401
+        assert httpx.get(f"{studio.url}/api/me", headers=studio.bearer(token)).status_code == 401
+        code = httpx.post(f"{studio.url}/api/sessions/codes", headers=studio.bearer(studio.bob)).json()["code"]
+        assert browser.get("/signin", params={"code": code}).status_code == 200
+        assert browser.post("/signin", data={"code": code}, follow_redirects=False).status_code == 303
+        assert browser.get("/ui/config").json()["username"] == "bob"
