@@ -14,7 +14,13 @@ from app.db import session_scope
 from app.settings import Settings
 from app.tables import ApiKey
 
-_bearer = HTTPBearer(auto_error=False, description="An API key from `vopd apikey create` (or printed by serve).")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description=(
+        "An API key from `vopd apikey create` (the local one is in VOPD_HOME/local_api_key), or a studio session "
+        "(`vopds_...`, from POST /api/sessions), which acts as its key until it expires, ends or its key is revoked."
+    ),
+)
 
 
 def get_settings(request: Request) -> Settings:
@@ -44,6 +50,18 @@ async def get_presented_key(
 
 
 PresentedKeyDep = Annotated[str, Depends(get_presented_key)]
+
+
+async def get_optional_presented_key(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str | None:
+    """The Bearer credential when one was sent (a route that also takes other proof, such as a sign-in code)."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        return None
+    return credentials.credentials
+
+
+OptionalPresentedKeyDep = Annotated[str | None, Depends(get_optional_presented_key)]
 
 
 def unknown_key_error() -> HTTPException:

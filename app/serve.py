@@ -12,7 +12,9 @@ import threading
 import time
 from typing import Any
 
-from app.auth import create_api_key
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.auth import KeyNotFound, create_api_key, create_signin_code, find_api_key
 from app.bootstrap import ensure_default_assets, ensure_local_key
 from app.db import make_engine, make_session_factory, run_migrations, session_scope
 from app.settings import Settings, get_settings
@@ -140,18 +142,20 @@ def serve(host: str, port: int, *, start_worker: bool = True, ui: bool = True) -
         local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         base_url = f"http://{local_host}:{port}"
         mounted = ui and mount_ui(app, base_url)
-        # As Jupyter does with its token: the studio opens only with a key, so print a link that signs in.
-        signin = (
-            f"sign in to the studio with this link (it carries the local admin key: keep it private):\n"
-            f"    {base_url}/signin?key={key}\n"
-            if mounted
-            else ""
-        )
+        # As Jupyter prints its token link, but the link carries a one-time code (good once, for minutes) that the
+        # server exchanges for a session: no key in a URL, a browser history, a cookie or a log line.
+        signin = ""
+        if mounted:
+            minutes = settings.signin_code_ttl_s / 60
+            signin = (
+                f"sign in to the studio with this one-time link (good once, for {minutes:g} minutes; "
+                f"`vopd apikey signin-link` prints a new one):\n    {signin_link(settings, factory, base_url, key)}\n"
+            )
         print(
             f"Vision-OPD Studio on {base_url}  (API docs {base_url}/docs"
             + (f", UI {base_url}/ui" if mounted else "")
             + f")\nstate in {settings.home}; default model {assets.model_name!r}, dataset {assets.dataset_id!r}\n"
-            f"{signin}local API key (send as 'Authorization: Bearer <key>'):\n{key}",
+            f"{signin}local admin API key (send as 'Authorization: Bearer <key>') in {settings.local_key_file}",
             flush=True,
         )
         uvicorn.run(app, host=host, port=port, log_level="info")
@@ -159,6 +163,16 @@ def serve(host: str, port: int, *, start_worker: bool = True, ui: bool = True) -
         if worker is not None:
             worker.stop()
     return 0
+
+
+def signin_link(settings: Settings, factory: sessionmaker[Session], base_url: str, key: str) -> str:
+    """A one-time link that signs a browser in as ``key`` (``/signin?code=...``, good for VOPD_SIGNIN_CODE_TTL_S)."""
+    with session_scope(factory) as session:
+        row = find_api_key(session, key)
+        if row is None:
+            raise KeyNotFound("that key is unknown or revoked")
+        _, code = create_signin_code(session, row, settings.signin_code_ttl_s)
+    return f"{base_url.rstrip('/')}/signin?code={code}"
 
 
 def create_key(name: str) -> str:

@@ -112,7 +112,31 @@ class Settings(BaseSettings):
         30.0, gt=0, description="`vopd serve` restarts a dead local worker after 1 s, doubling up to this back-off."
     )
     embedded_poll_s: float = Field(0.25, gt=0, description="Polling interval of the embedded SQLite broker.")
-    events_poll_s: float = Field(0.5, gt=0, description="How often /events looks for news in the database.")
+    events_poll_s: float = Field(
+        0.5,
+        gt=0,
+        le=5,
+        description=(
+            "How often /events looks for news in the database, and checks that the caller's key (or session) still "
+            "stands: a stream of a revoked key or an ended session closes within one interval."
+        ),
+    )
+    session_ttl_hours: float = Field(
+        168.0, gt=0, description="How long a studio sign-in (a server-side session in an HttpOnly cookie) lasts."
+    )
+    signin_code_ttl_s: float = Field(
+        900.0,
+        gt=0,
+        le=86400,
+        description="How long the one-time sign-in link `vopd serve` prints (or `vopd apikey signin-link`) stays good.",
+    )
+    secure_cookies: bool = Field(
+        False,
+        description=(
+            "The deployment is HTTPS: the sign-in cookie is always `Secure`. Without it the cookie is `Secure` when "
+            "the request came over HTTPS (or X-Forwarded-Proto says so from a proxy uvicorn trusts)."
+        ),
+    )
     # Limits that keep one request from starving the API (docs/reliability.md): each refusal names its setting.
     max_body_mb: float = Field(
         24.0, gt=0, description="Largest JSON request body (an inspect image travels base64 inside it); 413 beyond."

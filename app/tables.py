@@ -71,6 +71,34 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class BrowserSession(Base):
+    """A signed-in browser: the studio's cookie holds a random token whose sha256 is kept here, never the API key.
+
+    It acts as its key until it expires, is ended (sign-out) or its key is revoked (which ends it too)."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+
+
+class SigninCode(Base):
+    """A one-time sign-in code (the link ``vopd serve`` prints): short-lived, used once, kept as its sha256."""
+
+    __tablename__ = "signin_codes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    used_at: Mapped[datetime | None] = mapped_column()
+
+
 class Dataset(Base):
     """An uploaded (or built-in, owner NULL = visible to everyone) dataset; ``path`` is its data file."""
 

@@ -52,11 +52,12 @@ def _start_server(port: int, log_path: Path, env: dict[str, str]) -> tuple[subpr
     with log_path.open("w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
+    key_file = Path(env["VOPD_HOME"]) / "local_api_key"  # the banner names this file, never the key
     while time.monotonic() < deadline:
-        keys = [line for line in log_path.read_text().splitlines() if line.startswith("vopd_")]
+        key = key_file.read_text().strip() if key_file.is_file() else ""
         try:
-            if keys and httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                return server, keys[-1]
+            if key and httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                return server, key
         except httpx.TransportError:
             pass
         time.sleep(0.2)

@@ -22,12 +22,14 @@ from frontend.context import (
     model_choices,
     readable_errors,
 )
-from frontend.signin import SIGNOUT_PATH
+from frontend.guard import Account
+from frontend.signin import SIGNOUT_PATH, OpenedSession
 from frontend.tabs.demo import build_demo_tab
 from frontend.tabs.evaluate import build_evaluate_tab
 from frontend.tabs.inspect import build_inspect_tab
 from frontend.tabs.jobs import build_jobs_tab
 from frontend.tabs.train import build_train_tab
+from vopd.redact import install_access_log_redaction
 
 TAB_IDS = ("inspect", "train", "jobs", "evaluate", "demo")
 
@@ -109,25 +111,55 @@ def build_ui(api_base_url: str) -> gr.Blocks:
     return ui
 
 
-def standalone_app(api_base_url: str) -> Any:
-    """The studio on its own FastAPI app: sign-in checks each key against the API's /api/keys/me."""
+class ApiSignin:
+    """Sign-in for the standalone studio, through the REST API only: sessions are opened and ended by
+    /api/sessions, and a credential's account is /api/keys/me."""
+
+    def __init__(self, api_base_url: str) -> None:
+        self.api_base_url = api_base_url
+
+    def account_of(self, credential: str) -> Account | None:
+        from frontend.client import ApiError, VopdClient
+
+        try:
+            with VopdClient(self.api_base_url, credential) as client:
+                me = client.me()
+        except ApiError:
+            return None
+        return Account(key_id=me.id, name=me.name)
+
+    def open_session(self, *, key: str | None = None, code: str | None = None) -> OpenedSession | None:
+        from frontend.client import ApiError, VopdClient
+
+        try:
+            with VopdClient(self.api_base_url, None if code else key) as client:
+                opened = client.open_session(code=code)
+        except ApiError:
+            return None
+        return OpenedSession(token=opened.session, expires_at=opened.expires_at, name=opened.name)
+
+    def end_session(self, token: str) -> None:
+        from frontend.client import ApiError, VopdClient
+
+        try:
+            with VopdClient(self.api_base_url, token) as client:
+                client.close_session()
+        except ApiError:  # already ended, expired or revoked: signed out either way
+            pass
+
+
+def standalone_app(api_base_url: str, *, secure_cookies: bool = False) -> Any:
+    """The studio on its own FastAPI app: sign-in opens and checks sessions through the API."""
     from fastapi import FastAPI
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import RedirectResponse
+    from gradio.utils import get_upload_folder
 
-    from frontend.client import ApiError, VopdClient
     from frontend.signin import install_signin
-
-    def account_of(key: str) -> str | None:
-        try:
-            with VopdClient(api_base_url, key) as client:
-                return client.me().name
-        except ApiError:
-            return None
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(CORSMiddleware, allow_origins=[])  # same-origin only; also turns Gradio's CORS echo off
-    auth = install_signin(app, account_of)
+    auth = install_signin(app, ApiSignin(api_base_url), secure_cookies=secure_cookies, upload_dir=get_upload_folder())
     app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
     return gr.mount_gradio_app(app, build_ui(api_base_url), path="/ui", auth_dependency=auth)
 
@@ -139,9 +171,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api", default="http://127.0.0.1:8000", help="base URL of the API")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--secure-cookies",
+        action="store_true",
+        default=os.environ.get("VOPD_SECURE_COOKIES", "").lower() in ("1", "true", "yes"),
+        help="the studio is served over HTTPS: the sign-in cookie is always Secure (VOPD_SECURE_COOKIES)",
+    )
     args = parser.parse_args(argv)
     print(f"Vision-OPD Studio on http://{args.host}:{args.port}/ui/ (sign in with an API key)", flush=True)
-    uvicorn.run(standalone_app(args.api), host=args.host, port=args.port)
+    app = standalone_app(args.api, secure_cookies=args.secure_cookies)
+    install_access_log_redaction()
+    uvicorn.run(app, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

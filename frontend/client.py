@@ -217,6 +217,15 @@ class KeyInfo(_Model):
     admin: bool = False
 
 
+class SessionInfo(_Model):
+    """A studio session the API opened (POST /api/sessions): the browser's cookie holds ``session``, never a key."""
+
+    session: str
+    expires_at: datetime
+    key_id: int
+    name: str
+
+
 class ApiError(Exception):
     """A failed API call, with a message fit for a user: what went wrong and, where the API says, where."""
 
@@ -328,6 +337,15 @@ class VopdClient:
     def me(self) -> KeyInfo:
         """Whose key this client sends (``/api/keys/me``): the studio shows who is signed in."""
         return self._get_json("/api/keys/me", KeyInfo)
+
+    def open_session(self, code: str | None = None) -> SessionInfo:
+        """A new session: for a one-time sign-in ``code`` when given, else for this client's API key."""
+        body = {"code": code} if code is not None else None
+        return self._parse(self._request("POST", "/api/sessions", json=body), SessionInfo)
+
+    def close_session(self) -> None:
+        """Sign-out: ends this client's session (its Bearer credential) on the server."""
+        self._request("DELETE", "/api/sessions/current")
 
     def models(self) -> list[ModelInfo]:
         return self._get_json("/api/models", _ModelList).items

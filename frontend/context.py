@@ -14,7 +14,7 @@ import gradio as gr
 from frontend import strings
 from frontend.client import ApiError, Dataset, ModelInfo, VopdClient
 from frontend.render import UiInputError
-from frontend.signin import request_key
+from frontend.signin import request_credential
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -22,22 +22,24 @@ R = TypeVar("R")
 
 @dataclass
 class UiContext:
-    """One per mounted UI. Clients are cached per key, so every browser session reuses pooled connections."""
+    """One per mounted UI. Clients are cached per credential (a browser's session, a script's key), so every browser
+    session reuses pooled connections."""
 
     api_base_url: str
     _clients: dict[str, VopdClient] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def client(self, request: gr.Request | None) -> VopdClient:
-        """The client for the signed-in user's key (the sign-in cookie or a Bearer header of the callback's
-        request). There is no fallback key: a request without one is refused, never served as someone else."""
-        key = request_key(request)
-        if not key:
+        """The client for the signed-in user (the session in the sign-in cookie, or a Bearer header of the callback's
+        request), which the API resolves to its key. There is no fallback key: a request without one is refused,
+        never served as someone else."""
+        credential = request_credential(request)
+        if not credential:
             raise ApiError(strings.NOT_SIGNED_IN, 401)
         with self._lock:
-            if key not in self._clients:
-                self._clients[key] = VopdClient(self.api_base_url, key)
-            return self._clients[key]
+            if credential not in self._clients:
+                self._clients[credential] = VopdClient(self.api_base_url, credential)
+            return self._clients[credential]
 
 
 def readable_errors(fn: Callable[P, R]) -> Callable[P, R]:

@@ -1,109 +1,90 @@
-"""Signing in to the studio: a page to paste an API key, an HttpOnly cookie, and a guard over every path of the UI.
+"""Signing in to the studio: the sign-in pages, a server-side session in an HttpOnly cookie, and the guard.
 
-Nothing under the studio's prefix (pages, Gradio's API, queue, uploads, files, even its static assets) answers
-without a valid key. A request carries its key as ``Authorization: Bearer <key>`` (scripts, gradio_client) or
-as the ``vopd_key`` cookie that ``/signin`` sets (browsers). A browser asking for a page without one is sent to
-the sign-in page; anything else gets 401. Every request asks ``account_of(key)`` afresh, so a revoked key stops
-working at once. The same callbacks read the key back from ``gr.Request`` (``request_key``) and call the API with
-it: the studio never acts with a key of its own.
+A browser never holds an API key. ``/signin`` exchanges either a pasted key or a one-time sign-in code (the link
+``vopd serve`` prints, ``/signin?code=vopdc_...``) for a **session** the API keeps (``POST /api/sessions``), and the
+``vopd_session`` cookie holds only that session's token. The callbacks forward it to the API as their Bearer
+credential (``request_credential``), so the studio acts with the signed-in user's account over HTTP and never with a
+key of its own; the API resolves the session to its key on every request, so signing out (which ends the session on
+the server), an expired session or a revoked key stops the studio at once.
+
+Signing in or out changes state only by POST from a page of this server: a GET (a link someone else may have sent)
+shows a page with a button, and a POST whose origin is foreign or ``null`` is refused. ``frontend.guard`` holds the
+guard over every path under the studio's prefix.
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Mapping
-from typing import Any
-from urllib.parse import quote, urlsplit
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import HTTPConnection
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from frontend import strings
+from frontend.guard import (
+    COOKIE_NAME,
+    LEGACY_COOKIE_NAME,
+    SIGNIN_PATH,
+    STATE_ACCOUNT,
+    Account,
+    StudioGuard,
+    UploadOwners,
+    credential_from,
+    foreign_origin,
+)
 
-COOKIE_NAME = "vopd_key"
-COOKIE_MAX_AGE_S = 30 * 24 * 3600
-SIGNIN_PATH = "/signin"
 SIGNOUT_PATH = "/signout"
-STATE_ACCOUNT = "vopd_account"  # the signed-in account's name, left in the request's state by the guard
-
-AccountOf = Callable[[str], str | None]  # key -> the account's name, or None when unknown or revoked
+__all__ = ["COOKIE_NAME", "SIGNIN_PATH", "SIGNOUT_PATH", "Account", "OpenedSession", "SigninBackend"]
 
 
-def key_from(headers: Mapping[str, str], cookies: Mapping[str, str]) -> str | None:
-    """The key a request carries: ``Authorization: Bearer <key>`` first, else the sign-in cookie."""
-    scheme, _, credentials = (headers.get("authorization") or "").partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return (cookies.get(COOKIE_NAME) or "").strip() or None
+@dataclass(frozen=True)
+class OpenedSession:
+    """A session the server opened: the cookie's value and when it ends."""
+
+    token: str
+    expires_at: datetime
+    name: str
 
 
-def request_key(request: Any) -> str | None:
-    """The signed-in key of a Gradio callback's ``gr.Request`` (None when there is none)."""
+class SigninBackend(Protocol):
+    """What sign-in needs from the API: the mounted studio asks the database, the standalone one the REST API."""
+
+    def account_of(self, credential: str) -> Account | None:
+        """The account a key or session acts as; None when unknown, revoked, expired or ended."""
+        ...
+
+    def open_session(self, *, key: str | None = None, code: str | None = None) -> OpenedSession | None:
+        """A new session for a key, or for a one-time sign-in code (spent); None when refused."""
+        ...
+
+    def end_session(self, token: str) -> None:
+        """Sign-out: the session stops working everywhere."""
+        ...
+
+
+def request_credential(request: Any) -> str | None:
+    """The credential of a Gradio callback's ``gr.Request`` (its session, or a script's Bearer key), or None."""
     if request is None:
         return None
     raw = getattr(request, "request", None)
     if raw is not None:
-        return key_from(raw.headers, raw.cookies)
+        return credential_from(raw.headers, raw.cookies)
     kwargs = getattr(request, "kwargs", {}) or {}
-    return key_from({k.lower(): v for k, v in (kwargs.get("headers") or {}).items()}, kwargs.get("cookies") or {})
-
-
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+    headers = {k.lower(): v for k, v in (kwargs.get("headers") or {}).items()}
+    return credential_from(headers, kwargs.get("cookies") or {})
 
 
 def _safe_next(target: str | None, home: str) -> str:
-    """Only a path on this server: an open redirect would make the sign-in link a phishing tool."""
+    """Only a path on this server: an open redirect would make a sign-in link a phishing tool."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return home
     parts = urlsplit(target)
     return home if parts.scheme or parts.netloc else target
-
-
-def _same_origin(request: Request) -> bool:
-    """A browser's cross-site form post names its origin: refuse it (no signing a victim in with another key)."""
-    origin = request.headers.get("origin")
-    if origin is None:  # not a browser, or a same-origin navigation of an older one
-        return True
-    return urlsplit(origin).netloc == request.headers.get("host", "")
-
-
-class StudioGuard:
-    """Pure ASGI middleware: every HTTP request and websocket under ``prefix`` needs a valid key."""
-
-    def __init__(self, app: ASGIApp, account_of: AccountOf, prefix: str = "/ui") -> None:
-        self.app = app
-        self.account_of = account_of
-        self.prefix = prefix
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not _under(scope["path"], self.prefix):
-            await self.app(scope, receive, send)
-            return
-        connection = HTTPConnection(scope)
-        key = key_from(connection.headers, connection.cookies)
-        account = await run_in_threadpool(self.account_of, key) if key else None
-        if account is not None:
-            scope.setdefault("state", {})[STATE_ACCOUNT] = account
-            await self.app(scope, receive, send)
-            return
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-            return
-        response: Response
-        wants_page = scope["method"] in ("GET", "HEAD") and "text/html" in connection.headers.get("accept", "")
-        if wants_page:
-            target = scope["path"] + (f"?{scope['query_string'].decode('latin-1')}" if scope["query_string"] else "")
-            response = RedirectResponse(f"{SIGNIN_PATH}?next={quote(target, safe='')}", status_code=303)
-        else:
-            detail = "sign in first: send 'Authorization: Bearer <key>' or sign in at " + SIGNIN_PATH
-            if key:
-                detail = "unknown or revoked API key: sign in again at " + SIGNIN_PATH
-            response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
 
 
 _PAGE = """<!doctype html>
@@ -123,29 +104,37 @@ _PAGE = """<!doctype html>
  .note {{ color: #1a7f37; }} .help {{ color: #57606a; font-size: 0.9rem; }}
  code {{ background: #eff1f3; padding: 1px 4px; border-radius: 4px; }}
 </style></head>
-<body><main id="signin">
+<body><main id="{page_id}">
 <h1>{title}</h1>
 <p>{intro}</p>
 {message}
 <form method="post" action="{action}">
- <label for="signin-key">{key_label}</label>
- <input id="signin-key" name="key" type="password" autocomplete="current-password" autofocus required
-        placeholder="vopd_...">
+{fields}
  <input type="hidden" name="next" value="{next}">
- <button id="signin-submit" type="submit">{button}</button>
+ <button id="{button_id}" type="submit">{button}</button>
 </form>
 <p class="help">{help}</p>
 </main></body></html>
 """
 
+_KEY_FIELD = """ <label for="signin-key">{label}</label>
+ <input id="signin-key" name="key" type="password" autocomplete="current-password" autofocus required
+        placeholder="vopd_...">"""
 
-def signin_page(
-    next_path: str,
+
+def _page(
     *,
+    page_id: str,
+    title: str,
+    intro: str,
+    action: str,
+    fields: str,
+    next_path: str,
+    button_id: str,
+    button: str,
     error: str | None = None,
     note: str | None = None,
     status_code: int = 200,
-    action: str = SIGNIN_PATH,
 ) -> HTMLResponse:
     message = ""
     if error:
@@ -153,75 +142,169 @@ def signin_page(
     elif note:
         message = f'<p class="note" id="signin-note">{html.escape(note)}</p>'
     body = _PAGE.format(
-        title=html.escape(strings.SIGNIN_TITLE),
-        intro=html.escape(strings.SIGNIN_INTRO),
+        page_id=page_id,
+        title=html.escape(title),
+        intro=html.escape(intro),
         message=message,
         action=html.escape(action),
-        key_label=html.escape(strings.SIGNIN_KEY_LABEL),
+        fields=fields,
         next=html.escape(next_path),
-        button=html.escape(strings.SIGNIN_BUTTON),
+        button_id=button_id,
+        button=html.escape(button),
         help=strings.SIGNIN_HELP,
     )
-    # The page must not be framed (clickjacking) nor cached with a key in its URL; same-origin referrers only (a
-    # no-referrer page makes Chromium send "Origin: null" with the form, which the cross-site check refuses).
+    # Not framed (clickjacking a sign-in button), not cached, same-origin referrers only (a no-referrer page makes
+    # Chromium send "Origin: null" with the form, which the cross-site check refuses).
     headers = {"X-Frame-Options": "DENY", "Cache-Control": "no-store", "Referrer-Policy": "same-origin"}
     return HTMLResponse(body, status_code=status_code, headers=headers)
 
 
-def install_signin(app: FastAPI, account_of: AccountOf, *, prefix: str = "/ui") -> Callable[[Request], Any]:
-    """Add /signin, /signout and the guard over ``prefix`` to ``app``; returns Gradio's ``auth_dependency``."""
+def signin_page(
+    next_path: str, *, error: str | None = None, note: str | None = None, status_code: int = 200
+) -> HTMLResponse:
+    """The form that takes a pasted key."""
+    return _page(
+        page_id="signin",
+        title=strings.SIGNIN_TITLE,
+        intro=strings.SIGNIN_INTRO,
+        action=SIGNIN_PATH,
+        fields=_KEY_FIELD.format(label=html.escape(strings.SIGNIN_KEY_LABEL)),
+        next_path=next_path,
+        button_id="signin-submit",
+        button=strings.SIGNIN_BUTTON,
+        error=error,
+        note=note,
+        status_code=status_code,
+    )
+
+
+def code_page(code: str, next_path: str) -> HTMLResponse:
+    """What a one-time link opens: a button that signs in (a GET alone never does)."""
+    field = f' <input type="hidden" name="code" value="{html.escape(code)}">'
+    return _page(
+        page_id="signin-code",
+        title=strings.SIGNIN_CODE_TITLE,
+        intro=strings.SIGNIN_CODE_INTRO,
+        action=SIGNIN_PATH,
+        fields=field,
+        next_path=next_path,
+        button_id="signin-code-submit",
+        button=strings.SIGNIN_CODE_BUTTON,
+    )
+
+
+def signout_page(home: str) -> HTMLResponse:
+    return _page(
+        page_id="signout",
+        title=strings.SIGNOUT_TITLE,
+        intro=strings.SIGNOUT_INTRO,
+        action=SIGNOUT_PATH,
+        fields="",
+        next_path=home,
+        button_id="signout-submit",
+        button=strings.SIGNOUT_BUTTON,
+    )
+
+
+def _no_store(response: Response) -> Response:
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "same-origin"
+    return response
+
+
+def install_signin(
+    app: FastAPI,
+    backend: SigninBackend,
+    *,
+    prefix: str = "/ui",
+    secure_cookies: bool = False,
+    upload_dir: str | None = None,
+) -> Callable[[Request], Any]:
+    """Add /signin, /signout and the guard over ``prefix`` to ``app``; returns Gradio's ``auth_dependency``.
+
+    ``secure_cookies``: the deployment is HTTPS, so the cookie is ``Secure`` even on a request that arrived as plain
+    HTTP (a proxy uvicorn does not trust). ``upload_dir``: Gradio's upload cache, whose folders each account may
+    read only when they were shown to it (None: the guard leaves files to Gradio)."""
     home = prefix.rstrip("/") + "/"
 
-    async def signed_in(request: Request, key: str, next_path: str) -> Response:
-        account = await run_in_threadpool(account_of, key) if key else None
-        if account is None:
-            error = strings.SIGNIN_BAD_KEY if key else strings.SIGNIN_NO_KEY
-            return signin_page(next_path, error=error, status_code=401)
+    def secure(request: Request) -> bool:
+        return secure_cookies or request.url.scheme == "https"  # uvicorn applies X-Forwarded-Proto it trusts
+
+    def with_session(request: Request, opened: OpenedSession, next_path: str) -> Response:
         response = RedirectResponse(next_path, status_code=303)
+        max_age = max(0, int((opened.expires_at - datetime.now(opened.expires_at.tzinfo)).total_seconds()))
         response.set_cookie(
             COOKIE_NAME,
-            key,
-            max_age=COOKIE_MAX_AGE_S,
+            opened.token,
+            max_age=max_age,
             path="/",
             httponly=True,
             samesite="lax",
-            secure=request.url.scheme == "https",
+            secure=secure(request),
         )
-        response.headers["Cache-Control"] = "no-store"
-        response.headers["Referrer-Policy"] = "same-origin"
-        return response
+        response.delete_cookie(LEGACY_COOKIE_NAME, path="/", httponly=True, samesite="lax")
+        return _no_store(response)
+
+    def cross_site() -> Response:
+        return JSONResponse({"detail": "cross-site sign-in or sign-out refused"}, status_code=403)
 
     @app.get(SIGNIN_PATH, include_in_schema=False)
-    async def signin_form(request: Request, key: str | None = None, next: str | None = None) -> Response:
-        """The sign-in page; ``?key=`` (the link ``vopd serve`` prints) signs in at once."""
+    async def signin_form(
+        request: Request, code: str | None = None, key: str | None = None, next: str | None = None
+    ) -> Response:
+        """The sign-in page; ``?code=`` (the one-time link) asks for a click. A key in a URL is never taken."""
         next_path = _safe_next(next, home)
         if key is not None:
-            return await signed_in(request, key.strip(), next_path)
+            return signin_page(next_path, error=strings.SIGNIN_KEY_IN_LINK, status_code=400)
+        if code is not None:
+            return code_page(code.strip(), next_path)
         return signin_page(next_path)
 
     @app.post(SIGNIN_PATH, include_in_schema=False)
     async def signin_submit(request: Request) -> Response:
-        if not _same_origin(request):
-            return JSONResponse({"detail": "cross-site sign-in refused"}, status_code=403)
+        if foreign_origin(request.headers):
+            return cross_site()
         form = await request.form()
-        return await signed_in(
-            request, str(form.get("key") or "").strip(), _safe_next(str(form.get("next") or ""), home)
-        )
+        next_path = _safe_next(str(form.get("next") or ""), home)
+        code = str(form.get("code") or "").strip()
+        key = str(form.get("key") or "").strip()
+        if code:
+            opened = await run_in_threadpool(lambda: backend.open_session(code=code))
+            if opened is None:
+                return signin_page(next_path, error=strings.SIGNIN_BAD_CODE, status_code=401)
+        else:
+            opened = await run_in_threadpool(lambda: backend.open_session(key=key)) if key else None
+            if opened is None:
+                error = strings.SIGNIN_BAD_KEY if key else strings.SIGNIN_NO_KEY
+                return signin_page(next_path, error=error, status_code=401)
+        return with_session(request, opened, next_path)
 
-    @app.api_route(SIGNOUT_PATH, methods=["GET", "POST"], include_in_schema=False)
+    @app.get(SIGNOUT_PATH, include_in_schema=False)
+    async def signout_form() -> Response:
+        return signout_page(home)
+
+    @app.post(SIGNOUT_PATH, include_in_schema=False)
     async def signout(request: Request) -> Response:
+        if foreign_origin(request.headers):
+            return cross_site()
+        token = (request.cookies.get(COOKIE_NAME) or "").strip()
+        if token:
+            await run_in_threadpool(backend.end_session, token)
         response = signin_page(home, note=strings.SIGNED_OUT)
-        response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="lax")
+        for name in (COOKIE_NAME, LEGACY_COOKIE_NAME):
+            response.delete_cookie(name, path="/", httponly=True, samesite="lax", secure=secure(request))
         return response
 
-    app.add_middleware(StudioGuard, account_of=account_of, prefix=prefix)
+    uploads = UploadOwners(upload_dir) if upload_dir else None
+    app.add_middleware(StudioGuard, account_of=backend.account_of, prefix=prefix, uploads=uploads)
 
     async def auth_dependency(request: Request) -> str | None:
         """Gradio's own check, behind the guard: the account the guard found, else a fresh look-up."""
-        account = getattr(request.state, STATE_ACCOUNT, None)
-        if account is not None:
-            return account
-        key = key_from(request.headers, request.cookies)
-        return await run_in_threadpool(account_of, key) if key else None
+        name = getattr(request.state, STATE_ACCOUNT, None)
+        if name is not None:
+            return name
+        credential = credential_from(request.headers, request.cookies)
+        account = await run_in_threadpool(backend.account_of, credential) if credential else None
+        return account.name if account is not None else None
 
     return auth_dependency

@@ -19,11 +19,27 @@ SIGNIN_INTRO = "The studio acts with your API key: every key is an account, with
 SIGNIN_KEY_LABEL = "API key"
 SIGNIN_BUTTON = "Sign in"
 SIGNIN_HELP = (
-    "Where to find a key: <code>vopd serve</code> prints a sign-in link carrying the local key (also in "
-    "<code>$VOPD_HOME/local_api_key</code>); <code>vopd apikey create --name you</code> makes a new one."
+    "Where to find a key: <code>vopd serve</code> prints a one-time sign-in link and keeps the local key in "
+    "<code>$VOPD_HOME/local_api_key</code>; <code>vopd apikey create --name you</code> makes a new one and "
+    "<code>vopd apikey signin-link</code> prints a fresh link. The browser keeps a session, never the key."
 )
 SIGNIN_BAD_KEY = "That key is unknown or revoked."
 SIGNIN_NO_KEY = "Paste an API key."
+SIGNIN_KEY_IN_LINK = (
+    "Links carrying a key are not accepted (the key would land in logs and browser history): paste the key here, "
+    "or open the one-time link that vopd serve or vopd apikey signin-link prints."
+)
+SIGNIN_CODE_TITLE = "Sign in with this link?"
+SIGNIN_CODE_INTRO = (
+    "This one-time link signs this browser in to Vision-OPD Studio. Continue only if you opened a link that you "
+    "made yourself (vopd serve or vopd apikey signin-link print one): a link from someone else would sign you in "
+    "to their account, and what you upload or train there would be theirs."
+)
+SIGNIN_CODE_BUTTON = "Sign in"
+SIGNIN_BAD_CODE = "This sign-in link is unknown, already used or expired: run vopd apikey signin-link for a new one."
+SIGNOUT_TITLE = "Sign out of Vision-OPD Studio?"
+SIGNOUT_INTRO = "Signing out ends this browser's session on the server; the key itself stays valid."
+SIGNOUT_BUTTON = "Sign out"
 SIGNED_OUT = "Signed out. Paste a key to sign in again, with this key or another one."
 
 # ----------------------------------------------------------------------------- tabs

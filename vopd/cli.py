@@ -586,18 +586,23 @@ def _add_apikey(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Each key is an account: jobs and datasets belong to the key that made them. create prints a new key as "
         "its last line; list shows every key (id, prefix, name, admin, revoked); revoke ID_OR_PREFIX refuses the "
-        "key everywhere at once (its jobs and datasets stay). Reads DATABASE_URL / VOPD_HOME like the server."
+        "key everywhere at once and ends its studio sessions (its jobs and datasets stay); signin-link [ID_OR_PREFIX] "
+        "prints a one-time link that signs a browser in to the studio (the local key when no key is named). Reads "
+        "DATABASE_URL / VOPD_HOME like the server."
     )
     parser.add_argument(
         "action",
-        choices=["create", "list", "revoke"],
-        help="create: make a new key and print it (last line); list; revoke ID_OR_PREFIX",
+        choices=["create", "list", "revoke", "signin-link"],
+        help="create: make a new key and print it (last line); list; revoke ID_OR_PREFIX; signin-link [ID_OR_PREFIX]",
     )
     parser.add_argument(
         "target",
         nargs="?",
         metavar="ID_OR_PREFIX",
-        help="revoke: the key's id or its prefix as list shows it (vopd_AbC123)",
+        help="revoke, signin-link: the key's id or its prefix as list shows it (vopd_AbC123)",
+    )
+    parser.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="signin-link: the server's address as the browser reaches it"
     )
     parser.add_argument("--name", default="user", help="who the key is for; jobs and datasets belong to the key")
     parser.add_argument(
@@ -606,13 +611,21 @@ def _add_apikey(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_apikey(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from app.auth import KeyNotFound, create_api_key, list_api_keys, revoke_api_key
+    from app.auth import (
+        KeyNotFound,
+        create_api_key,
+        create_signin_code,
+        find_api_key,
+        list_api_keys,
+        resolve_api_key,
+        revoke_api_key,
+    )
     from app.db import make_engine, make_session_factory, run_migrations, session_scope
     from app.settings import get_settings
 
     if args.action == "revoke" and not args.target:
         raise CliError("revoke needs the key's id or prefix (see `vopd apikey list`)")
-    if args.action != "revoke" and args.target:
+    if args.action not in ("revoke", "signin-link") and args.target:
         raise CliError(f"unrecognized arguments: {args.target}")
     settings = get_settings()
     engine = make_engine(settings)
@@ -631,6 +644,24 @@ def _run_apikey(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
                         f"{row.id:>4}  {row.prefix:<12}  {'yes' if row.admin else '':<5}  "
                         f"{'yes' if row.revoked else '':<7}  {row.created_at:%Y-%m-%d %H:%M}  {row.name}"
                     )
+            elif args.action == "signin-link":
+                try:
+                    if args.target:
+                        row = resolve_api_key(session, args.target)
+                    else:
+                        local = settings.local_key_file
+                        key = local.read_text().strip() if local.is_file() else ""
+                        row = find_api_key(session, key) if key else None
+                        if row is None:
+                            raise KeyNotFound(f"no live local key in {local}: name a key (see `vopd apikey list`)")
+                    if row.revoked:
+                        raise KeyNotFound(f"key {row.id} ({row.prefix}) is revoked")
+                except KeyNotFound as error:
+                    raise CliError(str(error)) from error
+                _, code = create_signin_code(session, row, settings.signin_code_ttl_s)
+                minutes = settings.signin_code_ttl_s / 60
+                print(f"one-time sign-in link for {row.name!r} (good once, for {minutes:g} minutes):")
+                print(f"{args.url.rstrip('/')}/signin?code={code}")
             else:
                 try:
                     row = revoke_api_key(session, args.target)
@@ -653,7 +684,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "reproduce": ("the toy-scale Vision-OPD experiment: arms x seeds", _add_reproduce, _run_reproduce, False),
     "serve": ("API + UI + a local worker on embedded defaults", _add_serve, _run_serve, False),
     "worker": ("a Celery worker for queued jobs (one at a time)", _add_worker, _run_worker, False),
-    "apikey": ("create, list or revoke API keys", _add_apikey, _run_apikey, False),
+    "apikey": ("create, list or revoke API keys; print a sign-in link", _add_apikey, _run_apikey, False),
 }
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from app import artifacts, crud
-from app.auth import find_api_key, hash_key
+from app.auth import find_api_key, hash_key, is_session_token
 from app.db import session_scope
 from app.deps import ApiKeyDep, PresentedKeyDep, SessionDep, SettingsDep, unknown_key_error
 from app.registry import UnknownName
@@ -91,6 +91,11 @@ def get_job(job_id: JobId, request: Request, presented: PresentedKeyDep) -> JobO
     # the job is found, one statement that checks the key too (a session dependency and the key dependency would take
     # three more trips and one more statement). Only a miss looks the key up alone, to tell 401 from 404.
     with session_scope(request.app.state.session_factory) as session:
+        if is_session_token(presented):  # a studio session: find its key first (one more statement)
+            key = find_api_key(session, presented)
+            if key is None:
+                raise unknown_key_error()
+            return crud.job_out(session, _job_or_404(session, key.id, job_id))
         found = crud.job_with_position_for_key(session, hash_key(presented), job_id)
         if found is None:
             if find_api_key(session, presented) is None:
@@ -126,8 +131,17 @@ def get_logs(
     return LogPage(items=[LogOut.model_validate(r) for r in rows], next_since=rows[-1].id if rows else since)
 
 
-def _poll_events(factory: sessionmaker[Session], job_id: int, since_metric: int, since_log: int):
+class _Revoked:
+    """What a poll returns once the stream's key is revoked or its session ended."""
+
+
+REVOKED = _Revoked()
+
+
+def _poll_events(factory: sessionmaker[Session], presented: str, job_id: int, since_metric: int, since_log: int):
     with factory() as session:
+        if find_api_key(session, presented) is None:  # every poll: revocation reaches an open stream
+            return REVOKED, [], []
         job = session.get(Job, job_id)
         if job is None:
             return None, [], []
@@ -148,6 +162,7 @@ async def job_events(
     request: Request,
     session: SessionDep,
     key: ApiKeyDep,
+    presented: PresentedKeyDep,
     since_metric: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     since_log: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     last_event_id: Annotated[
@@ -160,8 +175,10 @@ async def job_events(
     ] = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Server-sent events: ``status`` (a JobOut, on every change), ``metric`` (MetricOut), ``log`` (LogOut), and a
-    final ``end`` once the job is terminal. Every event's id is the cursor ``METRIC-LOG`` (the last metric and log
-    ids sent so far): a reconnect with ``Last-Event-ID`` (or since_metric / since_log) skips what was received.
+    final ``end`` once the job is terminal. A stream whose key is revoked (or whose session ended) gets an ``end``
+    with ``{"status": "unauthorized"}`` and closes within one poll interval (VOPD_EVENTS_POLL_S). Every event's id
+    is the cursor ``METRIC-LOG`` (the last metric and log ids sent so far): a reconnect with ``Last-Event-ID`` (or
+    since_metric / since_log) skips what was received.
 
     Async, with the database polls in the thread pool: a waiting stream holds no thread and no connection."""
     await run_in_threadpool(_job_or_404, session, key.id, job_id)
@@ -172,8 +189,13 @@ async def job_events(
         since_metric, since_log = (int(part) for part in last_event_id.split("-"))
     last_status: dict | None = None
     while True:
-        current, metrics, logs = await run_in_threadpool(_poll_events, factory, job_id, since_metric, since_log)
+        current, metrics, logs = await run_in_threadpool(
+            _poll_events, factory, presented, job_id, since_metric, since_log
+        )
         if current is None:
+            return
+        if current is REVOKED:
+            yield ServerSentEvent(event="end", id=f"{since_metric}-{since_log}", data={"status": "unauthorized"})
             return
         for metric in metrics:
             since_metric = metric.id

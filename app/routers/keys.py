@@ -12,7 +12,7 @@ from datetime import datetime
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.auth import create_api_key, list_api_keys
+from app.auth import create_api_key, end_sessions_of, list_api_keys
 from app.deps import AdminKeyDep, ApiKeyDep, SessionDep
 from app.tables import ApiKey
 
@@ -69,5 +69,8 @@ def revoke_key(key_id: int, session: SessionDep, caller: ApiKeyDep) -> KeyOut:
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no API key with id {key_id}")
     row.revoked = True
-    session.flush()
+    end_sessions_of(session, row.id)  # its signed-in browsers too (they were refused anyway: the key is checked)
+    # Committed before the answer: the session dependency commits only after the response is sent, and a caller
+    # told "revoked" must find the key refused by its very next request.
+    session.commit()
     return KeyOut.model_validate(row)

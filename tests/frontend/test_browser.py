@@ -63,10 +63,25 @@ class LiveServer:
 
     @property
     def signin_link(self) -> str:
-        """The sign-in link `vopd serve` prints (as Jupyter prints its token link)."""
-        match = re.search(r"(http://\S+/signin\?key=\S+)", self.log.read_text())
+        """The one-time sign-in link `vopd serve` prints (as Jupyter prints its token link, but good once)."""
+        match = re.search(r"(http://\S+/signin\?code=\S+)", self.log.read_text())
         assert match, f"no sign-in link in the banner:\n{self.log.read_text()[-3000:]}"
         return match.group(1)
+
+    def fresh_signin_link(self) -> str:
+        """Another one-time link, as `vopd apikey signin-link` prints (made over the API: no process to start)."""
+        made = httpx.post(
+            f"{self.url}/api/sessions/codes", headers={"Authorization": f"Bearer {self.local_api_key}"}, timeout=10
+        )
+        assert made.status_code == 201, made.text
+        return f"{self.url}/signin?code={made.json()['code']}"
+
+
+def _sign_in_by_link(page, link: str) -> None:
+    """Open a one-time link: it asks first (a GET never signs in), the button signs in and lands on the studio."""
+    page.goto(link, wait_until="load")
+    page.locator("#signin-code-submit").click()
+    page.wait_for_selector("#inspect-run")
 
 
 def _wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
@@ -149,9 +164,7 @@ def page(browser, live_server: LiveServer, request: pytest.FixtureRequest) -> It
     context = browser.new_context(viewport=WIDE)
     page = context.new_page()
     page.set_default_timeout(60_000)
-    assert live_server.signin_link == f"{live_server.url}/signin?key={live_server.local_api_key}"
-    page.goto(live_server.signin_link)  # signs in (an HttpOnly cookie) and lands on the studio
-    page.wait_for_selector("#inspect-run")
+    _sign_in_by_link(page, live_server.fresh_signin_link())  # a session in an HttpOnly cookie
     # the model and dataset choices arrive from the API just after the page loads
     page.wait_for_function("(document.querySelector('#inspect-model input')?.value ?? '') !== ''")
     yield page
@@ -541,12 +554,25 @@ def test_demo_answers_a_question_about_a_plain_image(page, live_server: LiveServ
     assert question and "box" not in question.lower()
     page.locator("#demo-image input[type=file]").set_input_files(image)
     page.locator("#demo-image img").first.wait_for()
+    # The upload's preview is served from Gradio's shared cache, to the account that uploaded it only: it loads.
+    page.wait_for_function("(document.querySelector('#demo-image img')?.naturalWidth ?? 0) > 0")
     page.locator("#demo-ask").click()
     page.wait_for_function("(document.querySelector('#demo-answer textarea')?.value ?? '') !== ''", timeout=60_000)
     answer = page.locator("#demo-answer textarea").input_value()
     assert re.fullmatch(r"[A-D]\. (red|green|blue|yellow)", answer), answer
     page.locator("#demo-looked-caption").get_by_text("the model's own evidence crop").wait_for()
     page.locator("#demo-looked img").first.wait_for()
+    page.wait_for_function("(document.querySelector('#demo-looked img')?.naturalWidth ?? 0) > 0")  # an output, too
+    looked = page.evaluate("document.querySelector('#demo-looked img').src")
+    assert "/ui/gradio_api/file=" in looked, looked
+    # Another account, signed in with its own key, is refused that file (the cache is shared, its reads are not).
+    other = httpx.post(
+        f"{live_server.url}/api/keys",
+        json={"name": "other"},
+        headers={"Authorization": f"Bearer {live_server.local_api_key}"},
+    ).json()["key"]
+    theirs = httpx.get(looked, headers={"Authorization": f"Bearer {other}"})
+    assert theirs.status_code == 403, theirs.status_code
     page.wait_for_timeout(500)
     _screenshots(page, "demo")
 
@@ -578,18 +604,53 @@ def test_sign_in_page_then_the_studio_then_sign_out(browser, live_server: LiveSe
         account.get_by_text("Signed in as").wait_for()
         assert "local" in account.inner_text() and "admin" in account.inner_text()
         page.wait_for_function("(document.querySelector('#inspect-model input')?.value ?? '') !== ''")
-        cookie = next(c for c in context.cookies() if c["name"] == "vopd_key")
+        cookie = next(c for c in context.cookies() if c["name"] == "vopd_session")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
-        assert page.evaluate("document.cookie").find("vopd_key") == -1, "scripts cannot read the key"
+        assert cookie["value"].startswith("vopds_") and live_server.local_api_key not in cookie["value"]
+        assert page.evaluate("document.cookie").find("vopd_session") == -1, "scripts cannot read the session"
         _screenshots(page, "signed-in")
 
-        page.locator("#studio-signout").click()
+        page.locator("#studio-signout").click()  # a page that asks; its button signs out
+        page.wait_for_selector("#signout-submit")
+        page.screenshot(path=ARTIFACTS / "signout-confirm-1280.png", full_page=True)
+        page.locator("#signout-submit").click()
         page.wait_for_selector("#signin-key")
         page.locator("#signin-note").get_by_text("Signed out").wait_for()
-        assert not [c for c in context.cookies() if c["name"] == "vopd_key"]
+        assert not [c for c in context.cookies() if c["name"] == "vopd_session"]
+        ended = httpx.get(f"{live_server.url}/api/me", headers={"Authorization": f"Bearer {cookie['value']}"})
+        assert ended.status_code == 401, "sign-out ended the session on the server"
         page.screenshot(path=ARTIFACTS / "signed-out-1280.png", full_page=True)
         page.goto(f"{live_server.url}/ui/", wait_until="load")
         page.wait_for_selector("#signin-key")
         assert page.url.startswith(f"{live_server.url}/signin")
     finally:
         context.close()
+
+
+def test_the_printed_link_asks_once_then_signs_in_and_is_spent(browser, live_server: LiveServer) -> None:
+    """The link `vopd serve` prints carries a one-time code, never the key; opening it shows a button (so a link on
+    another site cannot sign a visitor in), the button signs in, and the link is spent."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    link = live_server.signin_link
+    assert live_server.local_api_key not in live_server.log.read_text(), "the key is in no line serve wrote"
+    context = browser.new_context(viewport=WIDE)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(link, wait_until="load")
+        page.wait_for_selector("#signin-code-submit")
+        assert not [c for c in context.cookies() if c["name"] == "vopd_session"], "a GET alone signs nobody in"
+        _screenshots(page, "signin-link")
+        page.locator("#signin-code-submit").click()
+        page.wait_for_selector("#inspect-run")
+        page.locator("#studio-account").get_by_text("Signed in as").wait_for()
+    finally:
+        context.close()
+    again = browser.new_context(viewport=WIDE)
+    page = again.new_page()
+    try:
+        page.goto(link, wait_until="load")
+        page.locator("#signin-code-submit").click()
+        page.locator("#signin-error").get_by_text("already used").wait_for()
+    finally:
+        again.close()

@@ -554,10 +554,15 @@ def test_callbacks_use_the_signed_in_key_and_never_a_fallback() -> None:
         ctx.client(_gradio_request())
     with pytest.raises(ApiError, match="Not signed in"):
         ctx.client(None)
-    by_cookie = ctx.client(_gradio_request(cookies={"vopd_key": "vopd_alice"}))
-    assert by_cookie._http.headers["Authorization"] == "Bearer vopd_alice"
-    by_header = ctx.client(_gradio_request(headers={"Authorization": "Bearer vopd_bob"}, cookies={"vopd_key": "x"}))
+    # The cookie holds a session (never a key), forwarded as the Bearer credential the API resolves to its key.
+    by_cookie = ctx.client(_gradio_request(cookies={"vopd_session": "vopds_alice"}))
+    assert by_cookie._http.headers["Authorization"] == "Bearer vopds_alice"
+    by_header = ctx.client(
+        _gradio_request(headers={"Authorization": "Bearer vopd_bob"}, cookies={"vopd_session": "vopds_x"})
+    )
     assert by_header._http.headers["Authorization"] == "Bearer vopd_bob"
+    with pytest.raises(ApiError, match="Not signed in"):  # an older version's key cookie is never read
+        ctx.client(_gradio_request(cookies={"vopd_key": "vopd_alice"}))
 
 
 def test_every_callback_that_names_a_request_gets_gradios_request() -> None:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from app import schemas
 from app.routers.keys import KeyOut
+from app.routers.sessions import SessionOpened
 from frontend import client
 from vopd.token_inspection import EvidenceInfo, InspectResult, TokenRecord, TopToken
 
@@ -28,6 +29,7 @@ PAIRS: list[tuple[type[BaseModel], Any]] = [
     (client.ComponentHealth, schemas.ComponentHealth),
     (client.Health, schemas.HealthOut),
     (client.KeyInfo, KeyOut),
+    (client.SessionInfo, SessionOpened),
     (client.TopToken, TopToken),
     (client.TokenRecord, TokenRecord),
     (client.InspectResult, InspectResult),

@@ -262,7 +262,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
 
     try:
         _wait(ready, 120, "vopd serve to be healthy", poll_s=0.3)
-        key = next(line for line in log.read_text().splitlines() if line.startswith("vopd_"))
+        key = (home / "local_api_key").read_text().strip()  # the banner names the file, never the key
         yield Served(process, base, {"Authorization": f"Bearer {key}"}, home, log)
     finally:
         if process.poll() is None:
