@@ -33,7 +33,10 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the unit of work commits when the route returns, before its answer is sent. By default FastAPI
+# runs a yield dependency's exit after the response, so a client's next request could miss the write it was just
+# told about (seen on PostgreSQL: a just-revoked key's session still served).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 async def get_presented_key(
