@@ -11,7 +11,14 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from app.queueing import BrokerUnavailable, JobQueue, queue_shape, routed_queue
+from app.queueing import (
+    BrokerUnavailable,
+    JobQueue,
+    job_queue_problem,
+    queue_not_allowed,
+    queue_shape,
+    routed_queue,
+)
 from app.registry import UnknownName, parse_job_model_name, resolve_dataset, resolve_model
 from app.schemas import EvalJobCreate, JobOut, TrainJobCreate
 from app.settings import Settings
@@ -22,6 +29,10 @@ log = logging.getLogger(__name__)
 
 class JobStateError(ValueError):
     """A request that the job's current status does not allow (409)."""
+
+
+class QueueNotAllowed(ValueError):
+    """A job that names a queue outside the server's allow-list (422); the message lists the allowed ones."""
 
 
 def create_job(
@@ -38,6 +49,8 @@ def create_job(
     job: it stays queued, a warning says so (appended to ``warnings``), and the reaper publishes it once the broker
     is back (``reconcile_queued``).
     """
+    if body.queue is not None and body.queue not in settings.allowed_queues:
+        raise QueueNotAllowed(queue_not_allowed(settings, body.queue))
     config = body.config
     paths = {"model": str(resolve_model(session, settings, owner_id, config.model))}
     if config.dataset is not None:
@@ -259,6 +272,9 @@ def resume_job(session: Session, queue: JobQueue, job: Job, warnings: list[str] 
     """Queue a failed or cancelled job again; the worker continues from its newest checkpoint."""
     if job.status not in ("failed", "cancelled"):
         raise JobStateError(f"only failed or cancelled jobs can be resumed; job {job.id} is {job.status}")
+    problem = job_queue_problem(queue.settings, job.queue)
+    if problem:
+        raise JobStateError(f"job {job.id} cannot be resumed: {problem}")
     job.status, job.cancel_requested, job.error, job.finished_at = "queued", False, None, None
     add_log(session, job.id, f"{RESUME_LOG}: continuing from the newest checkpoint")
     session.commit()
@@ -319,6 +335,10 @@ def requeue_orphans(factory: sessionmaker[Session], settings: Settings, queue: J
                 why = f"worker {worker} is gone (its process exited)"
             else:
                 continue
+            problem = job_queue_problem(settings, queue_name)
+            if problem:
+                fail_bad_queue(session, job_id, "running", problem)
+                continue
             changed = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == "running", Job.worker == worker)
@@ -337,6 +357,24 @@ def requeue_orphans(factory: sessionmaker[Session], settings: Settings, queue: J
     return requeued
 
 
+BAD_QUEUE_ERROR = "its queue is not allowed, so it is never published"
+
+
+def fail_bad_queue(session: Session, job_id: int, status: str, problem: str) -> bool:
+    """Fail a job whose stored queue the server no longer publishes to (the reason in its error and log)."""
+    error = f"{BAD_QUEUE_ERROR}: {problem}"
+    failed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == status)
+        .values(status="failed", error=error, finished_at=utcnow())
+    ).rowcount
+    if failed:
+        add_log(session, job_id, error, "error")
+        log.error("job %s failed: %s", job_id, error)
+    session.commit()
+    return bool(failed)
+
+
 def reconcile_queued(factory: sessionmaker[Session], settings: Settings, queue: JobQueue) -> list[int]:
     """Publish again every job queued for ``republish_after_s`` whose message the broker no longer holds: after a
     Redis FLUSHDB or restart without persistence, a deleted embedded broker file, a publish that failed while the
@@ -351,6 +389,10 @@ def reconcile_queued(factory: sessionmaker[Session], settings: Settings, queue: 
         ).all()
         pending: dict[str, set[int]] = {}
         for job_id, kind, queue_name in waiting:
+            problem = job_queue_problem(settings, queue_name)
+            if problem:  # stored before the allow-list (or the list changed): publishing it could poison the broker
+                fail_bad_queue(session, job_id, "queued", problem)
+                continue
             if queue_name not in pending:
                 pending[queue_name] = queue.pending_job_ids(queue_name)  # BrokerUnavailable: try on the next pass
             if job_id in pending[queue_name]:

@@ -61,7 +61,14 @@ class TrainJobCreate(BaseModel):
     )
     config: TrainConfig = Field(description="config.model: a name from GET /api/models; config.dataset: a dataset id.")
     queue: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Worker queue (one per GPU type); default: the server's."
+        None,
+        min_length=1,
+        max_length=100,
+        description=(
+            "Worker queue (one per GPU type), one of the server's (VOPD_QUEUE, VOPD_QUEUES; any other is a 422 that "
+            "lists them); "
+            "default: VOPD_QUEUE."
+        ),
     )
     resources: Resources = Field(
         default_factory=Resources, description='Devices the job needs, e.g. {"gpus": 4} or {"gpus": 8, "nodes": 2}.'
@@ -103,7 +110,14 @@ class EvalJobCreate(BaseModel):
         )
     )
     queue: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Worker queue (one per GPU type); default: the server's."
+        None,
+        min_length=1,
+        max_length=100,
+        description=(
+            "Worker queue (one per GPU type), one of the server's (VOPD_QUEUE, VOPD_QUEUES; any other is a 422 that "
+            "lists them); "
+            "default: VOPD_QUEUE."
+        ),
     )
 
 

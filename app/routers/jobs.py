@@ -64,6 +64,9 @@ def submit_job(
     except UnknownName as error:
         detail = [{"loc": ["body", "config", error.field], "msg": str(error), "type": "value_error"}]
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from error
+    except crud.QueueNotAllowed as error:
+        detail = [{"loc": ["body", "queue"], "msg": str(error), "type": "value_error"}]
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from error
     warnings += crud.queue_warnings(session, settings, job.queue)
     return crud.job_out(session, job).model_copy(update={"warnings": warnings})
 

@@ -12,7 +12,7 @@ import pytest
 
 from app.serve import stop_process, vopd_command
 from tests.conftest import free_port
-from tests.service.conftest import Service, tiny_train_config
+from tests.service.conftest import GROUP, Service, tiny_train_config
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -92,7 +92,7 @@ def test_a_two_device_job_runs_on_both_ranks_and_cancel_and_resume_reach_them(se
 def test_a_job_over_two_machines_runs_on_a_node_group(service: Service, tmp_path: Path):
     if service.backend != "postgresql":
         pytest.skip("a node group's machines share a database server: exercised on PostgreSQL + Redis")
-    queue = f"{service.env['VOPD_QUEUE']}-group"
+    queue = f"{service.env['VOPD_QUEUE']}-{GROUP}"  # in the service's VOPD_QUEUES
     group_env = {
         **service.env,
         "VOPD_NODES": "2",
