@@ -11,6 +11,7 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from app.paths import public_value
 from app.queueing import (
     BrokerUnavailable,
     JobQueue,
@@ -223,8 +224,9 @@ def eta_seconds(job: Job) -> float | None:
 _POSITION_UNKNOWN = -1
 
 
-def job_out(session: Session, job: Job, position: int | None = _POSITION_UNKNOWN) -> JobOut:
-    """The job as the API shows it; ``position`` when the caller already read it with the row."""
+def job_out(session: Session, job: Job, position: int | None = _POSITION_UNKNOWN, *, settings: Settings) -> JobOut:
+    """The job as the API shows it; ``position`` when the caller already read it with the row. The resolved config's
+    paths are shown relative to $VOPD_HOME (``app.paths``)."""
     out = JobOut.model_validate(job)
     source = parse_job_model_name(str((job.config or {}).get("model", "")))
     return out.model_copy(
@@ -233,6 +235,7 @@ def job_out(session: Session, job: Job, position: int | None = _POSITION_UNKNOWN
             "eta_seconds": eta_seconds(job),
             "model_job_id": source[0] if source else None,
             "model_step": source[1] if source else None,
+            "resolved_config": public_value(job.resolved_config or {}, settings.home),
         }
     )
 

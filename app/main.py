@@ -19,6 +19,7 @@ from app.db import make_engine, make_session_factory, run_migrations, session_sc
 from app.inference import InferencePool, ModelCache
 from app.limits import BodySizeLimit, validation_error_handler
 from app.queueing import BrokerUnavailable, JobQueue
+from app.responses import install_error_docs
 from app.routers import datasets, health, inspect, jobs, keys, models
 from app.settings import Settings, get_settings
 
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodySizeLimit, max_upload_mb=lambda: settings.max_upload_mb, max_body_mb=lambda: settings.max_body_mb
     )
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    install_error_docs(app)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:

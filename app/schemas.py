@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.responses import FieldError
 from vopd.config import EvalConfig, InspectConfig, TrainConfig, merge_settings, recipe
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -229,8 +230,12 @@ class DatasetIssueOut(BaseModel):
 
 
 class DatasetRejected(BaseModel):
-    detail: str
-    issues: list[DatasetIssueOut]
+    """Every 422 of an upload: a dataset that does not load lists each problem in ``issues``; an upload refused
+    before that (not a zip, a zip entry outside the folder) has only ``detail``, as has a malformed request (whose
+    ``detail`` is then the list of field errors)."""
+
+    detail: str | list[FieldError]
+    issues: list[DatasetIssueOut] = Field(default_factory=list, description="Per line of data.jsonl: what is wrong.")
 
 
 class SampleOut(BaseModel):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth import create_api_key, list_api_keys
 from app.deps import AdminKeyDep, ApiKeyDep, SessionDep
+from app.responses import errors
 from app.tables import ApiKey
 
 router = APIRouter(prefix="/api/keys", tags=["keys"])
@@ -61,7 +62,7 @@ def my_key(key: ApiKeyDep) -> KeyOut:
     return KeyOut.model_validate(key)
 
 
-@router.post("/{key_id}/revoke", response_model=KeyOut)
+@router.post("/{key_id}/revoke", response_model=KeyOut, responses=errors(403, 404))
 def revoke_key(key_id: int, session: SessionDep, caller: ApiKeyDep) -> KeyOut:
     if key_id != caller.id and not caller.admin:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "only an admin key may revoke another key")

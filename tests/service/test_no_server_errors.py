@@ -13,6 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
 from app.auth import create_api_key
 from app.db import session_scope
@@ -107,6 +108,13 @@ def test_folder_artifact_of_an_unwritable_job_folder(service: Service) -> None:
     assert str(service.settings.home) not in detail
 
 
+CHECKS = [status_code_conformance, response_schema_conformance]
+
+
+def _first_line(error: Exception) -> str:
+    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())[:400]
+
+
 def _fuzz(
     operation: schemathesis.APIOperation, mode: GenerationMode, headers: dict, calls: Counter, failures: list[str]
 ) -> None:
@@ -128,6 +136,11 @@ def _fuzz(
             return
         if response.status_code >= 500:
             failures.append(f"{operation.label} -> {response.status_code}: {case.as_curl_command()}")
+            return
+        try:  # every answer is one the document declares, in the declared shape
+            case.validate_response(response, checks=CHECKS)
+        except (Exception, BaseExceptionGroup) as error:  # schemathesis raises a group of the failed checks
+            failures.append(f"{operation.label} -> {response.status_code}: {_first_line(error)}: {response.text[:300]}")
 
     try:
         call()
@@ -155,5 +168,5 @@ def test_schemathesis_finds_no_server_error(service: Service) -> None:
     elapsed = time.monotonic() - started
     total = sum(calls.values())
     print(f"schemathesis {schemathesis.SCHEMATHESIS_VERSION}: {total} cases in {elapsed:.0f} s: {dict(calls)}")
-    assert not failures, "\n".join(failures[:20])
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:400])
     assert total >= MIN_CASES, dict(calls)
