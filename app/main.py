@@ -14,12 +14,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import RedirectResponse
 
 from app.auth import find_api_key
-from app.crud import reconcile_queued, requeue_orphans
+from app.crud import QuotaExceeded, reconcile_queued, requeue_orphans
 from app.db import make_engine, make_session_factory, run_migrations, session_scope
 from app.inference import InferencePool, ModelCache
 from app.limits import BodySizeLimit, validation_error_handler
 from app.queueing import BrokerUnavailable, JobQueue
-from app.responses import install_error_docs
+from app.responses import install_error_docs, quota_exceeded_handler
 from app.routers import datasets, health, inspect, jobs, keys, models
 from app.settings import Settings, get_settings
 
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodySizeLimit, max_upload_mb=lambda: settings.max_upload_mb, max_body_mb=lambda: settings.max_body_mb
     )
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(QuotaExceeded, quota_exceeded_handler)
     install_error_docs(app)
 
     @app.get("/", include_in_schema=False)

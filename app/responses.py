@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
@@ -61,6 +62,13 @@ def errors(*codes: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
         code: {"model": MODELS.get(code, ErrorOut), "description": descriptions.get(f"d{code}", DESCRIPTIONS[code])}
         for code in codes
     }
+
+
+async def quota_exceeded_handler(request: Request, error: Exception) -> JSONResponse:
+    """``app.crud.QuotaExceeded`` from any route: 429 with the figures."""
+    used, limit = getattr(error, "used", 0), getattr(error, "limit", 0)
+    body = QuotaExceeded(detail=str(error), used_bytes=used, limit_bytes=limit)
+    return JSONResponse(body.model_dump(), status_code=429)
 
 
 def _calls(dependant: Dependant) -> set[Any]:

@@ -16,13 +16,14 @@ from PIL import Image
 from sqlalchemy import or_, select
 
 from app.artifacts import folder_size
+from app.crud import storage_used
 from app.deps import ApiKeyDep, SessionDep, SettingsDep
 from app.paths import public_text
 from app.registry import visible_dataset
 from app.responses import errors
 from app.schemas import DatasetIssueOut, DatasetList, DatasetOut, DatasetRejected, SampleOut, SamplePage
 from app.tables import Dataset
-from app.uploads import MB, UploadRejected, quota_message, save_stream, storage_used, unpack_upload
+from app.uploads import MB, UploadRejected, quota_message, save_stream, unpack_upload
 from vopd.config import ViewConfig
 from vopd.data import load_dataset, validate_dataset
 from vopd.views import student_view, teacher_view, uses_search

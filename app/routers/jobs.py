@@ -52,7 +52,7 @@ def _job_or_404(session: Session, owner_id: int, job_id: int) -> Job:
     return job
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut, responses=errors(429))
 def submit_job(
     request: Request, body: Annotated[JobCreate, Body()], session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> JobOut:
@@ -220,7 +220,7 @@ def cancel_job(job_id: JobId, session: SessionDep, settings: SettingsDep, key: A
     return crud.job_out(session, job, settings=settings)
 
 
-@router.post("/{job_id}/resume", response_model=JobOut, responses=errors(404, 409))
+@router.post("/{job_id}/resume", response_model=JobOut, responses=errors(404, 409, 429))
 def resume_job(job_id: JobId, request: Request, session: SessionDep, key: ApiKeyDep) -> JobOut:
     """Queue a failed or cancelled job again: training continues from its newest checkpoint."""
     job = _job_or_404(session, key.id, job_id)
@@ -265,4 +265,6 @@ def download_artifact(
         archive = artifacts.pack_folder(entry.path, cache_dirs, name)
     except artifacts.ArtifactUnavailable as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
+    crud.measure_job_disk(session, settings, job.id)  # the archive is the owner's storage too
+    session.commit()
     return FileResponse(archive, filename=f"job-{job.id}-{name.replace('/', '-')}.zip", media_type="application/zip")
