@@ -120,7 +120,7 @@ def test_orphan_reaper_requeues_only_stale_running_jobs(db) -> None:
 
     queue = RecordingQueue()
     assert requeue_orphans(factory, settings, queue) == [stale]
-    assert queue.sent == [(stale, "train", "q")]
+    assert queue.sent == [(stale, "train", DEFAULT_QUEUE)]
     assert _get(factory, stale).status == "queued" and _get(factory, fresh).status == "running"
 
 
