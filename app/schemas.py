@@ -149,7 +149,12 @@ class JobOut(_Out):
     attempts: int
     worker: str | None
     config: dict[str, Any] = Field(description="The config as submitted.")
-    resolved_config: dict[str, Any] = Field(description="The config the worker runs (names resolved to paths).")
+    resolved_config: dict[str, Any] = Field(
+        description=(
+            "The config the worker runs, names resolved to paths; paths are shown relative to the server's home "
+            "($VOPD_HOME/models/tiny), any other server path as <server path>."
+        )
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
