@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from app.paths import public_value
+from app.paths import public_text, public_value
 from app.queueing import (
     BrokerUnavailable,
     JobQueue,
@@ -317,6 +317,7 @@ def job_out(session: Session, job: Job, position: int | None = _POSITION_UNKNOWN
             "model_job_id": source[0] if source else None,
             "model_step": source[1] if source else None,
             "resolved_config": public_value(job.resolved_config or {}, settings.home),
+            "error": public_text(job.error, settings.home) if job.error else job.error,
         }
     )
 
