@@ -24,7 +24,9 @@ from worker.runner import _rank_error, claim, describe_error, worker_name
 
 @pytest.fixture
 def db(tmp_path: Path):
-    settings = Settings(home=tmp_path, database_url_env=f"sqlite:///{tmp_path}/t.db", stale_after_s=60)
+    settings = Settings(
+        home=tmp_path, database_url_env=f"sqlite:///{tmp_path}/t.db", stale_after_s=60, queue=DEFAULT_QUEUE, queues=[]
+    )
     engine = make_engine(settings)
     run_migrations(engine, settings)
     factory = make_session_factory(engine)
@@ -37,7 +39,9 @@ def db(tmp_path: Path):
 
 def _job(factory, owner_id: int, **fields) -> int:
     with session_scope(factory) as session:
-        job = Job(owner_id=owner_id, kind="train", queue=DEFAULT_QUEUE, config={}, resolved_config={"x": 1}, output_dir="/o")
+        job = Job(
+            owner_id=owner_id, kind="train", queue=DEFAULT_QUEUE, config={}, resolved_config={"x": 1}, output_dir="/o"
+        )
         for name, value in fields.items():
             setattr(job, name, value)
         session.add(job)
