@@ -160,7 +160,13 @@ class Settings(BaseSettings):
         8, ge=1, description="Inspects waiting for the inference thread; beyond it 503 with Retry-After."
     )
     user_quota_mb: float = Field(
-        10240.0, gt=0, description="Disk one key may fill with uploaded datasets and job artifacts; 507 beyond."
+        10240.0,
+        gt=0,
+        description=(
+            "Storage one key may fill: its datasets as unpacked, everything its jobs write (checkpoints, final "
+            "folders, records, logs, download archives). Beyond it an upload is a 413, a new or resumed job a 429, "
+            "and a running job fails at its next check, keeping its newest checkpoint."
+        ),
     )
 
     @field_validator("home", mode="after")
