@@ -135,6 +135,18 @@ def test_a_stored_job_with_a_bad_queue_is_failed_not_republished(api: tuple[Test
         assert resumed.status_code == 409 and "not one of this server's queues" in resumed.text, resumed.text
     assert client.get(f"/api/jobs/{ids['served']}", headers=headers).json()["status"] == "queued"
 
+    # A running job on such a queue whose worker is gone is failed too, not put back on its queue.
+    orphan = client.post("/api/jobs", headers=headers, json={"kind": "train", "config": tiny_train_config()}).json()
+    with session_scope(factory) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == orphan["id"])
+            .values(queue="unacked", status="running", worker="gone:1", heartbeat_at=utcnow() - timedelta(hours=1))
+        )
+    reap_once(client.app)
+    job = client.get(f"/api/jobs/{orphan['id']}", headers=headers).json()
+    assert job["status"] == "failed" and "its queue is not allowed" in job["error"], job
+
 
 # ------------------------------------------------------------------------------------------ a poisoned Redis
 @pytest.fixture
