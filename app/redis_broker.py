@@ -8,6 +8,9 @@ kombu keeps, beside each queue's list, a few keys of its own in the same Redis d
 start (restoring unacked messages reads ``unacked_index``) or at its next delivery (``ZADD unacked_index``), and a
 publish to the exchange fails (``SMEMBERS _kombu.binding.<exchange>``).
 
+A queue's own list (and its priority lists) can be clobbered the same way by a stray write; BRPOP over the consumed
+queues then fails as a whole, and a publish to the queue fails.
+
 The API refuses such queue names (``app.settings.check_queue_name``), but a key written before that, by an older
 version, or by hand must not stop the service. So each operation below that touches a bookkeeping key catches
 ``WRONGTYPE``, moves every wrong-typed key it uses aside (``RENAME`` to ``vopd:quarantine:<key>:<time>``, kept for a
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from queue import Empty
 from typing import Any, TypeVar
 
 from kombu.transport import redis as kombu_redis
@@ -42,8 +46,9 @@ def _text(value: Any) -> str:
 
 
 def quarantine_wrong_types(client: Any, expected: dict[str, str]) -> list[str]:
-    """Move aside every key of ``expected`` (name -> Redis type) that exists with another type; return their new
-    names. A missing key is fine (kombu creates it on first use)."""
+    """Move aside every key of ``expected`` (name -> Redis type) that exists with another type; return what was
+    repaired (the new names; the old one where another process moved it first). A missing key is fine (kombu creates
+    it on first use)."""
     moved: list[str] = []
     for key, kind in expected.items():
         actual = _text(client.type(key))
@@ -53,8 +58,9 @@ def quarantine_wrong_types(client: Any, expected: dict[str, str]) -> list[str]:
         try:
             client.rename(key, target)
             client.expire(target, QUARANTINE_TTL_S)
-        except Exception as error:  # another worker moved it first: the key is fine now either way
+        except Exception as error:  # another process moved it first (RENAME of a key gone): fine now either way
             if _text(client.type(key)) in ("none", kind):
+                moved.append(key)  # repaired all the same: the caller may run its command again
                 continue
             raise RuntimeError(f"could not move the wrong-typed broker key {key!r} aside: {error}") from error
         log.error(
@@ -126,9 +132,35 @@ class QoS(kombu_redis.QoS):
 
 
 class Channel(kombu_redis.Channel):
-    """Exchange bindings (``_kombu.binding.<exchange>``) that repair wrong-typed keys."""
+    """Exchange bindings (``_kombu.binding.<exchange>``) and queue lists that repair wrong-typed keys."""
 
     QoS = QoS
+
+    def _queue_keys(self, queues: list[str]) -> dict[str, str]:
+        return {self._q_for_pri(queue, step): "list" for queue in queues for step in self.priority_steps}
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        publish = super()._put
+        _with_repair(self, lambda: self._queue_keys([queue]), lambda: publish(queue, message, **kwargs))
+
+    def _get(self, queue: str) -> Any:
+        return _with_repair(self, lambda: self._queue_keys([queue]), lambda: super(Channel, self)._get(queue))
+
+    def _size(self, queue: str) -> int:
+        return _with_repair(self, lambda: self._queue_keys([queue]), lambda: super(Channel, self)._size(queue))
+
+    def _brpop_read(self, **options: Any) -> Any:
+        """The blocking read of the consumed queues: a queue key of another type fails the whole BRPOP, so every
+        consumed queue's keys are checked, the wrong ones moved aside, and the loop simply polls again."""
+        try:
+            return super()._brpop_read(**options)
+        except self.ResponseError as error:
+            if not is_wrongtype(error):
+                raise
+            with self.conn_or_acquire() as client:
+                if not quarantine_wrong_types(client, self._queue_keys(list(self.active_queues))):
+                    raise
+            raise Empty() from error
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         _with_repair(

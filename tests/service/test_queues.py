@@ -177,8 +177,9 @@ def _wait(predicate, timeout_s: float, what: str):
 
 def test_a_worker_survives_wrong_typed_broker_keys(tmp_path: Path, tiny_model_dir: Path, poisoned_redis: str) -> None:
     """kombu's ``unacked_index`` / ``unacked`` / ``unacked_mutex`` and a binding set hold lists (what a job on a
-    queue of that name wrote) before the worker starts, and again while it runs: the worker moves each aside, logs
-    it, and runs every job; the API publishes through a poisoned binding too. (Before: WRONGTYPE at start, dead.)"""
+    queue of that name wrote), and the worker's queue a hash, before the worker starts; the first two again while
+    it runs: the worker (or the API's publish) moves each aside, logs it, and the worker runs every job. (Before:
+    WRONGTYPE at start, worker dead.)"""
     import redis
 
     from app.bootstrap import ensure_default_assets, ensure_local_key
@@ -195,6 +196,7 @@ def test_a_worker_survives_wrong_typed_broker_keys(tmp_path: Path, tiny_model_di
     broker = redis.Redis.from_url(poisoned_redis)
     for key in ("unacked", "unacked_index", "unacked_mutex", f"_kombu.binding.{queue}"):
         broker.lpush(key, '{"poison": true}')
+    broker.hset(queue, "poison", "true")  # and the queue's own list is a hash
 
     env = {
         **{key: value for key, value in os.environ.items() if key not in ("DATABASE_URL",)},
@@ -240,6 +242,7 @@ def test_a_worker_survives_wrong_typed_broker_keys(tmp_path: Path, tiny_model_di
         assert f"broker key '{key}' held a list" in log
     moved = {key.decode() for key in broker.scan_iter("vopd:quarantine:*")}
     assert any(key.startswith(f"vopd:quarantine:_kombu.binding.{queue}:") for key in moved), moved
+    assert any(key.startswith(f"vopd:quarantine:{queue}:") for key in moved), moved
     assert all(0 < broker.ttl(key) <= 7 * 24 * 3600 for key in moved)
     assert {broker.type(key).decode() for key in ("unacked", "unacked_index")} <= {"hash", "zset", "none"}
     broker.close()
