@@ -12,14 +12,21 @@ from app.settings import Settings
 
 TASK_NAMES = {"train": "vopd.run_train", "eval": "vopd.run_eval", "join": "vopd.join_ranks"}
 EMBEDDED_TRANSPORT = "app.embedded_broker:Transport"
+# kombu's Redis transport, repairing its bookkeeping keys when they hold the wrong type (app.redis_broker).
+REDIS_TRANSPORT = "app.redis_broker:Transport"
 # A publish retries this often before the API answers 503: a dead broker must not hang a request.
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("vopd", broker=settings.broker_url, set_as_current=False)
+    transport = None  # rediss:// and sentinel:// keep kombu's own transports
+    if settings.embedded_broker:
+        transport = EMBEDDED_TRANSPORT
+    elif settings.broker_url.startswith("redis://"):
+        transport = REDIS_TRANSPORT
     app.conf.update(
-        broker_transport=EMBEDDED_TRANSPORT if settings.embedded_broker else None,
+        broker_transport=transport,
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.queue,
         task_serializer="json",

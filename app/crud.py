@@ -11,17 +11,109 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from app.queueing import BrokerUnavailable, JobQueue, queue_shape, routed_queue
+from app.paths import public_text, public_value
+from app.queueing import (
+    BrokerUnavailable,
+    JobQueue,
+    job_queue_problem,
+    queue_not_allowed,
+    queue_shape,
+    routed_queue,
+)
 from app.registry import UnknownName, parse_job_model_name, resolve_dataset, resolve_model
 from app.schemas import EvalJobCreate, JobOut, TrainJobCreate
 from app.settings import Settings
-from app.tables import TERMINAL_STATUSES, ApiKey, Job, JobLog, JobMetric, Worker, utcnow
+from app.tables import TERMINAL_STATUSES, ApiKey, Dataset, Job, JobLog, JobMetric, Worker, utcnow
 
 log = logging.getLogger(__name__)
 
 
 class JobStateError(ValueError):
     """A request that the job's current status does not allow (409)."""
+
+
+class QueueNotAllowed(ValueError):
+    """A job that names a queue outside the server's allow-list (422); the message lists the allowed ones."""
+
+
+MB = 1 << 20
+
+
+class QuotaExceeded(Exception):
+    """A key's datasets and jobs hold more than VOPD_USER_QUOTA_MB: no new job starts (429), a running one fails."""
+
+    def __init__(self, used: int, limit: int, what: str) -> None:
+        super().__init__(
+            f"over your storage quota: {used / MB:.1f} MB used of {limit / MB:g} MB (VOPD_USER_QUOTA_MB); {what}. "
+            "Delete datasets or ask for a larger quota"
+        )
+        self.used = used
+        self.limit = limit
+
+
+def quota_bytes(settings: Settings) -> int:
+    return int(settings.user_quota_mb * MB)
+
+
+def _usage_parts() -> list:
+    """Per-key byte counts of the three kinds of storage, as (owner id, bytes) selects."""
+    datasets = select(Dataset.owner_id, func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
+        Dataset.owner_id.is_not(None)
+    )
+    jobs = select(Job.owner_id, func.coalesce(func.sum(Job.disk_bytes), 0))
+    # Log lines live in the database, written by the key's jobs (a rank's traceback, a long warning): they count too.
+    logs = select(Job.owner_id, func.coalesce(func.sum(func.length(JobLog.message)), 0)).join(
+        JobLog, JobLog.job_id == Job.id
+    )
+    parts = [datasets.group_by(Dataset.owner_id), jobs.group_by(Job.owner_id), logs.group_by(Job.owner_id)]
+    return parts
+
+
+def storage_used(session: Session, owner_id: int) -> int:
+    """Bytes a key holds on the server: its datasets (as unpacked), everything its jobs wrote on disk (checkpoints,
+    final folders, records, metrics, tracker and rank logs, download archives: ``jobs.disk_bytes``) and its jobs'
+    log lines in the database."""
+    datasets = session.scalar(
+        select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.owner_id == owner_id)
+    )
+    jobs = session.scalar(select(func.coalesce(func.sum(Job.disk_bytes), 0)).where(Job.owner_id == owner_id))
+    logs = session.scalar(
+        select(func.coalesce(func.sum(func.length(JobLog.message)), 0))
+        .join(Job, JobLog.job_id == Job.id)
+        .where(Job.owner_id == owner_id)
+    )
+    return int(datasets or 0) + int(jobs or 0) + int(logs or 0)
+
+
+def storage_used_by_key(session: Session) -> dict[int, int]:
+    """``storage_used`` of every key at once (the admin's key listing): three grouped statements."""
+    used: dict[int, int] = {}
+    for part in _usage_parts():
+        for owner_id, size in session.execute(part):
+            used[owner_id] = used.get(owner_id, 0) + int(size or 0)
+    return used
+
+
+def job_folders(settings: Settings, job_id: int) -> list[Path]:
+    """Every folder the server writes for a job: its own, and the scratch folder for its download archives."""
+    return [settings.job_dir(job_id), settings.artifacts_dir / "archives" / f"job-{job_id}"]
+
+
+def measure_job_disk(session: Session, settings: Settings, job_id: int) -> int:
+    """Walk the job's folders, store the figure in ``jobs.disk_bytes`` (the caller commits) and return it."""
+    from app.artifacts import folder_size
+
+    size = sum(folder_size(folder) for folder in job_folders(settings, job_id) if folder.exists())
+    session.execute(update(Job).where(Job.id == job_id).values(disk_bytes=size))
+    return size
+
+
+def check_quota(session: Session, settings: Settings, owner_id: int, what: str) -> int:
+    """The key's usage; raises QuotaExceeded when it is over the quota (``what`` says what is refused)."""
+    used, limit = storage_used(session, owner_id), quota_bytes(settings)
+    if used >= limit:
+        raise QuotaExceeded(used, limit, what)
+    return used
 
 
 def create_job(
@@ -38,6 +130,9 @@ def create_job(
     job: it stays queued, a warning says so (appended to ``warnings``), and the reaper publishes it once the broker
     is back (``reconcile_queued``).
     """
+    if body.queue is not None and body.queue not in settings.allowed_queues:
+        raise QueueNotAllowed(queue_not_allowed(settings, body.queue))
+    check_quota(session, settings, owner_id, "no new job is started")
     config = body.config
     paths = {"model": str(resolve_model(session, settings, owner_id, config.model))}
     if config.dataset is not None:
@@ -222,8 +317,9 @@ def eta_seconds(job: Job) -> float | None:
 _POSITION_UNKNOWN = -1
 
 
-def job_out(session: Session, job: Job, position: int | None = _POSITION_UNKNOWN) -> JobOut:
-    """The job as the API shows it; ``position`` when the caller already read it with the row."""
+def job_out(session: Session, job: Job, position: int | None = _POSITION_UNKNOWN, *, settings: Settings) -> JobOut:
+    """The job as the API shows it; ``position`` when the caller already read it with the row. The resolved config's
+    paths are shown relative to $VOPD_HOME (``app.paths``)."""
     out = JobOut.model_validate(job)
     source = parse_job_model_name(str((job.config or {}).get("model", "")))
     return out.model_copy(
@@ -232,6 +328,8 @@ def job_out(session: Session, job: Job, position: int | None = _POSITION_UNKNOWN
             "eta_seconds": eta_seconds(job),
             "model_job_id": source[0] if source else None,
             "model_step": source[1] if source else None,
+            "resolved_config": public_value(job.resolved_config or {}, settings.home),
+            "error": public_text(job.error, settings.home) if job.error else job.error,
         }
     )
 
@@ -271,6 +369,10 @@ def resume_job(session: Session, queue: JobQueue, job: Job, warnings: list[str] 
     """Queue a failed or cancelled job again; the worker continues from its newest checkpoint."""
     if job.status not in ("failed", "cancelled"):
         raise JobStateError(f"only failed or cancelled jobs can be resumed; job {job.id} is {job.status}")
+    problem = job_queue_problem(queue.settings, job.queue)
+    if problem:
+        raise JobStateError(f"job {job.id} cannot be resumed: {problem}")
+    check_quota(session, queue.settings, job.owner_id, "the job is not resumed")
     job.status, job.cancel_requested, job.error, job.finished_at = "queued", False, None, None
     add_log(session, job.id, f"{RESUME_LOG}: continuing from the newest checkpoint")
     session.commit()
@@ -331,6 +433,10 @@ def requeue_orphans(factory: sessionmaker[Session], settings: Settings, queue: J
                 why = f"worker {worker} is gone (its process exited)"
             else:
                 continue
+            problem = job_queue_problem(settings, queue_name)
+            if problem:
+                fail_bad_queue(session, job_id, "running", problem)
+                continue
             changed = session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == "running", Job.worker == worker)
@@ -349,6 +455,24 @@ def requeue_orphans(factory: sessionmaker[Session], settings: Settings, queue: J
     return requeued
 
 
+BAD_QUEUE_ERROR = "its queue is not allowed, so it is never published"
+
+
+def fail_bad_queue(session: Session, job_id: int, status: str, problem: str) -> bool:
+    """Fail a job whose stored queue the server no longer publishes to (the reason in its error and log)."""
+    error = f"{BAD_QUEUE_ERROR}: {problem}"
+    failed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == status)
+        .values(status="failed", error=error, finished_at=utcnow())
+    ).rowcount
+    if failed:
+        add_log(session, job_id, error, "error")
+        log.error("job %s failed: %s", job_id, error)
+    session.commit()
+    return bool(failed)
+
+
 def reconcile_queued(factory: sessionmaker[Session], settings: Settings, queue: JobQueue) -> list[int]:
     """Publish again every job queued for ``republish_after_s`` whose message the broker no longer holds: after a
     Redis FLUSHDB or restart without persistence, a deleted embedded broker file, a publish that failed while the
@@ -363,6 +487,10 @@ def reconcile_queued(factory: sessionmaker[Session], settings: Settings, queue: 
         ).all()
         pending: dict[str, set[int]] = {}
         for job_id, kind, queue_name in waiting:
+            problem = job_queue_problem(settings, queue_name)
+            if problem:  # stored before the allow-list (or the list changed): publishing it could poison the broker
+                fail_bad_queue(session, job_id, "queued", problem)
+                continue
             if queue_name not in pending:
                 pending[queue_name] = queue.pending_job_ids(queue_name)  # BrokerUnavailable: try on the next pass
             if job_id in pending[queue_name]:

@@ -23,11 +23,12 @@ from app.auth import (
     prune_sessions,
     redeem_signin_code,
 )
-from app.crud import reconcile_queued, requeue_orphans
+from app.crud import QuotaExceeded, reconcile_queued, requeue_orphans
 from app.db import make_engine, make_session_factory, run_migrations, session_scope
 from app.inference import InferencePool, ModelCache
 from app.limits import BodySizeLimit, validation_error_handler
 from app.queueing import BrokerUnavailable, JobQueue
+from app.responses import install_error_docs, quota_exceeded_handler
 from app.routers import datasets, health, inspect, jobs, keys, models, openai_compat, sessions
 from app.settings import Settings, get_settings
 from vopd.redact import install_access_log_redaction
@@ -110,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodySizeLimit, max_upload_mb=lambda: settings.max_upload_mb, max_body_mb=lambda: settings.max_body_mb
     )
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(QuotaExceeded, quota_exceeded_handler)
+    install_error_docs(app)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:

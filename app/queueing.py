@@ -10,6 +10,7 @@ import sqlite3
 from typing import Any
 
 from app.celery_app import PUBLISH_RETRY, TASK_NAMES, make_celery
+from app.redis_broker import UNACKED_KEYS, is_wrongtype, quarantine_wrong_types
 from app.settings import Settings
 
 
@@ -46,6 +47,24 @@ def queue_shape(queue: str) -> tuple[str, int, int]:
 
 
 PRIORITY_SEP = "\x06\x16"  # kombu's Redis transport names a queue's priority lists queue + this + step
+
+
+def queue_not_allowed(settings: Settings, queue: str) -> str:
+    """The 422 message for a queue name a client may not use."""
+    allowed = ", ".join(repr(name) for name in settings.allowed_queues)
+    return (
+        f"queue {queue!r} is not one of this server's queues ({allowed}); the server derives the queues of "
+        "multi-device jobs itself (resources.gpus / nodes). An administrator adds queues with VOPD_QUEUES."
+    )
+
+
+def job_queue_problem(settings: Settings, queue: str) -> str | None:
+    """Why a stored job's broker queue must not be published to, or None: it is an allowed queue or a form the
+    server derives from one (``routed_queue``); a node group's private queue (``join_queue``) never carries a job."""
+    base, gpus, nodes = queue_shape(queue)
+    if base in settings.allowed_queues and queue == routed_queue(base, gpus, nodes):
+        return None
+    return queue_not_allowed(settings, queue)
 
 
 def job_id_of(message: Any) -> int | None:
@@ -93,7 +112,13 @@ class JobQueue:
             # messages delivered but not yet acknowledged (a running job, with acks_late) in the "unacked" hash.
             lists = [queue, *(f"{queue}{PRIORITY_SEP}{step}" for step in (3, 6, 9))]
             waiting = [item for key in lists for item in client.lrange(key, 0, -1)]
-            unacked = [json.loads(value) for value in client.hvals("unacked")]  # [message, exchange, routing key]
+            try:
+                values = client.hvals("unacked")
+            except redis.ResponseError as error:  # moved aside (app.redis_broker), then read again
+                if not is_wrongtype(error) or not quarantine_wrong_types(client, UNACKED_KEYS):
+                    raise
+                values = client.hvals("unacked")
+            unacked = [json.loads(value) for value in values]  # [message, exchange, routing key]
             delivered = [entry[0] for entry in unacked if entry[2] == queue]
         finally:
             client.close()

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.responses import FieldError
 from vopd.config import EvalConfig, InspectConfig, TrainConfig, merge_settings, recipe
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -61,7 +62,14 @@ class TrainJobCreate(BaseModel):
     )
     config: TrainConfig = Field(description="config.model: a name from GET /api/models; config.dataset: a dataset id.")
     queue: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Worker queue (one per GPU type); default: the server's."
+        None,
+        min_length=1,
+        max_length=100,
+        description=(
+            "Worker queue (one per GPU type), one of the server's (VOPD_QUEUE, VOPD_QUEUES; any other is a 422 that "
+            "lists them); "
+            "default: VOPD_QUEUE."
+        ),
     )
     resources: Resources = Field(
         default_factory=Resources, description='Devices the job needs, e.g. {"gpus": 4} or {"gpus": 8, "nodes": 2}.'
@@ -105,7 +113,14 @@ class EvalJobCreate(BaseModel):
         )
     )
     queue: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]{1,100}$", description="Worker queue (one per GPU type); default: the server's."
+        None,
+        min_length=1,
+        max_length=100,
+        description=(
+            "Worker queue (one per GPU type), one of the server's (VOPD_QUEUE, VOPD_QUEUES; any other is a 422 that "
+            "lists them); "
+            "default: VOPD_QUEUE."
+        ),
     )
 
 
@@ -136,7 +151,12 @@ class JobOut(_Out):
     attempts: int
     worker: str | None
     config: dict[str, Any] = Field(description="The config as submitted.")
-    resolved_config: dict[str, Any] = Field(description="The config the worker runs (names resolved to paths).")
+    resolved_config: dict[str, Any] = Field(
+        description=(
+            "The config the worker runs, names resolved to paths; paths are shown relative to the server's home "
+            "($VOPD_HOME/models/tiny), any other server path as <server path>."
+        )
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -217,8 +237,12 @@ class DatasetIssueOut(BaseModel):
 
 
 class DatasetRejected(BaseModel):
-    detail: str
-    issues: list[DatasetIssueOut]
+    """Every 422 of an upload: a dataset that does not load lists each problem in ``issues``; an upload refused
+    before that (not a zip, a zip entry outside the folder) has only ``detail``, as has a malformed request (whose
+    ``detail`` is then the list of field errors)."""
+
+    detail: str | list[FieldError]
+    issues: list[DatasetIssueOut] = Field(default_factory=list, description="Per line of data.jsonl: what is wrong.")
 
 
 class SampleOut(BaseModel):

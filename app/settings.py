@@ -6,13 +6,35 @@ Everything lives under ``VOPD_HOME`` unless ``DATABASE_URL`` / ``REDIS_URL`` poi
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_QUEUE = "vopd"
+# A queue name is also a Redis key (the list of its messages) beside the keys kombu and Celery keep for themselves in
+# the same database; a queue that takes one of their names breaks every worker (docs/reliability.md). No dots either:
+# the server derives the queues of multi-device jobs and node groups from a name with dots (``app.queueing``), and
+# only it may.
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESERVED_QUEUE_NAMES = frozenset({"unacked", "unacked_index", "unacked_mutex", "celery", "celeryev"})
+RESERVED_QUEUE_PREFIXES = ("_", "celery", "kombu", "unacked")
+
+
+def queue_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a configured queue, or None when it can."""
+    if not QUEUE_NAME.match(name):
+        return f"queue name {name!r} must be 1-64 letters, digits, '_' or '-' (no dots: those name derived queues)"
+    lowered = name.lower()
+    if lowered in RESERVED_QUEUE_NAMES or lowered.startswith(RESERVED_QUEUE_PREFIXES):
+        return (
+            f"queue name {name!r} is reserved: the broker keeps its own bookkeeping under names like it "
+            f"({', '.join(sorted(RESERVED_QUEUE_NAMES))}, and names starting with {', '.join(RESERVED_QUEUE_PREFIXES)})"
+        )
+    return None
 
 
 class Settings(BaseSettings):
@@ -35,7 +57,19 @@ class Settings(BaseSettings):
         validation_alias="REDIS_URL",
         description="Celery broker; absent = the embedded SQLite broker at $VOPD_HOME/broker.db.",
     )
-    queue: str = Field(DEFAULT_QUEUE, min_length=1, description="Queue a worker consumes (one per GPU type).")
+    queue: str = Field(
+        DEFAULT_QUEUE,
+        min_length=1,
+        description="Queue a worker consumes (one per GPU type), and the API's default queue for jobs that name none.",
+    )
+    queues: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            'Further queues (comma-separated) that jobs may name with "queue", beside VOPD_QUEUE: one per GPU type '
+            "whose workers run with that VOPD_QUEUE. Any other name is refused (422), so a client cannot write to a "
+            "broker key of its choosing."
+        ),
+    )
     nodes: int = Field(
         1,
         ge=1,
@@ -158,13 +192,48 @@ class Settings(BaseSettings):
         8, ge=1, description="Inspects waiting for the inference thread; beyond it 503 with Retry-After."
     )
     user_quota_mb: float = Field(
-        10240.0, gt=0, description="Disk one key may fill with uploaded datasets and job artifacts; 507 beyond."
+        10240.0,
+        gt=0,
+        description=(
+            "Storage one key may fill: its datasets as unpacked, everything its jobs write (checkpoints, final "
+            "folders, records, logs, download archives). Beyond it an upload is a 413, a new or resumed job a 429, "
+            "and a running job fails at its next check, keeping its newest checkpoint."
+        ),
     )
 
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, home: Path) -> Path:
         return home.expanduser().resolve()
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, name: str) -> str:
+        problem = queue_name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
+    @field_validator("queues")
+    @classmethod
+    def _queue_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            problem = queue_name_problem(name)
+            if problem:
+                raise ValueError(problem)
+        return names
+
+    @property
+    def allowed_queues(self) -> list[str]:
+        """The queue names a job may ask for: VOPD_QUEUE first, then VOPD_QUEUES."""
+        return list(dict.fromkeys([self.queue, *self.queues]))
 
     @model_validator(mode="after")
     def _node_rank_in_group(self) -> Settings:

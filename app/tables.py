@@ -132,6 +132,9 @@ class Job(Base):
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     resolved_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     output_dir: Mapped[str] = mapped_column(Text)
+    # Bytes under the job's folders (checkpoints, final model, logs, archives), measured by the worker while it runs
+    # and when it ends, and again after a download packs an archive: what the owner's storage quota counts.
+    disk_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer)

@@ -11,11 +11,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-
 from app.settings import Settings
-from app.tables import Artifact, Dataset, Job
 
 CHUNK = 1 << 20
 MB = 1 << 20
@@ -48,19 +44,6 @@ def _safe_member_path(name: str) -> PurePosixPath:
     if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
         raise UploadRejected(f"zip entry {name!r} points outside the dataset folder")
     return path
-
-
-def storage_used(session: Session, owner_id: int) -> int:
-    """Bytes a key holds on the server: its datasets (as unpacked) and its jobs' artifacts."""
-    datasets = session.scalar(
-        select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.owner_id == owner_id)
-    )
-    artifacts = session.scalar(
-        select(func.coalesce(func.sum(Artifact.size_bytes), 0))
-        .join(Job, Artifact.job_id == Job.id)
-        .where(Job.owner_id == owner_id)
-    )
-    return int(datasets or 0) + int(artifacts or 0)
 
 
 def quota_message(settings: Settings, used: int, adding: int) -> str:

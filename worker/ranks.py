@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     from app.tables import Job
     from vopd.config import TrainConfig
     from vopd.trainer import latest_checkpoint, train
-    from worker.reporter import DatabaseReporter, json_safe
+    from worker.reporter import DatabaseReporter, QuotaGuard, json_safe
 
     settings = get_settings()
     factory = make_session_factory(make_engine(settings))
@@ -40,7 +40,10 @@ def main(argv: list[str]) -> int:
         config = TrainConfig.model_validate(job.resolved_config)
         output_dir = Path(job.output_dir)
     rank = int(os.environ.get("RANK", "0"))
-    callbacks = [DatabaseReporter(factory, job_id, worker_name, settings.progress_interval_s)] if rank == 0 else []
+    callbacks = []
+    if rank == 0:  # rank 0 reports, and stops the run (all ranks with it) when the owner's quota is used up
+        quota = QuotaGuard.for_job(factory, settings, job_id)
+        callbacks.append(DatabaseReporter(factory, job_id, worker_name, settings.progress_interval_s, quota))
     result = train(config, callbacks=callbacks, resume=latest_checkpoint(output_dir) is not None)
     if rank == 0:
         outcome = {

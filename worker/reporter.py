@@ -15,7 +15,9 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.crud import check_quota, measure_job_disk
 from app.db import session_scope
+from app.settings import Settings
 from app.tables import Checkpoint, Job, JobLog, JobMetric, utcnow
 from vopd.callbacks import ProgressCallback
 
@@ -35,12 +37,57 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
+class QuotaGuard:
+    """Holds a running job to its owner's storage quota: measures the job's folders (``jobs.disk_bytes``) and raises
+    ``app.crud.QuotaExceeded`` once the owner's datasets and jobs hold the quota or more. At every checkpoint and at
+    most every ``interval_s`` between them (the folder walk is cheap, but a fast loop need not repeat it per step)."""
+
+    def __init__(
+        self, factory: sessionmaker[Session], settings: Settings, job_id: int, owner_id: int, interval_s: float
+    ) -> None:
+        self.factory = factory
+        self.settings = settings
+        self.job_id = job_id
+        self.owner_id = owner_id
+        self.interval_s = interval_s
+        self._last = time.monotonic()
+
+    def measure(self) -> int:
+        with session_scope(self.factory) as session:
+            return measure_job_disk(session, self.settings, self.job_id)
+
+    def check(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval_s:
+            return
+        self._last = now
+        self.measure()
+        with self.factory() as session:
+            check_quota(session, self.settings, self.owner_id, f"job {self.job_id} was stopped")
+
+    @classmethod
+    def for_job(cls, factory: sessionmaker[Session], settings: Settings, job_id: int) -> QuotaGuard | None:
+        with factory() as session:
+            owner_id = session.scalar(select(Job.owner_id).where(Job.id == job_id))
+        if owner_id is None:
+            return None
+        return cls(factory, settings, job_id, owner_id, max(settings.heartbeat_interval_s, 1.0))
+
+
 class DatabaseReporter(ProgressCallback):
-    def __init__(self, factory: sessionmaker[Session], job_id: int, worker_name: str, interval_s: float) -> None:
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        job_id: int,
+        worker_name: str,
+        interval_s: float,
+        quota: QuotaGuard | None = None,
+    ) -> None:
         self.factory = factory
         self.job_id = job_id
         self.worker_name = worker_name
         self.interval_s = interval_s
+        self.quota = quota
         self._last_write = 0.0
         self._last_poll = 0.0
         self._stop = False
@@ -85,6 +132,8 @@ class DatabaseReporter(ProgressCallback):
                     values["latest_metrics"] = safe
                 session.execute(self._mine().values(**values))
                 self._last_write = now
+        if self.quota is not None:
+            self.quota.check()
 
     def on_log(self, message: str, *, level: str = "info") -> None:
         with session_scope(self.factory) as session:
@@ -95,6 +144,8 @@ class DatabaseReporter(ProgressCallback):
             session.execute(delete(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step))
             session.add(Checkpoint(job_id=self.job_id, step=step, path=str(path)))
             session.add(JobLog(job_id=self.job_id, level="info", message=f"checkpoint saved at step {step}"))
+        if self.quota is not None:  # a checkpoint is the big write: the line is crossed here if anywhere
+            self.quota.check(force=True)
 
     def should_stop(self) -> bool:
         now = time.monotonic()

@@ -24,11 +24,11 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.crud import starts_since_queued
+from app.crud import QuotaExceeded, job_folders, starts_since_queued
 from app.db import session_scope
 from app.settings import Settings
 from app.tables import TERMINAL_STATUSES, Artifact, Job, JobLog, utcnow
-from worker.reporter import DatabaseReporter, json_safe
+from worker.reporter import DatabaseReporter, QuotaGuard, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,8 @@ def describe_error(error: BaseException) -> str:
 
     if isinstance(error, torch.OutOfMemoryError | MemoryError):
         return f"out of memory: {error}".strip().rstrip(":")
+    if isinstance(error, QuotaExceeded):
+        return str(error)
     return f"{type(error).__name__}: {error}"
 
 
@@ -205,6 +207,8 @@ def _run_train(factory: sessionmaker[Session], job: Claim, me: str, reporter: Da
             "final_dir": str(result.final_dir) if result.final_dir else None,
             "last_metrics": result.last_metrics,
         }
+    if reporter.quota is not None and not outcome["stopped"]:
+        reporter.quota.check(force=True)  # the final folder is the last big write
     if (job.output_dir / METRICS_FILE).is_file():
         _add_artifact(factory, job.job_id, METRICS_FILE, "metrics", job.output_dir / METRICS_FILE)
     summary = {"step": outcome["step"], "total_steps": outcome["total_steps"], "last_metrics": outcome["last_metrics"]}
@@ -391,20 +395,62 @@ def _run_eval(factory: sessionmaker[Session], job: Claim, me: str, reporter: Dat
     _finish(factory, job.job_id, me, status="succeeded", progress=1.0, result=json_safe(result.summary))
 
 
+QUOTA_MARK = "over your storage quota"
+
+
+def prune_after_quota(settings: Settings, job_id: int) -> list[str]:
+    """What a job stopped by the quota leaves behind: its newest complete checkpoint (to resume from once there is
+    room) and its small bookkeeping (config.json, metrics.jsonl, rank logs); gone are the final folder, half-written
+    folders (``*.partial``), older checkpoints, partial eval records and download archives. Returns what was removed,
+    relative to the job's folder."""
+    import shutil
+
+    from vopd.trainer import CHECKPOINTS_DIR, FINAL_DIR, latest_checkpoint
+
+    output_dir, scratch = job_folders(settings, job_id)
+    keep = latest_checkpoint(output_dir)
+    doomed = [output_dir / FINAL_DIR, output_dir / "archives", output_dir / "records.jsonl", scratch]
+    doomed += list(output_dir.glob("*.partial"))
+    checkpoints = output_dir / CHECKPOINTS_DIR
+    if checkpoints.is_dir():
+        doomed += [path for path in checkpoints.iterdir() if path != keep]
+    removed = []
+    for path in doomed:
+        if not path.exists():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(str(path.relative_to(output_dir)) if path.is_relative_to(output_dir) else "its archives")
+    return removed
+
+
 def run_job(factory: sessionmaker[Session], settings: Settings, job_id: int) -> str:
     """Run (or skip) job ``job_id``; returns the status it ended in, or "skipped"."""
     me = worker_name()
     job = claim(factory, job_id, me, settings)
     if job is None:
         return "skipped"
-    reporter = DatabaseReporter(factory, job_id, me, settings.progress_interval_s)
+    quota = QuotaGuard.for_job(factory, settings, job_id)
+    reporter = DatabaseReporter(factory, job_id, me, settings.progress_interval_s, quota)
     try:
         with Heartbeat(factory, job_id, me, settings.heartbeat_interval_s):
             (_run_train if job.kind == "train" else _run_eval)(factory, job, me, reporter)
     except Exception as error:
-        reporter.on_log(traceback.format_exc(), level="error")
+        over_quota = isinstance(error, QuotaExceeded) or QUOTA_MARK in str(error)  # a rank's raises in its process
+        if over_quota:
+            removed = prune_after_quota(settings, job_id)
+            reporter.on_log(f"{describe_error(error)}; removed {', '.join(removed) or 'nothing'}", level="error")
+        else:
+            reporter.on_log(traceback.format_exc(), level="error")
         _finish(factory, job_id, me, status="failed", error=describe_error(error))
     finally:
+        if quota is not None:
+            try:
+                quota.measure()  # what the job leaves behind is what its owner's quota counts from now on
+            except Exception:  # a database hiccup must not hide the job's own outcome
+                log.exception("could not measure the folders of job %s", job_id)
         _release_memory()
     with factory() as session:
         final = session.get(Job, job_id)

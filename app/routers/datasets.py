@@ -17,11 +17,14 @@ from PIL import Image
 from sqlalchemy import or_, select
 
 from app.artifacts import folder_size
+from app.crud import storage_used
 from app.deps import ApiKeyDep, SessionDep, SettingsDep
+from app.paths import public_text
 from app.registry import visible_dataset
+from app.responses import errors
 from app.schemas import DatasetIssueOut, DatasetList, DatasetOut, DatasetRejected, SampleOut, SamplePage
 from app.tables import Dataset
-from app.uploads import MB, UploadRejected, quota_message, save_stream, storage_used, unpack_upload
+from app.uploads import MB, UploadRejected, quota_message, save_stream, unpack_upload
 from vopd.config import ViewConfig
 from vopd.data import load_dataset, validate_dataset
 from vopd.views import student_view, teacher_view, uses_search
@@ -63,6 +66,7 @@ def upload_dataset(
     if declared > quota_left + MB:  # refused before a byte is stored
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, quota_message(settings, used, declared))
     filename = file.filename or "upload"
+    home = settings.home
     dataset_id = "ds-" + secrets.token_hex(5)
     target = settings.datasets_dir / dataset_id
     try:
@@ -77,14 +81,17 @@ def upload_dataset(
             shutil.rmtree(target, ignore_errors=True)
             rejected = DatasetRejected(
                 detail=f"{len(issues)} problem(s) in the dataset; nothing was stored",
-                issues=[DatasetIssueOut(**issue.model_dump()) for issue in issues],
+                issues=[
+                    DatasetIssueOut(**issue.model_dump(exclude={"message"}), message=public_text(issue.message, home))
+                    for issue in issues
+                ],
             )
             return JSONResponse(rejected.model_dump(), status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
         n_samples = len(load_dataset(data_file, check_images=False))
         size = folder_size(target)  # what it holds on disk, unpacked: the figure the quota counts
     except UploadRejected as error:
         shutil.rmtree(target, ignore_errors=True)
-        raise HTTPException(error.status_code, str(error)) from error
+        raise HTTPException(error.status_code, public_text(str(error), home)) from error
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
@@ -117,7 +124,7 @@ def _dataset_or_404(session: SessionDep, owner_id: int, dataset_id: str) -> Data
     return dataset
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=errors(404))
 def get_dataset(dataset_id: str, session: SessionDep, key: ApiKeyDep) -> DatasetOut:
     return dataset_out(_dataset_or_404(session, key.id, dataset_id))
 
@@ -130,7 +137,7 @@ def _data_url(image: Image.Image, side: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-@router.get("/{dataset_id}/samples", response_model=SamplePage)
+@router.get("/{dataset_id}/samples", response_model=SamplePage, responses=errors(404))
 def list_samples(
     dataset_id: str,
     session: SessionDep,

@@ -20,7 +20,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.deps import ApiKeyDep, SessionDep, SettingsDep
 from app.inference import InferenceBusy, InferenceTask
+from app.paths import public_text
 from app.registry import UnknownName, resolve_model, visible_dataset
+from app.responses import errors
 from app.schemas import InspectRequest
 from app.settings import Settings
 from vopd.config import InspectConfig
@@ -162,7 +164,7 @@ def _prepare(
     try:
         path = resolve_model(session, settings, owner_id, body.model)
     except UnknownName as error:
-        raise _unprocessable("model", str(error)) from error
+        raise _unprocessable("model", public_text(str(error), settings.home)) from error
     session.close()  # inference may take a while: give the connection back first
     values = body.model_dump(exclude=_SOURCE_FIELDS)
     for field in ("question", "options", "bbox"):  # the sample's own, unless the request overrides them
@@ -202,11 +204,14 @@ async def _wait(task: InferenceTask, request: Request, timeout_s: float) -> Insp
 @router.post(
     "/inspect",
     response_model=InspectResult,
-    responses={
-        413: {"description": "The image is over VOPD_MAX_INSPECT_IMAGE_MB or VOPD_MAX_INSPECT_IMAGE_PIXELS."},
-        503: {"description": "VOPD_INSPECT_QUEUE_SIZE inspects already wait; retry after Retry-After seconds."},
-        504: {"description": "The inspect ran past VOPD_INSPECT_TIMEOUT_S and was stopped."},
-    },
+    responses=errors(
+        413,
+        503,
+        504,
+        d413="The body is over VOPD_MAX_BODY_MB, or the image over VOPD_MAX_INSPECT_IMAGE_MB or _PIXELS.",
+        d503="VOPD_INSPECT_QUEUE_SIZE inspects already wait; retry after Retry-After seconds.",
+        d504="The inspect ran past VOPD_INSPECT_TIMEOUT_S and was stopped.",
+    ),
 )
 async def inspect(body: InspectRequest, request: Request, session: SessionDep, settings: SettingsDep, key: ApiKeyDep):
     """Send the image as ``image_base64`` (the file's bytes, base64) or pick ``dataset`` + ``sample``; question,
@@ -250,5 +255,5 @@ async def inspect(body: InspectRequest, request: Request, session: SessionDep, s
             "and was stopped",
         ) from error
     except ValueError as error:  # e.g. a box outside the image
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from error
+        raise _unprocessable([], str(error)) from error
     return result.model_copy(update={"model": body.model})

@@ -17,7 +17,9 @@ from app import artifacts, crud
 from app.auth import find_api_key, hash_key, is_session_token
 from app.db import session_scope
 from app.deps import ApiKeyDep, PresentedKeyDep, SessionDep, SettingsDep, unknown_key_error
+from app.paths import public_text
 from app.registry import UnknownName
+from app.responses import errors
 from app.schemas import (
     ArtifactList,
     JobCreate,
@@ -30,6 +32,7 @@ from app.schemas import (
     MetricOut,
     MetricPage,
 )
+from app.settings import Settings
 from app.tables import TERMINAL_STATUSES, Job
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
@@ -49,7 +52,7 @@ def _job_or_404(session: Session, owner_id: int, job_id: int) -> Job:
     return job
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobOut, responses=errors(429))
 def submit_job(
     request: Request, body: Annotated[JobCreate, Body()], session: SessionDep, settings: SettingsDep, key: ApiKeyDep
 ) -> JobOut:
@@ -62,15 +65,20 @@ def submit_job(
     try:
         job = crud.create_job(session, settings, request.app.state.queue, key.id, body, warnings)
     except UnknownName as error:
-        detail = [{"loc": ["body", "config", error.field], "msg": str(error), "type": "value_error"}]
+        message = public_text(str(error), settings.home)
+        detail = [{"loc": ["body", "config", error.field], "msg": message, "type": "value_error"}]
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from error
+    except crud.QueueNotAllowed as error:
+        detail = [{"loc": ["body", "queue"], "msg": str(error), "type": "value_error"}]
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from error
     warnings += crud.queue_warnings(session, settings, job.queue)
-    return crud.job_out(session, job).model_copy(update={"warnings": warnings})
+    return crud.job_out(session, job, settings=settings).model_copy(update={"warnings": warnings})
 
 
 @router.get("", response_model=JobPage)
 def list_jobs(
     session: SessionDep,
+    settings: SettingsDep,
     key: ApiKeyDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     kind: JobKind | None = None,
@@ -80,11 +88,14 @@ def list_jobs(
     """Your jobs, newest first."""
     items, total = crud.list_jobs(session, key.id, status_filter, kind, limit, offset)
     return JobPage(
-        items=[crud.job_out(session, job, position) for job, position in items], total=total, limit=limit, offset=offset
+        items=[crud.job_out(session, job, position, settings=settings) for job, position in items],
+        total=total,
+        limit=limit,
+        offset=offset,
     )
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=errors(404))
 def get_job(job_id: JobId, request: Request, presented: PresentedKeyDep) -> JobOut:
     """One of your jobs, with its queue position and ETA (404 for a job that is not yours)."""
     # The status poll is the API's most frequent request: it does its work in one trip to the thread pool and, when
@@ -101,10 +112,10 @@ def get_job(job_id: JobId, request: Request, presented: PresentedKeyDep) -> JobO
             if find_api_key(session, presented) is None:
                 raise unknown_key_error()
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
-        return crud.job_out(session, *found)
+        return crud.job_out(session, *found, settings=request.app.state.settings)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricPage)
+@router.get("/{job_id}/metrics", response_model=MetricPage, responses=errors(404))
 def get_metrics(
     job_id: JobId,
     session: SessionDep,
@@ -118,7 +129,7 @@ def get_metrics(
     return MetricPage(items=[MetricOut.model_validate(r) for r in rows], next_since=rows[-1].id if rows else since)
 
 
-@router.get("/{job_id}/logs", response_model=LogPage)
+@router.get("/{job_id}/logs", response_model=LogPage, responses=errors(404))
 def get_logs(
     job_id: JobId,
     session: SessionDep,
@@ -138,7 +149,9 @@ class _Revoked:
 REVOKED = _Revoked()
 
 
-def _poll_events(factory: sessionmaker[Session], presented: str, job_id: int, since_metric: int, since_log: int):
+def _poll_events(
+    factory: sessionmaker[Session], presented: str, settings: Settings, job_id: int, since_metric: int, since_log: int
+):
     with factory() as session:
         if find_api_key(session, presented) is None:  # every poll: revocation reaches an open stream
             return REVOKED, [], []
@@ -147,7 +160,7 @@ def _poll_events(factory: sessionmaker[Session], presented: str, job_id: int, si
             return None, [], []
         metrics = [MetricOut.model_validate(r) for r in crud.metrics_since(session, job_id, since_metric, 500)]
         logs = [LogOut.model_validate(r) for r in crud.logs_since(session, job_id, since_log, 500)]
-        return crud.job_out(session, job), metrics, logs
+        return crud.job_out(session, job, settings=settings), metrics, logs
 
 
 def _existing_job(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> None:
@@ -156,7 +169,12 @@ def _existing_job(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> None:
     _job_or_404(session, key.id, job_id)
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse, dependencies=[Depends(_existing_job)])
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    dependencies=[Depends(_existing_job)],
+    responses=errors(404),
+)
 async def job_events(
     job_id: JobId,
     request: Request,
@@ -190,7 +208,7 @@ async def job_events(
     last_status: dict | None = None
     while True:
         current, metrics, logs = await run_in_threadpool(
-            _poll_events, factory, presented, job_id, since_metric, since_log
+            _poll_events, factory, presented, request.app.state.settings, job_id, since_metric, since_log
         )
         if current is None:
             return
@@ -213,18 +231,18 @@ async def job_events(
         await asyncio.sleep(poll_s)
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> JobOut:
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(404, 409))
+def cancel_job(job_id: JobId, session: SessionDep, settings: SettingsDep, key: ApiKeyDep) -> JobOut:
     """A queued job is cancelled at once; a running one stops at its next step (after a checkpoint)."""
     job = _job_or_404(session, key.id, job_id)
     try:
         job = crud.request_cancel(session, job)
     except crud.JobStateError as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
-    return crud.job_out(session, job)
+    return crud.job_out(session, job, settings=settings)
 
 
-@router.post("/{job_id}/resume", response_model=JobOut)
+@router.post("/{job_id}/resume", response_model=JobOut, responses=errors(404, 409, 429))
 def resume_job(job_id: JobId, request: Request, session: SessionDep, key: ApiKeyDep) -> JobOut:
     """Queue a failed or cancelled job again: training continues from its newest checkpoint."""
     job = _job_or_404(session, key.id, job_id)
@@ -234,10 +252,10 @@ def resume_job(job_id: JobId, request: Request, session: SessionDep, key: ApiKey
     except crud.JobStateError as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
     warnings += crud.queue_warnings(session, request.app.state.settings, job.queue)
-    return crud.job_out(session, job).model_copy(update={"warnings": warnings})
+    return crud.job_out(session, job, settings=request.app.state.settings).model_copy(update={"warnings": warnings})
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList)
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=errors(404))
 def list_artifacts(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> ArtifactList:
     job = _job_or_404(session, key.id, job_id)
     return ArtifactList(items=[entry.out for entry in artifacts.job_artifacts(session, job)])
@@ -248,7 +266,7 @@ def list_artifacts(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> Artifa
     response_class=FileResponse,
     responses={
         200: {"content": {"application/zip": {}, "application/octet-stream": {}}},
-        409: {"description": "A folder that cannot be packed as a zip right now; the detail says why."},
+        **errors(404, 409, d409="A folder that cannot be packed as a zip right now; the detail says why."),
     },
 )
 def download_artifact(
@@ -269,4 +287,6 @@ def download_artifact(
         archive = artifacts.pack_folder(entry.path, cache_dirs, name)
     except artifacts.ArtifactUnavailable as error:
         raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from error
+    crud.measure_job_disk(session, settings, job.id)  # the archive is the owner's storage too
+    session.commit()
     return FileResponse(archive, filename=f"job-{job.id}-{name.replace('/', '-')}.zip", media_type="application/zip")

@@ -13,7 +13,9 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth import create_api_key, end_sessions_of, list_api_keys
+from app.crud import storage_used_by_key
 from app.deps import AdminKeyDep, ApiKeyDep, SessionDep
+from app.responses import errors
 from app.tables import ApiKey
 
 router = APIRouter(prefix="/api/keys", tags=["keys"])
@@ -28,6 +30,13 @@ class KeyOut(BaseModel):
     admin: bool
     revoked: bool
     created_at: datetime
+    storage_used_bytes: int | None = Field(
+        None,
+        description=(
+            "In the admin's listing: what the key's datasets and jobs hold (the figure its quota, VOPD_USER_QUOTA_MB, "
+            "is held against)."
+        ),
+    )
 
 
 class KeyList(BaseModel):
@@ -47,7 +56,13 @@ class KeyCreated(KeyOut):
 
 @router.get("", response_model=KeyList)
 def list_keys(session: SessionDep, _admin: AdminKeyDep) -> KeyList:
-    return KeyList(items=[KeyOut.model_validate(row) for row in list_api_keys(session)])
+    used = storage_used_by_key(session)
+    return KeyList(
+        items=[
+            KeyOut.model_validate(row).model_copy(update={"storage_used_bytes": used.get(row.id, 0)})
+            for row in list_api_keys(session)
+        ]
+    )
 
 
 @router.post("", response_model=KeyCreated, status_code=status.HTTP_201_CREATED)
@@ -61,7 +76,7 @@ def my_key(key: ApiKeyDep) -> KeyOut:
     return KeyOut.model_validate(key)
 
 
-@router.post("/{key_id}/revoke", response_model=KeyOut)
+@router.post("/{key_id}/revoke", response_model=KeyOut, responses=errors(403, 404))
 def revoke_key(key_id: int, session: SessionDep, caller: ApiKeyDep) -> KeyOut:
     if key_id != caller.id and not caller.admin:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "only an admin key may revoke another key")

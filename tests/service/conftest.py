@@ -30,6 +30,8 @@ REDIS_BASE = os.environ.get("VOPD_TEST_REDIS", "redis://127.0.0.1:6379")
 REDIS_TEST_DB = 13  # kept apart from anything else on the machine's Redis
 SESSION_TAG = secrets.token_hex(4)
 WORKER_START_TIMEOUT_S = 90
+UNSERVED = "unserved"  # suffixes of the service's extra queues (VOPD_QUEUES)
+GROUP = "group"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -132,9 +134,12 @@ def service(
 ) -> Iterator[Service]:
     backend = request.param
     home = tmp_path_factory.mktemp(f"vopd-home-{backend}")
+    queue = f"vopd-test-{backend}-{SESSION_TAG}"
     env = {
         "VOPD_HOME": str(home),
-        "VOPD_QUEUE": f"vopd-test-{backend}-{SESSION_TAG}",
+        "VOPD_QUEUE": queue,
+        # The allow-list of queues jobs may name: one no worker serves, one for the node-group tests' workers.
+        "VOPD_QUEUES": f"{queue}-{UNSERVED},{queue}-{GROUP}",
         "VOPD_HEARTBEAT_INTERVAL_S": "1",
         "VOPD_PROGRESS_INTERVAL_S": "0.2",
         "VOPD_EMBEDDED_POLL_S": "0.1",

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import uuid
 
 import pytest
 
 from app.serve import vopd_command
-from tests.service.conftest import Service, tiny_train_config
+from tests.service.conftest import UNSERVED, Service, tiny_train_config
 
 pytestmark = pytest.mark.services
 
@@ -69,7 +68,7 @@ def test_apikey_create_prints_a_working_key_as_last_line(service: Service) -> No
 
 def test_queued_jobs_show_their_place_in_line_in_get_and_list(service: Service) -> None:
     # A queue nobody serves, so the jobs stay queued; the place is read with the row, in one statement.
-    queue = f"unserved-{uuid.uuid4().hex[:8]}"
+    queue = f"{service.settings.queue}-{UNSERVED}"
     body = {"kind": "train", "queue": queue, "config": tiny_train_config()}
     ids = [service.client.post("/api/jobs", headers=service.alice, json=body).json()["id"] for _ in range(3)]
 

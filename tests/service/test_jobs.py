@@ -53,8 +53,10 @@ def test_train_job_end_to_end(service: Service, tmp_path: Path) -> None:
 
     job = _submit(service, "train", tiny_train_config())
     assert job["status"] == "queued" and job["queue_position"] >= 1
-    assert job["resolved_config"]["output"] == str(service.settings.job_dir(job["id"]))
-    assert job["resolved_config"]["model"] == str(service.settings.models_dir / "tiny")
+    # Paths relative to the server's home: the client learns which model and folder, not the server's layout.
+    assert job["resolved_config"]["output"] == f"$VOPD_HOME/artifacts/jobs/{job['id']}"
+    assert job["resolved_config"]["model"] == "$VOPD_HOME/models/tiny"
+    assert str(service.settings.home) not in json.dumps(job)
 
     events = _events(service, job["id"])
     statuses = [data["status"] for name, data in events if name == "status"]

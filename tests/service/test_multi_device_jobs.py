@@ -12,7 +12,7 @@ import pytest
 
 from app.serve import stop_process, vopd_command
 from tests.conftest import free_port
-from tests.service.conftest import Service, tiny_train_config
+from tests.service.conftest import GROUP, Service, tiny_train_config
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -63,7 +63,7 @@ def test_a_two_device_job_runs_on_both_ranks_and_cancel_and_resume_reach_them(se
         assert done["status"] == "succeeded", (done["error"], _log_text(service, job["id"])[-3000:])
         assert _metric_steps(service, job["id"]) == [1, 2, 3, 4]
         assert "training on 2 processes" in _log_text(service, job["id"])
-        final = Path(done["resolved_config"]["output"]) / "final"
+        final = service.settings.job_dir(done["id"]) / "final"
         assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
 
         # A failure inside the ranks fails the job with the ranks' own error, and every rank's output in its log.
@@ -79,7 +79,7 @@ def test_a_two_device_job_runs_on_both_ranks_and_cancel_and_resume_reach_them(se
         assert service.client.post(f"/api/jobs/{long['id']}/cancel", headers=service.alice).status_code == 200
         cancelled = service.wait_for(long["id"], {"cancelled"}, timeout_s=120)
         assert 0 < cancelled["step"] < 40  # both ranks stopped at the same step (a rank left behind would hang)
-        output = Path(long["resolved_config"]["output"])
+        output = service.settings.job_dir(long["id"])
         assert (output / "checkpoints" / f"step-{cancelled['step']}" / "trainer_state.pt").is_file()
         assert service.client.post(f"/api/jobs/{long['id']}/resume", headers=service.alice).status_code == 200
         resumed = service.wait_for(long["id"], {"succeeded", "failed"}, timeout_s=300)
@@ -92,7 +92,7 @@ def test_a_two_device_job_runs_on_both_ranks_and_cancel_and_resume_reach_them(se
 def test_a_job_over_two_machines_runs_on_a_node_group(service: Service, tmp_path: Path):
     if service.backend != "postgresql":
         pytest.skip("a node group's machines share a database server: exercised on PostgreSQL + Redis")
-    queue = f"{service.env['VOPD_QUEUE']}-group"
+    queue = f"{service.env['VOPD_QUEUE']}-{GROUP}"  # in the service's VOPD_QUEUES
     group_env = {
         **service.env,
         "VOPD_NODES": "2",
@@ -141,7 +141,7 @@ def test_a_job_over_two_machines_runs_on_a_node_group(service: Service, tmp_path
         assert done["status"] == "succeeded", (done["error"], _log_text(service, job["id"])[-3000:], logs)
         assert _metric_steps(service, job["id"]) == [1, 2]
         assert "1 on each of 2 machines" in _log_text(service, job["id"])
-        output = Path(done["resolved_config"]["output"])
+        output = service.settings.job_dir(done["id"])
         assert (output / "final" / "model.safetensors").is_file()
         assert (output / "ranks-node1.log").is_file()  # machine 1 ran its share: its worker says how it ended
         # Machine 0 marks the job done; machine 1's worker logs its own end of the task a moment later.

@@ -1,5 +1,7 @@
 """No input gets a 5xx: ids past the database's integers, a job folder that cannot hold an archive, a stream of a
-missing job, and schemathesis's generated requests against /openapi.json (with a valid key, a fixed seed)."""
+missing job, and schemathesis's generated requests against /openapi.json (with a valid key, a fixed seed), whose every
+answer must also be declared in the document, in the declared shape (status_code_conformance,
+response_schema_conformance)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
 from app.auth import create_api_key
 from app.db import session_scope
@@ -107,6 +110,13 @@ def test_folder_artifact_of_an_unwritable_job_folder(service: Service) -> None:
     assert str(service.settings.home) not in detail
 
 
+CHECKS = [status_code_conformance, response_schema_conformance]
+
+
+def _first_line(error: Exception) -> str:
+    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())[:400]
+
+
 def _fuzz(
     operation: schemathesis.APIOperation, mode: GenerationMode, headers: dict, calls: Counter, failures: list[str]
 ) -> None:
@@ -128,6 +138,11 @@ def _fuzz(
             return
         if response.status_code >= 500:
             failures.append(f"{operation.label} -> {response.status_code}: {case.as_curl_command()}")
+            return
+        try:  # every answer is one the document declares, in the declared shape
+            case.validate_response(response, checks=CHECKS)
+        except (Exception, BaseExceptionGroup) as error:  # schemathesis raises a group of the failed checks
+            failures.append(f"{operation.label} -> {response.status_code}: {_first_line(error)}: {response.text[:300]}")
 
     try:
         call()
@@ -136,8 +151,8 @@ def _fuzz(
 
 
 def test_schemathesis_finds_no_server_error(service: Service) -> None:
-    """Every operation of /openapi.json, positive and negative cases, with a valid key: no 5xx. Derandomized, so
-    the same cases run every time."""
+    """Every operation of /openapi.json, positive and negative cases, with a valid key: no 5xx, no undeclared status
+    code, no body outside its declared schema. Derandomized, so the same cases run every time."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", service.client.app)
     calls: Counter[str] = Counter()
     failures: list[str] = []
@@ -155,5 +170,5 @@ def test_schemathesis_finds_no_server_error(service: Service) -> None:
     elapsed = time.monotonic() - started
     total = sum(calls.values())
     print(f"schemathesis {schemathesis.SCHEMATHESIS_VERSION}: {total} cases in {elapsed:.0f} s: {dict(calls)}")
-    assert not failures, "\n".join(failures[:20])
+    assert not failures, f"{len(failures)} failures:\n" + "\n".join(failures[:400])
     assert total >= MIN_CASES, dict(calls)

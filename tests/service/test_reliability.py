@@ -63,7 +63,9 @@ def test_absurd_settings_and_unknown_keys_are_refused_and_an_unserved_queue_is_w
     from app.main import create_app
     from app.tables import Worker
 
-    settings = Settings(home=tmp_path, database_url_env=f"sqlite:///{tmp_path}/vopd.db", queue="served")
+    settings = Settings(
+        home=tmp_path, database_url_env=f"sqlite:///{tmp_path}/vopd.db", queue="served", queues=["nobody-listens"]
+    )
     shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
     app = create_app(settings)
     ensure_default_assets(settings, app.state.session_factory)

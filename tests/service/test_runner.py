@@ -16,7 +16,7 @@ from sqlalchemy import select
 from app.auth import create_api_key
 from app.crud import requeue_orphans
 from app.db import make_engine, make_session_factory, run_migrations, session_scope
-from app.settings import Settings
+from app.settings import DEFAULT_QUEUE, Settings
 from app.tables import Job, JobLog, JobMetric, utcnow
 from worker.reporter import DatabaseReporter, json_safe
 from worker.runner import _rank_error, claim, describe_error, worker_name
@@ -24,7 +24,9 @@ from worker.runner import _rank_error, claim, describe_error, worker_name
 
 @pytest.fixture
 def db(tmp_path: Path):
-    settings = Settings(home=tmp_path, database_url_env=f"sqlite:///{tmp_path}/t.db", stale_after_s=60)
+    settings = Settings(
+        home=tmp_path, database_url_env=f"sqlite:///{tmp_path}/t.db", stale_after_s=60, queue=DEFAULT_QUEUE, queues=[]
+    )
     engine = make_engine(settings)
     run_migrations(engine, settings)
     factory = make_session_factory(engine)
@@ -37,7 +39,9 @@ def db(tmp_path: Path):
 
 def _job(factory, owner_id: int, **fields) -> int:
     with session_scope(factory) as session:
-        job = Job(owner_id=owner_id, kind="train", queue="q", config={}, resolved_config={"x": 1}, output_dir="/o")
+        job = Job(
+            owner_id=owner_id, kind="train", queue=DEFAULT_QUEUE, config={}, resolved_config={"x": 1}, output_dir="/o"
+        )
         for name, value in fields.items():
             setattr(job, name, value)
         session.add(job)
@@ -120,7 +124,7 @@ def test_orphan_reaper_requeues_only_stale_running_jobs(db) -> None:
 
     queue = RecordingQueue()
     assert requeue_orphans(factory, settings, queue) == [stale]
-    assert queue.sent == [(stale, "train", "q")]
+    assert queue.sent == [(stale, "train", DEFAULT_QUEUE)]
     assert _get(factory, stale).status == "queued" and _get(factory, fresh).status == "running"
 
 
