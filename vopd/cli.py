@@ -405,6 +405,11 @@ def _add_tiny(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument("--size", choices=["5m", "20m"], default="5m", help="qwen2_vl: about 4.7M or 20M parameters")
     build.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    build.add_argument(
+        "--vllm-shape",
+        action="store_true",
+        help="qwen3_5: a shape vLLM's CPU backend runs (head dim 64, linear-attention head dim 128, bf16 weights)",
+    )
     pretrain = actions.add_parser("pretrain", help="deterministic supervised pretraining of the tiny base model")
     pretrain.add_argument("--output", required=True, help="run folder; the fp16 base model lands in OUTPUT/model")
     pretrain.add_argument("--seed", type=int, default=0, help="weights and data seed (0 rebuilds the shipped base)")
@@ -428,7 +433,7 @@ def _run_tiny(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         if args.arch == "qwen3_5":
             from vopd.tiny_models import build_tiny_qwen35
 
-            print(build_tiny_qwen35(args.output, seed=args.seed))
+            print(build_tiny_qwen35(args.output, seed=args.seed, vllm_shape=args.vllm_shape))
         else:
             print(build_tiny(args.output, size=args.size, seed=args.seed))
         return 0

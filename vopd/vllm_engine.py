@@ -51,6 +51,31 @@ DEFAULT_PROMPT_ROOM = 4096
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+def _refresh_tied_heads(worker: Any) -> int:
+    """Runs in vLLM's worker after a reload: re-derives each LM head tied to the input embeddings from the (reloaded)
+    shared weight; returns how many there were.
+
+    Why: vLLM's CPU backend computes the logits with a packed copy of the head's weight made when the head is
+    processed. A tied head is never sent by name (checkpoints leave it out), so a reload processes the embedding
+    layer, whose storage the head shares, but not the head: its packed copy stays the old weights' (measured on a
+    tied Qwen3.5: a sync that changed the embeddings left the log-probs 0.35 off, every other weight synced exactly).
+    On a GPU the head reads the shared weight itself and re-processing it changes nothing."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    model = worker.model_runner.model
+    embeddings = {
+        id(module.weight)
+        for module in model.modules()
+        if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead)
+    }
+    refreshed = 0
+    for module in model.modules():
+        if isinstance(module, ParallelLMHead) and id(getattr(module, "weight", None)) in embeddings:
+            module.quant_method.process_weights_after_loading(module)
+            refreshed += 1
+    return refreshed
+
+
 class VllmUnsupportedModel(ValueError):
     """vLLM cannot run this model (architecture, head size, dtype...); the message names ``rollout.engine: hf``."""
 
@@ -96,6 +121,9 @@ class VllmRolloutEngine:
         self.dtype = loaded.compute_dtype or loaded.dtype
         self.folder = model_folder(loaded)
         self.on_gpu = self.device.type == "cuda"
+        self.tied_head = bool(getattr(loaded.model.config.get_text_config(), "tie_word_embeddings", False)) or bool(
+            getattr(loaded.model.config, "tie_word_embeddings", False)
+        )
         self.state = "awake"  # or "asleep" (weights in CPU memory, no KV cache) or "weights" (weights back only)
         self.sync_count = 0
         vocabulary = loaded.model.get_output_embeddings().weight.shape[0]
@@ -255,6 +283,8 @@ class VllmRolloutEngine:
             )
         finally:
             layerwise.removeFilter(quiet)
+        if self.tied_head:
+            self.llm.collective_rpc(_refresh_tied_heads)
         # Cached prefixes' keys and values and cached image features were computed by the old weights.
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()

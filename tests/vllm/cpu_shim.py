@@ -42,15 +42,17 @@ _PROCESSOR_MODULES = {
 
 
 class _NoVideoProcessor:
-    """Stands in for the video processor: vLLM reads its keyword argument names while profiling; refuses videos."""
+    """Stands in for the video processor: vLLM reads its keyword argument names and its sizes (the image processor's)
+    while profiling; refuses videos."""
 
     def __init__(self, image_processor: object) -> None:
         from transformers.processing_utils import VideosKwargs
 
         self.valid_kwargs = VideosKwargs
-        self.merge_size = getattr(image_processor, "merge_size", 2)
-        self.temporal_patch_size = getattr(image_processor, "temporal_patch_size", 2)
-        self.patch_size = getattr(image_processor, "patch_size", 14)
+        self.image_processor = image_processor
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.__dict__["image_processor"], name)
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         raise RuntimeError("this test environment has no video processor (torchvision is not installed)")

@@ -190,3 +190,12 @@ def test_training_run_writes_the_rollout_metrics(engine: Any, tiny_base: Path, d
         assert record["rollout/is_clipped_frac"] == 0.0
         assert record["rollout/tokens_per_s"] > 0 and record["rollout/sync_s"] > 0
     assert engine.llm is not None  # a shared engine stays open after the run
+
+
+def test_unsupported_architecture_names_the_hf_engine(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vopd.config import RolloutConfig
+    from vopd.vllm_engine import VllmRolloutEngine, VllmUnsupportedModel
+
+    monkeypatch.setattr(loaded.model.config, "architectures", ["NoSuchModelForConditionalGeneration"])
+    with pytest.raises(VllmUnsupportedModel, match=r"NoSuchModelForConditionalGeneration.*rollout\.engine: hf"):
+        VllmRolloutEngine(loaded, RolloutConfig.model_validate(ROLLOUT))
