@@ -355,7 +355,10 @@ class VllmRolloutEngine:
                 self.requests(conversations), [self.sampling_params(seed) for seed in row_seeds], use_tqdm=False
             )
         except Exception as error:
-            raise VllmEngineError(f"the vllm engine failed while sampling ({type(error).__name__}: {error})") from error
+            raise VllmEngineError(
+                f"the vllm engine failed while sampling ({type(error).__name__}: {error}); set rollout.engine: hf to "
+                "sample with transformers"
+            ) from error
         return self._batch([output.outputs[0] for output in outputs])
 
     def _batch(self, completions: Sequence[Any]) -> RolloutBatch:

@@ -80,11 +80,20 @@ def test_qwen35_engine_follows_training(
         assert max(differences[1:]) < BF16_TOLERANCE, differences
 
 
-def test_engine_that_cannot_start_names_the_hf_engine(tmp_path: Path) -> None:
-    """Today's default tiny Qwen3.5 has 16-wide heads, which vLLM's CPU attention does not take."""
-    from vopd.vllm_engine import VllmRolloutEngine, VllmUnsupportedModel
+def test_model_the_engine_cannot_run_names_the_hf_engine(tmp_path: Path) -> None:
+    """The default tiny Qwen3.5 has 16-wide heads: vLLM starts an engine for it, but its CPU attention refuses them at
+    the first prompt. The job fails with that reason and the way out, never a hang."""
+    from PIL import Image
+
+    from vopd.vllm_engine import VllmEngineError, VllmRolloutEngine
 
     folder = build_tiny_qwen35(tmp_path / "qwen3_5-16", seed=0)
     loaded = load_model_and_processor(folder, RuntimeConfig(device="cpu", dtype="bfloat16"))
-    with pytest.raises(VllmUnsupportedModel, match=r"rollout\.engine: hf"):
-        VllmRolloutEngine(loaded, RolloutConfig.model_validate(ROLLOUT), seed=0)
+    engine = VllmRolloutEngine(loaded, RolloutConfig.model_validate(ROLLOUT), seed=0)
+    image = Image.new("RGB", (112, 112), (200, 30, 30))
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
+    try:
+        with pytest.raises(VllmEngineError, match=r"head_dim=16.*rollout\.engine: hf"):
+            engine.sample([chat], loaded.encode([chat]), row_seeds=[0])
+    finally:
+        engine.close()
