@@ -466,6 +466,12 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate of every arm, SFT included (1e-4)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per step, every arm (default 16)")
     parser.add_argument("--rollouts", type=int, default=None, help="rollouts per prompt, OPD arms (default 1)")
+    parser.add_argument(
+        "--rollout-engine",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="what samples the OPD arms' rollouts (default hf; vllm needs the vllm extra, docs/rollouts.md)",
+    )
     parser.add_argument("--jobs", type=int, default=None, help="parallel arms, one thread each (default: CPU count)")
     parser.add_argument("--base", default=None, help="base model folder (default: the shipped tiny base)")
     parser.add_argument(
@@ -498,7 +504,12 @@ def _run_reproduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     arms = {"default": default_arms, "all": ALL_ARMS}.get(args.arms) or tuple(
         arm.strip() for arm in args.arms.split(",") if arm.strip()
     )
-    changes: dict[str, Any] = {"arms": arms, "jobs": args.jobs or default_jobs(), "box_free": args.box_free}
+    changes: dict[str, Any] = {
+        "arms": arms,
+        "jobs": args.jobs or default_jobs(),
+        "box_free": args.box_free,
+        "rollout_engine": args.rollout_engine,
+    }
     if args.search_strategy is not None:
         changes["search_strategy"] = args.search_strategy
     if args.freeze_vision:
