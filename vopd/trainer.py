@@ -255,7 +255,7 @@ class OPDTrainer:
             log=self.callbacks.on_log,
         )
         self.initial_sync_s = self.engine.sync(self.student, everything=True)
-        if self.engine.name != "hf":
+        if not self.engine.samples_with_the_student:
             synced = f"synced in {self.initial_sync_s:.2f} s"
             self.callbacks.on_log(f"rollouts from the {self.engine.name} engine ({synced})")
         # The loss from hidden states (never the (N, R, V) logits) where it applies; the reason when it does not.
@@ -606,8 +606,9 @@ class OPDTrainer:
         divergence_max = 0.0
         rows = 0
         truncated = 0
-        # The engine's behaviour log-probs against the trainer's own (on-policy) ones, where they are one distribution.
-        compare = self.engine.name != "hf" and self._behaviour_comparable
+        # An engine's behaviour log-probs against the trainer's own (on-policy) ones, where they are one distribution
+        # (the student's own sampling agrees with its scoring by construction).
+        compare = not self.engine.samples_with_the_student and self._behaviour_comparable
         agreement = {"diff_sum": 0.0, "diff_max": 0.0, "clipped": 0.0}
         while micro_batches:
             last_micro_batch = len(micro_batches) == 1

@@ -191,9 +191,7 @@ class VllmRolloutEngine:
         return arguments
 
     def _check_architecture(self, vllm: Any) -> None:
-        architectures = getattr(self.loaded.model.config, "architectures", None) or []
-        if hasattr(unwrap_model(self.loaded.model), "peft_config"):
-            architectures = getattr(unwrap_model(self.loaded.model).config, "architectures", None) or []
+        architectures = getattr(unwrap_model(self.loaded.model).config, "architectures", None) or []
         supported = set(vllm.ModelRegistry.get_supported_archs())
         if architectures and not any(name in supported for name in architectures):
             raise VllmUnsupportedModel(
