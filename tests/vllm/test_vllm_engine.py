@@ -199,3 +199,21 @@ def test_unsupported_architecture_names_the_hf_engine(loaded: LoadedModel, monke
     monkeypatch.setattr(loaded.model.config, "architectures", ["NoSuchModelForConditionalGeneration"])
     with pytest.raises(VllmUnsupportedModel, match=r"NoSuchModelForConditionalGeneration.*rollout\.engine: hf"):
         VllmRolloutEngine(loaded, RolloutConfig.model_validate(ROLLOUT))
+
+
+def test_resumed_run_samples_what_the_uninterrupted_run_sampled(
+    engine: Any, tiny_base: Path, dataset: Path, tmp_path: Path
+) -> None:
+    whole = make_config(tiny_base, dataset, tmp_path / "whole", steps=3)
+    OPDTrainer(whole, rollout_engine=engine).train()
+    split = make_config(tiny_base, dataset, tmp_path / "split", steps=2, save_every=1)
+    OPDTrainer(split, rollout_engine=engine).train()
+    OPDTrainer(split.model_copy(update={"steps": 3}), resume=True, rollout_engine=engine).train()
+
+    def last(run: Path) -> dict[str, float]:
+        return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+
+    resumed, uninterrupted = last(tmp_path / "split"), last(tmp_path / "whole")
+    assert resumed["step"] == uninterrupted["step"] == 3
+    for key in ("response_length", "loss", "divergence_mean"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-6, abs=1e-9), key
