@@ -343,6 +343,11 @@ def _positions(model: torch.nn.Module, inputs: BatchFeature | dict) -> torch.Ten
     wanted = inspect.signature(compute).parameters
     arguments = {key: value for key, value in inputs.items() if key in wanted}
     arguments.setdefault("inputs_embeds", None)
+    # Releases differ in which of these they require (transformers 5.19's Qwen2.5-VL also wants video_grid_thw and
+    # past_key_values): what these inputs lack is None, a forward from scratch over images only.
+    for name, parameter in wanted.items():
+        if parameter.default is inspect.Parameter.empty and parameter.kind is not parameter.VAR_KEYWORD:
+            arguments.setdefault(name, None)
     positions = compute(**arguments)
     if positions is None:
         raise ValueError(f"{type(base).__name__} could not compute the 3-D positions of these prompts")

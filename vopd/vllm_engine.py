@@ -126,6 +126,9 @@ class VllmRolloutEngine:
         )
         self.state = "awake"  # or "asleep" (weights in CPU memory, no KV cache) or "weights" (weights back only)
         self.sync_count = 0
+        # Extra SamplingParams for every rollout request (bench/gpu_step.py forces full-length responses with
+        # {"ignore_eos": True}); empty for training.
+        self.sampling_overrides: dict[str, Any] = {}
         vocabulary = loaded.model.get_output_embeddings().weight.shape[0]
         suppressed = set(loaded.suppressed_token_ids)
         # None when nothing is suppressed: vLLM then skips the per-request token mask.
@@ -221,6 +224,12 @@ class VllmRolloutEngine:
         with contextlib.suppress(Exception):
             llm.llm_engine.engine_core.shutdown()
         del llm
+        # An in-process engine set up vLLM's process groups; a later engine in this process sets up its own.
+        with contextlib.suppress(Exception):
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
         gc.collect()
         if self.on_gpu:
             torch.cuda.empty_cache()
@@ -350,7 +359,9 @@ class VllmRolloutEngine:
         self.wake()
         try:
             outputs = self.llm.generate(
-                self.requests(conversations), [self.sampling_params(seed) for seed in row_seeds], use_tqdm=False
+                self.requests(conversations),
+                [self.sampling_params(seed, **self.sampling_overrides) for seed in row_seeds],
+                use_tqdm=False,
             )
         except Exception as error:
             raise VllmEngineError(
