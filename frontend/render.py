@@ -347,6 +347,8 @@ def job_header_markdown(job: Job) -> str:
         facts.append("cancellation requested")
     if job.attempts > 1:
         facts.append(f"attempt {job.attempts}")
+    if job.kind == "train":
+        facts.append(rollout_fact(job))
     parts.append(" · ".join(facts))
     if job.error:
         parts.append(f"**Failed:** {job.error}")
@@ -355,6 +357,18 @@ def job_header_markdown(job: Job) -> str:
     elif job.result and job.result.get("model"):
         parts.append(f"Trained model: `{job.result['model']}` (usable in Inspect, Evaluate and Demo).")
     return "\n\n".join(parts)
+
+
+def rollout_fact(job: Job) -> str:
+    """The rollout engine a training job asked for (rollout.engine; auto = vLLM on a GPU worker that has it) and its
+    latest rollout speed (the trainer's rollout/tokens_per_s metric)."""
+    rollout = job.config.get("rollout")
+    engine = rollout.get("engine", "auto") if isinstance(rollout, dict) else "auto"
+    fact = f"rollouts `{engine}`"
+    speed = (job.latest_metrics or {}).get("rollout/tokens_per_s")
+    if isinstance(speed, int | float) and math.isfinite(speed):
+        fact += f" at {speed:,.0f} tok/s"
+    return fact
 
 
 def progress_html(job: Job) -> str:

@@ -50,3 +50,10 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the vLLM engine's tests (own environment)
+
+# tests/vllm needs vLLM, which lives in its own environment (.venv-vllm, `make test-vllm` sets VOPD_VLLM_TESTS=1):
+# the main suite never collects it, so it never imports vllm.
+collect_ignore = [] if os.environ.get("VOPD_VLLM_TESTS") == "1" else ["vllm"]

@@ -149,3 +149,26 @@ def test_a_prompt_ending_in_an_image_token_is_refused_before_any_forward(tiny_mo
         PromptPass.run(loaded.model, cut)
     hook.remove()
     assert not calls
+
+
+def test_positions_give_none_for_what_a_release_requires_and_the_inputs_lack() -> None:
+    """transformers 5.19's Qwen2.5-VL requires video_grid_thw and past_key_values of compute_3d_position_ids; a
+    prompt batch has neither (images only, positions from scratch)."""
+    from vopd.rollout import _positions
+
+    seen: dict[str, object] = {}
+
+    class Inner(torch.nn.Module):
+        def compute_3d_position_ids(self, input_ids, image_grid_thw, video_grid_thw, past_key_values, inputs_embeds):
+            seen.update(video_grid_thw=video_grid_thw, past_key_values=past_key_values, image_grid_thw=image_grid_thw)
+            return torch.zeros(3, *input_ids.shape, dtype=torch.long)
+
+    class Outer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Inner()
+
+    grid = torch.tensor([[1, 2, 2]])
+    positions = _positions(Outer(), {"input_ids": torch.ones(1, 5, dtype=torch.long), "image_grid_thw": grid})
+    assert positions.shape == (3, 1, 5)
+    assert seen["video_grid_thw"] is None and seen["past_key_values"] is None and seen["image_grid_thw"] is grid

@@ -185,3 +185,62 @@ def test_rollouts_sampled_in_inference_mode_can_enter_autograd(tiny_model_dir, p
     weighted = torch.where(batch.response_mask, (chosen - batch.behaviour_logprobs).exp() * chosen, 0.0)
     weighted.sum().backward()  # the mask, ids and behaviour log-probs are saved for the backward
     assert any(p.grad is not None for p in trainable.model.parameters())
+
+
+# ----------------------------------------------------------------------------- the engine switch
+
+
+def test_auto_engine_samples_with_transformers_on_cpu() -> None:
+    from vopd.config import RolloutConfig
+    from vopd.rollout import resolve_engine_name
+
+    name, why = resolve_engine_name(RolloutConfig(), torch.device("cpu"))
+    assert name == "hf" and "cpu" in why
+
+
+def test_auto_engine_takes_vllm_on_cuda_when_installed(monkeypatch) -> None:
+    from vopd import rollout
+    from vopd.config import RolloutConfig
+
+    monkeypatch.setattr(rollout, "vllm_installed", lambda: True)
+    assert rollout.resolve_engine_name(RolloutConfig(), torch.device("cuda"))[0] == "vllm"
+    assert rollout.resolve_engine_name(RolloutConfig(), torch.device("cuda"), "ddp")[0] == "hf"
+    monkeypatch.setattr(rollout, "vllm_installed", lambda: False)
+    name, why = rollout.resolve_engine_name(RolloutConfig(), torch.device("cuda"))
+    assert name == "hf" and "not installed" in why
+
+
+def test_vllm_engine_without_vllm_names_the_extra(monkeypatch) -> None:
+    from vopd import rollout
+    from vopd.config import RolloutConfig
+
+    monkeypatch.setattr(rollout, "vllm_installed", lambda: False)
+    with pytest.raises(ValueError, match=r"vllm extra.*rollout\.engine: hf"):
+        rollout.resolve_engine_name(RolloutConfig(engine="vllm"), torch.device("cpu"))
+    monkeypatch.setattr(rollout, "vllm_installed", lambda: True)
+    with pytest.raises(ValueError, match=r"strategy single only.*rollout\.engine: hf"):
+        rollout.resolve_engine_name(RolloutConfig(engine="vllm"), torch.device("cuda"), "fsdp")
+
+
+def test_trainer_with_vllm_asked_and_missing_fails_before_training(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    from tests.test_trainer import make_config, write_dataset
+    from vopd import rollout
+    from vopd.trainer import OPDTrainer
+
+    monkeypatch.setattr(rollout, "vllm_installed", lambda: False)
+    config = make_config(tiny_model_dir, write_dataset(tmp_path / "data", count=2), tmp_path / "run")
+    config.rollout.engine = "vllm"
+    with pytest.raises(ValueError, match="pip install 'vision-opd-studio\\[vllm\\]'"):
+        OPDTrainer(config)
+
+
+def test_hf_engine_step_reports_rollout_speed_and_no_sync(tiny_model_dir, tmp_path) -> None:
+    from tests.test_trainer import make_config, write_dataset
+    from vopd.trainer import OPDTrainer
+
+    config = make_config(tiny_model_dir, write_dataset(tmp_path / "data", count=2), tmp_path / "run", batch_size=2)
+    trainer = OPDTrainer(config)
+    assert trainer.engine.name == "hf" and trainer.engine.samples_with_the_student
+    metrics = trainer.train_step()
+    assert metrics["rollout/tokens_per_s"] > 0 and metrics["rollout/sync_s"] == 0.0
+    assert "rollout/logprob_diff_max" not in metrics  # the hf engine's behaviour log-probs are the student's own

@@ -411,6 +411,11 @@ def _add_tiny(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument("--size", choices=["5m", "20m"], default="5m", help="qwen2_vl: about 4.7M or 20M parameters")
     build.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    build.add_argument(
+        "--vllm-shape",
+        action="store_true",
+        help="qwen3_5: a shape vLLM's CPU backend runs (head dim 64, linear-attention head dim 128, bf16 weights)",
+    )
     pretrain = actions.add_parser("pretrain", help="deterministic supervised pretraining of the tiny base model")
     pretrain.add_argument("--output", required=True, help="run folder; the fp16 base model lands in OUTPUT/model")
     pretrain.add_argument("--seed", type=int, default=0, help="weights and data seed (0 rebuilds the shipped base)")
@@ -434,7 +439,7 @@ def _run_tiny(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         if args.arch == "qwen3_5":
             from vopd.tiny_models import build_tiny_qwen35
 
-            print(build_tiny_qwen35(args.output, seed=args.seed))
+            print(build_tiny_qwen35(args.output, seed=args.seed, vllm_shape=args.vllm_shape))
         else:
             print(build_tiny(args.output, size=args.size, seed=args.seed))
         return 0
@@ -467,6 +472,12 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate of every arm, SFT included (1e-4)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per step, every arm (default 16)")
     parser.add_argument("--rollouts", type=int, default=None, help="rollouts per prompt, OPD arms (default 1)")
+    parser.add_argument(
+        "--rollout-engine",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="what samples the OPD arms' rollouts (default hf; vllm needs the vllm extra, docs/rollouts.md)",
+    )
     parser.add_argument("--jobs", type=int, default=None, help="parallel arms, one thread each (default: CPU count)")
     parser.add_argument("--base", default=None, help="base model folder (default: the shipped tiny base)")
     parser.add_argument(
@@ -499,7 +510,12 @@ def _run_reproduce(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     arms = {"default": default_arms, "all": ALL_ARMS}.get(args.arms) or tuple(
         arm.strip() for arm in args.arms.split(",") if arm.strip()
     )
-    changes: dict[str, Any] = {"arms": arms, "jobs": args.jobs or default_jobs(), "box_free": args.box_free}
+    changes: dict[str, Any] = {
+        "arms": arms,
+        "jobs": args.jobs or default_jobs(),
+        "box_free": args.box_free,
+        "rollout_engine": args.rollout_engine,
+    }
     if args.search_strategy is not None:
         changes["search_strategy"] = args.search_strategy
     if args.freeze_vision:

@@ -202,9 +202,70 @@ class TeacherConfig(_Strict):
     )
 
 
+class VllmConfig(_Strict):
+    """The colocated vLLM engine's settings (``rollout.engine: vllm``); each training process owns one engine."""
+
+    gpu_memory_utilization: float = Field(
+        0.7,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Share of the GPU's memory the engine may take for its weights and KV cache (the official run's 0.7); "
+            "the trainer's model, gradients and optimizer state need the rest. Ignored on CPU."
+        ),
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=64,
+        le=1_048_576,
+        description=(
+            "Longest prompt + response the engine accepts. None = rollout.max_new_tokens + 4096 (room for a prompt "
+            "with a 1-2 megapixel image), capped by the model's own limit."
+        ),
+    )
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=64,
+        le=4_194_304,
+        description=(
+            "Tokens the engine schedules per step. None = max(max_model_len, 16384). On CPU a prefill split over two "
+            "steps breaks seeded sampling, so keep it above the tokens of all prompts sampled at once there."
+        ),
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="GPUs each engine spreads its weights over (1 = one engine per training process)."
+    )
+    sleep: bool = Field(
+        True,
+        description=(
+            "On GPU: put the engine to sleep between rollout phases (weights to CPU memory, KV cache freed), so "
+            "training gets the memory back; woken for the weight sync and the sampling. No effect on CPU."
+        ),
+    )
+    enforce_eager: bool = Field(
+        False,
+        description="Decode without CUDA graphs (slower; less memory and start-up time). Always eager on CPU.",
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse a prompt's KV cache across its rollouts (reset after every weight sync)."
+    )
+
+
+RolloutEngineName = Literal["auto", "hf", "vllm"]
+
+
 class RolloutConfig(_Strict):
     """How the student samples its own answers on the full image."""
 
+    engine: RolloutEngineName = Field(
+        "auto",
+        description=(
+            "What samples the rollouts: hf = the student itself through transformers' generate (the CPU default); "
+            "vllm = a colocated vLLM engine whose weights are synced from the student after every optimizer step "
+            "(install the `vllm` extra); auto = vllm when it is installed and the device is a CUDA GPU, else hf."
+        ),
+    )
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="Settings of the vllm engine.")
     num_rollouts: int = Field(4, ge=1, le=64, description="Rollouts sampled per prompt.")
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold.")

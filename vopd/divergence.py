@@ -515,13 +515,18 @@ class _HeadLossExtras:
     sampled_ids: Tensor | None = None
     behaviour_logprobs: Tensor | None = None
     is_clip: float | None = None
+    sampled_logprobs: Tensor | None = None  # (N,) filled with the student's log-prob of each sampled token, if given
 
     def importance(self, student: Tensor, start: int, end: int) -> Tensor | None:
         """min(p_S(y) / p_behaviour(y), is_clip) of one chunk's rows from the student's log-probs (n, V), or None
-        without behaviour log-probs."""
-        if self.sampled_ids is None or self.behaviour_logprobs is None or self.is_clip is None:
+        without behaviour log-probs. Records the sampled tokens' log-probs where asked to."""
+        if self.sampled_ids is None:
             return None
         current = student.gather(-1, self.sampled_ids[start:end, None]).squeeze(-1)  # (n,)
+        if self.sampled_logprobs is not None:
+            self.sampled_logprobs[start:end] = current.detach()
+        if self.behaviour_logprobs is None or self.is_clip is None:
+            return None
         return _clipped_importance_weight(current, self.behaviour_logprobs[start:end], self.is_clip)
 
     def add_stats(self, student: Tensor, teacher: Tensor, start: int, end: int, student_ids: Tensor | None) -> None:
@@ -740,6 +745,7 @@ def hidden_distillation_loss(
     stats_topk: int = 100,
     chunk_size: int = 128,
     matmul_dtype: torch.dtype | None = None,
+    sampled_logprobs_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
     """``distillation_loss`` and ``distribution_stats`` of the logits ``hidden @ weight.T``, never building them.
 
@@ -750,6 +756,8 @@ def hidden_distillation_loss(
     over [chunk_size, V] blocks of both sides' logits (``full_logits`` mode only). ``matmul_dtype`` is the dtype
     of the head projections (the trainer passes its autocast dtype: the logits path runs the LM head under autocast
     too); by default each side's hidden-state dtype. The divergence itself is computed in fp32 (fp64 for fp64).
+    ``sampled_logprobs_out`` (B, R), when given with ``response_ids``, receives the student's log-prob of each sampled
+    token at ``config.temperature`` from the same pass (the trainer compares them with a rollout engine's).
 
     Why: the trainer's logits path holds both sides' (B, R, V) logits plus the student's gradient of them; with V ~
     150k and long rollouts that is gigabytes per micro-batch. Here it is a few [chunk_size, V] temporaries and the
@@ -767,6 +775,8 @@ def hidden_distillation_loss(
     weighted = behaviour_logprobs is not None and config.is_clip is not None
     if weighted and response_ids is None:
         raise ValueError("response_ids (the sampled tokens) are required for importance weighting")
+    if sampled_logprobs_out is not None and (response_ids is None or sampled_logprobs_out.shape != response_mask.shape):
+        raise ValueError(f"sampled_logprobs_out needs response_ids and the shape {tuple(response_mask.shape)}")
     if weighted and behaviour_logprobs.shape != response_mask.shape:
         raise ValueError(
             f"behaviour_logprobs must have shape {tuple(response_mask.shape)}, got {tuple(behaviour_logprobs.shape)}"
@@ -783,9 +793,12 @@ def hidden_distillation_loss(
         stats_mask=keep,
         stats_k=stats_topk,
         stats_totals=totals,
-        sampled_ids=response_ids.reshape(-1) if weighted else None,
+        sampled_ids=response_ids.reshape(-1) if weighted or sampled_logprobs_out is not None else None,
         behaviour_logprobs=behaviour_logprobs.reshape(-1).detach().to(compute) if weighted else None,
         is_clip=config.is_clip if weighted else None,
+        sampled_logprobs=torch.zeros(keep.shape[0], dtype=compute, device=keep.device)
+        if sampled_logprobs_out is not None
+        else None,
     )
     _check_divergence_settings(config.alpha, config.topk, config.temperature, chunk_size)
     hidden_size, teacher_size = student_hidden.shape[-1], teacher_hidden.shape[-1]
@@ -805,6 +818,9 @@ def hidden_distillation_loss(
         teacher_weight.detach(),
     )
     per_token = torch.where(keep, values, 0.0).view(response_mask.shape)
+    if sampled_logprobs_out is not None:
+        assert extras.sampled_logprobs is not None
+        sampled_logprobs_out.copy_(extras.sampled_logprobs.view(response_mask.shape))
     return loss, per_token, _stats_means(totals, int(keep.sum()))
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "load_model_and_processor",
     "parameter_count",
     "register_image_only_processors",
+    "render_prompt",
     "resolve_chat_template_kwargs",
     "resolve_device",
     "resolve_dtype",
@@ -586,6 +587,26 @@ def _images_in_order(conversation: Sequence[dict[str, Any]], index: int) -> list
     return images
 
 
+def render_prompt(
+    processor: ProcessorMixin,
+    conversation: Sequence[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    index: int = 0,
+) -> tuple[str, list[Image.Image]]:
+    """One chat as the template renders it (image placeholders not yet expanded) and its images in order: what
+    ``encode_prompts`` feeds the processor, and what a rollout engine with its own processor (vLLM) is given, so that
+    both expand the same text into the same token ids."""
+    if not conversation:
+        raise ValueError(f"conversation {index} is empty")
+    images = _images_in_order(conversation, index)
+    text = processor.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+    )
+    return text, images
+
+
 def encode_prompts(
     processor: ProcessorMixin,
     conversations: list[list[dict[str, Any]]],
@@ -604,17 +625,15 @@ def encode_prompts(
     texts: list[str] = []
     images: list[Image.Image] = []
     for index, conversation in enumerate(conversations):
-        if not conversation:
-            raise ValueError(f"conversation {index} is empty")
-        images.extend(_images_in_order(conversation, index))
-        texts.append(
-            processor.apply_chat_template(
-                conversation,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                **(chat_template_kwargs or {}),
-            )
+        text, conversation_images = render_prompt(
+            processor,
+            conversation,
+            add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=chat_template_kwargs,
+            index=index,
         )
+        images.extend(conversation_images)
+        texts.append(text)
     return processor(
         text=texts,
         images=images or None,

@@ -101,6 +101,8 @@ class ReproduceSettings:
     # box_free arm and of the searched-crop evaluation (vopd.evidence: grid or zoom).
     box_free: bool = False
     search_strategy: str = "zoom"
+    # What samples the OPD arms' rollouts (rollout.engine): hf, or vllm to check that the engine learns the same.
+    rollout_engine: str = "hf"
 
     @classmethod
     def quick(cls) -> ReproduceSettings:
@@ -284,7 +286,7 @@ def arm_train_config(arm: str, base: Path, data: dict[str, Path], output: Path, 
         "seed": seed,
         "lr": settings.lr,
         "batch_size": settings.batch_size,
-        "rollout": {"num_rollouts": settings.num_rollouts},
+        "rollout": {"num_rollouts": settings.num_rollouts, "engine": settings.rollout_engine},
         "freeze_vision_tower": settings.freeze_vision_tower,
         "vision_lr_scale": settings.vision_lr_scale,
         "save_every": settings.steps,

@@ -1,16 +1,23 @@
-"""Student rollouts: batched sampling with the KV cache through ``generate``.
+"""Student rollouts behind one seam: prompts in; token ids, masks and behaviour log-probs out.
 
 The student samples on its own (full-image) view; those very tokens are later scored by the teacher on
 the crop view. We keep the behaviour log-probabilities of every sampled token, read from the processed
 scores while generating (O(N) memory per step, never the [N, R, V] score history).
+
+Two engines implement the seam (``RolloutEngine``): ``hf`` samples with the student itself through ``generate``
+(batched, with the KV cache; the CPU default), ``vllm`` with a colocated vLLM engine whose weights are synced from
+the student after every optimizer step (``vopd.vllm_engine``). ``create_rollout_engine`` picks one from
+``rollout.engine``; the trainer only ever calls the seam's methods, never branches on which engine it holds.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import (
@@ -27,7 +34,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from vopd.config import RolloutConfig
 from vopd.models import PIXEL_KEYS, unwrap_model
+
+if TYPE_CHECKING:
+    from vopd.models import LoadedModel
 
 
 @dataclass
@@ -332,6 +343,11 @@ def _positions(model: torch.nn.Module, inputs: BatchFeature | dict) -> torch.Ten
     wanted = inspect.signature(compute).parameters
     arguments = {key: value for key, value in inputs.items() if key in wanted}
     arguments.setdefault("inputs_embeds", None)
+    # Releases differ in which of these they require (transformers 5.19's Qwen2.5-VL also wants video_grid_thw and
+    # past_key_values): what these inputs lack is None, a forward from scratch over images only.
+    for name, parameter in wanted.items():
+        if parameter.default is inspect.Parameter.empty and parameter.kind is not parameter.VAR_KEYWORD:
+            arguments.setdefault(name, None)
     positions = compute(**arguments)
     if positions is None:
         raise ValueError(f"{type(base).__name__} could not compute the 3-D positions of these prompts")
@@ -389,3 +405,156 @@ def head_bypassed(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield head
     finally:
         setattr(parent, name, head)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The engine seam
+
+
+class RolloutEngine(Protocol):
+    """What samples the student's rollouts. The trainer calls, per step: ``wake``, ``sample`` for each micro-batch,
+    ``sleep``; after each optimizer step ``sync``; at the end ``close``. Sampling settings (temperature, top-p, the
+    response budget, suppressed and end tokens) are fixed when the engine is made."""
+
+    name: str
+    # True when sampling runs the trained student itself (so a ``PromptPass`` of its prompts can serve it).
+    samples_with_the_student: bool
+
+    def sample(
+        self,
+        conversations: Sequence[Any],
+        prompts: BatchFeature,
+        *,
+        row_seeds: list[int],
+        prompt_pass: PromptPass | None = None,
+    ) -> RolloutBatch:
+        """One response per row of ``conversations`` (one chat per row, rollouts repeated), aligned with ``prompts``
+        (the same rows encoded by the student's processor); row i drawn with ``row_seeds[i]`` alone."""
+        ...
+
+    def sync(self, model: torch.nn.Module, *, everything: bool = False) -> float:
+        """Make the engine sample from ``model``'s current weights; returns the seconds it took. ``everything``:
+        every weight (at the start and after a resume), else those a step can have changed."""
+        ...
+
+    def wake(self) -> None:
+        """Before a rollout phase: take back the device memory given up by ``sleep``."""
+        ...
+
+    def sleep(self) -> None:
+        """After a rollout phase: give the device memory to training until the next ``wake``."""
+        ...
+
+    def close(self) -> None:
+        """Free the engine for good."""
+        ...
+
+
+class HFRolloutEngine:
+    """Rollouts from the student itself through ``generate`` (``sample_rollouts``): nothing to sync, nothing to free.
+
+    ``synced_gpus`` keeps every rank stepping until all have finished (FSDP: every forward is a collective)."""
+
+    name = "hf"
+    samples_with_the_student = True
+
+    def __init__(self, model: torch.nn.Module, loaded: LoadedModel, rollout: RolloutConfig, *, synced_gpus: bool):
+        self.model = model
+        self.loaded = loaded
+        self.rollout = rollout
+        self.synced_gpus = synced_gpus
+
+    def sample(
+        self,
+        conversations: Sequence[Any],
+        prompts: BatchFeature,
+        *,
+        row_seeds: list[int],
+        prompt_pass: PromptPass | None = None,
+    ) -> RolloutBatch:
+        return sample_rollouts(
+            self.model,
+            prompts,
+            max_new_tokens=self.rollout.max_new_tokens,
+            temperature=self.rollout.temperature,
+            top_p=self.rollout.top_p,
+            eos_token_ids=self.loaded.eos_token_ids,
+            pad_token_id=self.loaded.pad_token_id,
+            suppressed_token_ids=self.loaded.suppressed_token_ids,
+            row_seeds=row_seeds,
+            synced_gpus=self.synced_gpus,
+            prompt_pass=prompt_pass,
+        )
+
+    def sync(self, model: torch.nn.Module, *, everything: bool = False) -> float:
+        return 0.0  # the student samples with its own weights
+
+    def wake(self) -> None:
+        pass
+
+    def sleep(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+VLLM_EXTRA_HINT = "install the vllm extra (pip install 'vision-opd-studio[vllm]'), or set rollout.engine: hf"
+
+
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported here, without importing it (that takes tens of seconds)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_engine_name(rollout: RolloutConfig, device: torch.device, strategy: str = "single") -> tuple[str, str]:
+    """(engine name, why): what ``rollout.engine`` means on this device. ``auto`` takes vLLM only where it pays (a
+    CUDA device, vLLM installed, one process); an explicit ``vllm`` that cannot run is an error naming the fix."""
+    if rollout.engine == "hf":
+        return "hf", "rollout.engine is hf"
+    if rollout.engine == "vllm":
+        if not vllm_installed():
+            raise ValueError(f"rollout.engine vllm: vLLM is not installed; {VLLM_EXTRA_HINT}")
+        if strategy != "single":
+            raise ValueError(
+                f"rollout.engine vllm runs under runtime.strategy single only so far (not {strategy}); "
+                "set rollout.engine: hf for ddp or fsdp"
+            )
+        return "vllm", "rollout.engine is vllm"
+    if device.type != "cuda":
+        return "hf", f"rollout.engine auto samples with transformers on {device.type}"
+    if not vllm_installed():
+        return "hf", "rollout.engine auto: vLLM is not installed (the vllm extra); sampling with transformers"
+    if strategy != "single":
+        return (
+            "hf",
+            f"rollout.engine auto: the vllm engine does not run under {strategy} yet; sampling with transformers",
+        )
+    return "vllm", "rollout.engine auto: vLLM is installed and the device is a CUDA GPU"
+
+
+def create_rollout_engine(
+    model: torch.nn.Module,
+    loaded: LoadedModel,
+    rollout: RolloutConfig,
+    *,
+    strategy: str = "single",
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> RolloutEngine:
+    """The engine ``rollout.engine`` names for ``model`` (the student, loaded as ``loaded``); not yet synced: call
+    ``sync(model, everything=True)`` before its first rollouts. ``auto`` falls back to ``hf`` (and says why through
+    ``log``) where vLLM does not support the model."""
+    name, why = resolve_engine_name(rollout, loaded.device, strategy)
+    if name == "hf":
+        return HFRolloutEngine(model, loaded, rollout, synced_gpus=strategy == "fsdp")
+    from vopd.vllm_engine import VllmRolloutEngine, VllmUnsupportedModel
+
+    try:
+        return VllmRolloutEngine(loaded, rollout, seed=seed)
+    except VllmUnsupportedModel as error:
+        if rollout.engine == "vllm":
+            raise
+        if log is not None:
+            log(f"{why}, but {error}; sampling with transformers")
+        return HFRolloutEngine(model, loaded, rollout, synced_gpus=strategy == "fsdp")

@@ -464,6 +464,7 @@ def build_tiny_qwen35(
     vocab_size: int = 512,
     hidden: int = 64,
     vision_hidden: int = 32,
+    vllm_shape: bool = False,
 ) -> Path:
     """Write a random-weight Qwen3.5 (model, tokenizer, image processor, chat template) to ``output_dir``.
 
@@ -473,6 +474,10 @@ def build_tiny_qwen35(
     parameters with the defaults. The folder loads offline through ``vopd.models.load_model_and_processor`` (or
     AutoModelForImageTextToText plus AutoProcessor after ``register_image_only_processors()``). Same arguments, same
     files: the weights come from ``seed`` only, the BPE merges from ``corpus`` only.
+
+    ``vllm_shape``: a shape vLLM's CPU backend runs (its attention takes head dims 32, 64, 80... only, and its Gated
+    DeltaNet kernel wants a key/value head dim of 128 in bf16): full-attention heads of 64 rotating a quarter (Qwen3.5's
+    own factor), linear-attention heads of 128, weights saved in bf16.
     """
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -506,9 +511,12 @@ def build_tiny_qwen35(
     token_id = tokenizer.convert_tokens_to_ids
     endoftext, im_end = token_id("<|endoftext|>"), token_id("<|im_end|>")
 
-    head_dim = 16
+    head_dim = 64 if vllm_shape else 16
+    linear_head_dim = 128 if vllm_shape else head_dim
     # Qwen3.5 rotates a quarter of each 256-wide head (32 frequencies, split (11, 11, 10) over time, height, width).
     # A quarter of a 16-wide head would leave 2 frequencies, too few for three axes: rotate half (4, split (2, 1, 1)).
+    # A quarter of a 64-wide head leaves 8 frequencies, split (3, 3, 2).
+    rotary_factor, mrope_section = (0.25, [3, 3, 2]) if vllm_shape else (0.5, [2, 1, 1])
     config = Qwen3_5Config(
         text_config={
             "vocab_size": len(tokenizer),
@@ -516,20 +524,20 @@ def build_tiny_qwen35(
             "intermediate_size": 2 * hidden,
             "num_hidden_layers": 4,
             "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-            "num_attention_heads": hidden // head_dim,
+            "num_attention_heads": max(1, hidden // head_dim),
             "num_key_value_heads": max(1, hidden // head_dim // 2),
             "head_dim": head_dim,
             "linear_conv_kernel_dim": 4,
-            "linear_key_head_dim": head_dim,
-            "linear_value_head_dim": head_dim,
-            "linear_num_key_heads": max(1, hidden // head_dim // 2),
-            "linear_num_value_heads": hidden // head_dim,
+            "linear_key_head_dim": linear_head_dim,
+            "linear_value_head_dim": linear_head_dim,
+            "linear_num_key_heads": max(1, hidden // linear_head_dim // 2),
+            "linear_num_value_heads": max(1, hidden // linear_head_dim),
             "max_position_embeddings": 4096,
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 10_000_000.0,
-                "partial_rotary_factor": 0.5,
-                "mrope_section": [2, 1, 1],
+                "partial_rotary_factor": rotary_factor,
+                "mrope_section": mrope_section,
                 "mrope_interleaved": True,
             },
             "bos_token_id": None,
@@ -577,6 +585,8 @@ def build_tiny_qwen35(
     processor = image_only_processor_class(Qwen3VLProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN3_5_CHAT_TEMPLATE
     )
+    if vllm_shape:
+        model.to(torch.bfloat16)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return output_dir

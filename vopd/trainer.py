@@ -35,7 +35,7 @@ from vopd import distributed
 from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import TrainConfig
 from vopd.data import Sample, load_dataset
-from vopd.divergence import distillation_loss, distribution_stats, hidden_distillation_loss
+from vopd.divergence import distillation_loss, distribution_stats, gather_token_logprobs, hidden_distillation_loss
 from vopd.evidence import EvidenceCache, evidence_metrics
 from vopd.guard import CollapseGuard
 from vopd.models import (
@@ -51,11 +51,12 @@ from vopd.models import (
 from vopd.rollout import (
     PromptPass,
     RolloutBatch,
+    RolloutEngine,
+    create_rollout_engine,
     head_bypass_refusal,
     head_bypassed,
     prompt_pass_refusal,
     response_logits,
-    sample_rollouts,
 )
 from vopd.teacher import Teacher, trainable_parameters
 from vopd.trackers import tracker_callbacks
@@ -167,7 +168,17 @@ def _fused_adamw(model: nn.Module, distributed: bool) -> dict[str, bool]:
 class OPDTrainer:
     """Holds the loop state (model, teacher, optimizer, scheduler, step) so that it can be checkpointed whole."""
 
-    def __init__(self, config: TrainConfig, *, callbacks: Sequence[ProgressCallback] = (), resume: bool = False):
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        callbacks: Sequence[ProgressCallback] = (),
+        resume: bool = False,
+        rollout_engine: RolloutEngine | None = None,
+    ):
+        """``rollout_engine``: an engine made elsewhere for the same model (tests share one vLLM engine between runs);
+        the trainer syncs it whole at the start and leaves it open. By default the trainer makes the engine that
+        ``rollout.engine`` names and closes it at the end of ``train``."""
         if config.output is None:
             raise ValueError("TrainConfig.output must name the run folder")
         self.config = config
@@ -232,6 +243,21 @@ class OPDTrainer:
         self._behaviour_comparable = (
             config.rollout.temperature == config.divergence.temperature and config.rollout.top_p == 1.0
         )
+        # What samples the rollouts (vopd.rollout's seam): the student itself, or a colocated engine synced with it,
+        # from the first step on, whole (a resumed student's weights come from its checkpoint).
+        self.owns_engine = rollout_engine is None
+        self.engine: RolloutEngine = rollout_engine or create_rollout_engine(
+            self.student,
+            self.loaded,
+            config.rollout,
+            strategy=self.ranks.strategy,
+            seed=config.seed,
+            log=self.callbacks.on_log,
+        )
+        self.initial_sync_s = self.engine.sync(self.student, everything=True)
+        if not self.engine.samples_with_the_student:
+            synced = f"synced in {self.initial_sync_s:.2f} s"
+            self.callbacks.on_log(f"rollouts from the {self.engine.name} engine ({synced})")
         # The loss from hidden states (never the (N, R, V) logits) where it applies; the reason when it does not.
         self.logits_fallback = self._logits_fallback()
         # With no trained weight behind the image features (a frozen vision tower and projector, the default), each
@@ -288,6 +314,8 @@ class OPDTrainer:
         config = self.config
         if not config.rollout.share_prompt_pass:
             return "rollout.share_prompt_pass is off"
+        if not self.engine.samples_with_the_student:
+            return f"the rollouts come from the {self.engine.name} engine, not from the student's own forward"
         if self.ranks.strategy == "fsdp":
             return "under FSDP the scoring forward must be the one forward of the sharded model before the backward"
         if config.grad_accum > 1:
@@ -356,6 +384,8 @@ class OPDTrainer:
         finally:
             if metrics_log is not None:
                 metrics_log.close()
+            if self.owns_engine:
+                self.engine.close()
         if stopped:
             if latest_checkpoint(self.output_dir) != self._checkpoint_dir(self.step) and self.step > 0:
                 self.save_checkpoint()
@@ -452,23 +482,12 @@ class OPDTrainer:
     def _sample(self, samples: list[Sample], micro: int) -> tuple[list[Any], Any, RolloutBatch]:
         """The student's conversations and encoded prompts for ``samples`` (a ``PromptPass`` of them where the prompts
         run once), and its rollouts on them."""
-        config = self.config
         conversations = self._conversations(samples, student_view)
         student_prompts = self._encode(conversations)
         with self.loaded.autocast():
             prompt_pass = None if self.prompt_pass_refusal else PromptPass.run(self.student, student_prompts)
-            rollout = sample_rollouts(
-                self.student,
-                student_prompts,
-                max_new_tokens=config.rollout.max_new_tokens,
-                temperature=config.rollout.temperature,
-                top_p=config.rollout.top_p,
-                eos_token_ids=self.loaded.eos_token_ids,
-                pad_token_id=self.loaded.pad_token_id,
-                suppressed_token_ids=self.loaded.suppressed_token_ids,
-                row_seeds=self._row_seeds(micro),
-                synced_gpus=self.ranks.strategy == "fsdp",  # sharded ranks must run every forward together
-                prompt_pass=prompt_pass,
+            rollout = self.engine.sample(
+                conversations, student_prompts, row_seeds=self._row_seeds(micro), prompt_pass=prompt_pass
             )
         return conversations, student_prompts if prompt_pass is None else prompt_pass, rollout
 
@@ -485,10 +504,13 @@ class OPDTrainer:
         rollout: RolloutBatch,
         teacher_outputs: tuple[torch.Tensor, torch.Tensor | None],
         normalizer: float,
+        sampled_logprobs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """The student's forward on its prompts and the micro-batch's loss: (loss, per-token divergence, metrics).
 
         ``teacher_outputs`` is (hidden states, LM head) on the loss-from-hidden-states path, (logits, None) otherwise.
+        ``sampled_logprobs`` (N, R), when given, receives the student's log-prob of each sampled token (at the
+        divergence's temperature), read from the same forward.
         """
         config = self.config
         teacher, teacher_head = teacher_outputs
@@ -510,6 +532,7 @@ class OPDTrainer:
                 normalizer=normalizer,
                 stats_topk=stats_topk,
                 matmul_dtype=self.loaded.compute_dtype if self.loaded.mixed_precision else None,
+                sampled_logprobs_out=sampled_logprobs,
             )
         with self.loaded.autocast():
             student_logits = self._student_scores(student_prompts, rollout)  # (N, R, V)
@@ -522,6 +545,13 @@ class OPDTrainer:
             behaviour_logprobs=behaviour,
             normalizer=normalizer,
         )
+        if sampled_logprobs is not None:
+            with torch.no_grad():
+                sampled_logprobs.copy_(
+                    gather_token_logprobs(
+                        student_logits.detach(), rollout.response_ids, temperature=config.divergence.temperature
+                    )
+                )
         stats = distribution_stats(
             student_logits.detach(),
             teacher,
@@ -544,6 +574,7 @@ class OPDTrainer:
         tick = time.perf_counter()
         micro_batches: list[tuple[list[Sample], list[Any] | None, Any, RolloutBatch]] = []
         evidence_totals: dict[str, float] = {}
+        self.engine.wake()
         for micro in range(config.grad_accum):
             samples = self._samples_for(self.step * config.grad_accum + micro)
             evidence_tick = time.perf_counter()
@@ -561,6 +592,7 @@ class OPDTrainer:
             else:
                 micro_batches.append((samples, None, None, rollout))
             del conversations, student_prompts
+        self.engine.sleep()  # training takes the engine's device memory until the next rollouts
         timings["rollout_time"] = time.perf_counter() - tick - timings.get("evidence_time", 0.0)
         local_tokens = sum(int(rollout.response_mask.sum()) for *_, rollout in micro_batches)
         (step_tokens,) = self.ranks.sum([float(local_tokens)], self.loaded.device)
@@ -574,6 +606,10 @@ class OPDTrainer:
         divergence_max = 0.0
         rows = 0
         truncated = 0
+        # An engine's behaviour log-probs against the trainer's own (on-policy) ones, where they are one distribution
+        # (the student's own sampling agrees with its scoring by construction).
+        compare = not self.engine.samples_with_the_student and self._behaviour_comparable
+        agreement = {"diff_sum": 0.0, "diff_max": 0.0, "clipped": 0.0}
         while micro_batches:
             last_micro_batch = len(micro_batches) == 1
             samples, student_conversations, student_prompts, rollout = micro_batches.pop(0)
@@ -593,9 +629,12 @@ class OPDTrainer:
 
             tick = time.perf_counter()
             with distributed.gradient_sync(self.trained, self.ranks, enabled=last_micro_batch):
-                loss, per_token, stats = self._loss(student_prompts, rollout, teacher_outputs, normalizer)
+                sampled = torch.zeros_like(rollout.behaviour_logprobs) if compare else None
+                loss, per_token, stats = self._loss(student_prompts, rollout, teacher_outputs, normalizer, sampled)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             timings["student_time"] += time.perf_counter() - tick
+            if sampled is not None:
+                self._compare_logprobs(agreement, sampled, rollout)
 
             self._accumulate(totals, "loss", loss.item())
             mask = rollout.response_mask
@@ -615,12 +654,15 @@ class OPDTrainer:
         grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip))
         lr = self.scheduler.get_last_lr()[0]
         finite = bool(torch.isfinite(grad_norm))
+        sync_s = 0.0
         if finite:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
             else:
                 self.optimizer.step()
             self.teacher.update(self.step + 1)
+            # The next rollouts must come from the updated student (never from the EMA teacher).
+            sync_s = self.engine.sync(self.student)
         else:
             self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
@@ -641,6 +683,23 @@ class OPDTrainer:
             totals = {"loss": loss_sum / self.ranks.world_size}
             totals.update({key: value / self.ranks.world_size for key, value in zip(stat_keys, stat_sums, strict=True)})
             divergence_max = self.ranks.max(divergence_max, self.loaded.device)
+        if compare and self.ranks.distributed:
+            agreement["diff_sum"], agreement["clipped"] = self.ranks.sum(
+                [agreement["diff_sum"], agreement["clipped"]], self.loaded.device
+            )
+            agreement["diff_max"] = self.ranks.max(agreement["diff_max"], self.loaded.device)
+        rollout_metrics = {
+            "rollout/tokens_per_s": step_tokens / max(timings["rollout_time"], 1e-9),
+            "rollout/sync_s": sync_s,
+        }
+        if compare:
+            rollout_metrics.update(
+                {
+                    "rollout/logprob_diff_mean": agreement["diff_sum"] / max(step_tokens, 1.0),
+                    "rollout/logprob_diff_max": agreement["diff_max"],
+                    "rollout/is_clipped_frac": agreement["clipped"] / max(step_tokens, 1.0),
+                }
+            )
         step_time = time.perf_counter() - started
         return {
             **totals,
@@ -655,7 +714,21 @@ class OPDTrainer:
             "tokens_per_second": step_tokens / step_time,
             "step_time": step_time,
             **timings,
+            **rollout_metrics,
         }
+
+    def _compare_logprobs(self, agreement: dict[str, float], sampled: torch.Tensor, rollout: RolloutBatch) -> None:
+        """Adds one micro-batch's |engine log-prob - trainer log-prob| (sum, max) over its response tokens to
+        ``agreement``, and how many tokens' importance weight p_trainer / p_engine reached ``divergence.is_clip``."""
+        mask = rollout.response_mask
+        if not mask.any():
+            return
+        log_ratio = (sampled.float() - rollout.behaviour_logprobs.float())[mask]
+        agreement["diff_sum"] += float(log_ratio.abs().sum())
+        agreement["diff_max"] = max(agreement["diff_max"], float(log_ratio.abs().max()))
+        is_clip = self.config.divergence.is_clip
+        if is_clip is not None:
+            agreement["clipped"] += float((log_ratio.exp() >= is_clip).sum())
 
     @staticmethod
     def _accumulate(totals: dict[str, float], key: str, value: float) -> None:

@@ -47,6 +47,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("rollout.num_rollouts", "Rollouts per prompt", "int"),
     FieldSpec("rollout.max_new_tokens", "Max new tokens per rollout", "int"),
     FieldSpec("rollout.temperature", "Rollout temperature", "number"),
+    FieldSpec("rollout.engine", "Rollout engine", "dropdown", choices=("auto", "hf", "vllm")),
     FieldSpec("divergence.alpha", "Divergence alpha", "slider", low=0.0, high=1.0, step=0.05),
     FieldSpec("divergence.topk", "Divergence top-k (0 = full vocabulary)", "int"),
     FieldSpec("divergence.mode", "Loss mode", "dropdown", choices=("full_logits", "sampled_token")),

@@ -210,6 +210,15 @@ def test_job_table_and_header() -> None:
     assert 'value="0.5000"' in render.progress_html(running)
 
 
+def test_job_header_names_the_rollout_engine_and_its_speed() -> None:
+    asked = {"model": "tiny", "dataset": "synth-64", "steps": 4, "rollout": {"engine": "vllm"}}
+    vllm = Job.model_validate(job_json(5, config=asked, latest_metrics={"rollout/tokens_per_s": 1234.4}))
+    assert "rollouts `vllm` at 1,234 tok/s" in render.job_header_markdown(vllm)
+    default = Job.model_validate(job_json(6))  # nothing asked, no step done yet
+    assert "rollouts `auto`" in render.job_header_markdown(default)
+    assert "rollouts" not in render.job_header_markdown(Job.model_validate(job_json(7, kind="eval")))
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(None, ""), (9.4, "9s"), (61, "1m01s"), (3700, "1h01m")])
 def test_format_eta(seconds: float | None, text: str) -> None:
     assert render.format_eta(seconds) == text
