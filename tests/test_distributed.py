@@ -138,6 +138,33 @@ def test_a_sharded_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_mode
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_checkpointed_blocks_across_processes_train_the_single_process_weights(
+    strategy, tiny_model_dir, data, single_run, tmp_path
+) -> None:
+    """runtime.gradient_checkpointing under DDP's and FSDP2's hooks: the recomputed blocks give the weights of the
+    single process that checkpointed nothing."""
+    run = tmp_path / strategy
+    done = _vopd_train(
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--output",
+        str(run),
+        *COMMON,
+        "--nproc",
+        "2",
+        "--runtime.strategy",
+        strategy,
+        "--runtime.gradient_checkpointing",
+        "true",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "full logits" not in done.stdout + done.stderr
+    _assert_same_weights(_weights(single_run), _weights(run))
+
+
 def test_lora_across_sharded_processes_exports_merged_weights(tiny_model_dir, data, tmp_path) -> None:
     """LoRA under FSDP (DDP's LoRA is the single-process LoRA on each rank): an EMA adapter, a merged final folder."""
     from transformers import AutoModelForImageTextToText

@@ -297,6 +297,16 @@ class RuntimeConfig(_Strict):
             "EMA teacher sharded over them (FSDP2). Launch several with `vopd train --nproc N` or torchrun."
         ),
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description=(
+            "Training only: keep each transformer block's input alone and recompute the block in the backward "
+            "(the model's own non-reentrant activation checkpointing, as the official run's "
+            "enable_gradient_checkpointing), so the student's activations cost about one hidden vector per token and "
+            "layer instead of a dozen; about a third more compute per step. The student's prompts then run twice a "
+            "step (rollout.share_prompt_pass needs the KV cache, which checkpointed blocks do not keep)."
+        ),
+    )
     dist_timeout_s: float = Field(
         600.0,
         gt=0,
@@ -551,7 +561,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "is_clip": 2.0,
         },
         "teacher": {"mode": "ema", "ema_rate": 0.05},
-        "runtime": {"master_dtype": "float32"},
+        "runtime": {"master_dtype": "float32", "gradient_checkpointing": True},
         "views": {"max_pixels": None},
     },
     # `vopd reproduce`'s default arm on the tiny world (docs/reproduction.md): forward KL (alpha 0) to a fixed crop

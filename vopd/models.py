@@ -47,7 +47,9 @@ from vopd.config import LoraConfig, RuntimeConfig
 __all__ = [
     "LoadedModel",
     "ModelLoadError",
+    "activation_checkpointing_enabled",
     "apply_lora",
+    "enable_activation_checkpointing",
     "encode_prompts",
     "image_only_processor_class",
     "load_model_and_processor",
@@ -509,6 +511,8 @@ def load_model_and_processor(
     elif trainable and lora is not None and lora.enabled:
         model = apply_lora(model, lora, include_vision_tower=not freeze_vision_tower)
 
+    if trainable and runtime.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     if not trainable:
         model.eval()
         model.requires_grad_(False)
@@ -532,6 +536,37 @@ def load_model_and_processor(
         compute_dtype=compute_dtype,
         chat_template_kwargs=template_kwargs,
     )
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Checkpoint every transformer block of ``model`` (a transformers model, or peft's wrapper of one): the block keeps
+    its input alone and runs again in the backward, under torch's non-reentrant checkpoint.
+
+    This is the model's own switch (``activation_checkpointing_enable``, which transformers 5 renamed from
+    ``gradient_checkpointing_enable`` and which the old name still reaches), so every family that marks its blocks
+    as checkpointable is covered, the vision blocks included. Non-reentrant, because it works with frozen inputs and
+    with DDP's and FSDP2's hooks (the block's ``forward`` is wrapped, its hooks stay outside the recompute), and its
+    gradients equal a plain backward's. transformers also makes the input embeddings' output require a gradient
+    (``enable_input_require_grads``) for text models and peft: needed by the reentrant variant with a frozen
+    embedding (LoRA), harmless here. A checkpointed block in training mode drops the KV cache of a forward with
+    gradient (it would be written twice, once more by the recompute), so ``vopd.rollout.PromptPass`` cannot serve;
+    ``generate`` runs in evaluation mode and keeps its cache.
+    """
+    base = unwrap_model(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{type(base).__name__} does not support activation checkpointing: set runtime.gradient_checkpointing false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before the rename
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def activation_checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether any block of ``model`` is checkpointed (``enable_activation_checkpointing``)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in unwrap_model(model).modules())
 
 
 def _replace_chat_template(processor: ProcessorMixin, path: Path) -> None:

@@ -292,6 +292,10 @@ class OPDTrainer:
             return "under FSDP the scoring forward must be the one forward of the sharded model before the backward"
         if config.grad_accum > 1:
             return "with grad_accum above 1 every micro-batch's prompt activations would be held until its scoring"
+        if config.runtime.gradient_checkpointing:
+            # Checkpointed blocks drop the cache of a forward with gradient (the recompute would write it twice), and
+            # holding the prompts' activations through the sampling is what checkpointing exists to avoid.
+            return "runtime.gradient_checkpointing: checkpointed blocks keep no KV cache in a forward with gradient"
         return prompt_pass_refusal(self.student)
 
     def _two_token_ids(self) -> torch.Tensor:
