@@ -307,6 +307,19 @@ class RuntimeConfig(_Strict):
             "step (rollout.share_prompt_pass needs the KV cache, which checkpointed blocks do not keep)."
         ),
     )
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "Training only: the most tokens (prompt + response, image tokens included, padding counted) that one "
+            "forward of the student or the teacher may hold, as the official run's ppo_max_token_len_per_gpu (9216). "
+            "After sampling, each micro-batch's rows are sorted by length and grouped to fill it, each group padded "
+            "only to its own longest response; the loss stays the token-mean over the whole step, so the gradient is "
+            "the same. A row longer than the budget runs alone. None = one forward per micro-batch. Sampling is not "
+            "split: it runs every row of the micro-batch together."
+        ),
+    )
     dist_timeout_s: float = Field(
         600.0,
         gt=0,
