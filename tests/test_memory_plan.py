@@ -126,7 +126,11 @@ def test_sharding_divides_the_state_and_checkpointing_the_activations(config_onl
 
 def test_a_plan_that_does_not_fit_says_what_would(config_only) -> None:
     shape = read_model_shape(config_only)
-    config = _paper(config_only, runtime={"gradient_checkpointing": False}, rollout={"max_new_tokens": 4096})
+    config = _paper(
+        config_only,
+        runtime={"gradient_checkpointing": False, "max_tokens_per_micro_batch": None},
+        rollout={"max_new_tokens": 4096},
+    )
     roomy = plan_memory(shape, config, device_memory=10**15)
     assert roomy.fits and roomy.suggestions == []
     budget = int(roomy.per_device_bytes["total"] * 0.6)
@@ -196,3 +200,15 @@ def test_a_model_that_cannot_be_read_gives_a_plan_error_not_a_crash(tmp_path, ca
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["fits"] is None and "config.json" in plan["error"]
     assert main([*args, "--require-fit"]) == 3
+
+
+def test_a_token_budget_bounds_the_planned_forward(config_only) -> None:
+    shape = read_model_shape(config_only)
+    whole = plan_memory(shape, _paper(config_only, runtime={"max_tokens_per_micro_batch": None}))
+    budget = plan_memory(shape, _paper(config_only, runtime={"max_tokens_per_micro_batch": 3000}))
+    row = whole.assumptions["prompt_tokens"] + whole.assumptions["response_tokens"]
+    assert whole.assumptions["tokens_per_forward"] == whole.assumptions["rows_per_micro_batch"] * row
+    assert budget.assumptions["tokens_per_forward"] == (3000 // row) * row
+    assert budget.activations["phases"]["student_backward"] < whole.activations["phases"]["student_backward"]
+    alone = plan_memory(shape, _paper(config_only, runtime={"max_tokens_per_micro_batch": 10}))
+    assert alone.assumptions["tokens_per_forward"] == row  # a row longer than the budget runs alone

@@ -553,7 +553,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 1024 response tokens at temperature 1, lr 2e-6 constant after 10 warm-up steps from 0, AdamW with weight decay
     # 0.01 and clip 1.0, the whole model trained (encoder included) with fp32 master weights, JSD(0.5) over the
     # student's top-100 + tail, EMA teacher at rate 0.05, truncated importance weights at 2.0, one epoch (65 steps
-    # on Vision-OPD-6K). 96 prompts = 8 per micro-batch x 12 micro-batches; split them as memory allows.
+    # on Vision-OPD-6K). 96 prompts = 8 per micro-batch x 12 micro-batches; split them as memory allows. Its memory
+    # settings: activation checkpointing (enable_gradient_checkpointing) and forwards of at most 9216 tokens
+    # (use_dynamic_bsz with ppo_max_token_len_per_gpu 9216).
     "paper": {
         "epochs": 1,
         "batch_size": 8,
@@ -574,7 +576,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "is_clip": 2.0,
         },
         "teacher": {"mode": "ema", "ema_rate": 0.05},
-        "runtime": {"master_dtype": "float32", "gradient_checkpointing": True},
+        "runtime": {"master_dtype": "float32", "gradient_checkpointing": True, "max_tokens_per_micro_batch": 9216},
         "views": {"max_pixels": None},
     },
     # `vopd reproduce`'s default arm on the tiny world (docs/reproduction.md): forward KL (alpha 0) to a fixed crop

@@ -243,6 +243,14 @@ def _rows_and_tokens(config: TrainConfig, shape: ModelShape, world_size: int, pr
     return rows, prompt_tokens, source
 
 
+def forward_tokens(rows: int, row_tokens: int, budget: int | None) -> int:
+    """Tokens of the largest training forward: every row at full length, or as many whole rows as the token budget
+    holds (at least one: a row longer than the budget runs alone). Planned at full length, the worst case."""
+    if budget is None:
+        return rows * row_tokens
+    return max(1, min(rows, budget // row_tokens)) * row_tokens
+
+
 def activation_bytes(
     shape: ModelShape,
     config: TrainConfig,
@@ -257,7 +265,8 @@ def activation_bytes(
     compute = _dtype_bytes(config.runtime.dtype, device_type)
     rows, prompt, _ = _rows_and_tokens(config, shape, world_size, prompt_tokens)
     response = config.rollout.max_new_tokens
-    tokens = rows * (prompt + response)  # right-padded to the longest response: every row at the maximum
+    tokens = forward_tokens(rows, prompt + response, config.runtime.max_tokens_per_micro_batch)
+    forward_rows = max(1, tokens // (prompt + response))
     text = shape.text
     one_block = _block_saved_bytes(text, compute, tokens)
     # The backward of a block holds the gradients of its widest tensors for a moment (the MLP's, the hidden state's).
@@ -271,12 +280,12 @@ def activation_bytes(
     if vision is not None and not config.freeze_vision_tower and shape.image_tokens:
         # A trained encoder runs in every forward with gradient: its positions per row are the image's patches.
         image_tokens = max(prompt - TEXT_PROMPT_TOKENS, 0)
-        patches = rows * image_tokens * shape.patches_per_token
+        patches = forward_rows * image_tokens * shape.patches_per_token
         vision_block = _block_saved_bytes(vision, compute, patches)
         student += vision_block * (1 if checkpointing else vision.layers)
         if checkpointing:
             student += vision.layers * patches * 4 * vision.hidden
-    vocab_rows = rows * response
+    vocab_rows = forward_rows * response
     if config.divergence.from_hidden_states and config.divergence.mode == "full_logits":
         # Both sides' hidden states at the response, the student's gradient of them, a few [chunk, V] blocks.
         loss = vocab_rows * text.hidden * 4 * 3 + 4 * min(vocab_rows, LOSS_CHUNK_ROWS) * shape.vocab * 4
@@ -289,7 +298,7 @@ def activation_bytes(
     teacher = tokens * (3 * compute * text.intermediate + 4 * 4 * text.hidden)
     phases = {"student_backward": student + loss, "generation": generation, "teacher_forward": teacher}
     peak_phase = max(phases, key=phases.__getitem__)
-    return {"bytes": phases[peak_phase], "phase": peak_phase, "phases": phases, "rows": rows, "tokens": tokens}
+    return {"bytes": phases[peak_phase], "phase": peak_phase, "phases": phases, "rows": forward_rows, "tokens": tokens}
 
 
 def _lora_parameters(shape: ModelShape, config: TrainConfig) -> int:
@@ -384,6 +393,8 @@ def plan_memory(
             "prompt_tokens_source": source,
             "response_tokens": config.rollout.max_new_tokens,
             "tokens_per_micro_batch": rows * (prompt + config.rollout.max_new_tokens),
+            "max_tokens_per_micro_batch": runtime.max_tokens_per_micro_batch,
+            "tokens_per_forward": int(activations["tokens"]),
             "gradient_checkpointing": runtime.gradient_checkpointing,
         },
     )
@@ -416,6 +427,14 @@ def _candidates(config: TrainConfig, world_size: int) -> list[tuple[dict[str, An
     runtime = config.runtime
     if not runtime.gradient_checkpointing:
         out.append(({"runtime.gradient_checkpointing": True}, world_size))
+    # Fewer tokens per forward: the same micro-batch sampled together, scored in groups of its rows.
+    for checkpointing in [False] if runtime.gradient_checkpointing else [False, True]:
+        for budget in (65536, 32768, 16384, 9216, 8192, 4096, 2048, 1024):
+            if runtime.max_tokens_per_micro_batch is None or budget < runtime.max_tokens_per_micro_batch:
+                change = {"runtime.max_tokens_per_micro_batch": budget}
+                if checkpointing:
+                    change["runtime.gradient_checkpointing"] = True
+                out.append((change, world_size))
     # Fewer prompts per micro-batch, more micro-batches: the same prompts per step.
     step_prompts = config.batch_size * config.grad_accum
     smaller = [
@@ -465,7 +484,7 @@ def suggestions(
             prompt_tokens=prompt_tokens,
             suggest=False,
         )
-        if plan.fits:
+        if plan.fits and all(entry["total_bytes"] != plan.per_device_bytes["total"] for entry in found):
             entry: dict[str, Any] = {"set": changes, "total_bytes": plan.per_device_bytes["total"]}
             if devices != world_size:
                 entry["devices"] = devices
