@@ -1,11 +1,12 @@
 """The memory plan (``vopd.memory_plan``) against the peaks a training step reaches on the CPU.
 
 For each model (the tiny Qwen2-VL 5M and 20M, LLaVA and Qwen3.5), activation checkpointing off and on, and two
-micro-batch token counts (rows x forced response tokens), one process runs ``--warmup`` training steps and then one
-measured step, Vision-OPD as the paper runs it (EMA teacher on the crop, JSD 0.5 on the student's top-100 + tail,
-loss from hidden states), fp32. Measured: the state (every weight, gradient, AdamW moment and teacher tensor the
-trainer holds, by their bytes) plus what the step adds to the resident size at its peak (``VmHWM`` reset after the
-warm-up, minus the resident size then; glibc's mmap threshold pinned low so that freed blocks leave the process).
+micro-batch token counts (rows x forced response tokens), one process allocates what a step leaves behind (gradients,
+AdamW's moments; or runs ``--warmup`` training steps) and then runs one measured step, Vision-OPD as the paper runs
+it (EMA teacher on the crop, JSD 0.5 on the student's top-100 + tail, loss from hidden states), fp32.
+Measured: the state (every weight, gradient, AdamW moment and teacher tensor the trainer holds, by their bytes)
+plus what the step adds to the resident size at its peak (``VmHWM`` reset just before it, minus the resident size
+then; glibc's mmap threshold pinned low so that freed blocks leave the process).
 Planned: ``plan_memory`` on the model's config.json and the run's config, given the prompt length the processor made
 (the plan's own prompt estimate is an input, not what is checked here).
 
@@ -14,8 +15,9 @@ over the rows), ``activation_error_max`` (the same over the activations alone), 
 ``checkpointing_activation_ratio`` (the measured activations without / with checkpointing on the 20M model at its
 longest responses). Not a test: nothing here asserts.
 
-    python bench/plan_memory.py                 # 4 models x checkpointing off/on x 2 token counts: ~10 minutes
-    python bench/plan_memory.py --quick         # the 5M model, 2 x 32 and 2 x 64 tokens: a minute
+    python bench/plan_memory.py                          # 4 models x checkpointing off/on x 4 x 256, 4 x 512
+    python bench/plan_memory.py --models qwen2vl-20m     # the 20M rows alone (~35 min on 2 busy cores)
+    python bench/plan_memory.py --quick                  # the 5M model, 2 x 32 and 2 x 64 tokens
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ def main() -> None:
     parser.add_argument(
         "--warmup",
         type=int,
-        default=1,
+        default=0,
         help="training steps before the measured one (0: gradients and AdamW's state allocated without a step)",
     )
     parser.add_argument("--threads", type=int, default=2)
@@ -165,7 +167,7 @@ def main() -> None:
         for new_tokens in lengths:
             for checkpointing in (False, True):
                 rows.append(run(model, folder, data, args.rows, new_tokens, checkpointing, args))
-                print(f"  done: {model} {args.rows} x {new_tokens} checkpointing={checkpointing}", file=sys.stderr)
+                print(f"  {json.dumps(rows[-1])}", file=sys.stderr)
 
     print(f"fp32 on the CPU, {args.threads} threads, {args.rows} rows per micro-batch, responses forced to full length")
     print(
