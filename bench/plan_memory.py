@@ -62,7 +62,7 @@ def child(args: argparse.Namespace) -> None:
     from vopd.trainer import OPDTrainer
     from vopd.views import student_view
 
-    _pin_mmap_threshold(2**20)
+    _pin_mmap_threshold(args.mmap_threshold)
     torch.set_num_threads(args.threads)
     config = TrainConfig(
         model=args.model,
@@ -117,7 +117,8 @@ def child(args: argparse.Namespace) -> None:
 def run(model: str, folder: Path, data: Path, rows: int, new_tokens: int, checkpointing: bool, args) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--model", str(folder), "--data", str(data)]
     command += ["--rows", str(rows), "--new-tokens", str(new_tokens), "--warmup", str(args.warmup)]
-    command += ["--threads", str(args.threads)] + (["--checkpointing"] if checkpointing else [])
+    command += ["--threads", str(args.threads), "--mmap-threshold", str(args.mmap_threshold)]
+    command += ["--checkpointing"] if checkpointing else []
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)]),
@@ -147,7 +148,22 @@ def main() -> None:
         ),
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=2**20,
+        help=(
+            "glibc's mmap threshold in bytes: blocks below it come from the heap, where the warm-up step's freed "
+            "memory is already resident and so is not counted; lower it for models whose tensors are smaller "
+            "(LLaVA's and Qwen3.5's tiny ones: 65536)"
+        ),
+    )
     parser.add_argument("--quick", action="store_true", help="the 5M model, 2 rows x 32 and 64 tokens")
+    parser.add_argument(
+        "--replan",
+        metavar="FILE",
+        help="rows measured earlier (the JSON lines this script prints on stderr), re-planned",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -156,6 +172,10 @@ def main() -> None:
     if args.child:
         args.new_tokens = int(args.new_tokens)
         child(args)
+        return
+    if args.replan:  # the measurements of earlier runs (their stderr lines), planned again by the current plan
+        rows = [replan(json.loads(line)) for line in Path(args.replan).read_text().splitlines() if line.strip()]
+        report(rows, args)
         return
     if args.quick:
         args.models, args.rows, args.new_tokens = "qwen2vl-5m", 2, "32,64"
@@ -172,7 +192,36 @@ def main() -> None:
                 rows.append(run(model, folder, data, args.rows, new_tokens, checkpointing, args))
                 print(f"  {json.dumps(rows[-1])}", file=sys.stderr)
 
-    print(f"fp32 on the CPU, {args.threads} threads, {args.rows} rows per micro-batch, responses forced to full length")
+    report(rows, args)
+
+
+def replan(row: dict[str, Any]) -> dict[str, Any]:
+    """``row``'s plan made again from its model (built again, deterministic) and settings."""
+    from vopd.config import TrainConfig
+    from vopd.memory_plan import plan_memory, read_model_shape
+
+    folder = build(row["model"], Path(tempfile.mkdtemp(prefix="vopd-replan-")) / row["model"])
+    config = TrainConfig(
+        model=str(folder),
+        dataset="unused.jsonl",
+        steps=1,
+        batch_size=row["rows"],
+        rollout={"num_rollouts": 1, "max_new_tokens": row["new_tokens"]},
+        divergence={"alpha": 0.5, "topk": 100},
+        runtime={"device": "cpu", "dtype": "float32", "gradient_checkpointing": row["checkpointing"]},
+    )
+    plan = plan_memory(read_model_shape(folder), config, device_type="cpu", prompt_tokens=row["prompt_tokens"])
+    planned = plan.per_device_bytes
+    return {
+        **row,
+        "planned_total": planned["total"],
+        "planned_state": planned["total"] - planned["activations"],
+        "planned_activations": planned["activations"],
+    }
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print("fp32 on the CPU, responses forced to full length")
     print(
         "| model | tokens | ckpt | prompt | measured state MiB | measured step MiB | planned state MiB | "
         "planned activations MiB | measured total | planned total | error |"
@@ -198,12 +247,12 @@ def main() -> None:
         if row["model"] == largest["model"] and row["new_tokens"] == largest["new_tokens"]
     }
     headline = {
-        "rows": args.rows,
-        "new_tokens": lengths,
+        "rows": sorted({row["rows"] for row in rows}),
+        "new_tokens": sorted({row["new_tokens"] for row in rows}),
         "plan_error_max": round(max(errors), 4),
         "activation_error_max": round(max(activation_errors), 4),
         "checkpointing_activation_ratio": round(pair[False] / max(pair[True], 1), 2),
-        "ratio_row": f"{largest['model']} {args.rows} x {largest['new_tokens']}",
+        "ratio_row": f"{largest['model']} {largest['rows']} x {largest['new_tokens']}",
     }
     print(json.dumps(headline))
 

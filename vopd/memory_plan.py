@@ -272,7 +272,9 @@ def activation_bytes(
     # The backward of a block holds the gradients of its widest tensors for a moment (the MLP's, the hidden state's).
     backward_transient = tokens * (2 * compute * text.intermediate + 3 * 4 * text.hidden)
     if checkpointing:
-        student = text.layers * tokens * 4 * text.hidden + one_block + backward_transient
+        # One block recomputed at a time; its saved tensors are released as its backward consumes them, which offsets
+        # the gradients' transients (measured on the CPU: bench/RESULTS.md).
+        student = text.layers * tokens * 4 * text.hidden + one_block
     else:
         student = text.layers * one_block + backward_transient
     student += tokens * 4 * text.hidden * 2  # the embeddings' output and the final norm's
