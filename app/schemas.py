@@ -100,6 +100,46 @@ class TrainJobCreate(BaseModel):
         return self
 
 
+class JobPlanRequest(TrainJobCreate):
+    """A train job's body, planned instead of queued (POST /api/jobs/plan), with the device to plan for."""
+
+    device_memory: str | None = Field(
+        None,
+        max_length=32,
+        description=(
+            "Memory of each device, e.g. 80GiB or 141GB; default: the API host's first GPU, else its host memory "
+            "(the workers' devices may differ: name them)."
+        ),
+    )
+    device_type: Literal["cuda", "cpu"] | None = Field(
+        None, description="cuda plans bf16 compute copies and a CUDA allowance; default: from config.runtime.device."
+    )
+    prompt_tokens: int | None = Field(
+        None, ge=1, le=1_000_000, description="Plan with prompts of this many tokens (default: the processor's limit)."
+    )
+
+
+class JobPlanOut(BaseModel):
+    """The memory plan of a train job: per-device bytes by term, whether it fits, the smallest changes that do."""
+
+    fits: bool
+    per_device_bytes: dict[str, int] = Field(
+        description=(
+            "masters, gradients, optimizer, teacher, compute_copies, rollout_engine, activations, runtime and total"
+        )
+    )
+    device_memory_bytes: int
+    activations: dict[str, Any] = Field(description="with_checkpointing, without_checkpointing, peak_phase, phases")
+    assumptions: dict[str, Any] = Field(description="world size, dtypes, rows, prompt and response tokens planned")
+    suggestions: list[dict[str, Any]] = Field(
+        description=(
+            'Changes that make it fit, smallest first: {"set": {dotted field: value}, "total_bytes", "devices"?}'
+        )
+    )
+    model: dict[str, Any] = Field(description="The model's shape, read from its config.json (no weight loaded).")
+    table: str = Field(description="The plan as a short human table.")
+
+
 class EvalJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

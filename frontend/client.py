@@ -29,6 +29,16 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class JobPlan(_Model):
+    """A train job's memory plan (POST /api/jobs/plan): per-device bytes by term, whether they fit, what would."""
+
+    fits: bool
+    per_device_bytes: dict[str, int]
+    device_memory_bytes: int
+    suggestions: list[dict[str, Any]] = []
+    table: str = ""
+
+
 class Job(_Model):
     id: int
     kind: Literal["train", "eval"]
@@ -365,6 +375,17 @@ class VopdClient:
         if resources:
             body["resources"] = resources
         return self._parse(self._request("POST", "/api/jobs", json=body), Job)
+
+    def plan_job(
+        self, config: dict[str, Any], resources: dict[str, int] | None = None, device_memory: str | None = None
+    ) -> JobPlan:
+        """The memory plan of a train job's config, nothing queued (the model is read from its config.json)."""
+        body: dict[str, Any] = {"kind": "train", "config": config}
+        if resources:
+            body["resources"] = resources
+        if device_memory:
+            body["device_memory"] = device_memory
+        return self._parse(self._request("POST", "/api/jobs/plan", json=body), JobPlan)
 
     def jobs(self, status: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0) -> JobPage:
         params: dict[str, Any] = {"limit": limit, "offset": offset}

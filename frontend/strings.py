@@ -147,6 +147,10 @@ MANY_MACHINES_CLI = (
 )
 REST_LABEL = "Equivalent REST request"
 SUBMIT_TRAIN = "Submit training job"
+PLAN_TRAIN = "Plan memory"
+PLAN_LABEL = "Memory plan per device (read from the model's config.json; nothing is loaded or queued)"
+DEVICE_MEMORY_LABEL = "Memory per device"
+DEVICE_MEMORY_INFO = "e.g. 80GiB or 141GB; empty: the API host's GPU, else its memory"
 CONFIG_INVALID = "The config is not valid"
 
 # ----------------------------------------------------------------------------- jobs

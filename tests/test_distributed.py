@@ -138,6 +138,41 @@ def test_a_sharded_run_stopped_and_resumed_equals_an_uninterrupted_one(tiny_mode
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.parametrize(
+    ("strategy", "extra"),
+    [("ddp", []), ("fsdp", []), ("fsdp", ["--runtime.max_tokens_per_micro_batch", "400"])],
+    ids=["ddp", "fsdp", "fsdp-token-budget"],
+)
+def test_checkpointed_blocks_across_processes_train_the_single_process_weights(
+    strategy, extra, tiny_model_dir, data, single_run, tmp_path
+) -> None:
+    """runtime.gradient_checkpointing under DDP's and FSDP2's hooks: the recomputed blocks give the weights of the
+    single process that checkpointed nothing; with a token budget too (sharded ranks must run as many forwards)."""
+    run = tmp_path / strategy
+    done = _vopd_train(
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--output",
+        str(run),
+        *COMMON,
+        "--nproc",
+        "2",
+        "--runtime.strategy",
+        strategy,
+        "--runtime.gradient_checkpointing",
+        "true",
+        *extra,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "full logits" not in done.stdout + done.stderr
+    _assert_same_weights(_weights(single_run), _weights(run))
+    if extra:  # 4 rows per rank of ~180 tokens: 2 per forward
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all(record["student_forwards"] >= 2 for record in metrics)
+
+
 def test_lora_across_sharded_processes_exports_merged_weights(tiny_model_dir, data, tmp_path) -> None:
     """LoRA under FSDP (DDP's LoRA is the single-process LoRA on each rank): an EMA adapter, a merged final folder."""
     from transformers import AutoModelForImageTextToText

@@ -113,7 +113,30 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the fully resolved config as one JSON object and exit (nothing is loaded or written)",
+        help=(
+            "print the fully resolved config and its memory plan (key 'plan': per-device bytes by term, whether it "
+            "fits, the smallest changes that make it fit; read from the model's config.json, no weight is loaded) as "
+            "one JSON object, a short table on stderr, and exit (nothing is written)"
+        ),
+    )
+    parser.add_argument(
+        "--device-memory",
+        dest="device_memory",
+        metavar="SIZE",
+        help="memory of each device to plan for, e.g. 80GiB (default: the first visible GPU's, else the host's)",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        dest="prompt_tokens",
+        type=int,
+        metavar="N",
+        help="plan with prompts of N tokens, images included (default: the processor's or views.max_pixels' limit)",
+    )
+    parser.add_argument(
+        "--require-fit",
+        dest="require_fit",
+        action="store_true",
+        help="plan the memory first and exit with status 3, before anything loads, when the plan does not fit",
     )
     parser.add_argument("--model", help="model folder (any AutoModelForImageTextToText)")
     parser.add_argument("--dataset", help="JSONL or parquet dataset (answers are never read)")
@@ -172,16 +195,25 @@ def _run_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     config = load_config(TrainConfig, args.config, _flag_overrides(args, _RUN_FLAGS, overrides), preset=args.preset)
     config = resolve_names(config, strict=not args.dry_run)
+    plan = _memory_plan(args, config) if args.dry_run or args.require_fit else None
+    table = plan.pop("table", None) if plan is not None else None
     if args.dry_run:
         import json
 
-        print(json.dumps(config.model_dump(mode="json")))
+        print(json.dumps({**config.model_dump(mode="json"), "plan": plan}))
         prompts = config.batch_size * config.grad_accum
         print(
             f"prompts per step: {prompts} (batch_size {config.batch_size} x grad_accum {config.grad_accum}); "
             f"rollouts per step: {prompts * config.rollout.num_rollouts}",
             file=sys.stderr,
         )
+    if plan is not None:
+        print(table or f"no memory plan: {plan.get('error')}", file=sys.stderr)
+        if args.require_fit and plan.get("fits") is not True:
+            reason = "it does not fit" if plan.get("fits") is False else f"it could not be made ({plan.get('error')})"
+            print(f"--require-fit: the memory plan says {reason}; nothing was loaded", file=sys.stderr)
+            return 3
+    if args.dry_run:
         return 0
     if config.output is None:
         raise CliError("--output is required (the run folder)")
@@ -195,6 +227,40 @@ def _run_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         return 1
     print(f"final model: {result.final_dir}")
     return 0
+
+
+def _memory_plan(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """The memory plan of ``config`` as the dry run prints it (``vopd.memory_plan``), or ``{"fits": None, "error"}``
+    when the model's config.json cannot be read. Nothing is loaded: the model is read from its config alone."""
+    from vopd.memory_plan import format_table, parse_size, plan_memory, read_model_shape, visible_device_memory
+
+    visible_type, visible_bytes, source = visible_device_memory()
+    if args.device_memory is not None:
+        try:
+            device_memory = parse_size(args.device_memory)
+        except ValueError as error:
+            raise CliError(f"--device-memory: {error}") from None
+        source = "--device-memory"
+    else:
+        device_memory = visible_bytes
+    device_type = config.runtime.device if config.runtime.device in ("cpu", "cuda") else None
+    if device_type is None:  # auto: a GPU when one is visible, or when a device's memory is given to plan for
+        device_type = "cuda" if visible_type == "cuda" or args.device_memory is not None else "cpu"
+    world_size = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    device = {"type": device_type, "memory_bytes": device_memory, "memory_source": source, "world_size": world_size}
+    try:
+        shape = read_model_shape(config.model)
+    except (OSError, ValueError, KeyError) as error:
+        return {"fits": None, "error": str(error), "device": device}
+    plan = plan_memory(
+        shape,
+        config,
+        world_size=world_size,
+        device_type=device_type,
+        device_memory=device_memory,
+        prompt_tokens=args.prompt_tokens,
+    )
+    return {**plan.to_dict(), "model": shape.to_dict(), "device": device, "table": format_table(plan, shape)}
 
 
 def _launch_ranks(args: argparse.Namespace, config: Any) -> int:

@@ -358,6 +358,29 @@ class RuntimeConfig(_Strict):
             "EMA teacher sharded over them (FSDP2). Launch several with `vopd train --nproc N` or torchrun."
         ),
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description=(
+            "Training only: keep each transformer block's input alone and recompute the block in the backward "
+            "(the model's own non-reentrant activation checkpointing, as the official run's "
+            "enable_gradient_checkpointing), so the student's activations cost about one hidden vector per token and "
+            "layer instead of a dozen; about a third more compute per step. The student's prompts then run twice a "
+            "step (rollout.share_prompt_pass needs the KV cache, which checkpointed blocks do not keep)."
+        ),
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description=(
+            "Training only: the most tokens (prompt + response, image tokens included, padding counted) that one "
+            "forward of the student or the teacher may hold, as the official run's ppo_max_token_len_per_gpu (9216). "
+            "After sampling, each micro-batch's rows are sorted by length and grouped to fill it, each group padded "
+            "only to its own longest response; the loss stays the token-mean over the whole step, so the gradient is "
+            "the same. A row longer than the budget runs alone. None = one forward per micro-batch. Sampling is not "
+            "split: it runs every row of the micro-batch together."
+        ),
+    )
     dist_timeout_s: float = Field(
         600.0,
         gt=0,
@@ -631,7 +654,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 1024 response tokens at temperature 1, lr 2e-6 constant after 10 warm-up steps from 0, AdamW with weight decay
     # 0.01 and clip 1.0, the whole model trained (encoder included) with fp32 master weights, JSD(0.5) over the
     # student's top-100 + tail, EMA teacher at rate 0.05, truncated importance weights at 2.0, one epoch (65 steps
-    # on Vision-OPD-6K). 96 prompts = 8 per micro-batch x 12 micro-batches; split them as memory allows.
+    # on Vision-OPD-6K). 96 prompts = 8 per micro-batch x 12 micro-batches; split them as memory allows. Its memory
+    # settings: activation checkpointing (enable_gradient_checkpointing) and forwards of at most 9216 tokens
+    # (use_dynamic_bsz with ppo_max_token_len_per_gpu 9216).
     "paper": {
         "epochs": 1,
         "batch_size": 8,
@@ -652,7 +677,7 @@ RECIPES: dict[str, dict[str, Any]] = {
             "is_clip": 2.0,
         },
         "teacher": {"mode": "ema", "ema_rate": 0.05},
-        "runtime": {"master_dtype": "float32"},
+        "runtime": {"master_dtype": "float32", "gradient_checkpointing": True, "max_tokens_per_micro_batch": 9216},
         "views": {"max_pixels": None},
     },
     # `vopd reproduce`'s default arm on the tiny world (docs/reproduction.md): forward KL (alpha 0) to a fixed crop

@@ -47,7 +47,9 @@ from vopd.config import LoraConfig, RuntimeConfig
 __all__ = [
     "LoadedModel",
     "ModelLoadError",
+    "activation_checkpointing_enabled",
     "apply_lora",
+    "enable_activation_checkpointing",
     "encode_prompts",
     "image_only_processor_class",
     "load_model_and_processor",
@@ -57,6 +59,7 @@ __all__ = [
     "resolve_chat_template_kwargs",
     "resolve_device",
     "resolve_dtype",
+    "select_rows",
     "suppressed_token_ids",
     "unwrap_model",
     "vision_tower_module",
@@ -510,6 +513,8 @@ def load_model_and_processor(
     elif trainable and lora is not None and lora.enabled:
         model = apply_lora(model, lora, include_vision_tower=not freeze_vision_tower)
 
+    if trainable and runtime.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     if not trainable:
         model.eval()
         model.requires_grad_(False)
@@ -533,6 +538,37 @@ def load_model_and_processor(
         compute_dtype=compute_dtype,
         chat_template_kwargs=template_kwargs,
     )
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Checkpoint every transformer block of ``model`` (a transformers model, or peft's wrapper of one): the block keeps
+    its input alone and runs again in the backward, under torch's non-reentrant checkpoint.
+
+    This is the model's own switch (``activation_checkpointing_enable``, which transformers 5 renamed from
+    ``gradient_checkpointing_enable`` and which the old name still reaches), so every family that marks its blocks
+    as checkpointable is covered, the vision blocks included. Non-reentrant, because it works with frozen inputs and
+    with DDP's and FSDP2's hooks (the block's ``forward`` is wrapped, its hooks stay outside the recompute), and its
+    gradients equal a plain backward's. transformers also makes the input embeddings' output require a gradient
+    (``enable_input_require_grads``) for text models and peft: needed by the reentrant variant with a frozen
+    embedding (LoRA), harmless here. A checkpointed block in training mode drops the KV cache of a forward with
+    gradient (it would be written twice, once more by the recompute), so ``vopd.rollout.PromptPass`` cannot serve;
+    ``generate`` runs in evaluation mode and keeps its cache.
+    """
+    base = unwrap_model(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{type(base).__name__} does not support activation checkpointing: set runtime.gradient_checkpointing false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before the rename
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def activation_checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether any block of ``model`` is checkpointed (``enable_activation_checkpointing``)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in unwrap_model(model).modules())
 
 
 def _replace_chat_template(processor: ProcessorMixin, path: Path) -> None:
@@ -647,53 +683,63 @@ def repeat_each_row(batch: BatchFeature, repeats: int) -> BatchFeature | None:
     """``batch`` with each row repeated ``repeats`` times in place (row 0, row 0, ..., row 1, ...): what encoding
     each conversation ``repeats`` times would give, without the processor's and the vision encoder's work on the
     repeated images (a step's rollouts repeat their prompt, eight per prompt in the paper). None for a layout this
-    does not know, where the caller encodes every row instead.
-
-    Known layouts, with one image per row: tensors whose first dimension is the row (token ids and masks, LLaVA's
-    and Idefics3's pixels), the Qwen-VL families' flattened patches (``pixel_values`` rows grouped by image, each
-    image's count the product of its ``image_grid_thw`` row), and image features from ``with_image_features`` whose
-    pooled output is per image (``_repeat_image_features``).
+    does not know, where the caller encodes every row instead (the layouts of ``select_rows``).
     """
     if repeats == 1:
         return batch
     rows = batch["input_ids"].shape[0]
+    return select_rows(batch, [row for row in range(rows) for _ in range(repeats)])
+
+
+def select_rows(batch: BatchFeature, rows: Sequence[int]) -> BatchFeature | None:
+    """The rows ``rows`` of an encoded ``batch`` (in that order, repeats allowed), images and image features included:
+    what encoding those rows' conversations would give, but for prompt padding that all of them share (which changes
+    nothing: it is masked). None for a layout this does not know, where the caller encodes the rows instead.
+
+    Known layouts, with one image per row: tensors whose first dimension is the row (token ids and masks, LLaVA's
+    and Idefics3's pixels), the Qwen-VL families' flattened patches (``pixel_values`` rows grouped by image, each
+    image's count the product of its ``image_grid_thw`` row), and image features from ``with_image_features`` whose
+    pooled output is per image (``_select_image_features``).
+    """
+    count = batch["input_ids"].shape[0]
+    index = torch.tensor(list(rows), dtype=torch.long, device=batch["input_ids"].device)
     grid = batch.get("image_grid_thw")
-    repeated: dict[str, Any] = {}
+    selected: dict[str, Any] = {}
     for key, value in batch.items():
         if key == "mm_encoder_outputs" and set(value) == {"image"}:
-            features = _repeat_image_features(value["image"], rows, repeats)
+            features = _select_image_features(value["image"], count, rows)
             if features is None:
                 return None
-            repeated[key] = {"image": features}
+            selected[key] = {"image": features}
         elif not isinstance(value, torch.Tensor) or value.ndim == 0:
             return None
         elif key == "pixel_values" and grid is not None:
-            if grid.shape[0] != rows:  # several images (or none) in some row: their patches do not split by row
+            if grid.shape[0] != count:  # several images (or none) in some row: their patches do not split by row
                 return None
             blocks = value.split(grid.prod(dim=-1).tolist())  # one block of patches per image, so per row
-            repeated[key] = torch.cat([block for block in blocks for _ in range(repeats)])
-        elif value.shape[0] == rows:
-            repeated[key] = value.repeat_interleave(repeats, dim=0)
+            selected[key] = torch.cat([blocks[row] for row in rows])
+        elif value.shape[0] == count:
+            selected[key] = value.index_select(0, index)
         else:
             return None
-    return BatchFeature(repeated)
+    return BatchFeature(selected)
 
 
 # What an encoder's output may carry beside the pooled features, which the language model's forward never reads.
 _ENCODER_INTERNALS = ("last_hidden_state", "hidden_states", "attentions")
 
 
-def _repeat_image_features(features: Any, rows: int, repeats: int) -> Any | None:
-    """``get_image_features``' output for one image per row, with each image's pooled features repeated: a tuple of
+def _select_image_features(features: Any, count: int, rows: Sequence[int]) -> Any | None:
+    """``get_image_features``' output for one image per row, with the pooled features of ``rows``: a tuple of
     per-image tensors (the Qwen-VL families, which concatenate it) or a tensor whose first dimension is the image
     (LLaVA). The encoder's internals are dropped, so that a forward reading them fails instead of reading the
-    unrepeated ones; None for anything else the forward would read (Qwen3-VL's deepstack features, concatenated over
+    unselected ones; None for anything else the forward would read (Qwen3-VL's deepstack features, concatenated over
     all images, do not split by image)."""
     pooled = getattr(features, "pooler_output", None)
-    if isinstance(pooled, tuple | list) and len(pooled) == rows:
-        pooled = tuple(image for image in pooled for _ in range(repeats))
-    elif isinstance(pooled, torch.Tensor) and pooled.ndim > 0 and pooled.shape[0] == rows:
-        pooled = pooled.repeat_interleave(repeats, dim=0)
+    if isinstance(pooled, tuple | list) and len(pooled) == count:
+        pooled = tuple(pooled[row] for row in rows)
+    elif isinstance(pooled, torch.Tensor) and pooled.ndim > 0 and pooled.shape[0] == count:
+        pooled = pooled.index_select(0, torch.tensor(list(rows), dtype=torch.long, device=pooled.device))
     else:
         return None
     if any(value is not None for key, value in features.items() if key not in (*_ENCODER_INTERNALS, "pooler_output")):

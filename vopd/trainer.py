@@ -38,6 +38,7 @@ from vopd.data import Sample, load_dataset
 from vopd.divergence import distillation_loss, distribution_stats, gather_token_logprobs, hidden_distillation_loss
 from vopd.evidence import EvidenceCache, evidence_metrics
 from vopd.guard import CollapseGuard
+from vopd.micro_batches import padded_tokens, select_rollout, split_to_count, token_budget_groups
 from vopd.models import (
     LoadedModel,
     image_features_refusal,
@@ -45,6 +46,7 @@ from vopd.models import (
     optimizer_param_groups,
     repeat_each_row,
     resolve_dtype,
+    select_rows,
     vision_tower_module,
     with_image_features,
 )
@@ -320,6 +322,12 @@ class OPDTrainer:
             return "under FSDP the scoring forward must be the one forward of the sharded model before the backward"
         if config.grad_accum > 1:
             return "with grad_accum above 1 every micro-batch's prompt activations would be held until its scoring"
+        if config.runtime.max_tokens_per_micro_batch is not None:
+            return "runtime.max_tokens_per_micro_batch: the scoring forwards take groups of the sampled rows"
+        if config.runtime.gradient_checkpointing:
+            # Checkpointed blocks drop the cache of a forward with gradient (the recompute would write it twice), and
+            # holding the prompts' activations through the sampling is what checkpointing exists to avoid.
+            return "runtime.gradient_checkpointing: checkpointed blocks keep no KV cache in a forward with gradient"
         return prompt_pass_refusal(self.student)
 
     def _two_token_ids(self) -> torch.Tensor:
@@ -491,6 +499,52 @@ class OPDTrainer:
             )
         return conversations, student_prompts if prompt_pass is None else prompt_pass, rollout
 
+    def _forwards(
+        self,
+        samples: list[Sample],
+        student_conversations: list[Any],
+        student_prompts: Any,
+        teacher_prompts: Any,
+        rollout: RolloutBatch,
+    ) -> list[tuple[Any, Any, RolloutBatch]]:
+        """(student prompts, teacher prompts, rollout) of each forward this micro-batch takes: itself whole, or groups
+        of its rows that keep every forward within ``runtime.max_tokens_per_micro_batch`` (``token_budget_groups``),
+        each padded only to its own longest response. Under FSDP every rank runs as many as the rank with the most."""
+        budget = self.config.runtime.max_tokens_per_micro_batch
+        if budget is None:
+            return [(student_prompts, teacher_prompts, rollout)]
+        widest = max(int(student_prompts["input_ids"].shape[1]), int(teacher_prompts["input_ids"].shape[1]))
+        groups = token_budget_groups(widest, rollout.lengths.tolist(), budget)
+        if self.ranks.strategy == "fsdp":  # each forward of sharded weights is a collective: the same count everywhere
+            groups = split_to_count(groups, int(self.ranks.max(float(len(groups)), self.loaded.device)))
+        if len(groups) == 1 and groups[0] == list(range(len(groups[0]))):
+            return [(student_prompts, teacher_prompts, rollout)]
+        teacher_conversations: list[Any] | None = None
+        forwards = []
+        for rows in groups:
+            student_rows = self._rows_of(student_prompts, student_conversations, rows)
+            if teacher_prompts is student_prompts:
+                teacher_rows = student_rows
+            else:
+                teacher_rows = select_rows(teacher_prompts, rows)
+                if teacher_rows is None:
+                    teacher_conversations = teacher_conversations or self._conversations(samples, teacher_view)
+                    teacher_rows = self._rows_of(teacher_prompts, teacher_conversations, rows)
+            forwards.append((student_rows, teacher_rows, select_rollout(rollout, rows)))
+        return forwards
+
+    def _rows_of(self, prompts: Any, conversations: list[Any], rows: list[int]) -> Any:
+        """The encoded prompts of ``rows``: taken from ``prompts`` where their layout allows (``select_rows``), else
+        those rows' conversations encoded again (and their images through the encoder where features are shared)."""
+        selected = select_rows(prompts, rows)
+        if selected is not None:
+            return selected
+        encoded = self.loaded.encode([conversations[row] for row in rows])
+        if not self.shares_image_features:
+            return encoded
+        with self.loaded.autocast():
+            return with_image_features(self.student, encoded)
+
     def _student_scores(self, student_prompts: Any, rollout: RolloutBatch) -> torch.Tensor:
         """The student's forward with gradient: logits (or hidden states, the head bypassed) at the response positions;
         over the response alone when ``student_prompts`` is the prompt pass the sampling started from."""
@@ -602,6 +656,7 @@ class OPDTrainer:
 
         # 2. Teacher on the crop, student on the full image, loss and backward, one micro-batch at a time.
         totals: dict[str, float] = {}
+        padding: dict[str, float] = {}
         divergence_sum = 0.0
         divergence_max = 0.0
         rows = 0
@@ -610,6 +665,7 @@ class OPDTrainer:
         # (the student's own sampling agrees with its scoring by construction).
         compare = not self.engine.samples_with_the_student and self._behaviour_comparable
         agreement = {"diff_sum": 0.0, "diff_max": 0.0, "clipped": 0.0}
+        forward_count = 0
         while micro_batches:
             last_micro_batch = len(micro_batches) == 1
             samples, student_conversations, student_prompts, rollout = micro_batches.pop(0)
@@ -619,33 +675,48 @@ class OPDTrainer:
             encoded = student_prompts.prompts if isinstance(student_prompts, PromptPass) else student_prompts
             teacher_prompts = self._teacher_prompts(samples, student_conversations, encoded)
 
-            tick = time.perf_counter()
-            with self.loaded.autocast():
-                if self.logits_fallback is None:  # (N, R, H) and (V, H): the logits are never built
-                    teacher_outputs = self.teacher.response_hidden(teacher_prompts, rollout)
-                else:
-                    teacher_outputs = (self.teacher.response_logits(teacher_prompts, rollout), None)  # (N, R, V)
-            timings["teacher_time"] += time.perf_counter() - tick
+            # The forwards of this micro-batch: one, or groups of rows within runtime.max_tokens_per_micro_batch.
+            micro_tokens = max(int(rollout.response_mask.sum()), 1)
+            forwards = self._forwards(samples, student_conversations, student_prompts, teacher_prompts, rollout)
+            del student_prompts, teacher_prompts
+            while forwards:
+                group_prompts, group_teacher_prompts, group = forwards.pop(0)
+                last_forward = last_micro_batch and not forwards
+                encoded = group_prompts.prompts if isinstance(group_prompts, PromptPass) else group_prompts
+                real, computed = padded_tokens(encoded["attention_mask"], group)
+                self._accumulate(padding, "real", real)
+                self._accumulate(padding, "computed", computed)
 
-            tick = time.perf_counter()
-            with distributed.gradient_sync(self.trained, self.ranks, enabled=last_micro_batch):
-                sampled = torch.zeros_like(rollout.behaviour_logprobs) if compare else None
-                loss, per_token, stats = self._loss(student_prompts, rollout, teacher_outputs, normalizer, sampled)
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            timings["student_time"] += time.perf_counter() - tick
-            if sampled is not None:
-                self._compare_logprobs(agreement, sampled, rollout)
+                tick = time.perf_counter()
+                with self.loaded.autocast():
+                    if self.logits_fallback is None:  # (N, R, H) and (V, H): the logits are never built
+                        teacher_outputs = self.teacher.response_hidden(group_teacher_prompts, group)
+                    else:  # (N, R, V)
+                        teacher_outputs = (self.teacher.response_logits(group_teacher_prompts, group), None)
+                timings["teacher_time"] += time.perf_counter() - tick
 
-            self._accumulate(totals, "loss", loss.item())
-            mask = rollout.response_mask
-            if mask.any():
-                divergence_sum += float(per_token[mask].sum())
-                divergence_max = max(divergence_max, float(per_token[mask].max()))
-            for key, value in stats.items():
-                self._accumulate(totals, key, value / config.grad_accum)
-            rows += mask.shape[0]
-            truncated += int(rollout.truncated.sum())
-            del teacher_outputs, rollout, student_prompts, teacher_prompts, student_conversations
+                tick = time.perf_counter()
+                with distributed.gradient_sync(self.trained, self.ranks, enabled=last_forward):
+                    sampled = torch.zeros_like(group.behaviour_logprobs) if compare else None
+                    loss, per_token, stats = self._loss(group_prompts, group, teacher_outputs, normalizer, sampled)
+                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                timings["student_time"] += time.perf_counter() - tick
+                if sampled is not None:
+                    self._compare_logprobs(agreement, sampled, group)
+
+                self._accumulate(totals, "loss", loss.item())
+                mask = group.response_mask
+                if mask.any():
+                    divergence_sum += float(per_token[mask].sum())
+                    divergence_max = max(divergence_max, float(per_token[mask].max()))
+                share = int(mask.sum()) / micro_tokens / config.grad_accum  # the metrics are token-means
+                for key, value in stats.items():
+                    self._accumulate(totals, key, value * share)
+                rows += mask.shape[0]
+                truncated += int(group.truncated.sum())
+                forward_count += 1
+                del teacher_outputs, group, group_prompts, group_teacher_prompts, loss, per_token
+            del rollout, student_conversations
 
         # 3. The update, unless the gradient is not finite: then neither the student nor the teacher moves.
         parameters = [p for p in self.student.parameters() if p.requires_grad]
@@ -676,10 +747,20 @@ class OPDTrainer:
         self.scheduler.step()
         if self.ranks.distributed:  # the step's figures over every rank
             stat_keys = [key for key in totals if key != "loss"]
-            loss_sum, divergence_sum, rows, truncated, *stat_sums = self.ranks.sum(
-                [totals.get("loss", 0.0), divergence_sum, rows, truncated, *(totals[key] for key in stat_keys)],
+            loss_sum, divergence_sum, rows, truncated, real, computed, forward_count, *stat_sums = self.ranks.sum(
+                [
+                    totals.get("loss", 0.0),
+                    divergence_sum,
+                    rows,
+                    truncated,
+                    padding.get("real", 0.0),
+                    padding.get("computed", 0.0),
+                    forward_count,
+                    *(totals[key] for key in stat_keys),
+                ],
                 self.loaded.device,
             )
+            padding = {"real": real, "computed": computed}
             totals = {"loss": loss_sum / self.ranks.world_size}
             totals.update({key: value / self.ranks.world_size for key, value in zip(stat_keys, stat_sums, strict=True)})
             divergence_max = self.ranks.max(divergence_max, self.loaded.device)
@@ -708,6 +789,10 @@ class OPDTrainer:
             "divergence_max": divergence_max,
             "response_length": step_tokens / max(rows, 1),
             "truncated_fraction": truncated / max(rows, 1),
+            # The share of the student's forwards' tokens that were padding (left of the prompts, right of the
+            # responses): what grouping rows by length (runtime.max_tokens_per_micro_batch) saves.
+            "padding_fraction": 1.0 - padding.get("real", 0.0) / max(padding.get("computed", 0.0), 1.0),
+            "student_forwards": float(forward_count) / self.ranks.world_size,
             "grad_norm": float(grad_norm),
             "skipped_steps": float(self.skipped_steps),
             "lr": lr,

@@ -18,7 +18,7 @@ from app.auth import find_api_key, hash_key, is_session_token
 from app.db import session_scope
 from app.deps import ApiKeyDep, PresentedKeyDep, SessionDep, SettingsDep, unknown_key_error
 from app.paths import public_text
-from app.registry import UnknownName
+from app.registry import UnknownName, resolve_model
 from app.responses import errors
 from app.schemas import (
     ArtifactList,
@@ -26,6 +26,8 @@ from app.schemas import (
     JobKind,
     JobOut,
     JobPage,
+    JobPlanOut,
+    JobPlanRequest,
     JobStatus,
     LogOut,
     LogPage,
@@ -73,6 +75,51 @@ def submit_job(
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from error
     warnings += crud.queue_warnings(session, settings, job.queue)
     return crud.job_out(session, job, settings=settings).model_copy(update={"warnings": warnings})
+
+
+@router.post("/plan", response_model=JobPlanOut)
+def plan_job(
+    body: Annotated[JobPlanRequest, Body()], session: SessionDep, settings: SettingsDep, key: ApiKeyDep
+) -> JobPlanOut:
+    """The memory plan of a train job before it is submitted (what `vopd train --dry-run` prints): per-device bytes
+    of masters, gradients, optimizer, teacher, compute copies, rollout engine and activations, whether they fit in
+    ``device_memory``, and the smallest changes that make them fit. Read from the model's config.json: no weight is
+    loaded and nothing is queued. The world size is resources.gpus x nodes."""
+    from vopd.memory_plan import format_table, parse_size, plan_memory, read_model_shape, visible_device_memory
+
+    config = body.config
+    try:
+        folder = resolve_model(session, settings, key.id, config.model)
+    except UnknownName as error:
+        detail = [{"loc": ["body", "config", error.field], "msg": str(error), "type": "value_error"}]
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from error
+    world_size = body.resources.gpus * body.resources.nodes
+    if world_size > 1 and config.runtime.strategy == "single":  # as a submitted job runs
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"strategy": "ddp"})})
+    visible_type, device_memory, _ = visible_device_memory()
+    if body.device_memory is not None:
+        try:
+            device_memory = parse_size(body.device_memory)
+        except ValueError as error:
+            detail = [{"loc": ["body", "device_memory"], "msg": str(error), "type": "value_error"}]
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from error
+    device_type = body.device_type or (
+        config.runtime.device if config.runtime.device in ("cpu", "cuda") else visible_type
+    )
+    try:
+        shape = read_model_shape(folder)
+    except (OSError, ValueError, KeyError) as error:
+        detail = [{"loc": ["body", "config", "model"], "msg": str(error), "type": "value_error"}]
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail) from error
+    plan = plan_memory(
+        shape,
+        config,
+        world_size=world_size,
+        device_type=device_type,
+        device_memory=device_memory,
+        prompt_tokens=body.prompt_tokens,
+    )
+    return JobPlanOut(**plan.to_dict(), model=shape.to_dict(), table=format_table(plan, shape))
 
 
 @router.get("", response_model=JobPage)

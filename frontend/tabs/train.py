@@ -62,6 +62,8 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("runtime.device", "Device", "dropdown", choices=("auto", "cpu", "cuda", "mps")),
     FieldSpec("runtime.dtype", "Compute dtype", "dropdown", choices=("auto", "float32", "bfloat16", "float16")),
     FieldSpec("runtime.master_dtype", "Master weights dtype", "dropdown", choices=("float32", "compute")),
+    FieldSpec("runtime.gradient_checkpointing", "Activation checkpointing", "checkbox"),
+    FieldSpec("runtime.max_tokens_per_micro_batch", "Max tokens per forward (0 = no limit)", "int", zero_is_unset=True),
     FieldSpec("report_to", "Also log to", "checkboxes", choices=("tensorboard", "mlflow", "wandb")),
 )
 
@@ -225,6 +227,23 @@ def submit(
     return client.submit_job("train", body["config"], resources=body.get("resources"))
 
 
+def plan(
+    client: VopdClient,
+    model: str | None,
+    dataset: str | None,
+    values: list[Any],
+    extra_json: str,
+    gpus: float | None = 1,
+    nodes: float | None = 1,
+    device_memory: str | None = None,
+) -> str:
+    """The job's memory plan as the server words it (its table), before the job is submitted."""
+    config = config_from_form(model, dataset, values, extra_json)
+    body = request_body(config, gpus, nodes)
+    planned = client.plan_job(body["config"], resources=body.get("resources"), device_memory=device_memory or None)
+    return planned.table
+
+
 # ----------------------------------------------------------------------------- layout and wiring
 @dataclass
 class TrainTab:
@@ -275,7 +294,15 @@ def build_train_tab(ctx: UiContext) -> TrainTab:
                 for spec, value in zip(FIELDS[start : start + per_row], initial[start : start + per_row], strict=True)
             )
     extra = gr.Code("{}", language="json", label=strings.EXTRA_LABEL, lines=3)
-    submit_button = gr.Button(strings.SUBMIT_TRAIN, variant="primary", elem_id="train-submit")
+    with gr.Row():
+        device_memory = gr.Textbox(
+            "", label=strings.DEVICE_MEMORY_LABEL, info=strings.DEVICE_MEMORY_INFO, min_width=220, max_lines=1
+        )
+        plan_button = gr.Button(strings.PLAN_TRAIN, elem_id="train-plan")
+        submit_button = gr.Button(strings.SUBMIT_TRAIN, variant="primary", elem_id="train-submit")
+    memory_plan = gr.Code(
+        label=strings.PLAN_LABEL, lines=4, interactive=False, wrap_lines=True, elem_id="train-plan-out"
+    )
     with gr.Row():
         cli = gr.Code(
             label=strings.CLI_LABEL,
@@ -321,4 +348,21 @@ def build_train_tab(ctx: UiContext) -> TrainTab:
         return job.id
 
     submit_button.click(on_submit, [*form_inputs], submitted_job)
+
+    @readable_errors
+    def on_plan(
+        request: gr.Request,
+        memory: str,
+        model_name: str | None,
+        dataset_id: str | None,
+        extra_json: str,
+        gpu_count: float,
+        node_count: float,
+        *values: Any,
+    ) -> str:
+        return plan(
+            ctx.client(request), model_name, dataset_id, list(values), extra_json, gpu_count, node_count, memory
+        )
+
+    plan_button.click(on_plan, [device_memory, *form_inputs], memory_plan)
     return TrainTab(model=model, dataset=dataset, submit_button=submit_button, submitted_job=submitted_job)

@@ -296,6 +296,30 @@ def test_submit_posts_the_validated_config(api: FakeApi) -> None:
     assert posted["kind"] == "train" and posted["config"]["model"] == "tiny" and posted["config"]["lr"] == 1e-4
 
 
+def test_plan_posts_the_validated_config_and_shows_the_servers_table(api: FakeApi) -> None:
+    from app.schemas import JobPlanOut
+
+    answer = JobPlanOut(
+        fits=False,
+        per_device_bytes={"masters": 1, "total": 1},
+        device_memory_bytes=10,
+        activations={},
+        assumptions={},
+        suggestions=[{"set": {"runtime.gradient_checkpointing": True}, "total_bytes": 9}],
+        model={},
+        table="does NOT fit in 80.0 GiB per device",
+    )
+    api.routes["POST /api/jobs/plan"] = answer.model_dump(mode="json")
+    values = train.preset_values(strings.PRESET_TINY)
+    shown = train.plan(api.client(), "tiny", "synth-64", values, "", 1, 1, "80GiB")
+    assert shown == "does NOT fit in 80.0 GiB per device"
+    posted = api.bodies("POST /api/jobs/plan")[0]
+    assert posted["kind"] == "train" and posted["config"]["model"] == "tiny" and posted["device_memory"] == "80GiB"
+    train.plan(api.client(), "tiny", "synth-64", values, "")  # no memory named: the server's own device
+    assert "device_memory" not in api.bodies("POST /api/jobs/plan")[-1]
+    assert api.bodies("POST /api/jobs") == []  # nothing submitted
+
+
 # ----------------------------------------------------------------------------- jobs
 def test_poll_job_reads_only_what_is_new_and_keeps_one_row_per_step(api: FakeApi) -> None:
     metric_pages = iter(

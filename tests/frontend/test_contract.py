@@ -16,6 +16,7 @@ from vopd.token_inspection import EvidenceInfo, InspectResult, TokenRecord, TopT
 
 PAIRS: list[tuple[type[BaseModel], Any]] = [
     (client.Job, schemas.JobOut),
+    (client.JobPlan, schemas.JobPlanOut),
     (client.JobPage, schemas.JobPage),
     (client.Metric, schemas.MetricOut),
     (client.MetricPage, schemas.MetricPage),
