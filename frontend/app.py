@@ -16,6 +16,8 @@ import gradio as gr
 
 from frontend import strings
 from frontend.context import (
+    HELD_OUT_DATASET_ID,
+    TRAIN_DATASET_ID,
     UiContext,
     choices_update,
     dataset_choices,
@@ -77,6 +79,8 @@ def build_ui(api_base_url: str) -> gr.Blocks:
         # Model and dataset choices change as jobs finish: reload them whenever a tab is opened.
         single_models = [inspect.model, train.model, demo_model]
         datasets = [inspect.dataset, train.dataset, evaluate.dataset]
+        # Train preselects the training set, Evaluate the held-out set: a first run is judged on data it never saw.
+        preferred_sets = [None, TRAIN_DATASET_ID, HELD_OUT_DATASET_ID]
 
         @readable_errors
         def refresh_choices(request: gr.Request, *current: Any) -> list[Any]:
@@ -87,7 +91,10 @@ def build_ui(api_base_url: str) -> gr.Blocks:
             updates = [choices_update(models, value) for value in current[:n_single]]
             updates.append(choices_update(models, current[n_single], optional=True))
             updates.append(choices_update(models, current[n_single + 1], multiselect=True))
-            updates.extend(choices_update(sets, value) for value in current[n_single + 2 :])
+            updates.extend(
+                choices_update(sets, value, preferred=preferred)
+                for value, preferred in zip(current[n_single + 2 :], preferred_sets, strict=True)
+            )
             return updates
 
         choice_components = [*single_models, inspect.compare_model, evaluate.models, *datasets]

@@ -364,10 +364,14 @@ def progress_html(job: Job) -> str:
     return f'<progress style="width:100%" value="{job.progress:.4f}" max="1"></progress>'
 
 
+def percent(value: Any) -> str:
+    """An accuracy as 66.0%; n/a where there is none."""
+    return f"{value:.1%}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
+
+
 def eval_result_line(result: dict[str, Any]) -> str:
     def pct(key: str) -> str:
-        value = result.get(key)
-        return f"{value:.1%}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
+        return percent(result.get(key))
 
     return f"Full image {pct('full_accuracy')} · crop {pct('crop_accuracy')} · gap {pct('gap')} · n {result.get('n')}"
 
@@ -418,18 +422,43 @@ def curve_frames(metrics: Sequence[Metric]) -> dict[str, pd.DataFrame]:
     return {name: _long_frame(metrics, group) for name, group in groups.items()}
 
 
-def eval_accuracy_frame(train_job: Job, eval_jobs: Sequence[Job]) -> pd.DataFrame:
-    """Full-image and crop accuracy of the succeeded evaluations of this training job's checkpoints, by step."""
+def _eval_points(job: Job, step: int) -> list[dict[str, Any]]:
+    """A succeeded dataset evaluation's full-image and crop accuracy at ``step``, one series per condition and
+    dataset: evaluations on two datasets are two measurements, never one line."""
     rows = []
-    for job in eval_jobs:
-        if job.status != "succeeded" or not job.result or job.model_job_id != train_job.id:
+    for condition, key in (("full image", "full_accuracy"), ("crop", "crop_accuracy")):
+        value = (job.result or {}).get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            series = f"{condition} · {job.source_label}" if job.source_label else condition
+            rows.append({"step": step, "value": float(value), "series": series})
+    return rows
+
+
+def eval_accuracy_frame(train_job: Job, eval_jobs: Sequence[Job]) -> pd.DataFrame:
+    """Full-image and crop accuracy of the succeeded evaluations of this training job's checkpoints, by step, one
+    series per (condition, dataset); the base model's evaluations on those same datasets sit at step 0, where
+    training started. The newest evaluation wins where one model was evaluated twice on one dataset."""
+    done = [job for job in eval_jobs if job.status == "succeeded" and job.result and not job.benchmark]
+    points: dict[tuple[int, str], dict[str, Any]] = {}
+    datasets: set[str] = set()
+    for job in sorted(done, key=lambda job: job.id):
+        if job.model_job_id != train_job.id:
             continue
         step = job.model_step if job.model_step is not None else (train_job.total_steps or train_job.step)
-        for condition, key in (("full image", "full_accuracy"), ("crop", "crop_accuracy")):
-            value = job.result.get(key)
-            if isinstance(value, int | float) and math.isfinite(value):
-                rows.append({"step": step, "value": float(value), "series": condition})
-    return curve_frame(rows)
+        datasets.add(job.dataset_id)
+        points.update({(row["step"], row["series"]): row for row in _eval_points(job, step)})
+    for job in sorted(done, key=lambda job: job.id):
+        if job.model_job_id is None and job.model_name == train_job.model_name and job.dataset_id in datasets:
+            points.update({(row["step"], row["series"]): row for row in _eval_points(job, 0)})
+    return curve_frame(sorted(points.values(), key=lambda row: (row["series"], row["step"])))
+
+
+def single_point_series(frame: pd.DataFrame | None) -> bool:
+    """Whether some series of a (step, value, series) frame has one point: a line needs two, so Vega-Lite draws
+    nothing for it (a legend over an empty plot)."""
+    if frame is None or frame.empty:
+        return False
+    return bool((frame.groupby("series")["step"].nunique() < 2).any())
 
 
 def log_tail(lines: Sequence[str], keep: int = 200) -> str:
