@@ -99,9 +99,11 @@ def build_ui(api_base_url: str) -> gr.Blocks:
 
         choice_components = [*single_models, inspect.compare_model, evaluate.models, *datasets]
         choice_inputs = choice_components
-        ui.load(refresh_choices, choice_inputs, choice_components)
-        for item in (inspect_tab_item, train_tab_item, demo_tab_item, evaluate_tab_item):
-            item.select(refresh_choices, choice_inputs, choice_components)
+        for trigger in (ui.load, *(item.select for item in (inspect_tab_item, train_tab_item, demo_tab_item))):
+            trigger(refresh_choices, choice_inputs, choice_components).then(
+                train.refresh_preview, train.preview_inputs, train.preview_outputs
+            )
+        evaluate_tab_item.select(refresh_choices, choice_inputs, choice_components)
         evaluate_tab_item.select(evaluate.refresh_jobs, evaluate.refresh_inputs, evaluate.refresh_outputs)
         jobs_tab_item.select(jobs.refresh_table, jobs.table_inputs, jobs.table)
         jobs_tab_item.select(jobs.on_show, jobs.open_inputs, jobs.open_outputs)

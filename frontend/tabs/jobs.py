@@ -13,7 +13,6 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
-from gradio.components.native_plot import PlotData
 
 from frontend import render, strings
 from frontend.client import Artifact, Job, Metric, VopdClient
@@ -52,15 +51,19 @@ class JobSnapshot:
     evaluations_changed: bool = False
 
 
-class MeasuredPlot(gr.LinePlot):
-    """A line plot whose points are drawn as points while some series has only one: Vega-Lite draws no line
-    through a single point, which left a legend over an empty plot (an evaluation at one step, the first step)."""
+# What the four curves are drawn as: Gradio's native line plot, whose value may be its own PlotData (a dict).
+_CURVE = gr.LinePlot(x="step", y="value", color="series", render=False)
 
-    def postprocess(self, value: pd.DataFrame | dict | None) -> PlotData | None:
-        data = super().postprocess(value)
-        if isinstance(data, PlotData) and isinstance(value, pd.DataFrame) and render.single_point_series(value):
-            data.mark = "point"
-        return data
+
+def measured_value(frame: pd.DataFrame | None) -> dict[str, Any] | None:
+    """A curve's plot value, its points drawn as points while some series has only one: Vega-Lite draws no line
+    through a single point, which left a legend over an empty plot (an evaluation at one step, the first step)."""
+    data = _CURVE.postprocess(frame)
+    if data is None:
+        return None
+    if render.single_point_series(frame):
+        data.mark = "point"
+    return data.model_dump()
 
 
 # ----------------------------------------------------------------------------- pure callbacks
@@ -149,7 +152,7 @@ def step_range(snapshot: JobSnapshot) -> list[float]:
 def plot_updates(snapshot: JobSnapshot) -> tuple[Any, ...]:
     """The four plots' values, on a shared x range (0 .. last step)."""
     x_lim = step_range(snapshot)
-    return tuple(gr.update(value=value, x_lim=x_lim) for value in curves(snapshot))
+    return tuple(gr.update(value=measured_value(value), x_lim=x_lim) for value in curves(snapshot))
 
 
 def accuracy_empty_note(snapshot: JobSnapshot) -> str:
@@ -312,8 +315,8 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
     base_vs_trained = gr.Markdown(elem_id="jobs-base-vs-trained")
     # No fixed height: Gradio 6.31 sizes a LinePlot's height without its legend, and clips the series names.
     with gr.Row():
-        loss_plot = MeasuredPlot(x="step", y="value", color="series", label=strings.LOSS_PLOT, min_width=260)
-        divergence_plot = MeasuredPlot(
+        loss_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.LOSS_PLOT, min_width=260)
+        divergence_plot = gr.LinePlot(
             x="step",
             y="value",
             color="series",
@@ -322,9 +325,9 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
             elem_id="jobs-divergence-plot",
         )
     with gr.Row():
-        agreement_plot = MeasuredPlot(x="step", y="value", color="series", label=strings.AGREEMENT_PLOT, min_width=260)
+        agreement_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.AGREEMENT_PLOT, min_width=260)
         with gr.Column(min_width=260):
-            accuracy_plot = MeasuredPlot(
+            accuracy_plot = gr.LinePlot(
                 x="step", y="value", color="series", label=strings.ACCURACY_PLOT, elem_id="jobs-accuracy-plot"
             )
             accuracy_note = gr.Markdown(elem_id="jobs-accuracy-note")

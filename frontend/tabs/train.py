@@ -234,6 +234,11 @@ class TrainTab:
     dataset: gr.Dropdown
     submit_button: gr.Button
     submitted_job: gr.State
+    # The CLI/REST preview, for the model and dataset choices that arrive after the page loads: a choice set by the
+    # server fires no change event here, so the preview read "Choose a dataset." beside a chosen dataset.
+    refresh_preview: Any = None
+    preview_inputs: list[Any] | None = None
+    preview_outputs: list[Any] | None = None
 
 
 def _widget(spec: FieldSpec, value: Any) -> gr.components.Component:
@@ -323,4 +328,12 @@ def build_train_tab(ctx: UiContext) -> TrainTab:
         return job.id
 
     submit_button.click(on_submit, [*form_inputs], submitted_job)
-    return TrainTab(model=model, dataset=dataset, submit_button=submit_button, submitted_job=submitted_job)
+    return TrainTab(
+        model=model,
+        dataset=dataset,
+        submit_button=submit_button,
+        submitted_job=submitted_job,
+        refresh_preview=on_change,
+        preview_inputs=form_inputs,
+        preview_outputs=[cli, rest],
+    )

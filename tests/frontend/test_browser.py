@@ -432,7 +432,7 @@ def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_serve
 
 def test_the_train_tabs_cli_command_runs_verbatim(page, live_server: LiveServer, tmp_path: Path) -> None:
     """Copy the Train tab's "Equivalent CLI command" as shown and run it in a shell on the server's VOPD_HOME: the
-    registry names (tiny, synth-64) resolve, and every flag is spelled as the CLI spells it."""
+    registry names (tiny, synth-train) resolve, and every flag is spelled as the CLI spells it."""
     page.get_by_role("tab", name="Train").click()
     page.wait_for_function("(document.querySelector('#train-model input')?.value ?? '') !== ''")
     fields = {"#train-steps input": 1, "#train-batch-size input": 2, "#train-rollout-max-new-tokens input": 4}
@@ -446,7 +446,7 @@ def test_the_train_tabs_cli_command_runs_verbatim(page, live_server: LiveServer,
     command = page.locator("#train-cli .cm-content").inner_text().strip()
     page.screenshot(path=ARTIFACTS / "train-command-1280.png", full_page=True)
     assert command.startswith(
-        "vopd train --model tiny --dataset synth-64 --output runs/studio --steps 1 --batch-size 2"
+        "vopd train --model tiny --dataset synth-train --output runs/studio --steps 1 --batch-size 2"
     )
     assert ("--report-to tensorboard" in command) == with_tensorboard
     bin_dir = Path(sys.executable).parent

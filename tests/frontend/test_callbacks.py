@@ -636,7 +636,7 @@ def test_evaluations_read_base_first_then_trained_by_step() -> None:
     table, chart = evaluate.comparison(picked)
     assert table["model"].tolist() == ["tiny", "job-2/step-10", "job-2/final"]
     assert chart[evaluate.CHART_X].tolist()[:2] == ["tiny (#9) · full image", "tiny (#9) · crop"]
-    order = evaluate.chart_update(chart)["sort"]  # pinned: Vega-Lite would sort the labels alphabetically
+    order = evaluate.chart_update(chart)[0]["sort"]  # pinned: Vega-Lite would sort the labels alphabetically
     assert order[0] == "tiny (#9) · full image" and order[-1] == "job-2/final (#7) · crop" and len(order) == 6
 
 

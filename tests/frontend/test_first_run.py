@@ -133,12 +133,11 @@ def test_accuracy_plot_has_one_series_per_dataset_with_the_base_at_step_zero() -
 
 
 def test_a_series_with_one_point_is_drawn_as_points() -> None:
-    plot = jobs.MeasuredPlot(x="step", y="value", color="series", render=False)
     single = render.curve_frame([{"step": 4, "value": 0.5, "series": "full image · d"}])
-    assert plot.postprocess(single).mark == "point"
+    assert jobs.measured_value(single)["mark"] == "point"
     line = render.curve_frame([{"step": s, "value": 0.5, "series": "loss"} for s in (1, 2)])
-    assert plot.postprocess(line).mark == "line"
-    assert plot.postprocess(None) is None
+    assert jobs.measured_value(line)["mark"] == "line"
+    assert jobs.measured_value(None) is None
 
 
 def test_an_evaluation_finishing_after_training_redraws_the_accuracy_plot(api: FakeApi) -> None:
@@ -163,3 +162,29 @@ def test_an_evaluation_finishing_after_training_redraws_the_accuracy_plot(api: F
     later = jobs.poll_job(api.client(), first.view, 5)
     assert later.evaluations_changed and not later.status_changed and not later.new_metrics
     assert isinstance(jobs.curves(later)[3], pd.DataFrame)
+
+
+def test_evaluate_moves_to_the_held_out_set_when_no_dataset_is_chosen_yet() -> None:
+    """On page load the models' choice arrives first, with no dataset yet: it used to pick the first set (the
+    training set)."""
+    from frontend.tabs import evaluate
+
+    ids = ["synth-64", TRAIN_DATASET_ID, HELD_OUT_DATASET_ID]
+    assert evaluate.held_out_dataset(None, ids, {}) == HELD_OUT_DATASET_ID
+    assert evaluate.held_out_dataset("synth-64", ids, {}) == "synth-64"  # the user's choice stays
+    assert evaluate.held_out_dataset(TRAIN_DATASET_ID, ids, {"job-1/final": TRAIN_DATASET_ID}) == HELD_OUT_DATASET_ID
+
+
+def test_the_evaluate_chart_is_rebuilt_only_when_its_bars_change() -> None:
+    """Each new ``sort`` rebuilds Gradio's chart (and leaked a resize observer that threw page errors): the order
+    is sent when it changes, and a drawn chart is not emptied while the next evaluation runs."""
+    from frontend.tabs import evaluate
+
+    done = _eval_job(7, "tiny", HELD_OUT_DATASET_ID, 0.66)
+    _, chart = evaluate.comparison([done])
+    first, shown = evaluate.chart_update(chart, None)
+    assert first["sort"] == shown["order"] and len(shown["order"]) == 2 and not evaluate.chart_settled(shown)
+    again, shown = evaluate.chart_update(chart, shown)  # the next tick sends the bars again, without a rebuild
+    assert "sort" not in again and again["value"] is chart and evaluate.chart_settled(shown)
+    kept, still = evaluate.chart_update(None, shown)
+    assert kept == evaluate.gr.skip() and still == shown

@@ -1,0 +1,116 @@
+# ruff: noqa: F811  (test_browser's fixtures are imported by name and taken as arguments)
+"""A newcomer's first hour in a real browser: the default run and sets, base vs trained on held-out data, charts
+that tell the truth. Reuses test_browser's server, browser and signed-in page (every page error fails the test:
+tests/frontend/conftest.py)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.frontend.test_browser import (  # noqa: F401  (fixtures, found by name)
+    ARTIFACTS,
+    LiveServer,
+    _screenshots,
+    _toasts,
+    browser,
+    live_server,
+    page,
+)
+
+pytestmark = pytest.mark.browser
+
+
+def _api(live_server: LiveServer) -> httpx.Client:
+    return httpx.Client(
+        base_url=live_server.url, headers={"Authorization": f"Bearer {live_server.local_api_key}"}, timeout=30
+    )
+
+
+def _wait_job(api: httpx.Client, job_id: int, timeout_s: float = 240) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = api.get(f"/api/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job['status']}")
+
+
+def _bars(page) -> int:
+    return page.locator("#eval-chart svg path[aria-roledescription='bar']").count()
+
+
+def test_train_and_evaluate_open_on_the_first_runs_sets(page, live_server: LiveServer) -> None:
+    """Train: the recipe that shows a gain, on the training set; Evaluate: the held-out set."""
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_function("(document.querySelector('#train-dataset input')?.value ?? '') !== ''")
+    assert "synth-train" in page.locator("#train-dataset input").input_value()
+    assert "Tiny world" in page.locator("input[aria-label='Preset']").first.input_value()
+    # The preview follows the choices the server makes on load (it read "Choose a dataset." beside a dataset).
+    page.wait_for_function(
+        "(document.querySelector('#train-cli')?.innerText ?? '').includes('--dataset synth-train --output runs/studio "
+        "--steps 300 --batch-size 16')"
+    )
+    page.get_by_role("tab", name="Evaluate").click()
+    page.wait_for_function("(document.querySelector('#eval-dataset input')?.value ?? '').includes('synth-heldout')")
+    _screenshots(page, "first-run-evaluate-defaults")
+
+
+def test_evaluate_chart_follows_finished_evaluations_without_pressing_compare(page, live_server: LiveServer) -> None:
+    """Two runs one after the other: each finished evaluation's bars appear by the timer alone, and the plot throws
+    no page error on the way (the fixture fails the test on one)."""
+    page.get_by_role("tab", name="Evaluate").click()
+    page.wait_for_function("(document.querySelector('#eval-dataset input')?.value ?? '') !== ''")
+    limit = page.locator("#eval-limit input")
+    limit.fill("4")
+    limit.press("Tab")
+    table = page.locator("#eval-table")
+    with _api(live_server) as api:
+        for run in range(2):
+            before = api.get("/api/jobs", params={"kind": "eval"}).json()["total"]
+            page.locator("#eval-run").click()
+            deadline = time.monotonic() + 30
+            while api.get("/api/jobs", params={"kind": "eval"}).json()["total"] == before:
+                assert time.monotonic() < deadline, "no evaluation was submitted"
+                time.sleep(0.3)
+            newest = api.get("/api/jobs", params={"kind": "eval"}).json()["items"][0]
+            assert _wait_job(api, newest["id"])["status"] == "succeeded"
+            # The bars of the evaluation just finished, by the timer alone (no Compare pressed).
+            page.locator("#eval-chart svg text", has_text=f"(#{newest['id']})").first.wait_for(timeout=15_000)
+            table.get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=15_000)
+            assert _bars(page) == 2, f"run {run}: {_bars(page)} bars"
+    assert not [toast for toast in _toasts(page) if "Error" in toast]
+    _screenshots(page, "first-run-evaluate-chart")
+
+
+def test_job_page_compares_base_and_trained_on_held_out_data(page, live_server: LiveServer) -> None:
+    """A finished training job offers base vs trained on the held-out set; both show, with the gain, and the
+    accuracy plot draws each dataset's measurements (the base at step 0) as a series of its own."""
+    with _api(live_server) as api:
+        job = api.post(
+            "/api/jobs",
+            json={
+                "kind": "train",
+                "recipe": "tiny-world",
+                "config": {"model": "tiny", "dataset": "synth-train", "steps": 2, "batch_size": 2, "save_every": 2},
+            },
+        ).json()
+        assert _wait_job(api, job["id"])["status"] == "succeeded"
+    page.get_by_role("tab", name="Jobs").click()
+    field = page.locator("#jobs-job-id input")
+    field.fill(str(job["id"]))
+    field.press("Enter")
+    page.locator("#jobs-base-vs-trained").get_by_text("Compare base vs trained").first.wait_for()
+    page.locator("#jobs-compare-base").click()
+    comparison = page.locator("#jobs-base-vs-trained")
+    comparison.get_by_text("points").wait_for(timeout=180_000)
+    text = comparison.inner_text()
+    assert "synth-heldout" in text and "job-" in text and "tiny" in text
+    plot = page.locator("#jobs-accuracy-plot")
+    plot.locator("svg text", has_text="full image · synth-heldout").first.wait_for(timeout=10_000)
+    assert plot.locator("svg path[aria-roledescription='line mark'], svg path[aria-roledescription='point']").count()
+    _screenshots(page, "first-run-base-vs-trained")
+    page.screenshot(path=ARTIFACTS / "first-run-base-vs-trained-last.png", full_page=True)
