@@ -299,7 +299,10 @@ class LocalWorkerOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "starting", "degraded"] = Field(
+        description="ok: database, broker and a worker answer; starting: the local worker is up but has not reported "
+        "yet (jobs wait in the queue); degraded: something is down."
+    )
     database: ComponentHealth
     broker: ComponentHealth
     workers: list[WorkerOut] = Field(description="Workers that reported in the last few heartbeats.")
