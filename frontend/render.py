@@ -116,24 +116,67 @@ def probability_text(prob: float) -> str:
     return f"{percent:#.3g}".rstrip(".") + "%"
 
 
-def token_strip(tokens: Sequence[TokenRecord], metric: str) -> tuple[list[tuple[str, float]], ColorScale]:
-    """HighlightedText value: one (token, score in [0, 1]) pair per rollout position, and the scale used."""
+# The absolute scale (the default): one fixed range per divergence, so a colour means the same amount on every answer
+# and a negligible divergence stays pale. ln 2 is the most two distributions can differ by JSD (alpha 0.5), in nats;
+# the KLs are unbounded and clamp at 2 nats, where the two sides already put their mass on different tokens.
+ABSOLUTE_HIGH = {
+    strings.METRIC_JSD: math.log(2),
+    strings.METRIC_REVERSE: 2.0,
+    strings.METRIC_FORWARD: 2.0,
+}
+
+
+def absolute_scale(metric: str) -> ColorScale:
+    if metric not in ABSOLUTE_HIGH:
+        raise UiInputError(f"unknown divergence {metric!r}; choose one of {', '.join(ABSOLUTE_HIGH)}")
+    return ColorScale(0.0, ABSOLUTE_HIGH[metric])
+
+
+def token_strip(
+    tokens: Sequence[TokenRecord], metric: str, scale_mode: str = strings.SCALE_ABSOLUTE
+) -> tuple[list[tuple[str, float]], ColorScale]:
+    """HighlightedText value: one (token, score in [0, 1]) pair per rollout position, and the scale used: the fixed
+    range of the divergence (absolute, the default) or this answer's own spread (relative)."""
     values = metric_values(tokens, metric)
-    scale = robust_scale(values)
+    scale = robust_scale(values) if scale_mode == strings.SCALE_RELATIVE else absolute_scale(metric)
     return [(display_token(t.token), round(scale.score(v), 4)) for t, v in zip(tokens, values, strict=True)], scale
 
 
-def legend_html(scale: ColorScale, metric: str) -> str:
-    """A gradient bar labelled with the divergence values at both ends of the scale."""
+def legend_html(scale: ColorScale, metric: str, scale_mode: str = strings.SCALE_RELATIVE) -> str:
+    """A gradient bar labelled with the divergence values at both ends of the scale, and which scale it is."""
     red = ",".join(str(c) for c in SCORE_RGB)
+    note = (
+        f"(relative to this answer: clamped at mean ± {ROBUST_SIGMAS:g}σ)"
+        if scale_mode == strings.SCALE_RELATIVE
+        else "(absolute, nats: the same on every answer)"
+    )
     return (
         '<div style="display:flex;align-items:center;gap:8px;flex-wrap:wrap;font-size:0.9em">'
         f"<span>{html.escape(metric)}:</span><span>≤ {scale.low:.3g}</span>"
         f'<span style="display:inline-block;width:160px;height:12px;border:1px solid #8884;'
         f'background:linear-gradient(to right, rgba({red},0), rgba({red},1))"></span>'
         f"<span>≥ {scale.high:.3g}</span>"
-        f'<span style="opacity:0.7">(clamped at mean ± {ROBUST_SIGMAS:g}σ)</span></div>'
+        f'<span style="opacity:0.7">{note}</span></div>'
     )
+
+
+def most_divergent(tokens: Sequence[TokenRecord], metric: str) -> int | None:
+    """The position the detail panel opens on: the token the summary names as the highest."""
+    if not tokens:
+        return None
+    values = metric_values(tokens, metric)
+    return max(range(len(tokens)), key=lambda i: values[i] if math.isfinite(values[i]) else math.inf)
+
+
+def enlarged(image: Image.Image | None, min_side: int = 320) -> Image.Image | None:
+    """A view shown large enough to see the evidence: a small image (the teacher's crop is often under 64 px) scaled
+    up by a whole factor, pixel for pixel (nearest), so nothing is smoothed away; larger images are left as they are."""
+    if image is None:
+        return None
+    factor = math.ceil(min_side / max(1, max(image.size)))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 # ----------------------------------------------------------------------------- one token's distributions

@@ -201,8 +201,8 @@ def item_view(client: VopdClient, job: Job | None, records: list[dict[str, Any]]
     sample = page.items[0]
     return (
         render.item_markdown(record),
-        render.image_from_data_url(sample.student_image),
-        render.image_from_data_url(sample.teacher_image),
+        render.enlarged(render.image_from_data_url(sample.student_image)),
+        render.enlarged(render.image_from_data_url(sample.teacher_image)),
     )
 
 
@@ -285,11 +285,19 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
             student_image = gr.Image(
                 label=strings.STUDENT_VIEW_LABEL,
                 interactive=False,
-                height=220,
+                height=320,
                 min_width=160,
+                buttons=["fullscreen"],
                 elem_id="eval-item-student",
             )
-            teacher_image = gr.Image(label=strings.TEACHER_VIEW_LABEL, interactive=False, height=220, min_width=160)
+            teacher_image = gr.Image(
+                label=strings.TEACHER_VIEW_LABEL,
+                interactive=False,
+                height=320,
+                min_width=160,
+                buttons=["fullscreen"],
+                elem_id="eval-item-teacher",
+            )
     chart_order = gr.State(None)  # what the chart shows (chart_update)
     records_state = gr.State([])
     records_job = gr.State(None)
