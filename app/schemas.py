@@ -230,6 +230,13 @@ class SampleOut(BaseModel):
     teacher_text: str
     student_image: str = Field(description="Thumbnail of the student view (red box) as a data: URL.")
     teacher_image: str = Field(description="Thumbnail of the teacher view (upscaled crop) as a data: URL.")
+    image: str | None = Field(
+        None,
+        description=(
+            "With ?original=true: the sample's own image (no box drawn, original pixels, PNG) as a data: URL, so a "
+            "client can draw a box on it in the image's own coordinates."
+        ),
+    )
     evidence: Literal["box", "search"] = Field(
         "box",
         description=(

@@ -114,11 +114,15 @@ def load_sample(client: VopdClient, dataset: str | None, index: float | None) ->
     if not dataset:
         raise render.UiInputError(strings.NEED_DATASET)
     position = int(index or 0)
-    page = client.samples(dataset, offset=position, limit=1)
+    page = client.samples(dataset, offset=position, limit=1, original=True)
     if not page.items:
         raise render.UiInputError(f"dataset {dataset} has {page.total} samples; index {position} does not exist")
     sample = page.items[0]
     box = sample.bbox or EMPTY_BOX
+    # The sample's own image on the drawing surface, so its box can be dragged as an upload's can (older servers
+    # send none: the box is typed then).
+    image_path = render.stable_png_path(render.image_from_data_url(sample.image)) if sample.image else None
+    find = sample.bbox is None  # a sample without a box: the model has to find the evidence itself
     return (
         sample.question,
         "\n".join(sample.options or []),
@@ -126,7 +130,9 @@ def load_sample(client: VopdClient, dataset: str | None, index: float | None) ->
         render.enlarged(render.image_from_data_url(sample.student_image)),
         render.enlarged(render.image_from_data_url(sample.teacher_image)),
         SampleRef(dataset, position),
-        sample.bbox is None,  # a sample without a box: the model has to find the evidence itself
+        find,
+        image_path,
+        surface(image_path, box, find_evidence=find) if image_path else drawing.empty_html(strings.DRAWING_EMPTY),
     )
 
 
@@ -273,7 +279,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
                     0, label=strings.SAMPLE_INDEX_LABEL, precision=0, minimum=0, scale=1, min_width=100
                 )
                 load_button = gr.Button(strings.LOAD_SAMPLE, scale=1, min_width=100, elem_id="inspect-load-sample")
-            with gr.Column(elem_id="inspect-drawing-area") as drawing_area:
+            with gr.Column(elem_id="inspect-drawing-area"):
                 upload = gr.UploadButton(
                     strings.UPLOAD_IMAGE, file_types=["image"], size="sm", elem_id="inspect-upload"
                 )
@@ -386,11 +392,11 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
 
     # --- image source and box
     def on_source(choice: str) -> tuple[Any, Any]:
-        """A dataset sample brings its own image: the drawing is for uploads only."""
+        """A dataset sample brings its own image (drawn on the same surface once loaded): no upload button then."""
         sample = choice == strings.SOURCE_SAMPLE
         return gr.update(visible=sample), gr.update(visible=not sample)
 
-    source.change(on_source, source, [sample_row, drawing_area])
+    source.change(on_source, source, [sample_row, upload])
 
     @readable_errors
     def on_upload(file: Any, find: bool) -> tuple[Any, ...]:
@@ -427,7 +433,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
 
     def previews(src: str, path: str | None, find: bool, *box: float | None) -> tuple[Any, Any]:
         """The views of the typed box; none while the model is to find the evidence (the run shows its own)."""
-        if src != strings.SOURCE_UPLOAD:
+        if not path:
             return gr.skip(), gr.skip()
         return (None, None) if find else upload_previews(path, box)  # type: ignore[arg-type]
 
@@ -445,7 +451,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
     load_button.click(
         on_load_sample,
         [dataset, sample_index],
-        [question, options, *box_fields, student_view, teacher_view, sample_state, find_evidence],
+        [question, options, *box_fields, student_view, teacher_view, sample_state, find_evidence, image_state, drawer],
     )
 
     # --- run and render
@@ -530,7 +536,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
     ) -> tuple[Any, ...]:
         """The evidence the run used, on the image; for a box-free run, the views it showed. (A step of its own: as
         outputs of the run, the drawing and the views would carry Gradio's "Error" badge whenever a run is refused.)"""
-        if src != strings.SOURCE_UPLOAD or not path or result is None:
+        if not path or result is None:
             return gr.skip(), gr.skip(), gr.skip()
         drawn = surface(path, box, find_evidence=find, evidence=result.evidence)  # type: ignore[arg-type]
         if result.evidence is None or result.evidence.source != "search":

@@ -224,7 +224,9 @@ def test_load_sample_fills_the_form(api: FakeApi) -> None:
             }
         ],
     }
-    question, options, x0, y0, x1, y1, student, teacher, ref, find = inspect.load_sample(api.client(), "synth-64", 2)
+    question, options, x0, y0, x1, y1, student, teacher, ref, find, _, _ = inspect.load_sample(
+        api.client(), "synth-64", 2
+    )
     assert (question, options, (x0, y0, x1, y1)) == ("Which?", "a\nb", (1, 2, 3, 4)) and find is False
     assert student.size == (320, 320) and ref == inspect.SampleRef("synth-64", 2)  # an 8 px thumbnail, x40
     assert dict(api.requests[0].url.params)["offset"] == "2"

@@ -69,3 +69,56 @@ def test_a_run_with_nothing_given_names_everything_missing() -> None:
         )
     message = str(raised.value)
     assert message.startswith("Missing: an image") and "a question" in message and "a model" not in message
+
+
+def test_a_dataset_sample_is_drawn_on_the_surface_in_its_own_pixels(api) -> None:
+    """ "Dataset sample" mode hid the drawing surface: a sample's box could only be typed."""
+    import base64
+    import io
+
+    original = Image.new("RGB", (112, 96), (30, 40, 50))
+    png = io.BytesIO()
+    original.save(png, format="PNG")
+    thumb = io.BytesIO()
+    original.resize((32, 28)).save(thumb, format="JPEG")
+    api.routes["GET /api/datasets/synth-64/samples"] = {
+        "total": 64,
+        "items": [
+            {
+                "index": 2,
+                "id": "s2",
+                "question": "Which?",
+                "options": ["a", "b"],
+                "answer": "a",
+                "bbox": [10, 12, 40, 44],
+                "student_text": "",
+                "teacher_text": "",
+                "student_image": "data:image/jpeg;base64," + base64.b64encode(thumb.getvalue()).decode(),
+                "teacher_image": "data:image/jpeg;base64," + base64.b64encode(thumb.getvalue()).decode(),
+                "image": "data:image/png;base64," + base64.b64encode(png.getvalue()).decode(),
+            }
+        ],
+    }
+    *_, find, image_path, surface_html = inspect.load_sample(api.client(), "synth-64", 2)
+    assert dict(api.requests[0].url.params)["original"] == "true"
+    assert find is False and inspect.open_image(image_path).size == (112, 96)
+    assert 'data-width="112" data-height="96" data-box="10,12,40,44"' in surface_html
+
+
+def test_the_samples_route_sends_the_original_image_on_request(tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.bootstrap import ensure_default_assets, ensure_local_key
+    from app.main import create_app
+    from app.settings import Settings
+
+    settings = Settings(home=tmp_path, database_url_env=f"sqlite:///{tmp_path}/vopd.db", demo_train_items=4)
+    app = create_app(settings)
+    ensure_default_assets(settings, app.state.session_factory)
+    headers = {"Authorization": f"Bearer {ensure_local_key(settings, app.state.session_factory)}"}
+    with TestClient(app) as client:
+        plain = client.get("/api/datasets/synth-64/samples?limit=1", headers=headers).json()["items"][0]
+        assert plain["image"] is None
+        item = client.get("/api/datasets/synth-64/samples?limit=1&original=true", headers=headers).json()["items"][0]
+    assert item["image"].startswith("data:image/png;base64,")
+    assert render.image_from_data_url(item["image"]).size == (112, 112)  # the synthetic canvas, unscaled
