@@ -35,9 +35,13 @@ TAB_IDS = ("inspect", "train", "jobs", "evaluate", "demo")
 
 # Page-wide rules, as a <style> element (Gradio scopes a component's own css_template to that component). Gradio's
 # notices sit fixed at the top right, over the account and Sign out (on a phone, over the whole header): here they
-# sit at the bottom, spanning a phone's width.
+# sit at the bottom, spanning a phone's width. Table headers wrap between words only: at 420 px Gradio's tables broke
+# them letter by letter ("progr/ess"); each column is now at least as wide as its longest header word, and the table
+# scrolls inside itself.
 STUDIO_CSS = """
 .toast-wrap { top: auto !important; bottom: var(--size-3, 12px) !important; }
+table thead th, table thead th * { word-break: keep-all !important; overflow-wrap: normal !important; }
+table thead th { min-width: max-content; }
 @media (max-width: 640px) {
   .toast-wrap { left: var(--size-2, 8px) !important; right: var(--size-2, 8px) !important; width: auto !important; }
 }

@@ -5,6 +5,7 @@ tests/frontend/conftest.py)."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -114,3 +115,46 @@ def test_job_page_compares_base_and_trained_on_held_out_data(page, live_server: 
     assert plot.locator("svg path[aria-roledescription='line mark'], svg path[aria-roledescription='point']").count()
     _screenshots(page, "first-run-base-vs-trained")
     page.screenshot(path=ARTIFACTS / "first-run-base-vs-trained-last.png", full_page=True)
+
+
+# Each header's words, and on how many lines its text is laid out (the text nodes' line boxes; icons not counted).
+_HEADER_LINES = """(selector) => [...document.querySelectorAll(selector + ' thead th')].map((th) => {
+  const walker = document.createTreeWalker(th, NodeFilter.SHOW_TEXT);
+  const tops = new Set();
+  let text = '';
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    if (!node.textContent.trim() || node.parentElement.closest('button')) continue;  // the column menu's icon
+    text += node.textContent;
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    for (const rect of range.getClientRects()) if (rect.width > 0) tops.add(Math.round(rect.top));
+  }
+  return [text.trim(), tops.size];
+}).filter(([text]) => text)"""
+
+
+def test_narrow_tables_keep_each_header_word_whole(page, live_server: LiveServer) -> None:
+    """At 420 px the jobs table's headers broke letter by letter ("progr/ess"): a one-word header stays on one
+    line, a longer one wraps between words only (the table scrolls inside itself instead)."""
+    with _api(live_server) as api:  # a row in both tables
+        job = api.post(
+            "/api/jobs", json={"kind": "eval", "config": {"model": "tiny", "dataset": "synth-heldout", "limit": 2}}
+        ).json()
+        assert _wait_job(api, job["id"])["status"] == "succeeded"
+    page.set_viewport_size({"width": 420, "height": 800})
+    page.get_by_role("tab", name="Jobs").click()
+    page.locator("#jobs-table").get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=30_000)
+    for selector in ("#jobs-table", "#eval-table"):
+        if selector == "#eval-table":
+            page.get_by_role("tab", name="Evaluate").click()
+            page.locator("#eval-jobs input").click()
+            page.get_by_role("option").first.click()
+            page.locator("#eval-table").get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=15_000)
+        headers = page.evaluate(_HEADER_LINES, selector)
+        assert headers, selector
+        for text, lines in headers:
+            words = re.split(r"[\s-]+", text.replace("⋮", "").strip())  # a hyphen is a place to wrap too
+            assert lines <= len(words), f"{selector}: header {text!r} on {lines} lines"
+    page.screenshot(path=ARTIFACTS / "first-run-narrow-tables-420.png", full_page=True)
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 2, f"the page scrolls sideways by {overflow}px at 420 px"
