@@ -277,11 +277,24 @@ def test_inspect_shows_colored_tokens_and_topk_tables(page, live_server: LiveSer
 
     tokens = page.locator("#inspect-strip .score-token")
     tokens.first.wait_for()
-    styles = [tokens.nth(i).get_attribute("style") or "" for i in range(tokens.count())]
-    painted = [re.search(r"rgba?\(239, 68, 60(?:, ([\d.]+))?\)", style) for style in styles]
-    alphas = [float(match.group(1) or 1.0) for match in painted if match]  # the browser writes alpha 1 as rgb()
-    assert len(alphas) == len(styles) > 0
-    assert max(alphas) == 1.0, "the most divergent token is painted at full strength"
+
+    def alphas() -> list[float]:
+        styles = [tokens.nth(i).get_attribute("style") or "" for i in range(tokens.count())]
+        painted = [re.search(r"rgba?\(239, 68, 60(?:, ([\d.]+))?\)", style) for style in styles]
+        found = [float(match.group(1) or 1.0) for match in painted if match]  # the browser writes alpha 1 as rgb()
+        assert len(found) == len(styles) > 0
+        return found
+
+    # The absolute scale by default (a fixed range in nats), and the details open on the most divergent token.
+    absolute = alphas()
+    page.locator("#inspect-token-details").get_by_text("most divergent").wait_for()
+    page.get_by_text("relative to this answer", exact=True).click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('#inspect-strip .score-token')].some((t) => /rgb\\(239, 68, 60\\)|"
+        "rgba\\(239, 68, 60, 1\\)/.test(t.getAttribute('style') || ''))"
+    )
+    assert max(alphas()) == 1.0, "on the relative scale the most divergent token is painted at full strength"
+    assert max(absolute) <= 1.0
     for table in ("#inspect-student-topk", "#inspect-teacher-topk"):  # top-k rows, then the tail mass
         page.locator(table).get_by_text("(tail)", exact=True).filter(visible=True).first.wait_for()
         page.locator(table).get_by_text("mass outside the top-k").filter(visible=True).first.wait_for()
