@@ -92,7 +92,12 @@ def build_ui(api_base_url: str) -> gr.Blocks:
             models = model_choices(client.models())
             sets = dataset_choices(client.datasets())
             n_single = len(single_models)
-            updates = [choices_update(models, value) for value in current[:n_single]]
+            # The Demo asks box-free questions: the box-free world's base fits them (the box world's needs a box).
+            preferred_models = [None, None, strings.DEMO_MODEL]
+            updates = [
+                choices_update(models, value, preferred=preferred)
+                for value, preferred in zip(current[:n_single], preferred_models, strict=True)
+            ]
             updates.append(choices_update(models, current[n_single], optional=True))
             updates.append(choices_update(models, current[n_single + 1], multiselect=True))
             updates.extend(

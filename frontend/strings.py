@@ -233,8 +233,11 @@ DEMO_INTRO = (
 DEMO_LOOKED_LABEL = "Where the model looked"
 DEMO_LOOKED = "Dashed box: {label}, at [{box}]."
 DEMO_IMAGE_LABEL = "Image"
-# The sample question names no box: here the model sees the plain image, as at inference.
-DEMO_QUESTION = "What color is the small shape?"
-DEMO_OPTIONS = "red, green, blue, yellow"
+# The sample question names no box (the model sees the plain image, as at inference) and has one right answer on a
+# picture of twenty shapes: the box-free world's question (vopd.synth), whose target is its only black object. ("What
+# color is the small shape?" fitted many shapes at once.) The Demo's model is that world's base when offered.
+DEMO_QUESTION = "What shape is the black object?"
+DEMO_OPTIONS = "circle, square, triangle, diamond"
+DEMO_MODEL = "tiny-nobox"
 ASK = "Ask"
 ANSWER_LABEL = "Answer"

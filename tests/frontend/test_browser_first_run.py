@@ -158,3 +158,24 @@ def test_narrow_tables_keep_each_header_word_whole(page, live_server: LiveServer
     page.screenshot(path=ARTIFACTS / "first-run-narrow-tables-420.png", full_page=True)
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 2, f"the page scrolls sideways by {overflow}px at 420 px"
+
+
+def test_the_demo_asks_the_box_free_base_a_question_with_one_answer(page, live_server: LiveServer, tmp_path) -> None:
+    """The Demo opens on the box-free world's base and its question (the only black object's shape), and answers a
+    box-free picture with one of the shapes."""
+    import json
+
+    from vopd.synth import SHAPE_OPTIONS, SynthConfig, generate_dataset
+
+    generate_dataset(tmp_path / "nobox", SynthConfig(n=1, seed=5, no_box=True))
+    item = json.loads((tmp_path / "nobox" / "data.jsonl").read_text().splitlines()[0])
+    page.get_by_role("tab", name="Demo").click()
+    page.wait_for_function("(document.querySelector('#demo-model input')?.value ?? '').includes('tiny-nobox')")
+    assert page.locator("#demo-question textarea").input_value() == item["question"]
+    page.locator("#demo-image input[type=file]").set_input_files(tmp_path / "nobox" / item["image"])
+    page.locator("#demo-image img").first.wait_for()
+    page.locator("#demo-ask").click()
+    page.wait_for_function("(document.querySelector('#demo-answer textarea')?.value ?? '') !== ''", timeout=60_000)
+    answer = page.locator("#demo-answer textarea").input_value()
+    assert any(shape in answer for shape in SHAPE_OPTIONS), answer
+    _screenshots(page, "first-run-demo")

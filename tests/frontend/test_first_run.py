@@ -188,3 +188,14 @@ def test_the_evaluate_chart_is_rebuilt_only_when_its_bars_change() -> None:
     assert "sort" not in again and again["value"] is chart and evaluate.chart_settled(shown)
     kept, still = evaluate.chart_update(None, shown)
     assert kept == evaluate.gr.skip() and still == shown
+
+
+def test_the_demos_sample_question_has_one_right_answer_and_a_model_that_fits_it() -> None:
+    """The box-free world's question: its target is the only black object of the picture (the earlier "What color
+    is the small shape?" fitted many shapes), asked of the box-free base the server registers."""
+    from app.bootstrap import NO_BOX_MODEL_NAME
+    from vopd.synth import NO_BOX_QUESTION, NO_BOX_TARGET_COLOR, SHAPE_OPTIONS
+
+    assert NO_BOX_QUESTION.format(color=NO_BOX_TARGET_COLOR) == strings.DEMO_QUESTION
+    assert [option.strip() for option in strings.DEMO_OPTIONS.split(",")] == list(SHAPE_OPTIONS)
+    assert strings.DEMO_MODEL == NO_BOX_MODEL_NAME
