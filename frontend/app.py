@@ -37,11 +37,12 @@ TAB_IDS = ("inspect", "train", "jobs", "evaluate", "demo")
 # notices sit fixed at the top right, over the account and Sign out (on a phone, over the whole header): here they
 # sit at the bottom, spanning a phone's width. Table headers wrap between words only: at 420 px Gradio's tables broke
 # them letter by letter ("progr/ess"); each column is now at least as wide as its longest header word, and the table
-# scrolls inside itself.
+# scrolls inside itself. The Demo's picture fills its frame, pixel for pixel (a 112 px upload showed at 112 px).
 STUDIO_CSS = """
 .toast-wrap { top: auto !important; bottom: var(--size-3, 12px) !important; }
 table thead th, table thead th * { word-break: keep-all !important; overflow-wrap: normal !important; }
 table thead th { min-width: max-content; }
+#demo-image img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
 @media (max-width: 640px) {
   .toast-wrap { left: var(--size-2, 8px) !important; right: var(--size-2, 8px) !important; width: auto !important; }
 }

@@ -174,6 +174,14 @@ def test_the_demo_asks_the_box_free_base_a_question_with_one_answer(page, live_s
     assert page.locator("#demo-question textarea").input_value() == item["question"]
     page.locator("#demo-image input[type=file]").set_input_files(tmp_path / "nobox" / item["image"])
     page.locator("#demo-image img").first.wait_for()
+    # The width of the picture as drawn inside its element (Gradio's object-fit scale-down kept it at 112 px).
+    drawn = page.evaluate(
+        "Math.max(...[...document.querySelectorAll('#demo-image img')].filter((i) => i.naturalWidth).map((i) => {"
+        " const r = i.getBoundingClientRect(), fit = getComputedStyle(i).objectFit;"
+        " const scale = Math.min(r.width / i.naturalWidth, r.height / i.naturalHeight);"
+        " return i.naturalWidth * (fit === 'scale-down' || fit === 'none' ? Math.min(1, scale) : scale); }))"
+    )
+    assert drawn >= 224, f"the 112 px picture is drawn {drawn} px wide"
     page.locator("#demo-ask").click()
     page.wait_for_function("(document.querySelector('#demo-answer textarea')?.value ?? '') !== ''", timeout=60_000)
     answer = page.locator("#demo-answer textarea").input_value()
