@@ -303,15 +303,33 @@ def queue_position(session: Session, job: Job) -> int | None:
     return int(ahead or 0) + 1
 
 
-def eta_seconds(job: Job) -> float | None:
-    """Time left at the rate of this attempt (steps done before a resume do not count towards the rate)."""
-    if job.status != "running" or job.started_at is None or not job.total_steps:
+# Steps measured before an ETA is shown: the first step's time includes loading the model and data (a 4-minute job
+# read 17m46s at step 1 when the ETA was the elapsed time over the steps done).
+ETA_MIN_STEPS = 3
+
+
+def eta_seconds(job: Job, session: Session | None = None) -> float | None:
+    """Time left at the measured pace of this attempt's steps: the time between its first and latest step records
+    over the steps between them, once ETA_MIN_STEPS steps are measured (None before; start-up is not a step)."""
+    if job.status != "running" or job.started_at is None or not job.total_steps or session is None:
         return None
-    done_now = job.step - job.start_step
-    if done_now <= 0:
+    first_step, last_step, first_at, last_at = session.execute(
+        select(
+            func.min(JobMetric.step),
+            func.max(JobMetric.step),
+            func.min(JobMetric.created_at),
+            func.max(JobMetric.created_at),
+        ).where(JobMetric.job_id == job.id, JobMetric.step > job.start_step, JobMetric.created_at >= job.started_at)
+    ).one()
+    if first_step is None:  # a job that records no step metrics (an evaluation): its own progress counter
+        done_now = job.step - job.start_step
+        if done_now < ETA_MIN_STEPS:
+            return None
+        return max(0.0, (utcnow() - job.started_at).total_seconds() / done_now * (job.total_steps - job.step))
+    if last_step - first_step < ETA_MIN_STEPS:
         return None
-    elapsed = (utcnow() - job.started_at).total_seconds()
-    return max(0.0, elapsed / done_now * (job.total_steps - job.step))
+    per_step = (last_at - first_at).total_seconds() / (last_step - first_step)
+    return max(0.0, per_step * (job.total_steps - max(job.step, last_step)))
 
 
 _POSITION_UNKNOWN = -1
@@ -325,7 +343,7 @@ def job_out(session: Session, job: Job, position: int | None = _POSITION_UNKNOWN
     return out.model_copy(
         update={
             "queue_position": queue_position(session, job) if position == _POSITION_UNKNOWN else position,
-            "eta_seconds": eta_seconds(job),
+            "eta_seconds": eta_seconds(job, session),
             "model_job_id": source[0] if source else None,
             "model_step": source[1] if source else None,
             "resolved_config": public_value(job.resolved_config or {}, settings.home),

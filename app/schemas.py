@@ -296,6 +296,13 @@ class SampleOut(BaseModel):
     teacher_text: str
     student_image: str = Field(description="Thumbnail of the student view (red box) as a data: URL.")
     teacher_image: str = Field(description="Thumbnail of the teacher view (upscaled crop) as a data: URL.")
+    image: str | None = Field(
+        None,
+        description=(
+            "With ?original=true: the sample's own image (no box drawn, original pixels, PNG) as a data: URL, so a "
+            "client can draw a box on it in the image's own coordinates."
+        ),
+    )
     evidence: Literal["box", "search"] = Field(
         "box",
         description=(
@@ -365,7 +372,10 @@ class LocalWorkerOut(BaseModel):
 
 
 class HealthOut(BaseModel):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "starting", "degraded"] = Field(
+        description="ok: database, broker and a worker answer; starting: the local worker is up but has not reported "
+        "yet (jobs wait in the queue); degraded: something is down."
+    )
     database: ComponentHealth
     broker: ComponentHealth
     workers: list[WorkerOut] = Field(description="Workers that reported in the last few heartbeats.")

@@ -191,6 +191,22 @@ class Settings(BaseSettings):
     inspect_queue_size: int = Field(
         8, ge=1, description="Inspects waiting for the inference thread; beyond it 503 with Retry-After."
     )
+    demo_train_items: int = Field(
+        4800,
+        ge=1,
+        description=(
+            "Items of the synthetic training set built and registered on first start (`synth-train`, synth seed 1): "
+            "the default recipe's 300 steps of 16 prompts see each once. 4,800 items take about 20 s and 115 MB."
+        ),
+    )
+    held_out_items: int = Field(
+        400,
+        ge=1,
+        description=(
+            "Items of the held-out set registered beside it (`synth-heldout`, synth seed 2, never trained on): the "
+            "Evaluate tab's default and the base-vs-trained comparison's set. 400 items take about 2 s and 10 MB."
+        ),
+    )
     user_quota_mb: float = Field(
         10240.0,
         gt=0,

@@ -16,6 +16,8 @@ import gradio as gr
 
 from frontend import strings
 from frontend.context import (
+    HELD_OUT_DATASET_ID,
+    TRAIN_DATASET_ID,
     UiContext,
     choices_update,
     dataset_choices,
@@ -35,9 +37,14 @@ TAB_IDS = ("inspect", "train", "jobs", "evaluate", "demo")
 
 # Page-wide rules, as a <style> element (Gradio scopes a component's own css_template to that component). Gradio's
 # notices sit fixed at the top right, over the account and Sign out (on a phone, over the whole header): here they
-# sit at the bottom, spanning a phone's width.
+# sit at the bottom, spanning a phone's width. Table headers wrap between words only: at 420 px Gradio's tables broke
+# them letter by letter ("progr/ess"); each column is now at least as wide as its longest header word, and the table
+# scrolls inside itself. The Demo's picture fills its frame, pixel for pixel (a 112 px upload showed at 112 px).
 STUDIO_CSS = """
 .toast-wrap { top: auto !important; bottom: var(--size-3, 12px) !important; }
+table thead th, table thead th * { word-break: keep-all !important; overflow-wrap: normal !important; }
+table thead th { min-width: max-content; }
+#demo-image img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
 @media (max-width: 640px) {
   .toast-wrap { left: var(--size-2, 8px) !important; right: var(--size-2, 8px) !important; width: auto !important; }
 }
@@ -79,6 +86,8 @@ def build_ui(api_base_url: str) -> gr.Blocks:
         # Model and dataset choices change as jobs finish: reload them whenever a tab is opened.
         single_models = [inspect.model, train.model, demo_model]
         datasets = [inspect.dataset, train.dataset, evaluate.dataset]
+        # Train preselects the training set, Evaluate the held-out set: a first run is judged on data it never saw.
+        preferred_sets = [None, TRAIN_DATASET_ID, HELD_OUT_DATASET_ID]
 
         @readable_errors
         def refresh_choices(request: gr.Request, *current: Any) -> list[Any]:
@@ -86,17 +95,27 @@ def build_ui(api_base_url: str) -> gr.Blocks:
             models = model_choices(client.models())
             sets = dataset_choices(client.datasets())
             n_single = len(single_models)
-            updates = [choices_update(models, value) for value in current[:n_single]]
+            # The Demo asks box-free questions: the box-free world's base fits them (the box world's needs a box).
+            preferred_models = [None, None, strings.DEMO_MODEL]
+            updates = [
+                choices_update(models, value, preferred=preferred)
+                for value, preferred in zip(current[:n_single], preferred_models, strict=True)
+            ]
             updates.append(choices_update(models, current[n_single], optional=True))
             updates.append(choices_update(models, current[n_single + 1], multiselect=True))
-            updates.extend(choices_update(sets, value) for value in current[n_single + 2 :])
+            updates.extend(
+                choices_update(sets, value, preferred=preferred)
+                for value, preferred in zip(current[n_single + 2 :], preferred_sets, strict=True)
+            )
             return updates
 
         choice_components = [*single_models, inspect.compare_model, evaluate.models, *datasets]
         choice_inputs = choice_components
-        ui.load(refresh_choices, choice_inputs, choice_components)
-        for item in (inspect_tab_item, train_tab_item, demo_tab_item, evaluate_tab_item):
-            item.select(refresh_choices, choice_inputs, choice_components)
+        for trigger in (ui.load, *(item.select for item in (inspect_tab_item, train_tab_item, demo_tab_item))):
+            trigger(refresh_choices, choice_inputs, choice_components).then(
+                train.refresh_preview, train.preview_inputs, train.preview_outputs
+            )
+        evaluate_tab_item.select(refresh_choices, choice_inputs, choice_components)
         evaluate_tab_item.select(evaluate.refresh_jobs, evaluate.refresh_inputs, evaluate.refresh_outputs)
         jobs_tab_item.select(jobs.refresh_table, jobs.table_inputs, jobs.table)
         jobs_tab_item.select(jobs.on_show, jobs.open_inputs, jobs.open_outputs)

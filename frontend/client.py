@@ -142,6 +142,7 @@ class Sample(_Model):
     bbox: tuple[float, float, float, float] | None = None
     student_image: str
     teacher_image: str
+    image: str | None = None  # the sample's own image, when asked for with original=True
 
 
 class SamplePage(_Model):
@@ -363,8 +364,12 @@ class VopdClient:
     def datasets(self) -> list[Dataset]:
         return self._get_json("/api/datasets", _DatasetList).items
 
-    def samples(self, dataset_id: str, offset: int = 0, limit: int = 8, thumbnail: int = 320) -> SamplePage:
-        params = {"offset": offset, "limit": limit, "thumbnail": thumbnail}
+    def samples(
+        self, dataset_id: str, offset: int = 0, limit: int = 8, thumbnail: int = 320, original: bool = False
+    ) -> SamplePage:
+        params: dict[str, Any] = {"offset": offset, "limit": limit, "thumbnail": thumbnail}
+        if original:
+            params["original"] = "true"
         return self._get_json(f"/api/datasets/{dataset_id}/samples", SamplePage, params=params)
 
     # ------------------------------------------------------------------ jobs

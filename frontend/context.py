@@ -16,6 +16,12 @@ from frontend.client import ApiError, Dataset, ModelInfo, VopdClient
 from frontend.render import UiInputError
 from frontend.signin import request_credential
 
+# The sets `vopd serve` registers on first start (app.bootstrap; a test pins these names to it): the default training
+# set and its held-out twin (another synth seed), each preselected where it belongs, so a first run trains on one and
+# is judged on the other.
+TRAIN_DATASET_ID = "synth-train"
+HELD_OUT_DATASET_ID = "synth-heldout"
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -66,13 +72,18 @@ def dataset_choices(datasets: list[Dataset]) -> list[tuple[str, str]]:
 
 
 def choices_update(
-    choices: list[tuple[str, str]], current: Any, *, multiselect: bool = False, optional: bool = False
+    choices: list[tuple[str, str]],
+    current: Any,
+    *,
+    multiselect: bool = False,
+    optional: bool = False,
+    preferred: str | None = None,
 ) -> dict[str, Any]:
-    """Refresh a dropdown's choices, keeping the current selection when it is still offered; an ``optional``
-    dropdown stays empty rather than defaulting to the first choice."""
+    """Refresh a dropdown's choices, keeping the current selection when it is still offered; otherwise the
+    ``preferred`` choice when offered, else the first; an ``optional`` dropdown stays empty rather than defaulting."""
     names = [value for _, value in choices]
     if multiselect:
         kept = [value for value in (current or []) if value in names]
         return gr.update(choices=choices, value=kept or names[:1])
-    fallback = None if optional or not names else names[0]
+    fallback = None if optional or not names else (preferred if preferred in names else names[0])
     return gr.update(choices=choices, value=current if current in names else fallback)

@@ -116,24 +116,67 @@ def probability_text(prob: float) -> str:
     return f"{percent:#.3g}".rstrip(".") + "%"
 
 
-def token_strip(tokens: Sequence[TokenRecord], metric: str) -> tuple[list[tuple[str, float]], ColorScale]:
-    """HighlightedText value: one (token, score in [0, 1]) pair per rollout position, and the scale used."""
+# The absolute scale (the default): one fixed range per divergence, so a colour means the same amount on every answer
+# and a negligible divergence stays pale. ln 2 is the most two distributions can differ by JSD (alpha 0.5), in nats;
+# the KLs are unbounded and clamp at 2 nats, where the two sides already put their mass on different tokens.
+ABSOLUTE_HIGH = {
+    strings.METRIC_JSD: math.log(2),
+    strings.METRIC_REVERSE: 2.0,
+    strings.METRIC_FORWARD: 2.0,
+}
+
+
+def absolute_scale(metric: str) -> ColorScale:
+    if metric not in ABSOLUTE_HIGH:
+        raise UiInputError(f"unknown divergence {metric!r}; choose one of {', '.join(ABSOLUTE_HIGH)}")
+    return ColorScale(0.0, ABSOLUTE_HIGH[metric])
+
+
+def token_strip(
+    tokens: Sequence[TokenRecord], metric: str, scale_mode: str = strings.SCALE_ABSOLUTE
+) -> tuple[list[tuple[str, float]], ColorScale]:
+    """HighlightedText value: one (token, score in [0, 1]) pair per rollout position, and the scale used: the fixed
+    range of the divergence (absolute, the default) or this answer's own spread (relative)."""
     values = metric_values(tokens, metric)
-    scale = robust_scale(values)
+    scale = robust_scale(values) if scale_mode == strings.SCALE_RELATIVE else absolute_scale(metric)
     return [(display_token(t.token), round(scale.score(v), 4)) for t, v in zip(tokens, values, strict=True)], scale
 
 
-def legend_html(scale: ColorScale, metric: str) -> str:
-    """A gradient bar labelled with the divergence values at both ends of the scale."""
+def legend_html(scale: ColorScale, metric: str, scale_mode: str = strings.SCALE_RELATIVE) -> str:
+    """A gradient bar labelled with the divergence values at both ends of the scale, and which scale it is."""
     red = ",".join(str(c) for c in SCORE_RGB)
+    note = (
+        f"(relative to this answer: clamped at mean ± {ROBUST_SIGMAS:g}σ)"
+        if scale_mode == strings.SCALE_RELATIVE
+        else "(absolute, nats: the same on every answer)"
+    )
     return (
         '<div style="display:flex;align-items:center;gap:8px;flex-wrap:wrap;font-size:0.9em">'
         f"<span>{html.escape(metric)}:</span><span>≤ {scale.low:.3g}</span>"
         f'<span style="display:inline-block;width:160px;height:12px;border:1px solid #8884;'
         f'background:linear-gradient(to right, rgba({red},0), rgba({red},1))"></span>'
         f"<span>≥ {scale.high:.3g}</span>"
-        f'<span style="opacity:0.7">(clamped at mean ± {ROBUST_SIGMAS:g}σ)</span></div>'
+        f'<span style="opacity:0.7">{note}</span></div>'
     )
+
+
+def most_divergent(tokens: Sequence[TokenRecord], metric: str) -> int | None:
+    """The position the detail panel opens on: the token the summary names as the highest."""
+    if not tokens:
+        return None
+    values = metric_values(tokens, metric)
+    return max(range(len(tokens)), key=lambda i: values[i] if math.isfinite(values[i]) else math.inf)
+
+
+def enlarged(image: Image.Image | None, min_side: int = 320) -> Image.Image | None:
+    """A view shown large enough to see the evidence: a small image (the teacher's crop is often under 64 px) scaled
+    up by a whole factor, pixel for pixel (nearest), so nothing is smoothed away; larger images are left as they are."""
+    if image is None:
+        return None
+    factor = math.ceil(min_side / max(1, max(image.size)))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 # ----------------------------------------------------------------------------- one token's distributions
@@ -378,10 +421,14 @@ def progress_html(job: Job) -> str:
     return f'<progress style="width:100%" value="{job.progress:.4f}" max="1"></progress>'
 
 
+def percent(value: Any) -> str:
+    """An accuracy as 66.0%; n/a where there is none."""
+    return f"{value:.1%}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
+
+
 def eval_result_line(result: dict[str, Any]) -> str:
     def pct(key: str) -> str:
-        value = result.get(key)
-        return f"{value:.1%}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
+        return percent(result.get(key))
 
     return f"Full image {pct('full_accuracy')} · crop {pct('crop_accuracy')} · gap {pct('gap')} · n {result.get('n')}"
 
@@ -432,18 +479,43 @@ def curve_frames(metrics: Sequence[Metric]) -> dict[str, pd.DataFrame]:
     return {name: _long_frame(metrics, group) for name, group in groups.items()}
 
 
-def eval_accuracy_frame(train_job: Job, eval_jobs: Sequence[Job]) -> pd.DataFrame:
-    """Full-image and crop accuracy of the succeeded evaluations of this training job's checkpoints, by step."""
+def _eval_points(job: Job, step: int) -> list[dict[str, Any]]:
+    """A succeeded dataset evaluation's full-image and crop accuracy at ``step``, one series per condition and
+    dataset: evaluations on two datasets are two measurements, never one line."""
     rows = []
-    for job in eval_jobs:
-        if job.status != "succeeded" or not job.result or job.model_job_id != train_job.id:
+    for condition, key in (("full image", "full_accuracy"), ("crop", "crop_accuracy")):
+        value = (job.result or {}).get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            series = f"{condition} · {job.source_label}" if job.source_label else condition
+            rows.append({"step": step, "value": float(value), "series": series})
+    return rows
+
+
+def eval_accuracy_frame(train_job: Job, eval_jobs: Sequence[Job]) -> pd.DataFrame:
+    """Full-image and crop accuracy of the succeeded evaluations of this training job's checkpoints, by step, one
+    series per (condition, dataset); the base model's evaluations on those same datasets sit at step 0, where
+    training started. The newest evaluation wins where one model was evaluated twice on one dataset."""
+    done = [job for job in eval_jobs if job.status == "succeeded" and job.result and not job.benchmark]
+    points: dict[tuple[int, str], dict[str, Any]] = {}
+    datasets: set[str] = set()
+    for job in sorted(done, key=lambda job: job.id):
+        if job.model_job_id != train_job.id:
             continue
         step = job.model_step if job.model_step is not None else (train_job.total_steps or train_job.step)
-        for condition, key in (("full image", "full_accuracy"), ("crop", "crop_accuracy")):
-            value = job.result.get(key)
-            if isinstance(value, int | float) and math.isfinite(value):
-                rows.append({"step": step, "value": float(value), "series": condition})
-    return curve_frame(rows)
+        datasets.add(job.dataset_id)
+        points.update({(row["step"], row["series"]): row for row in _eval_points(job, step)})
+    for job in sorted(done, key=lambda job: job.id):
+        if job.model_job_id is None and job.model_name == train_job.model_name and job.dataset_id in datasets:
+            points.update({(row["step"], row["series"]): row for row in _eval_points(job, 0)})
+    return curve_frame(sorted(points.values(), key=lambda row: (row["series"], row["step"])))
+
+
+def single_point_series(frame: pd.DataFrame | None) -> bool:
+    """Whether some series of a (step, value, series) frame has one point: a line needs two, so Vega-Lite draws
+    nothing for it (a legend over an empty plot)."""
+    if frame is None or frame.empty:
+        return False
+    return bool((frame.groupby("series")["step"].nunique() < 2).any())
 
 
 def log_tail(lines: Sequence[str], keep: int = 200) -> str:

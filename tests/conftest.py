@@ -20,6 +20,12 @@ _OFFLINE_ENVIRONMENT = {
 # Also at import time: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported.
 os.environ.update(_OFFLINE_ENVIRONMENT)
 
+# ---------------------------------------------------------------- small first-start datasets (app.bootstrap owner)
+# A real first start builds 4,800 training items (about 20 s); every service session builds its own VOPD_HOME, so the
+# tests register the same two sets at a few dozen items (subprocesses such as `vopd serve` inherit these too).
+os.environ.setdefault("VOPD_DEMO_TRAIN_ITEMS", "48")
+os.environ.setdefault("VOPD_HELD_OUT_ITEMS", "24")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _offline_single_thread() -> Iterator[None]:

@@ -877,18 +877,27 @@ class OPDTrainer:
             torch.save(state, partial / STATE_FILE)
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
-            self._prune_checkpoints()
+            pruned = self._prune_checkpoints()
+            if pruned:
+                # Said where the user reads: a checkpoint that silently vanished looked like a lost one.
+                self.callbacks.on_log(
+                    f"checkpoints pruned (keep_checkpoints {self.config.keep_checkpoints}): "
+                    + ", ".join(f"step-{step}" for step in pruned)
+                )
         self.ranks.barrier()  # no rank reads a checkpoint before rank 0 has written it
         self.callbacks.on_checkpoint(step=self.step, path=final)
         return final
 
-    def _prune_checkpoints(self) -> None:
+    def _prune_checkpoints(self) -> list[int]:
+        """Delete all but the newest ``keep_checkpoints`` checkpoints; the steps deleted, oldest first."""
         folder = self.output_dir / CHECKPOINTS_DIR
         steps = sorted(
             (int(path.name.split("-")[1]), path) for path in folder.glob("step-*") if path.name.split("-")[1].isdigit()
         )
-        for _, path in steps[: -self.config.keep_checkpoints]:
+        pruned = steps[: -self.config.keep_checkpoints]
+        for _, path in pruned:
             shutil.rmtree(path, ignore_errors=True)
+        return [step for step, _ in pruned]
 
     def export_final(self) -> Path:
         """The trained model as a standard folder: LoRA merged into the weights, loadable with from_pretrained.

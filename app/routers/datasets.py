@@ -137,6 +137,13 @@ def _data_url(image: Image.Image, side: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _png_data_url(image: Image.Image) -> str:
+    """Lossless and unscaled: box coordinates drawn on it are the sample's own."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 @router.get("/{dataset_id}/samples", response_model=SamplePage, responses=errors(404))
 def list_samples(
     dataset_id: str,
@@ -145,6 +152,9 @@ def list_samples(
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=50)] = 8,
     thumbnail: Annotated[int, Query(ge=32, le=512, description="Longest side of each thumbnail in px.")] = 224,
+    original: Annotated[
+        bool, Query(description="Also each sample's own image at its original size (PNG), e.g. to draw a box on.")
+    ] = False,
 ) -> SamplePage:
     """Samples with what each model sees: the student's full image (red box) and the teacher's crop."""
     dataset = _dataset_or_404(session, key.id, dataset_id)
@@ -169,6 +179,7 @@ def list_samples(
                 teacher_text=teacher.text,
                 student_image=_data_url(student.image, thumbnail),
                 teacher_image=_data_url(teacher.image, thumbnail),
+                image=_png_data_url(sample.load_image()) if original else None,
                 evidence="search" if searched else "box",
             )
         )

@@ -31,9 +31,11 @@ def health(request: Request, session: SessionDep, settings: SettingsDep) -> Heal
     supervisor = getattr(request.app.state, "local_worker", None)
     local = LocalWorkerOut(**supervisor.status()) if supervisor is not None else None
     healthy = database.ok and broker.ok and workers and (local is None or local.alive)
-    return HealthOut(
-        status="ok" if healthy else "degraded", database=database, broker=broker, workers=workers, local_worker=local
-    )
+    # The worker `vopd serve` started is alive but has not reported yet (importing torch takes tens of seconds on a
+    # first start): nothing is wrong, jobs simply wait in the queue until it does.
+    booting = database.ok and broker.ok and not workers and local is not None and local.alive
+    status = "ok" if healthy else "starting" if booting else "degraded"
+    return HealthOut(status=status, database=database, broker=broker, workers=workers, local_worker=local)
 
 
 @router.get("/me", response_model=MeOut)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from frontend import render, strings
 from frontend.client import Job, VopdClient
-from frontend.context import UiContext, readable_errors
+from frontend.context import HELD_OUT_DATASET_ID, UiContext, readable_errors
 from vopd.config import EvalConfig
 
 POLL_INTERVAL_S = 3.0
@@ -124,12 +124,25 @@ def comparison(jobs: list[Job]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     return table, render.plot_value(chart)
 
 
-def chart_update(chart: pd.DataFrame | None) -> Any:
-    """The bar chart's value with its x order pinned to the frame's (base first): left to itself, Vega-Lite sorts the
-    labels alphabetically, which put a trained model, and the crop, first."""
+def chart_update(chart: pd.DataFrame | None, shown: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any] | None]:
+    """The bar chart's update, and what it now shows: its x order (base first; left to itself, Vega-Lite sorts the
+    labels alphabetically, which put a trained model, and the crop, first) and whether its bars are settled.
+
+    Gradio rebuilds the chart on every new ``sort``, and a value arriving with it can be drawn with the previous
+    data (the finished evaluation missing until Compare was pressed again); each rebuild also leaked a resize
+    observer that threw "Cannot read properties of null (reading 'offsetWidth')". So the order is sent only when it
+    changes, the value once more after it (``settled`` False until then: the timer keeps going), and a chart once
+    drawn is not emptied while the next evaluation runs."""
     if chart is None:
-        return gr.update(value=None)
-    return gr.update(value=chart, sort=list(dict.fromkeys(chart[CHART_X])))
+        return (gr.skip() if shown else gr.update(value=None)), shown
+    order = list(dict.fromkeys(chart[CHART_X]))
+    if shown and shown.get("order") == order:
+        return gr.update(value=chart), {"order": order, "settled": True}
+    return gr.update(value=chart, sort=order), {"order": order, "settled": False}
+
+
+def chart_settled(shown: dict[str, Any] | None) -> bool:
+    return shown is None or bool(shown.get("settled"))
 
 
 def trained_on(models: list[str] | None, train_jobs: list[Job]) -> dict[str, str]:
@@ -152,11 +165,14 @@ def _job_model_source(name: str) -> int | None:
 
 
 def held_out_dataset(current: str | None, dataset_ids: list[str], trained: dict[str, str]) -> str | None:
-    """The dataset to evaluate on: the current one unless a chosen model trained on it and another exists."""
+    """The dataset to evaluate on: the current one unless a chosen model trained on it and another exists; with
+    none chosen yet, the registered held-out set (the models' choice arrives before the datasets' on page load)."""
     used = set(trained.values())
     if current in dataset_ids and current not in used:
         return current
     fresh = [dataset_id for dataset_id in dataset_ids if dataset_id not in used]
+    if HELD_OUT_DATASET_ID in fresh:
+        return HELD_OUT_DATASET_ID
     if fresh:
         return fresh[0]
     return current if current in dataset_ids else (dataset_ids[0] if dataset_ids else None)
@@ -233,8 +249,8 @@ def item_view(client: VopdClient, job: Job | None, records: list[dict[str, Any]]
     sample = page.items[0]
     return (
         render.item_markdown(record),
-        render.image_from_data_url(sample.student_image),
-        render.image_from_data_url(sample.teacher_image),
+        render.enlarged(render.image_from_data_url(sample.student_image)),
+        render.enlarged(render.image_from_data_url(sample.teacher_image)),
     )
 
 
@@ -320,11 +336,20 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
             student_image = gr.Image(
                 label=strings.STUDENT_VIEW_LABEL,
                 interactive=False,
-                height=220,
+                height=320,
                 min_width=160,
+                buttons=["fullscreen"],
                 elem_id="eval-item-student",
             )
-            teacher_image = gr.Image(label=strings.TEACHER_VIEW_LABEL, interactive=False, height=220, min_width=160)
+            teacher_image = gr.Image(
+                label=strings.TEACHER_VIEW_LABEL,
+                interactive=False,
+                height=320,
+                min_width=160,
+                buttons=["fullscreen"],
+                elem_id="eval-item-teacher",
+            )
+    chart_order = gr.State(None)  # what the chart shows (chart_update)
     records_state = gr.State([])
     records_job = gr.State(None)
     timer = gr.Timer(POLL_INTERVAL_S)
@@ -346,11 +371,12 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         return gr.update(choices=choices, value=kept), gr.update(choices=choices, value=items_value)
 
     @readable_errors
-    def on_compare(request: gr.Request, job_ids: list[int] | None) -> tuple[Any, ...]:
+    def on_compare(request: gr.Request, job_ids: list[int] | None, shown: dict[str, Any] | None) -> tuple[Any, ...]:
         jobs = fetch_eval_jobs(ctx.client(request), job_ids)
         table_value, chart_value = comparison(jobs)
+        update, order = chart_update(chart_value, shown)
         note = "" if chart_value is not None else strings.EVAL_EMPTY
-        return table_value, chart_update(chart_value), note, suite_rows(jobs)
+        return table_value, update, order, note, suite_rows(jobs)
 
     @readable_errors
     def on_models(request: gr.Request, model_names: list[str] | None, current: str | None) -> tuple[Any, Any]:
@@ -376,6 +402,7 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         suite: str | None,
         suite_data: str | None,
         current: list[int] | None,
+        shown: dict[str, Any] | None,
     ) -> tuple[Any, ...]:
         client = ctx.client(request)
         jobs = submit_evals(client, eval_configs(model_names, dataset_id, limit_value, tokens, view, suite, suite_data))
@@ -384,23 +411,28 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         chosen = [job.id for job in jobs]
         table_value, chart_value = comparison(fetch_eval_jobs(client, chosen))
         note = "" if chart_value is not None else strings.EVAL_RUNNING
-        return gr.update(choices=eval_job_choices(all_jobs), value=chosen), table_value, chart_update(chart_value), note
+        update, order = chart_update(chart_value, shown)
+        return gr.update(choices=eval_job_choices(all_jobs), value=chosen), table_value, update, order, note
 
-    def on_tick(request: gr.Request, job_ids: list[int] | None, table_value: Any, items_value: Any) -> tuple[Any, ...]:
+    def on_tick(
+        request: gr.Request, job_ids: list[int] | None, table_value: Any, items_value: Any, shown: dict[str, Any] | None
+    ) -> tuple[Any, ...]:
         """While a compared evaluation is unfinished, keep its row, its bars and the job lists current."""
         if not job_ids or (
             isinstance(table_value, pd.DataFrame)
             and len(table_value) == len(job_ids)
             and set(table_value["status"]) <= {"succeeded", "failed", "cancelled"}
+            and chart_settled(shown)
         ):
-            return (gr.skip(),) * 5
+            return (gr.skip(),) * 6
         try:
             table_now, chart_now = comparison(fetch_eval_jobs(ctx.client(request), job_ids))
             picked_now, items_now = refresh_jobs(request, job_ids, items_value)
         except Exception:  # a missed tick is retried by the next one; no toast every few seconds
-            return (gr.skip(),) * 5
+            return (gr.skip(),) * 6
         note = "" if chart_now is not None else strings.EVAL_RUNNING
-        return table_now, chart_update(chart_now), picked_now, items_now, note
+        update, order = chart_update(chart_now, shown)
+        return table_now, update, order, picked_now, items_now, note
 
     @readable_errors
     def on_load_items(request: gr.Request, job_id: Any) -> tuple[Any, ...]:
@@ -417,14 +449,16 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
     refresh_inputs = [picked, items_job]
     run_button.click(
         on_run,
-        [models, dataset, limit, max_new_tokens, full_view, benchmark, benchmark_data, picked],
-        [picked, table, chart, chart_note],
+        [models, dataset, limit, max_new_tokens, full_view, benchmark, benchmark_data, picked, chart_order],
+        [picked, table, chart, chart_order, chart_note],
     )
     gr.on([models.change, dataset.change], on_models, [models, dataset], [dataset, trained_warning])
     items_job.change(on_categories, [items_job], [categories])
-    compare_button.click(on_compare, [picked], [table, chart, chart_note, suites])
-    picked.input(on_compare, [picked], [table, chart, chart_note, suites])
-    timer.tick(on_tick, [picked, table, items_job], [table, chart, picked, items_job, chart_note])
+    compare_button.click(on_compare, [picked, chart_order], [table, chart, chart_order, chart_note, suites])
+    picked.input(on_compare, [picked, chart_order], [table, chart, chart_order, chart_note, suites])
+    timer.tick(
+        on_tick, [picked, table, items_job, chart_order], [table, chart, chart_order, picked, items_job, chart_note]
+    )
     load_button.click(on_load_items, [items_job], [records_job, records_state, items])
     items.select(on_item, [records_job, records_state], [item_text, student_image, teacher_image])
     return EvaluateTab(

@@ -103,7 +103,8 @@ def upload_previews(
         return None, None
     try:
         views = ViewConfig(draw_box=False, hint="") if searched else None
-        return render.view_previews(render.png_bytes(image), box, views)  # type: ignore[arg-type]
+        student, teacher = render.view_previews(render.png_bytes(image), box, views)  # type: ignore[arg-type]
+        return render.enlarged(student), render.enlarged(teacher)
     except render.UiInputError:
         return None, None
 
@@ -113,19 +114,25 @@ def load_sample(client: VopdClient, dataset: str | None, index: float | None) ->
     if not dataset:
         raise render.UiInputError(strings.NEED_DATASET)
     position = int(index or 0)
-    page = client.samples(dataset, offset=position, limit=1)
+    page = client.samples(dataset, offset=position, limit=1, original=True)
     if not page.items:
         raise render.UiInputError(f"dataset {dataset} has {page.total} samples; index {position} does not exist")
     sample = page.items[0]
     box = sample.bbox or EMPTY_BOX
+    # The sample's own image on the drawing surface, so its box can be dragged as an upload's can (older servers
+    # send none: the box is typed then).
+    image_path = render.stable_png_path(render.image_from_data_url(sample.image)) if sample.image else None
+    find = sample.bbox is None  # a sample without a box: the model has to find the evidence itself
     return (
         sample.question,
         "\n".join(sample.options or []),
         *box,
-        render.image_from_data_url(sample.student_image),
-        render.image_from_data_url(sample.teacher_image),
+        render.enlarged(render.image_from_data_url(sample.student_image)),
+        render.enlarged(render.image_from_data_url(sample.teacher_image)),
         SampleRef(dataset, position),
-        sample.bbox is None,  # a sample without a box: the model has to find the evidence itself
+        find,
+        image_path,
+        surface(image_path, box, find_evidence=find) if image_path else drawing.empty_html(strings.DRAWING_EMPTY),
     )
 
 
@@ -149,10 +156,19 @@ def build_request(
     With ``find_evidence`` the body carries no box and asks for the search (``views.evidence``), so a dataset
     sample's own box is set aside too: the server lets the model search for the evidence itself and answers with
     the crop it chose (``evidence``)."""
+    # Everything missing at once, each with where to give it (with no image, this used to say "Type a question.").
+    missing = []
     if not model:
-        raise render.UiInputError(strings.NEED_MODEL)
+        missing.append(strings.MISSING_MODEL)
+    if source == strings.SOURCE_SAMPLE and sample is None:
+        missing.append(strings.MISSING_SAMPLE)
+    if source != strings.SOURCE_SAMPLE and open_image(image_path) is None:
+        missing.append(strings.MISSING_IMAGE)
     if not question or not question.strip():
-        raise render.UiInputError(strings.NEED_QUESTION)
+        missing.append(strings.MISSING_QUESTION)
+    if missing:
+        raise render.UiInputError(strings.MISSING.format(items="; ".join(missing)))
+    assert model is not None
     request: dict[str, Any] = {
         "model": model,
         "question": question.strip(),
@@ -192,15 +208,18 @@ def run_inspect(
 
 
 def render_result(
-    result: InspectResult | None, metric: str, options: list[str] | None = None
+    result: InspectResult | None,
+    metric: str,
+    options: list[str] | None = None,
+    scale_mode: str = strings.SCALE_ABSOLUTE,
 ) -> tuple[Any, str, str, str, str]:
     """Token strip, legend, rollout summary and both answers (an option's letter with its text)."""
     if result is None:
         return None, "", "", "", ""
-    strip, scale = render.token_strip(result.tokens, metric)
+    strip, scale = render.token_strip(result.tokens, metric, scale_mode)
     return (
         strip,
-        render.legend_html(scale, metric),
+        render.legend_html(scale, metric, scale_mode),
         render.rollout_summary_markdown(result, metric),
         render.answer_text(result.student_text, result.student_choice, options),
         render.answer_text(result.teacher_answer, result.teacher_choice, options),
@@ -215,12 +234,24 @@ def evidence_markdown(result: InspectResult | None) -> str:
     return strings.EVIDENCE_LINE.format(label=evidence_label(result.evidence), box=box)
 
 
-def token_details(result: InspectResult | None, index: int | None) -> tuple[str, pd.DataFrame | None, ...]:
+def token_details(
+    result: InspectResult | None, index: int | None, note: str = ""
+) -> tuple[str, pd.DataFrame | None, ...]:
     if result is None or index is None or not 0 <= index < len(result.tokens):
         return strings.SELECT_TOKEN_HINT, None, None
     record = result.tokens[index]
     student, teacher = render.topk_tables(record)
-    return render.token_details_markdown(record), student, teacher
+    text = render.token_details_markdown(record)
+    return (f"{note}  \n{text}" if note else text), student, teacher
+
+
+def first_details(result: InspectResult | None, metric: str) -> tuple[str, pd.DataFrame | None, ...]:
+    """The detail panel after a run: the most divergent token, the one the summary names (it opened on position 0)."""
+    if result is None:
+        return token_details(None, None)
+    return token_details(
+        result, render.most_divergent(result.tokens, metric), strings.MOST_DIVERGENT.format(metric=metric)
+    )
 
 
 # ----------------------------------------------------------------------------- layout and wiring
@@ -248,7 +279,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
                     0, label=strings.SAMPLE_INDEX_LABEL, precision=0, minimum=0, scale=1, min_width=100
                 )
                 load_button = gr.Button(strings.LOAD_SAMPLE, scale=1, min_width=100, elem_id="inspect-load-sample")
-            with gr.Column(elem_id="inspect-drawing-area") as drawing_area:
+            with gr.Column(elem_id="inspect-drawing-area"):
                 upload = gr.UploadButton(
                     strings.UPLOAD_IMAGE, file_types=["image"], size="sm", elem_id="inspect-upload"
                 )
@@ -288,10 +319,22 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
             run_button = gr.Button(strings.RUN_INSPECT, variant="primary", elem_id="inspect-run")
     with gr.Row():
         student_view = gr.Image(
-            label=strings.STUDENT_VIEW_LABEL, type="pil", interactive=False, height=280, min_width=200
+            label=strings.STUDENT_VIEW_LABEL,
+            type="pil",
+            interactive=False,
+            height=320,
+            min_width=200,
+            buttons=["fullscreen"],  # click to enlarge
+            elem_id="inspect-student-view",
         )
         teacher_view = gr.Image(
-            label=strings.TEACHER_VIEW_LABEL, type="pil", interactive=False, height=280, min_width=200
+            label=strings.TEACHER_VIEW_LABEL,
+            type="pil",
+            interactive=False,
+            height=320,
+            min_width=200,
+            buttons=["fullscreen"],  # click to enlarge
+            elem_id="inspect-teacher-view",
         )
     evidence_text = gr.Markdown(elem_id="inspect-evidence")
     with gr.Row():
@@ -301,7 +344,14 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
         teacher_answer = gr.Textbox(
             label=strings.TEACHER_ANSWER_LABEL, interactive=False, min_width=200, elem_id="inspect-teacher-answer"
         )
-    metric = gr.Radio(list(render.METRIC_FIELDS), value=strings.METRIC_JSD, label=strings.METRIC_LABEL)
+    with gr.Row():
+        metric = gr.Radio(list(render.METRIC_FIELDS), value=strings.METRIC_JSD, label=strings.METRIC_LABEL)
+        scale_mode = gr.Radio(
+            [strings.SCALE_ABSOLUTE, strings.SCALE_RELATIVE],
+            value=strings.SCALE_ABSOLUTE,
+            label=strings.SCALE_LABEL,
+            elem_id="inspect-scale",
+        )
     legend = gr.HTML()
     strip = gr.HighlightedText(
         label=strings.TOKEN_STRIP_LABEL,
@@ -342,11 +392,11 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
 
     # --- image source and box
     def on_source(choice: str) -> tuple[Any, Any]:
-        """A dataset sample brings its own image: the drawing is for uploads only."""
+        """A dataset sample brings its own image (drawn on the same surface once loaded): no upload button then."""
         sample = choice == strings.SOURCE_SAMPLE
         return gr.update(visible=sample), gr.update(visible=not sample)
 
-    source.change(on_source, source, [sample_row, drawing_area])
+    source.change(on_source, source, [sample_row, upload])
 
     @readable_errors
     def on_upload(file: Any, find: bool) -> tuple[Any, ...]:
@@ -383,7 +433,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
 
     def previews(src: str, path: str | None, find: bool, *box: float | None) -> tuple[Any, Any]:
         """The views of the typed box; none while the model is to find the evidence (the run shows its own)."""
-        if src != strings.SOURCE_UPLOAD:
+        if not path:
             return gr.skip(), gr.skip()
         return (None, None) if find else upload_previews(path, box)  # type: ignore[arg-type]
 
@@ -401,7 +451,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
     load_button.click(
         on_load_sample,
         [dataset, sample_index],
-        [question, options, *box_fields, student_view, teacher_view, sample_state, find_evidence],
+        [question, options, *box_fields, student_view, teacher_view, sample_state, find_evidence, image_state, drawer],
     )
 
     # --- run and render
@@ -425,6 +475,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
         alpha_value: float,
         topk: float,
         metric_name: str,
+        scale_name: str,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[Any, ...]:
         progress(0.1, desc="running the student and the teacher...")
@@ -443,9 +494,9 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
             find_evidence=find,
         )
         result, compared = run_inspect(ctx.client(request), body, compare_name)
-        first = render_result(result, metric_name, body.get("options"))
-        second = render_result(compared, metric_name, body.get("options"))
-        detail = token_details(result, 0 if result.tokens else None)
+        first = render_result(result, metric_name, body.get("options"), scale_name)
+        second = render_result(compared, metric_name, body.get("options"), scale_name)
+        detail = first_details(result, metric_name)
         return (
             result,
             compared,
@@ -485,7 +536,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
     ) -> tuple[Any, ...]:
         """The evidence the run used, on the image; for a box-free run, the views it showed. (A step of its own: as
         outputs of the run, the drawing and the views would carry Gradio's "Error" badge whenever a run is refused.)"""
-        if src != strings.SOURCE_UPLOAD or not path or result is None:
+        if not path or result is None:
             return gr.skip(), gr.skip(), gr.skip()
         drawn = surface(path, box, find_evidence=find, evidence=result.evidence)  # type: ignore[arg-type]
         if result.evidence is None or result.evidence.source != "search":
@@ -509,6 +560,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
             alpha,
             show_topk,
             metric,
+            scale_mode,
         ],
         run_outputs,
     ).success(
@@ -519,19 +571,24 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
     )
 
     def on_metric(
-        result: InspectResult | None, compared: InspectResult | None, metric_name: str, options_text: str
+        result: InspectResult | None,
+        compared: InspectResult | None,
+        metric_name: str,
+        options_text: str,
+        scale_name: str,
     ) -> tuple[Any, ...]:
         try:
             option_list = render.parse_options(options_text)
         except render.UiInputError:
             option_list = None
-        first = render_result(result, metric_name, option_list)
-        second = render_result(compared, metric_name, option_list)
+        first = render_result(result, metric_name, option_list, scale_name)
+        second = render_result(compared, metric_name, option_list, scale_name)
         return first[0], first[1], first[2], second[0], second[1], second[2]
 
-    metric.change(
+    gr.on(
+        [metric.change, scale_mode.change],
         on_metric,
-        [result_state, compare_state, metric, options],
+        [result_state, compare_state, metric, options, scale_mode],
         [strip, legend, summary, compare_strip, compare_legend, compare_summary],
     )
 

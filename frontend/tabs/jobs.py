@@ -16,7 +16,8 @@ import pandas as pd
 
 from frontend import render, strings
 from frontend.client import Artifact, Job, Metric, VopdClient
-from frontend.context import UiContext, readable_errors
+from frontend.context import HELD_OUT_DATASET_ID, UiContext, readable_errors
+from vopd.config import EvalConfig
 
 POLL_INTERVAL_S = 2.0
 MIN_STEP_AXIS = 10
@@ -35,6 +36,7 @@ class JobView:
     logs: list[str] = field(default_factory=list)
     log_since: int = 0
     status: str | None = None
+    evaluations: tuple[tuple[int, str], ...] = ()  # (id, status) of the evaluations its accuracy plot reads
 
 
 @dataclass
@@ -46,6 +48,22 @@ class JobSnapshot:
     status_changed: bool
     artifacts: list[Artifact]
     eval_jobs: list[Job]
+    evaluations_changed: bool = False
+
+
+# What the four curves are drawn as: Gradio's native line plot, whose value may be its own PlotData (a dict).
+_CURVE = gr.LinePlot(x="step", y="value", color="series", render=False)
+
+
+def measured_value(frame: pd.DataFrame | None) -> dict[str, Any] | None:
+    """A curve's plot value, its points drawn as points while some series has only one: Vega-Lite draws no line
+    through a single point, which left a legend over an empty plot (an evaluation at one step, the first step)."""
+    data = _CURVE.postprocess(frame)
+    if data is None:
+        return None
+    if render.single_point_series(frame):
+        data.mark = "point"
+    return data.model_dump()
 
 
 # ----------------------------------------------------------------------------- pure callbacks
@@ -86,8 +104,21 @@ def poll_job(client: VopdClient, view: JobView | None, job_id: int) -> JobSnapsh
     status_changed = view.status != job.status
     view.status = job.status
     eval_jobs = client.jobs(kind="eval", limit=200).items if job.kind == "train" else []
+    # An evaluation finishing after the job itself (base vs trained) changes the accuracy plot with no new metric.
+    evaluations = tuple(
+        (e.id, e.status) for e in eval_jobs if e.model_job_id == job.id or e.model_name == job.model_name
+    )
+    evaluations_changed = evaluations != view.evaluations
+    view.evaluations = evaluations
     return JobSnapshot(
-        job, view, bool(metrics.items), bool(logs.items), status_changed, client.artifacts(job_id), eval_jobs
+        job,
+        view,
+        bool(metrics.items),
+        bool(logs.items),
+        status_changed,
+        client.artifacts(job_id),
+        eval_jobs,
+        evaluations_changed,
     )
 
 
@@ -121,7 +152,7 @@ def step_range(snapshot: JobSnapshot) -> list[float]:
 def plot_updates(snapshot: JobSnapshot) -> tuple[Any, ...]:
     """The four plots' values, on a shared x range (0 .. last step)."""
     x_lim = step_range(snapshot)
-    return tuple(gr.update(value=value, x_lim=x_lim) for value in curves(snapshot))
+    return tuple(gr.update(value=measured_value(value), x_lim=x_lim) for value in curves(snapshot))
 
 
 def accuracy_empty_note(snapshot: JobSnapshot) -> str:
@@ -150,6 +181,99 @@ def download(client: VopdClient, job_id: int, name: str | None) -> str:
     if not name:
         raise render.UiInputError("choose an artifact to download")
     return str(client.download_artifact(job_id, name, Path(tempfile.mkdtemp(prefix="vopd-ui-"))))
+
+
+def trained_model_name(job: Job) -> str:
+    """The name under which a training job's final weights are offered (the API's ``job-N/final``)."""
+    return str((job.result or {}).get("model") or f"job-{job.id}/final")
+
+
+def can_compare(job: Job) -> bool:
+    return job.kind == "train" and job.status == "succeeded"
+
+
+def comparison_dataset(job: Job, dataset_ids: list[str]) -> str:
+    """Where to compare base and trained: the registered held-out set, or else the first set the job did not
+    train on; never the training set itself (a gain there is memory, not the method)."""
+    for dataset_id in [HELD_OUT_DATASET_ID, *dataset_ids]:
+        if dataset_id in dataset_ids and dataset_id != job.dataset_id:
+            return dataset_id
+    raise render.UiInputError(strings.NO_HELD_OUT.format(dataset=job.dataset_id))
+
+
+def base_vs_trained_configs(job: Job, dataset_id: str) -> list[dict[str, Any]]:
+    """Two EvalConfig bodies, the job's starting model and its trained weights on ``dataset_id``: every item,
+    default decoding, the same as ``vopd eval --model M --dataset D``."""
+    if not can_compare(job):
+        raise render.UiInputError(strings.COMPARE_NEEDS_SUCCESS.format(id=job.id, status=job.status))
+    return [
+        EvalConfig(model=model, dataset=dataset_id).model_dump(mode="json", exclude_defaults=True, exclude={"output"})
+        for model in (job.model_name, trained_model_name(job))
+    ]
+
+
+def submit_base_vs_trained(client: VopdClient, job: Job) -> list[Job]:
+    dataset_id = comparison_dataset(job, [dataset.id for dataset in client.datasets()])
+    return [client.submit_job("eval", body) for body in base_vs_trained_configs(job, dataset_id)]
+
+
+def base_vs_trained_jobs(job: Job, eval_jobs: list[Job]) -> tuple[Job | None, Job | None]:
+    """The newest evaluation of the trained weights on a set other than the training set, and the newest of the
+    base on that same set (either None when absent)."""
+    trained = next(
+        (
+            e
+            for e in sorted(eval_jobs, key=lambda e: -e.id)
+            if e.model_job_id == job.id
+            and e.model_step is None
+            and not e.benchmark
+            and e.dataset_id
+            and e.dataset_id != job.dataset_id
+        ),
+        None,
+    )
+    if trained is None:
+        return None, None
+    base = next(
+        (
+            e
+            for e in sorted(eval_jobs, key=lambda e: -e.id)
+            if e.model_job_id is None and e.model_name == job.model_name and e.dataset_id == trained.dataset_id
+        ),
+        None,
+    )
+    return base, trained
+
+
+def base_vs_trained_markdown(job: Job, eval_jobs: list[Job]) -> str:
+    """Both models' accuracy on the held-out set side by side, and the gain; what to press when not yet run."""
+    if job.kind != "train":
+        return ""
+    base, trained = base_vs_trained_jobs(job, eval_jobs)
+    if trained is None:
+        return strings.COMPARE_OFFER if can_compare(job) else ""
+
+    def cells(role: str, evaluation: Job | None) -> str:
+        if evaluation is None:
+            return f"| {role} | `{job.model_name}` | not evaluated | | | |"
+        result = evaluation.result or {}
+        numbers = [render.percent(result.get(key)) for key in ("full_accuracy", "crop_accuracy")]
+        state = evaluation.status if evaluation.status != "running" else f"running ({evaluation.progress:.0%})"
+        return f"| {role} | `{evaluation.model_name}` | {state} | {numbers[0]} | {numbers[1]} | {result.get('n', '')} |"
+
+    lines = [
+        strings.COMPARE_TITLE.format(dataset=trained.dataset_id),
+        "",
+        "| | model | status | full image | crop | n |",
+        "|---|---|---|---|---|---|",
+        cells("base", base),
+        cells("trained", trained),
+    ]
+    before = (base.result or {}).get("full_accuracy") if base is not None else None
+    after = (trained.result or {}).get("full_accuracy")
+    if isinstance(before, int | float) and isinstance(after, int | float):
+        lines += ["", strings.COMPARE_GAIN.format(points=100 * (after - before), before=before, after=after)]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- layout and wiring
@@ -185,6 +309,10 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
             strings.CANCEL, variant="stop", interactive=False, min_width=100, elem_id="jobs-cancel"
         )
         resume_button = gr.Button(strings.RESUME, interactive=False, min_width=100, elem_id="jobs-resume")
+        compare_button = gr.Button(
+            strings.COMPARE_BASE, variant="primary", interactive=False, min_width=200, elem_id="jobs-compare-base"
+        )
+    base_vs_trained = gr.Markdown(elem_id="jobs-base-vs-trained")
     # No fixed height: Gradio 6.31 sizes a LinePlot's height without its legend, and clips the series names.
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="value", color="series", label=strings.LOSS_PLOT, min_width=260)
@@ -219,6 +347,8 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
         progress,
         cancel_button,
         resume_button,
+        compare_button,
+        base_vs_trained,
         loss_plot,
         divergence_plot,
         agreement_plot,
@@ -232,7 +362,7 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
     def render_snapshot(snapshot: JobSnapshot, first: bool) -> tuple[Any, ...]:
         job = snapshot.job
         # Redrawn on news only (no flicker), and on a status change (an evaluation may have added accuracy).
-        redraw = first or snapshot.new_metrics or snapshot.status_changed
+        redraw = first or snapshot.new_metrics or snapshot.status_changed or snapshot.evaluations_changed
         plots = plot_updates(snapshot) if redraw else (gr.skip(),) * 4
         names = [a.name for a in snapshot.artifacts]
         return (
@@ -241,6 +371,8 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
             render.progress_html(job),
             gr.update(interactive=can_cancel(job)),
             gr.update(interactive=can_resume(job)),
+            gr.update(interactive=can_compare(job)),
+            base_vs_trained_markdown(job, snapshot.eval_jobs),
             *plots,
             accuracy_empty_note(snapshot) if redraw else gr.skip(),
             render.log_tail(snapshot.view.logs) if first or snapshot.new_logs else gr.skip(),
@@ -301,6 +433,16 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
         gr.Info(strings.RESUMED.format(id=view.job_id))
         return render_snapshot(poll_job(client, view, view.job_id), first=True)
 
+    @readable_errors
+    def on_compare(request: gr.Request, view: JobView | None) -> tuple[Any, ...]:
+        if view is None:
+            raise render.UiInputError(strings.NEED_JOB)
+        client = ctx.client(request)
+        evaluations = submit_base_vs_trained(client, client.job(view.job_id))
+        gr.Info(strings.COMPARE_SUBMITTED.format(ids=", ".join(f"#{job.id}" for job in evaluations)))
+        return render_snapshot(poll_job(client, view, view.job_id), first=True)
+
+    compare_button.click(on_compare, [view_state], page_outputs)
     cancel_button.click(on_cancel, [view_state], page_outputs)
     resume_button.click(on_resume, [view_state], page_outputs)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,3 +128,29 @@ def inspect_json(model: str = "tiny", divergences: tuple[float, ...] = (0.1, 0.5
         "mean_divergence": sum(divergences) / len(divergences),
         "tokens": tokens,
     }
+
+
+# ---------------------------------------------------------------- browser tests fail on any page error
+@pytest.fixture(autouse=True)
+def _no_page_errors(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """Every browser test fails on an uncaught JavaScript error in any of its pages (Gradio's plots threw "Cannot
+    read properties of null (reading 'offsetWidth')" unseen): each browser context the test opens reports its
+    pages' errors here, and the test's teardown asserts there were none."""
+    if "browser" not in request.fixturenames:
+        yield []
+        return
+    browser = request.getfixturevalue("browser")
+    errors: list[str] = []
+    original = browser.new_context
+
+    def new_context(*args: Any, **kwargs: Any) -> Any:
+        context = original(*args, **kwargs)
+        context.on("weberror", lambda error: errors.append(str(error.error)))
+        return context
+
+    browser.new_context = new_context
+    try:
+        yield errors
+    finally:
+        del browser.new_context  # the instance attribute; the class's method shows again
+    assert not errors, f"page errors: {errors}"

@@ -290,11 +290,24 @@ def test_inspect_shows_colored_tokens_and_topk_tables(page, live_server: LiveSer
 
     tokens = page.locator("#inspect-strip .score-token")
     tokens.first.wait_for()
-    styles = [tokens.nth(i).get_attribute("style") or "" for i in range(tokens.count())]
-    painted = [re.search(r"rgba?\(239, 68, 60(?:, ([\d.]+))?\)", style) for style in styles]
-    alphas = [float(match.group(1) or 1.0) for match in painted if match]  # the browser writes alpha 1 as rgb()
-    assert len(alphas) == len(styles) > 0
-    assert max(alphas) == 1.0, "the most divergent token is painted at full strength"
+
+    def alphas() -> list[float]:
+        styles = [tokens.nth(i).get_attribute("style") or "" for i in range(tokens.count())]
+        painted = [re.search(r"rgba?\(239, 68, 60(?:, ([\d.]+))?\)", style) for style in styles]
+        found = [float(match.group(1) or 1.0) for match in painted if match]  # the browser writes alpha 1 as rgb()
+        assert len(found) == len(styles) > 0
+        return found
+
+    # The absolute scale by default (a fixed range in nats), and the details open on the most divergent token.
+    absolute = alphas()
+    page.locator("#inspect-token-details").get_by_text("most divergent").wait_for()
+    page.get_by_text("relative to this answer", exact=True).click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('#inspect-strip .score-token')].some((t) => /rgb\\(239, 68, 60\\)|"
+        "rgba\\(239, 68, 60, 1\\)/.test(t.getAttribute('style') || ''))"
+    )
+    assert max(alphas()) == 1.0, "on the relative scale the most divergent token is painted at full strength"
+    assert max(absolute) <= 1.0
     for table in ("#inspect-student-topk", "#inspect-teacher-topk"):  # top-k rows, then the tail mass
         page.locator(table).get_by_text("(tail)", exact=True).filter(visible=True).first.wait_for()
         page.locator(table).get_by_text("mass outside the top-k").filter(visible=True).first.wait_for()
@@ -445,7 +458,7 @@ def test_a_tiny_training_job_runs_to_succeeded_with_live_curves(page, live_serve
 
 def test_the_train_tabs_cli_command_runs_verbatim(page, live_server: LiveServer, tmp_path: Path) -> None:
     """Copy the Train tab's "Equivalent CLI command" as shown and run it in a shell on the server's VOPD_HOME: the
-    registry names (tiny, synth-64) resolve, and every flag is spelled as the CLI spells it."""
+    registry names (tiny, synth-train) resolve, and every flag is spelled as the CLI spells it."""
     page.get_by_role("tab", name="Train").click()
     page.wait_for_function("(document.querySelector('#train-model input')?.value ?? '') !== ''")
     fields = {"#train-steps input": 1, "#train-batch-size input": 2, "#train-rollout-max-new-tokens input": 4}
@@ -459,7 +472,7 @@ def test_the_train_tabs_cli_command_runs_verbatim(page, live_server: LiveServer,
     command = page.locator("#train-cli .cm-content").inner_text().strip()
     page.screenshot(path=ARTIFACTS / "train-command-1280.png", full_page=True)
     assert command.startswith(
-        "vopd train --model tiny --dataset synth-64 --output runs/studio --steps 1 --batch-size 2"
+        "vopd train --model tiny --dataset synth-train --output runs/studio --steps 1 --batch-size 2"
     )
     assert ("--report-to tensorboard" in command) == with_tensorboard
     bin_dir = Path(sys.executable).parent
@@ -559,7 +572,7 @@ def test_demo_answers_a_question_about_a_plain_image(page, live_server: LiveServ
     page.locator("#demo-ask").click()
     page.wait_for_function("(document.querySelector('#demo-answer textarea')?.value ?? '') !== ''", timeout=60_000)
     answer = page.locator("#demo-answer textarea").input_value()
-    assert re.fullmatch(r"[A-D]\. (red|green|blue|yellow)", answer), answer
+    assert re.fullmatch(r"[A-D]\. (circle|square|triangle|diamond)", answer), answer  # the default options
     page.locator("#demo-looked-caption").get_by_text("the model's own evidence crop").wait_for()
     page.locator("#demo-looked img").first.wait_for()
     page.wait_for_function("(document.querySelector('#demo-looked img')?.naturalWidth ?? 0) > 0")  # an output, too

@@ -95,8 +95,9 @@ def test_the_image_sent_to_the_browser_is_capped_but_the_box_stays_in_original_p
 def test_upload_previews_follow_the_box(tmp_path: Path) -> None:
     path = _upload(tmp_path, 64, 48)
     student, teacher = inspect.upload_previews(path, (10, 10, 30, 20))
-    # a 20x10 crop doubles to 40x20, then its short side is raised to 28 with the aspect kept
-    assert student.size == (64, 48) and teacher.size == (56, 28)
+    # a 20x10 crop doubles to 40x20, then its short side is raised to 28 with the aspect kept (56x28); both views
+    # are shown scaled by a whole factor to at least 320 px (64x48 x5, 56x28 x6)
+    assert student.size == (320, 240) and teacher.size == (336, 168)
     assert inspect.upload_previews(path, (None, 1, 2, 3)) == (None, None)
     assert inspect.upload_previews(None, (1, 1, 2, 3)) == (None, None)
 
@@ -161,12 +162,12 @@ def test_a_result_names_the_evidence_and_older_servers_without_it_still_parse() 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"image_path": None}, "Upload an image"),
-        ({"model": None}, "Choose a model"),
-        ({"question": "  "}, "Type a question"),
+        ({"image_path": None}, "Missing: an image"),
+        ({"model": None}, "Missing: a model"),
+        ({"question": "  "}, "Missing: a question"),
         ({"box_values": (30, 2, 1, 40)}, "x1 > x0"),
         ({"box_values": (0, 0, 80, 40)}, "outside the 64x48 image"),
-        ({"source": strings.SOURCE_SAMPLE}, "load a dataset sample first"),
+        ({"source": strings.SOURCE_SAMPLE}, "Missing: a dataset sample"),
     ],
 )
 def test_build_request_names_the_mistake(overrides: dict, message: str) -> None:
@@ -188,7 +189,9 @@ def test_run_inspect_compares_a_second_model_on_the_same_request(api: FakeApi) -
 
 def test_render_result_and_token_details() -> None:
     result = InspectResult.model_validate(inspect_json(divergences=(0.1, 0.5, 0.2)))
-    strip, legend, summary, student, teacher = inspect.render_result(result, strings.METRIC_JSD)
+    strip, legend, summary, student, teacher = inspect.render_result(
+        result, strings.METRIC_JSD, None, strings.SCALE_RELATIVE
+    )
     assert [token for token, _ in strip] == ["t0", "t1", "t2"]
     assert strip[1][1] == 1.0 and strip[0][1] == 0.0
     assert student == "B" and teacher == "C" and "3 tokens" in summary and "JSD(alpha)" in legend
@@ -221,9 +224,11 @@ def test_load_sample_fills_the_form(api: FakeApi) -> None:
             }
         ],
     }
-    question, options, x0, y0, x1, y1, student, teacher, ref, find = inspect.load_sample(api.client(), "synth-64", 2)
+    question, options, x0, y0, x1, y1, student, teacher, ref, find, _, _ = inspect.load_sample(
+        api.client(), "synth-64", 2
+    )
     assert (question, options, (x0, y0, x1, y1)) == ("Which?", "a\nb", (1, 2, 3, 4)) and find is False
-    assert student.size == (8, 8) and ref == inspect.SampleRef("synth-64", 2)
+    assert student.size == (320, 320) and ref == inspect.SampleRef("synth-64", 2)  # an 8 px thumbnail, x40
     assert dict(api.requests[0].url.params)["offset"] == "2"
     api.routes["GET /api/datasets/synth-64/samples"] = {"total": 64, "items": []}
     with pytest.raises(render.UiInputError, match="has 64 samples"):
@@ -692,7 +697,7 @@ def test_evaluations_read_base_first_then_trained_by_step() -> None:
     table, chart = evaluate.comparison(picked)
     assert table["model"].tolist() == ["tiny", "job-2/step-10", "job-2/final"]
     assert chart[evaluate.CHART_X].tolist()[:2] == ["tiny (#9) · full image", "tiny (#9) · crop"]
-    order = evaluate.chart_update(chart)["sort"]  # pinned: Vega-Lite would sort the labels alphabetically
+    order = evaluate.chart_update(chart)[0]["sort"]  # pinned: Vega-Lite would sort the labels alphabetically
     assert order[0] == "tiny (#9) · full image" and order[-1] == "job-2/final (#7) · crop" and len(order) == 6
 
 
@@ -751,10 +756,11 @@ def test_after_a_box_free_run_the_previews_are_what_the_model_saw(tmp_path: Path
     path = _upload(tmp_path, 64, 48)
     searched = Evidence(box=(0, 0, 32, 24), source="search", confidence=0.9)
     student, teacher = inspect.upload_previews(path, (None, None, None, None), searched)
-    assert student.size == (64, 48) and student.getpixel((33, 10)) == (200, 210, 220)  # no red outline drawn
+    # shown x5 (render.enlarged): 64x48 -> 320x240; pixel (33, 10) of the view is (165..169, 50..54) here
+    assert student.size == (320, 240) and student.getpixel((167, 52)) == (200, 210, 220)  # no red outline drawn
     assert teacher.size[0] > 32  # the chosen crop, upscaled
     given = Evidence(box=(10, 10, 30, 20), source="given")
-    assert inspect.upload_previews(path, (10, 10, 30, 20), given)[1].size == (56, 28)
+    assert inspect.upload_previews(path, (10, 10, 30, 20), given)[1].size == (336, 168)  # 56x28, shown x6
 
 
 def test_a_job_on_several_devices_or_machines_asks_for_them_as_the_server_checks(api: FakeApi) -> None:

@@ -55,7 +55,12 @@ def test_serve_starts_api_and_worker_with_defaults_and_a_local_key(tmp_path: Pat
         headers = {"Authorization": f"Bearer {key}"}
         assert httpx.get(f"{base}/api/me", headers=headers).json()["name"] == "local"
         datasets = httpx.get(f"{base}/api/datasets", headers=headers).json()["items"]
-        assert [(d["id"], d["n_samples"]) for d in datasets] == [("synth-64", 64)]
+        # The training set and its held-out twin (sizes from the test environment; 4,800 and 400 by default).
+        assert sorted((d["id"], d["n_samples"]) for d in datasets) == [
+            ("synth-64", 64),
+            ("synth-heldout", int(os.environ["VOPD_HELD_OUT_ITEMS"])),
+            ("synth-train", int(os.environ["VOPD_DEMO_TRAIN_ITEMS"])),
+        ]
         assert httpx.get(base, follow_redirects=False).headers["location"] == "/docs"
     finally:
         server.send_signal(signal.SIGINT)
