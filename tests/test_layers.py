@@ -34,6 +34,7 @@ LIBRARY = [
         "config",
         "data",
         "distributed",
+        "engines",
         "divergence",
         "evaluate",
         "evidence",

@@ -6,7 +6,7 @@ scores while generating (O(N) memory per step, never the [N, R, V] score history
 
 Two engines implement the seam (``RolloutEngine``): ``hf`` samples with the student itself through ``generate``
 (batched, with the KV cache; the CPU default), ``vllm`` with a colocated vLLM engine whose weights are synced from
-the student after every optimizer step (``vopd.vllm_engine``). ``create_rollout_engine`` picks one from
+the student after every optimizer step (``vopd.vllm_engine``). ``vopd.engines.create_rollout_engine`` picks one from
 ``rollout.engine``; the trainer only ever calls the seam's methods, never branches on which engine it holds.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -531,30 +531,3 @@ def resolve_engine_name(rollout: RolloutConfig, device: torch.device, strategy: 
             f"rollout.engine auto: the vllm engine does not run under {strategy} yet; sampling with transformers",
         )
     return "vllm", "rollout.engine auto: vLLM is installed and the device is a CUDA GPU"
-
-
-def create_rollout_engine(
-    model: torch.nn.Module,
-    loaded: LoadedModel,
-    rollout: RolloutConfig,
-    *,
-    strategy: str = "single",
-    seed: int = 0,
-    log: Callable[[str], None] | None = None,
-) -> RolloutEngine:
-    """The engine ``rollout.engine`` names for ``model`` (the student, loaded as ``loaded``); not yet synced: call
-    ``sync(model, everything=True)`` before its first rollouts. ``auto`` falls back to ``hf`` (and says why through
-    ``log``) where vLLM does not support the model."""
-    name, why = resolve_engine_name(rollout, loaded.device, strategy)
-    if name == "hf":
-        return HFRolloutEngine(model, loaded, rollout, synced_gpus=strategy == "fsdp")
-    from vopd.vllm_engine import VllmRolloutEngine, VllmUnsupportedModel
-
-    try:
-        return VllmRolloutEngine(loaded, rollout, seed=seed)
-    except VllmUnsupportedModel as error:
-        if rollout.engine == "vllm":
-            raise
-        if log is not None:
-            log(f"{why}, but {error}; sampling with transformers")
-        return HFRolloutEngine(model, loaded, rollout, synced_gpus=strategy == "fsdp")

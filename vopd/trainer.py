@@ -36,6 +36,7 @@ from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import TrainConfig
 from vopd.data import Sample, load_dataset
 from vopd.divergence import distillation_loss, distribution_stats, gather_token_logprobs, hidden_distillation_loss
+from vopd.engines import create_rollout_engine
 from vopd.evidence import EvidenceCache, evidence_metrics
 from vopd.guard import CollapseGuard
 from vopd.micro_batches import padded_tokens, select_rollout, split_to_count, token_budget_groups
@@ -54,7 +55,6 @@ from vopd.rollout import (
     PromptPass,
     RolloutBatch,
     RolloutEngine,
-    create_rollout_engine,
     head_bypass_refusal,
     head_bypassed,
     prompt_pass_refusal,
