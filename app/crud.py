@@ -173,6 +173,22 @@ def benchmarks_dir(settings: Settings) -> Path:
     return settings.home / "benchmarks"
 
 
+def found_benchmarks(settings: Settings) -> list[tuple[str, str]]:
+    """(suite, entry) for each entry of the benchmarks folder named after a suite or one of its aliases (``vstar``,
+    ``hr_bench_4k``, ``MME-RealWorld-Lite.json``...): what the studio offers to evaluate. Nothing is read inside."""
+    from vopd.benchmarks import BenchmarkError, get_benchmark
+
+    root = benchmarks_dir(settings)
+    found = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        name = entry.stem if entry.is_file() else entry.name
+        try:
+            found.append((get_benchmark(name).name, entry.name))
+        except BenchmarkError:
+            continue
+    return found
+
+
 def resolve_benchmark_data(settings: Settings, benchmark: str, data: str | None) -> Path:
     """The folder of a benchmark job: a name (or absolute path) *inside* VOPD_HOME/benchmarks, never elsewhere.
 

@@ -29,7 +29,7 @@ from app.inference import InferencePool, ModelCache
 from app.limits import BodySizeLimit, validation_error_handler
 from app.queueing import BrokerUnavailable, JobQueue
 from app.responses import install_error_docs, quota_exceeded_handler
-from app.routers import datasets, health, inspect, jobs, keys, models, openai_compat, sessions
+from app.routers import benchmarks, datasets, health, inspect, jobs, keys, models, openai_compat, sessions
 from app.settings import Settings, get_settings
 from vopd.redact import install_access_log_redaction
 
@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.inference_threads:
         torch.set_num_threads(settings.inference_threads)
     app.state.ui_mounted = False
-    for module in (jobs, datasets, models, inspect, health, keys, sessions, openai_compat):
+    for module in (jobs, datasets, models, benchmarks, inspect, health, keys, sessions, openai_compat):
         app.include_router(module.router)
     # Same-origin only: no Access-Control-Allow-Origin for any foreign origin. Its presence also switches off
     # Gradio's own CORS middleware, which echoes any Origin (with credentials) when the host is not localhost.

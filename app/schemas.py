@@ -331,6 +331,16 @@ class ModelList(BaseModel):
     items: list[ModelOut]
 
 
+class BenchmarkFolderOut(BaseModel):
+    suite: str = Field(description="The suite's name, usable as an eval job's config.benchmark.")
+    data: str = Field(description="The entry inside the benchmarks folder, usable as config.data.")
+
+
+class BenchmarkFolderList(BaseModel):
+    items: list[BenchmarkFolderOut]
+    folder: str = Field(description="Where an administrator places suites, one entry named after each suite.")
+
+
 # --------------------------------------------------------------------------- inspect
 class InspectRequest(InspectConfig):
     """InspectConfig plus where the image comes from: ``image_base64`` (PNG/JPEG bytes, base64) or a dataset

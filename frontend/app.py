@@ -117,6 +117,7 @@ def build_ui(api_base_url: str) -> gr.Blocks:
             )
         evaluate_tab_item.select(refresh_choices, choice_inputs, choice_components)
         evaluate_tab_item.select(evaluate.refresh_jobs, evaluate.refresh_inputs, evaluate.refresh_outputs)
+        evaluate_tab_item.select(evaluate.refresh_benchmarks, None, evaluate.benchmarks_note)
         jobs_tab_item.select(jobs.refresh_table, jobs.table_inputs, jobs.table)
         jobs_tab_item.select(jobs.on_show, jobs.open_inputs, jobs.open_outputs)
         ui.load(jobs.refresh_table, jobs.table_inputs, jobs.table)

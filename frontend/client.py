@@ -364,6 +364,10 @@ class VopdClient:
     def datasets(self) -> list[Dataset]:
         return self._get_json("/api/datasets", _DatasetList).items
 
+    def benchmarks(self) -> BenchmarkFolderList:
+        """The published suites placed in the server's benchmarks folder."""
+        return self._get_json("/api/benchmarks", BenchmarkFolderList)
+
     def samples(
         self, dataset_id: str, offset: int = 0, limit: int = 8, thumbnail: int = 320, original: bool = False
     ) -> SamplePage:
@@ -455,6 +459,16 @@ class _ModelList(_Model):
 
 class _DatasetList(_Model):
     items: list[Dataset]
+
+
+class BenchmarkFolder(_Model):
+    suite: str
+    data: str
+
+
+class BenchmarkFolderList(_Model):
+    items: list[BenchmarkFolder]
+    folder: str
 
 
 class _ArtifactList(_Model):

@@ -11,7 +11,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from frontend import render, strings
-from frontend.client import Job, VopdClient
+from frontend.client import BenchmarkFolderList, Job, VopdClient
 from frontend.context import HELD_OUT_DATASET_ID, UiContext, readable_errors
 from vopd.config import EvalConfig
 
@@ -255,6 +255,26 @@ def item_view(client: VopdClient, job: Job | None, records: list[dict[str, Any]]
 
 
 # ----------------------------------------------------------------------------- layout and wiring
+def benchmarks_found_note(found: BenchmarkFolderList) -> str:
+    """Which suites the server holds, and where an administrator adds more."""
+    if not found.items:
+        return f"No published suite on this server yet: place one in `{found.folder}`, in a folder named after it."
+    listed = ", ".join(f"{item.suite} (`{item.data}`)" for item in found.items)
+    return f"On this server ({found.folder}): {listed}."
+
+
+def benchmark_data_for(suite: str | None, current: str | None, found: BenchmarkFolderList) -> str | None:
+    """The folder to fill in for a picked suite: its entry on the server, unless the field already names another
+    folder by hand (an entry of another suite is replaced); None to leave the field as it is."""
+    entries = {item.suite: item.data for item in found.items}
+    if not suite or suite == NO_BENCHMARK or suite not in entries:
+        return None
+    typed = (current or "").strip()
+    if typed and typed not in entries.values():
+        return None
+    return entries[suite]
+
+
 @dataclass
 class EvaluateTab:
     models: gr.Dropdown
@@ -262,6 +282,8 @@ class EvaluateTab:
     refresh_jobs: Any
     refresh_inputs: list[Any]
     refresh_outputs: list[Any]
+    refresh_benchmarks: Any = None
+    benchmarks_note: Any = None
 
 
 def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
@@ -288,6 +310,7 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         benchmark_data = gr.Textbox(
             label=BENCHMARK_DATA_LABEL, placeholder="e.g. vstar", min_width=260, elem_id="eval-benchmark-data"
         )
+    benchmarks_note = gr.Markdown(elem_id="eval-benchmarks-found")
     trained_warning = gr.Markdown(elem_id="eval-trained-on")
     run_button = gr.Button(strings.RUN_EVAL, variant="primary", elem_id="eval-run")
     with gr.Row():
@@ -461,10 +484,25 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
     )
     load_button.click(on_load_items, [items_job], [records_job, records_state, items])
     items.select(on_item, [records_job, records_state], [item_text, student_image, teacher_image])
+
+    @readable_errors
+    def refresh_benchmarks(request: gr.Request) -> str:
+        return benchmarks_found_note(ctx.client(request).benchmarks())
+
+    @readable_errors
+    def on_pick_benchmark(request: gr.Request, suite: str | None, current: str | None) -> Any:
+        if not suite or suite == NO_BENCHMARK:
+            return gr.skip()
+        entry = benchmark_data_for(suite, current, ctx.client(request).benchmarks())
+        return gr.skip() if entry is None else entry
+
+    benchmark.input(on_pick_benchmark, [benchmark, benchmark_data], benchmark_data)
     return EvaluateTab(
         models=models,
         dataset=dataset,
         refresh_jobs=refresh_jobs,
         refresh_inputs=refresh_inputs,
         refresh_outputs=[picked, items_job],
+        refresh_benchmarks=refresh_benchmarks,
+        benchmarks_note=benchmarks_note,
     )

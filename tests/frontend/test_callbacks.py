@@ -785,3 +785,21 @@ def test_a_job_on_several_devices_or_machines_asks_for_them_as_the_server_checks
     api.routes["POST /api/jobs"] = httpx.Response(201, json=job_json(12, status="queued"))
     train.submit(api.client(), "tiny", "synth-64", values, "", gpus=2, nodes=2)
     assert api.bodies("POST /api/jobs")[0]["resources"] == {"gpus": 2, "nodes": 2}
+
+
+def test_a_picked_suite_fills_in_its_folder_on_the_server() -> None:
+    from frontend.client import BenchmarkFolder, BenchmarkFolderList
+    from frontend.tabs.evaluate import NO_BENCHMARK, benchmark_data_for, benchmarks_found_note
+
+    found = BenchmarkFolderList(
+        items=[BenchmarkFolder(suite="vstar", data="vstar_bench"), BenchmarkFolder(suite="zoombench", data="zb")],
+        folder="$VOPD_HOME/benchmarks",
+    )
+    assert benchmark_data_for("vstar", "", found) == "vstar_bench"
+    assert benchmark_data_for("zoombench", "vstar_bench", found) == "zb"  # another found suite's folder is replaced
+    assert benchmark_data_for("zoombench", "my/own/copy", found) is None  # a folder typed by hand stays
+    assert benchmark_data_for("mmstar", "", found) is None  # not on the server: nothing to fill
+    assert benchmark_data_for(NO_BENCHMARK, "", found) is None
+    assert "vstar (`vstar_bench`)" in benchmarks_found_note(found)
+    empty = benchmarks_found_note(BenchmarkFolderList(items=[], folder="$VOPD_HOME/benchmarks"))
+    assert "No published suite" in empty and "$VOPD_HOME/benchmarks" in empty

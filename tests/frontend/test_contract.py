@@ -27,6 +27,8 @@ PAIRS: list[tuple[type[BaseModel], Any]] = [
     (client.Sample, schemas.SampleOut),
     (client.SamplePage, schemas.SamplePage),
     (client.ModelInfo, schemas.ModelOut),
+    (client.BenchmarkFolder, schemas.BenchmarkFolderOut),
+    (client.BenchmarkFolderList, schemas.BenchmarkFolderList),
     (client.ComponentHealth, schemas.ComponentHealth),
     (client.Health, schemas.HealthOut),
     (client.KeyInfo, KeyOut),

@@ -148,3 +148,29 @@ def test_a_job_may_name_only_the_servers_own_judge(settings: Settings) -> None:
         assert queue.sent == []
     finally:
         engine.dispose()
+
+
+def test_the_server_lists_the_suites_in_its_benchmarks_folder(service: Service) -> None:
+    root = service.settings.home / "benchmarks"
+    made = [root / "vstar_bench", root / "ZoomBench", root / "hr_bench_4k.tsv", root / "my-notes"]
+    root.mkdir(exist_ok=True)
+    kept = {path.name for path in root.iterdir()}
+    try:
+        for path in made:
+            if path.suffix:
+                path.write_text("index\tquestion\n")
+            else:
+                path.mkdir(exist_ok=True)
+        answer = service.client.get("/api/benchmarks", headers=service.alice)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        listed = {(item["suite"], item["data"]) for item in body["items"] if item["data"] not in kept}
+        assert listed == {("vstar", "vstar_bench"), ("zoombench", "ZoomBench"), ("hrbench-4k", "hr_bench_4k.tsv")}
+        assert body["folder"] == "$VOPD_HOME/benchmarks"  # no server path
+        assert service.client.get("/api/benchmarks").status_code == 401
+    finally:
+        for path in made:
+            if path.is_dir():
+                path.rmdir()
+            elif path.exists():
+                path.unlink()
