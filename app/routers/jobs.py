@@ -153,7 +153,7 @@ def get_job(job_id: JobId, request: Request, presented: PresentedKeyDep) -> JobO
             key = find_api_key(session, presented)
             if key is None:
                 raise unknown_key_error()
-            return crud.job_out(session, _job_or_404(session, key.id, job_id))
+            return crud.job_out(session, _job_or_404(session, key.id, job_id), settings=request.app.state.settings)
         found = crud.job_with_position_for_key(session, hash_key(presented), job_id)
         if found is None:
             if find_api_key(session, presented) is None:
