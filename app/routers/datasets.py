@@ -189,7 +189,7 @@ def list_samples(
 @router.get(
     "/{dataset_id}/samples/{index}/image",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, 404: {"description": "No such dataset or sample for this key."}},
+    responses={200: {"content": {"image/png": {}}}, **errors(404)},
 )
 def sample_image(
     dataset_id: str, index: Annotated[int, PathParam(ge=0, le=2**31 - 1)], session: SessionDep, key: ApiKeyDep

@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import ApiKeyDep, SessionDep, SettingsDep
 from app.inference import InferenceBusy, InferenceTask
 from app.registry import UnknownName, list_models, resolve_model, visible_dataset
+from app.responses import errors
 from app.routers.inspect import decode_checked_image
 from app.settings import Settings
 from vopd.chat import ChatCancelled, ChatCompletion, ChatMessage, complete_chat
@@ -276,7 +277,7 @@ def _timeout(settings: Settings) -> HTTPException:
 
 
 # --------------------------------------------------------------------------- routes
-@router.get("/models", response_model=ModelCardList, responses={401: {"description": "No valid API key."}})
+@router.get("/models", response_model=ModelCardList)
 def get_models(session: SessionDep, settings: SettingsDep, key: ApiKeyDep) -> ModelCardList:
     """The models this key may use (the names of /api/models), in OpenAI's list format."""
     return ModelCardList(data=[ModelCard(id=model.name) for model in list_models(session, settings, key.id)])
@@ -287,11 +288,16 @@ def get_models(session: SessionDep, settings: SettingsDep, key: ApiKeyDep) -> Mo
     response_model=ChatCompletionOut,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "With stream=true, chat.completion.chunk events."},
-        401: {"description": "No API key, or an unknown or revoked one (Authorization: Bearer <key>)."},
-        404: {"description": "No model of that name for this key (GET /v1/models)."},
-        413: {"description": "An image over VOPD_MAX_INSPECT_IMAGE_MB or VOPD_MAX_INSPECT_IMAGE_PIXELS."},
-        503: {"description": "VOPD_INSPECT_QUEUE_SIZE requests already wait; retry after Retry-After seconds."},
-        504: {"description": "The completion ran past VOPD_INSPECT_TIMEOUT_S and was stopped."},
+        **errors(
+            404,
+            413,
+            503,
+            504,
+            d404="No model of that name for this key (GET /v1/models).",
+            d413="An image over VOPD_MAX_INSPECT_IMAGE_MB or VOPD_MAX_INSPECT_IMAGE_PIXELS, or a body over its limit.",
+            d503="VOPD_INSPECT_QUEUE_SIZE requests already wait; retry after Retry-After seconds.",
+            d504="The completion ran past VOPD_INSPECT_TIMEOUT_S and was stopped.",
+        ),
     },
 )
 async def chat_completions(
