@@ -225,8 +225,6 @@ def _existing_job(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> None:
 async def job_events(
     job_id: JobId,
     request: Request,
-    session: SessionDep,
-    key: ApiKeyDep,
     presented: PresentedKeyDep,
     since_metric: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     since_log: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
@@ -246,8 +244,8 @@ async def job_events(
     since_metric / since_log) skips what was received.
 
     Async, with the database polls in the thread pool: a waiting stream holds no thread and no connection."""
-    await run_in_threadpool(_job_or_404, session, key.id, job_id)
-    await run_in_threadpool(session.close)
+    # The job and the key were checked by ``_existing_job`` before the stream began; this generator keeps no request
+    # session (the session dependency ends when a generator route returns its generator, not when the stream ends).
     factory = request.app.state.session_factory
     poll_s = request.app.state.settings.events_poll_s
     if last_event_id is not None:  # the header wins: the browser reconnects to the same URL with it
