@@ -48,4 +48,4 @@ def test_eta_waits_for_measured_steps_and_ignores_start_up(tmp_path: Path) -> No
         assert eta_seconds(job, session) is None
         record(ETA_MIN_STEPS + 1)
         assert abs(eta_seconds(job, session) - (300 - ETA_MIN_STEPS - 1)) < 1e-6  # 1 s per step left
-        assert job_out(session, job).eta_seconds is not None
+        assert job_out(session, job, settings=settings).eta_seconds is not None
