@@ -129,6 +129,13 @@ class JobPlanOut(BaseModel):
         )
     )
     device_memory_bytes: int
+    host_bytes: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "What each process keeps in the host's memory instead of the device's (the runtime.offload_* settings): "
+            "masters, gradients, optimizer, teacher, as they apply, and total"
+        ),
+    )
     activations: dict[str, Any] = Field(description="with_checkpointing, without_checkpointing, peak_phase, phases")
     assumptions: dict[str, Any] = Field(description="world size, dtypes, rows, prompt and response tokens planned")
     suggestions: list[dict[str, Any]] = Field(

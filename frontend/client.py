@@ -35,6 +35,7 @@ class JobPlan(_Model):
     fits: bool
     per_device_bytes: dict[str, int]
     device_memory_bytes: int
+    host_bytes: dict[str, int] = {}
     suggestions: list[dict[str, Any]] = []
     table: str = ""
 

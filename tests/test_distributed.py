@@ -288,3 +288,24 @@ def test_nproc_refuses_a_batch_the_processes_cannot_share(tiny_model_dir, data, 
     assert main([*args, "--batch-size", "2", "--nproc", "0"]) == 2
     assert "--nproc must be at least 1" in capsys.readouterr().err
     assert not run.exists()  # refused before anything was launched or written
+
+
+@pytest.mark.parametrize(
+    ("strategy", "offload"),
+    [
+        ("ddp", ["--runtime.offload_optimizer", "true", "--runtime.offload_teacher", "true"]),
+        ("fsdp", ["--runtime.offload_params", "true", "--runtime.offload_optimizer", "true"]),
+        ("fsdp", ["--runtime.offload_params", "true", "--runtime.offload_teacher", "true"]),
+    ],
+    ids=["ddp-optimizer-teacher", "fsdp-params", "fsdp-params-teacher"],
+)
+def test_offloaded_state_across_processes_trains_the_single_process_weights(
+    strategy, offload, tiny_model_dir, data, single_run, tmp_path
+) -> None:
+    """AdamW's state and the teacher on the host under DDP (vopd.offload), the shards on the host under FSDP (FSDP2's
+    CPUOffloadPolicy, which runs on gloo too): the weights of the single process that offloaded nothing."""
+    run = tmp_path / strategy
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--output", str(run), *COMMON]
+    done = _vopd_train(*args, "--nproc", "2", "--runtime.strategy", strategy, *offload)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_weights(_weights(single_run), _weights(run))

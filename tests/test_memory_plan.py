@@ -104,12 +104,20 @@ def _paper(model: Path, **changes) -> TrainConfig:
 
 def test_sharding_divides_the_state_and_checkpointing_the_activations(config_only) -> None:
     shape = read_model_shape(config_only)
-    single = plan_memory(shape, _paper(config_only, runtime={"gradient_checkpointing": False}), world_size=1)
-    ddp = plan_memory(shape, _paper(config_only, runtime={"strategy": "ddp"}), world_size=4)
-    fsdp = plan_memory(shape, _paper(config_only, runtime={"strategy": "fsdp"}), world_size=4)
+    on_device = {"offload_optimizer": False, "offload_params": False, "offload_teacher": False}
+    single = plan_memory(
+        shape, _paper(config_only, runtime={"gradient_checkpointing": False, **on_device}), world_size=1
+    )
+    ddp = plan_memory(shape, _paper(config_only, runtime={"strategy": "ddp", **on_device}), world_size=4)
+    fsdp = plan_memory(shape, _paper(config_only, runtime={"strategy": "fsdp", **on_device}), world_size=4)
     for term in ("masters", "gradients", "optimizer", "teacher"):
         assert ddp.per_device_bytes[term] == single.per_device_bytes[term]
         assert fsdp.per_device_bytes[term] == pytest.approx(single.per_device_bytes[term] / 4, abs=1)
+    # The paper recipe's offload: under fsdp the same shards, on the host.
+    offloaded = plan_memory(shape, _paper(config_only, runtime={"strategy": "fsdp"}), world_size=4)
+    for term in ("masters", "gradients", "optimizer", "teacher"):
+        assert offloaded.per_device_bytes[term] == 0
+        assert offloaded.host_bytes[term] == fsdp.per_device_bytes[term]
     # bf16 autocast over fp32 masters on a GPU: a compute-dtype copy of every trainable weight
     assert single.per_device_bytes["compute_copies"] == 2 * single.assumptions["trainable_parameters"]
     assert single.per_device_bytes["runtime"] > 0

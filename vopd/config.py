@@ -381,6 +381,34 @@ class RuntimeConfig(_Strict):
             "split: it runs every row of the micro-batch together."
         ),
     )
+    offload_optimizer: bool = Field(
+        False,
+        description=(
+            "Training only: keep AdamW's moments, its step and an fp32 copy of each trainable weight on the host; "
+            "each step copies the gradients there, steps on the CPU and copies the weights back (as the official "
+            "run's optimizer offload). Frees 8 bytes per trainable parameter on the device at the cost of two "
+            "transfers per step; results equal the on-device optimizer's. Under fsdp it comes with offload_params "
+            "(the state follows the host-held shards)."
+        ),
+    )
+    offload_params: bool = Field(
+        False,
+        description=(
+            "Training only, fsdp: keep the sharded fp32 master weights and their gradients on the host (FSDP2's CPU "
+            "offload policy); each block is gathered onto the device for its forward and backward, and AdamW steps "
+            "on the host shards, so its state lives there too. Single-process and ddp runs hold whole weights on the "
+            "device: there it has no effect (the plan says so). CUDA only in practice: not measured on a CPU run."
+        ),
+    )
+    offload_teacher: bool = Field(
+        False,
+        description=(
+            "Training only: keep the EMA (fixed, progressive) teacher's weights on the host. Under single and ddp "
+            "they stream to the device one transformer block at a time for the teacher's forward and are released "
+            "after it; the EMA update runs on the host. Under fsdp the teacher's shards use FSDP2's CPU offload "
+            "policy. Results equal the on-device teacher's."
+        ),
+    )
     dist_timeout_s: float = Field(
         600.0,
         gt=0,
@@ -406,6 +434,16 @@ class RuntimeConfig(_Strict):
             raise ValueError(
                 "float16 weights cannot be trained (updates underflow and the loss scaler refuses fp16 gradients): "
                 "keep runtime.master_dtype float32 with runtime.dtype float16, or use bfloat16"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _offload(self) -> RuntimeConfig:
+        if self.strategy == "fsdp" and self.offload_optimizer and not self.offload_params:
+            raise ValueError(
+                "under fsdp AdamW's state lives with the parameter shards: offload it with runtime.offload_params "
+                "(FSDP2's CPU offload policy), which moves the shards, their gradients and the optimizer state to the "
+                "host together"
             )
         return self
 
@@ -656,7 +694,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # student's top-100 + tail, EMA teacher at rate 0.05, truncated importance weights at 2.0, one epoch (65 steps
     # on Vision-OPD-6K). 96 prompts = 8 per micro-batch x 12 micro-batches; split them as memory allows. Its memory
     # settings: activation checkpointing (enable_gradient_checkpointing) and forwards of at most 9216 tokens
-    # (use_dynamic_bsz with ppo_max_token_len_per_gpu 9216).
+    # (use_dynamic_bsz with ppo_max_token_len_per_gpu 9216); the actor's parameters and optimizer state and the
+    # reference (teacher) parameters offloaded to the host (param_offload, optimizer_offload, ref param_offload).
     "paper": {
         "epochs": 1,
         "batch_size": 8,
@@ -677,7 +716,14 @@ RECIPES: dict[str, dict[str, Any]] = {
             "is_clip": 2.0,
         },
         "teacher": {"mode": "ema", "ema_rate": 0.05},
-        "runtime": {"master_dtype": "float32", "gradient_checkpointing": True, "max_tokens_per_micro_batch": 9216},
+        "runtime": {
+            "master_dtype": "float32",
+            "gradient_checkpointing": True,
+            "max_tokens_per_micro_batch": 9216,
+            "offload_optimizer": True,
+            "offload_params": True,
+            "offload_teacher": True,
+        },
         "views": {"max_pixels": None},
     },
     # `vopd reproduce`'s default arm on the tiny world (docs/reproduction.md): forward KL (alpha 0) to a fixed crop

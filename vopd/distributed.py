@@ -121,20 +121,25 @@ def _shard_units(model: nn.Module, vision_tower: nn.Module | None) -> list[nn.Mo
     return units
 
 
-def shard(model: nn.Module, vision_tower: nn.Module | None) -> nn.Module:
+def shard(model: nn.Module, vision_tower: nn.Module | None, *, offload: bool = False) -> nn.Module:
     """FSDP2 ``fully_shard`` on each block, the vision tower and the root, in place; parameters become DTensor
-    shards over all ranks. Forward and backward then gather each unit's weights just in time."""
+    shards over all ranks. Forward and backward then gather each unit's weights just in time.
+
+    ``offload`` (``runtime.offload_params`` for the student, ``runtime.offload_teacher`` for the teacher): FSDP2's
+    ``CPUOffloadPolicy``, the shards (and a student's gradients) on the host, each unit copied to the device for its
+    all-gather; the optimizer then steps on the host shards, so its state lives there too."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    policy = CPUOffloadPolicy(pin_memory=device_type == "cuda") if offload else OffloadPolicy()
     # The root is the transformers model under peft's wrapper: peft's generate() calls the inner model directly, so a
     # root on the wrapper would never gather the embeddings for it.
     root = unwrap_model(model)
     for unit in _shard_units(root, vision_tower):
-        fully_shard(unit, mesh=mesh)
-    fully_shard(root, mesh=mesh)
+        fully_shard(unit, mesh=mesh, offload_policy=policy)
+    fully_shard(root, mesh=mesh, offload_policy=policy)
     return model
 
 
@@ -197,3 +202,10 @@ def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
         target.copy_(distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements))
     else:
         target.copy_(full)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor shard (the tensor itself otherwise)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -81,6 +81,9 @@ class ModelShape:
     image_tokens: int = 0  # tokens of one image at the processor's pixel limit (merged, as the text model sees them)
     pixels_per_token: int | None = None  # Qwen-VL families: (patch x merge)^2 pixels per token; None: a fixed count
     patches_per_token: int = 1  # vision-tower positions per merged token (merge^2)
+    # Parameters outside every transformer block (embeddings, LM head, final norm, the vision tower's patch embedding
+    # and merger): what a streamed (offloaded) module keeps on the device for a whole forward.
+    non_block_parameters: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -166,6 +169,9 @@ def read_model_shape(folder: str | Path) -> ModelShape:
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [module for module in model.modules() if type(module).__name__ in block_names]
     largest = max((sum(p.numel() for p in block.parameters()) for block in blocks), default=0)
+    nested = {id(child) for block in blocks for child in block.modules() if child is not block}
+    in_blocks = {id(p) for block in blocks if id(block) not in nested for p in block.parameters()}
+    non_block = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in in_blocks)
     tower_ids = {id(module) for module in tower.modules()} if tower is not None else set()
     linears = tuple(
         (name.rsplit(".", 1)[-1], module.in_features, module.out_features, id(module) in tower_ids)
@@ -187,6 +193,7 @@ def read_model_shape(folder: str | Path) -> ModelShape:
         image_tokens=image_tokens,
         pixels_per_token=pixels_per_token,
         patches_per_token=patches_per_token,
+        non_block_parameters=non_block,
     )
 
 
@@ -201,6 +208,8 @@ class MemoryPlan:
     activations: dict[str, Any]  # with and without checkpointing, and the phase that peaks
     assumptions: dict[str, Any]  # what the numbers rest on (world size, dtypes, rows, tokens...)
     suggestions: list[dict[str, Any]] = field(default_factory=list)
+    # What each process keeps in the host's memory instead (the offload settings), by term, and "total".
+    host_bytes: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -350,9 +359,19 @@ def plan_memory(
         trainable = shape.parameters - (shape.vision_parameters if config.freeze_vision_tower else 0)
         held = shape.parameters * master
         teacher = shape.parameters * master if config.teacher.mode != "current" else 0
+    fsdp = runtime.strategy == "fsdp"
     copies = trainable * compute if compute < master else 0
-    if runtime.strategy == "fsdp" and world_size > 1:
-        copies += 2 * shape.largest_block_parameters * master  # the block being computed and the prefetched next
+    gathered = 2 * shape.largest_block_parameters * master  # the block being computed and the prefetched next
+    if fsdp and (world_size > 1 or runtime.offload_params):
+        copies += gathered
+    if fsdp and runtime.offload_params:  # the root unit (outside every block) is copied over for the whole forward
+        copies += shape.non_block_parameters * master
+    # The teacher's weights on the device while it scores, when they live on the host: streamed block by block (the
+    # weights outside the blocks for the whole forward); an adapter is copied into the student's, costing nothing.
+    streamed = 0
+    if runtime.offload_teacher and teacher and not lora:
+        blocks = gathered if fsdp else shape.largest_block_parameters * master
+        streamed = blocks + shape.non_block_parameters * master
     activations = activation_bytes(
         shape, config, world_size=world_size, device_type=device_type, prompt_tokens=prompt_tokens
     )
@@ -364,17 +383,36 @@ def plan_memory(
         prompt_tokens=prompt_tokens,
         checkpointing=not runtime.gradient_checkpointing,
     )
-    terms = {
+    for figures in (activations, other):
+        if streamed:
+            figures["phases"]["teacher_forward"] += streamed
+            figures["phase"] = max(figures["phases"], key=figures["phases"].__getitem__)
+            figures["bytes"] = figures["phases"][figures["phase"]]
+    state = {
         "masters": math.ceil(held / shards),
         "gradients": math.ceil(trainable * master / shards),
         "optimizer": math.ceil(2 * trainable * master / shards),
         "teacher": math.ceil(teacher / shards),
+    }
+    # Where each offload setting moves a term: to the host, whole (per process).
+    host: dict[str, int] = {}
+    if fsdp and runtime.offload_params:  # FSDP2's CPU offload: the shards, their gradients and so AdamW's state
+        for name in ("masters", "gradients", "optimizer"):
+            host[name] = state.pop(name)
+    elif runtime.offload_optimizer and not fsdp:
+        # AdamW's moments, plus its host copy of each trainable weight and a host buffer for each gradient.
+        host["optimizer"] = state.pop("optimizer") + 2 * math.ceil(trainable * master)
+    if runtime.offload_teacher and teacher:
+        host["teacher"] = state.pop("teacher")
+    terms = {
+        **{name: state.get(name, 0) for name in ("masters", "gradients", "optimizer", "teacher")},
         "compute_copies": copies,
         "rollout_engine": _rollout_engine_bytes(config, device_memory, device_type),
         "activations": int(activations["bytes"]),
         "runtime": CUDA_RUNTIME_BYTES if device_type == "cuda" else 0,
     }
     terms["total"] = sum(terms.values())
+    host["total"] = sum(host.values())
     with_ckpt, without_ckpt = (activations, other) if runtime.gradient_checkpointing else (other, activations)
     rows, prompt, source = _rows_and_tokens(config, shape, world_size, prompt_tokens)
     plan = MemoryPlan(
@@ -403,8 +441,18 @@ def plan_memory(
             "max_tokens_per_micro_batch": runtime.max_tokens_per_micro_batch,
             "tokens_per_forward": int(activations["tokens"]),
             "gradient_checkpointing": runtime.gradient_checkpointing,
+            "offload_optimizer": runtime.offload_optimizer and not fsdp,
+            "offload_params": runtime.offload_params and fsdp,
+            "offload_teacher": runtime.offload_teacher and bool(teacher),
+            "teacher_streamed_bytes": streamed,
+            "host_bytes_are": "per process",
         },
+        host_bytes=host,
     )
+    if runtime.offload_params and not fsdp:
+        plan.assumptions["offload_params_note"] = "runtime.offload_params applies under fsdp only: no effect here"
+    if runtime.offload_optimizer and fsdp and not runtime.offload_params:
+        plan.assumptions["offload_optimizer_note"] = "under fsdp the optimizer moves with runtime.offload_params"
     if suggest and not plan.fits:
         plan.suggestions = suggestions(
             shape,
@@ -452,6 +500,17 @@ def _candidates(config: TrainConfig, world_size: int) -> list[tuple[dict[str, An
             change: dict[str, Any] = {"batch_size": size, "grad_accum": step_prompts // size}
             if checkpointing:
                 change["runtime.gradient_checkpointing"] = True
+            out.append((change, world_size))
+    # The state to the host: AdamW's (with fsdp's shards), the teacher's, then both.
+    if runtime.strategy == "fsdp":
+        optimizer_offload = {} if runtime.offload_params else {"runtime.offload_params": True}
+        if optimizer_offload and runtime.offload_optimizer is False:
+            optimizer_offload["runtime.offload_optimizer"] = True
+    else:
+        optimizer_offload = {} if runtime.offload_optimizer else {"runtime.offload_optimizer": True}
+    teacher_offload = {} if runtime.offload_teacher else {"runtime.offload_teacher": True}
+    for change in (optimizer_offload, teacher_offload, {**optimizer_offload, **teacher_offload}):
+        if change:
             out.append((change, world_size))
     # Shard the state over the devices there are, then over more.
     if runtime.strategy != "fsdp" and world_size > 1:
@@ -548,6 +607,9 @@ def format_table(plan: MemoryPlan, shape: ModelShape | None = None) -> str:
     lines.append(f"| {'term':<15} | {'GiB per device':>14} |")
     for name, value in plan.per_device_bytes.items():
         lines.append(f"| {name:<15} | {value / gib:14.2f} |")
+    if plan.host_bytes.get("total"):
+        moved = ", ".join(f"{name} {value / gib:.2f}" for name, value in plan.host_bytes.items() if name != "total")
+        lines.append(f"on the host instead (GiB per process): {moved}; total {plan.host_bytes['total'] / gib:.2f}")
     lines.append(
         f"activations: {plan.activations['without_checkpointing'] / gib:.2f} GiB without checkpointing, "
         f"{plan.activations['with_checkpointing'] / gib:.2f} GiB with it (peak: {plan.activations['peak_phase']})"
@@ -559,5 +621,5 @@ def format_table(plan: MemoryPlan, shape: ModelShape | None = None) -> str:
         changes = ", ".join(f"{key}={value}" for key, value in suggestion["set"].items())
         lines.append(f"  fits with {changes}{where}: {suggestion['total_bytes'] / gib:.2f} GiB")
     if not plan.fits and not plan.suggestions:
-        lines.append("  no single change of checkpointing, micro-batch or device count makes it fit")
+        lines.append("  no single change of checkpointing, micro-batch, offload or device count makes it fit")
     return "\n".join(lines)

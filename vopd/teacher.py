@@ -27,7 +27,8 @@ from torch import nn
 from transformers import BatchFeature
 
 from vopd.config import TeacherConfig
-from vopd.distributed import copy_full_into, full_tensor, is_sharded, reshard
+from vopd.distributed import copy_full_into, full_tensor, is_sharded, local_tensor, reshard
+from vopd.offload import HostModule, to_host
 from vopd.rollout import RolloutBatch, head_bypassed, response_logits
 
 
@@ -42,24 +43,43 @@ def _is_peft(model: nn.Module) -> bool:
 class Teacher:
     """Scores rollouts on the crop view with the teacher's weights; updated after each step."""
 
-    def __init__(self, student: nn.Module, config: TeacherConfig, *, frozen_copy: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        config: TeacherConfig,
+        *,
+        frozen_copy: nn.Module | None = None,
+        offload: bool = False,
+    ) -> None:
         """``student`` is the model itself (not a DDP wrapper). ``frozen_copy`` is the teacher's own module when the
-        caller made it (``initial_copy``, then sharded like the student); otherwise it is copied here if needed."""
+        caller made it (``initial_copy``, then sharded like the student); otherwise it is copied here if needed.
+
+        ``offload`` (``runtime.offload_teacher`` outside fsdp, whose shards are offloaded by FSDP2 itself): the
+        teacher's weights live on the host (``vopd.offload``); a separate module streams to the device block by block
+        for each forward, an adapter is copied into the student's for it; the EMA update runs on the host."""
         self.config = config
         self.student = student
         self.uses_adapter = _is_peft(student)
         self.shadow: dict[str, torch.Tensor] = {}  # EMA (or fixed) copies of the trainable tensors
         self.frozen_copy: nn.Module | None = None  # full fine-tune with a weight-holding mode: a separate module
+        self.host_module: HostModule | None = None  # the frozen copy's weights on the host (offload)
+        self.offload = offload
         if config.mode == "current":
             return
         if self.uses_adapter and config.mode in ("fixed", "trust_region"):
             return  # the initial weights are the base with the adapter disabled
+        device = next(student.parameters()).device
         if self.uses_adapter:  # ema / progressive over the adapter only
-            self.shadow = {name: p.detach().clone() for name, p in trainable_parameters(student).items()}
+            trainable = trainable_parameters(student)
+            self.shadow = {name: to_host(p, device) if offload else p.detach().clone() for name, p in trainable.items()}
         else:
             names = list(trainable_parameters(student))
             self.frozen_copy = frozen_copy if frozen_copy is not None else self.initial_copy(student, config)
-            params = dict(self.frozen_copy.named_parameters())
+            if offload and not is_sharded(self.frozen_copy):
+                self.host_module = HostModule(self.frozen_copy, device)
+                params = self.host_module.host
+            else:
+                params = dict(self.frozen_copy.named_parameters())
             self.shadow = {name: params[name] for name in names}  # views into the copy: updates act on it
 
     @staticmethod
@@ -76,7 +96,10 @@ class Teacher:
     def scoring(self) -> Iterator[nn.Module]:
         """Yield the module that holds the teacher's weights, with grad off (trust_region: its initial weights)."""
         with torch.no_grad():
-            if self.frozen_copy is not None:
+            if self.host_module is not None:
+                with self.host_module.on_device() as module:
+                    yield module
+            elif self.frozen_copy is not None:
                 try:
                     yield self.frozen_copy
                 finally:
@@ -88,7 +111,8 @@ class Teacher:
                     yield self.student
             else:  # LoRA + ema/progressive: swap the teacher's adapter in, then restore the student's
                 live = trainable_parameters(self.student)
-                saved = {name: p.detach().clone() for name, p in live.items()}
+                device = next(iter(live.values())).device
+                saved = {name: to_host(p, device) if self.offload else p.detach().clone() for name, p in live.items()}
                 try:
                     for name, param in live.items():
                         param.data.copy_(self.shadow[name])
@@ -128,13 +152,15 @@ class Teacher:
         if self.config.mode == "ema":
             live = trainable_parameters(self.student)
             shadows = [self.shadow[name] for name in live]
-            targets = [param.detach().to(shadow.dtype) for param, shadow in zip(live.values(), shadows, strict=True)]
-            if all(isinstance(t, torch.Tensor) and type(t.data) is torch.Tensor for t in shadows + targets):
-                # One call for all tensors (the same lerp per tensor, without ~100 Python-level ops per step).
-                torch._foreach_lerp_(shadows, targets, self.config.ema_rate)
-            else:  # DTensor shards (FSDP)
-                for shadow, target in zip(shadows, targets, strict=True):
-                    shadow.lerp_(target, self.config.ema_rate)
+            # Where the teacher's weights live (the host when offloaded): the student's come to them.
+            shadows = [local_tensor(shadow) for shadow in shadows]
+            targets = [
+                local_tensor(param.detach()).to(device=shadow.device, dtype=shadow.dtype)
+                for param, shadow in zip(live.values(), shadows, strict=True)
+            ]
+            # One call for all tensors (the same lerp per tensor, without ~100 Python-level ops per step). DTensor
+            # shards (FSDP) are updated through their local parts: student and teacher are sharded alike.
+            torch._foreach_lerp_(shadows, targets, self.config.ema_rate)
         elif self.config.mode == "progressive" and step % self.config.sync_every == 0:
             for name, param in trainable_parameters(self.student).items():
                 self.shadow[name].copy_(param.detach())

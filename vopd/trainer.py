@@ -40,6 +40,7 @@ from vopd.engines import create_rollout_engine
 from vopd.evidence import EvidenceCache, evidence_metrics
 from vopd.guard import CollapseGuard
 from vopd.micro_batches import padded_tokens, select_rollout, split_to_count, token_budget_groups
+from vopd.offload import HostAdamW
 from vopd.models import (
     LoadedModel,
     image_features_refusal,
@@ -213,26 +214,40 @@ class OPDTrainer:
         self.student: nn.Module = self.loaded.model
         frozen_copy = Teacher.initial_copy(self.student, config.teacher)
         self.trained: nn.Module = self.student
+        runtime = config.runtime
         if self.ranks.strategy == "fsdp":
-            for module in (self.student, frozen_copy):
+            for module, offload in ((self.student, runtime.offload_params), (frozen_copy, runtime.offload_teacher)):
                 if module is not None:
-                    distributed.shard(module, vision_tower_module(module))
+                    distributed.shard(module, vision_tower_module(module), offload=offload)
                     distributed.first_forward(module, self._two_token_ids())
         elif self.ranks.strategy == "ddp":
             self.trained = distributed.data_parallel(self.student, self.ranks)
-        self.teacher = Teacher(self.student, config.teacher, frozen_copy=frozen_copy)
+        if runtime.offload_params and self.ranks.strategy != "fsdp":
+            self.callbacks.on_log(
+                f"runtime.offload_params applies to fsdp's shards: this {self.ranks.strategy} run keeps its weights "
+                "on the device"
+            )
+        # Outside fsdp the teacher's weights go to the host here (vopd.offload); under fsdp its shards already did.
+        offload_teacher = runtime.offload_teacher and self.ranks.strategy != "fsdp"
+        self.teacher = Teacher(self.student, config.teacher, frozen_copy=frozen_copy, offload=offload_teacher)
         self.guard = CollapseGuard(config.collapse_guard, self.samples, config.views)
         # Box-free samples (views.evidence search/auto): the teacher's crop is the window it is most confident on,
         # searched per sample, cached and refreshed every views.search_refresh_steps (vopd.evidence); checkpointed.
         self.evidence = EvidenceCache(config.views)
         if not trainable_parameters(self.student):
             raise ValueError("no trainable parameters: check lora/freeze settings")
-        self.optimizer = torch.optim.AdamW(
-            optimizer_param_groups(self.student, config.lr, config.vision_lr_scale),
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            **_fused_adamw(self.student, self.ranks.distributed),
-        )
+        groups = optimizer_param_groups(self.student, config.lr, config.vision_lr_scale)
+        self.optimizer: torch.optim.Optimizer
+        if runtime.offload_optimizer and self.ranks.strategy != "fsdp":
+            # AdamW's state and the step on the host (under fsdp, offload_params moved the shards there instead).
+            self.optimizer = HostAdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                groups,
+                lr=config.lr,
+                weight_decay=config.weight_decay,
+                **_fused_adamw(self.student, self.ranks.distributed),
+            )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_then_constant(config.warmup_steps))
         # fp16 arithmetic over fp32 masters needs loss scaling (bf16 has fp32's range and does not).
         self.scaler: torch.amp.GradScaler | None = None
@@ -335,7 +350,7 @@ class OPDTrainer:
 
     def _load_state(self, checkpoint: Path) -> None:
         state = torch.load(checkpoint / STATE_FILE, map_location=self.loaded.device, weights_only=False)
-        if self.ranks.distributed:
+        if self.ranks.distributed and not isinstance(self.optimizer, HostAdamW):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(
@@ -843,6 +858,8 @@ class OPDTrainer:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(self.student, options=options)
+        if isinstance(self.optimizer, HostAdamW):  # ddp: every rank holds the whole state already
+            return model_state, self.optimizer.state_dict()
         return model_state, get_optimizer_state_dict(self.student, self.optimizer, options=options)
 
     def save_checkpoint(self) -> Path:

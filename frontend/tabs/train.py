@@ -64,6 +64,9 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("runtime.master_dtype", "Master weights dtype", "dropdown", choices=("float32", "compute")),
     FieldSpec("runtime.gradient_checkpointing", "Activation checkpointing", "checkbox"),
     FieldSpec("runtime.max_tokens_per_micro_batch", "Max tokens per forward (0 = no limit)", "int", zero_is_unset=True),
+    FieldSpec("runtime.offload_optimizer", "Optimizer state on the host (CPU offload)", "checkbox"),
+    FieldSpec("runtime.offload_teacher", "Teacher weights on the host (CPU offload)", "checkbox"),
+    FieldSpec("runtime.offload_params", "Weight shards on the host (FSDP CPU offload)", "checkbox"),
     FieldSpec("report_to", "Also log to", "checkboxes", choices=("tensorboard", "mlflow", "wandb")),
 )
 

@@ -246,6 +246,8 @@ def test_presets_fill_every_form_field() -> None:
     assert paper["lr"] == 2e-6 and paper["divergence.alpha"] == 0.5 and paper["warmup_steps"] == 10
     assert paper["rollout.num_rollouts"] == 8 and paper["rollout.max_new_tokens"] == 1024
     assert paper["steps"] is None and paper["epochs"] == 1 and paper["freeze_vision_tower"] is False
+    assert paper["runtime.offload_optimizer"] and paper["runtime.offload_teacher"] and paper["runtime.offload_params"]
+    assert tiny["runtime.offload_optimizer"] is False and tiny["runtime.offload_teacher"] is False
     # The form's paper run is the CLI's `--preset paper` (one recipe, one merge).
     from vopd.config import load_config
 

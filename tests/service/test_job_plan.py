@@ -30,6 +30,28 @@ def test_the_plan_of_a_train_job_is_previewed_and_nothing_is_queued(service: Ser
     assert tight["fits"] is False and "does NOT fit" in tight["table"]
 
 
+def test_the_offload_settings_pass_through_the_shared_config(service: Service) -> None:
+    """The paper recipe offloads AdamW's state and the teacher (ddp on 2 devices here): the plan puts them on the
+    host; a job's own config switches them off."""
+    offloaded = _plan(service, device_memory="80GiB", device_type="cuda", resources={"gpus": 2}).json()
+    assert offloaded["per_device_bytes"]["optimizer"] == 0 and offloaded["per_device_bytes"]["teacher"] == 0
+    assert offloaded["host_bytes"]["optimizer"] > 0 and offloaded["host_bytes"]["teacher"] > 0
+    off = {"offload_optimizer": False, "offload_params": False, "offload_teacher": False}
+    config = {"model": "tiny", "dataset": "synth-64", "runtime": off}
+    on_device = _plan(service, device_memory="80GiB", device_type="cuda", resources={"gpus": 2}, config=config).json()
+    assert on_device["host_bytes"] == {"total": 0}
+    assert on_device["per_device_bytes"]["teacher"] == offloaded["host_bytes"]["teacher"]
+    refused = _plan(
+        service,
+        config={
+            "model": "tiny",
+            "dataset": "synth-64",
+            "runtime": {"strategy": "fsdp", **off, "offload_optimizer": True},
+        },
+    )
+    assert refused.status_code == 422 and "offload_params" in refused.text
+
+
 def test_a_plan_refuses_what_it_cannot_read(service: Service) -> None:
     unknown = service.client.post(
         "/api/jobs/plan",
