@@ -193,3 +193,30 @@ def test_offload_is_suggested_where_it_is_what_makes_a_plan_fit(tiny_model_dir) 
     assert not plan.fits
     assert plan.suggestions[0]["set"] == {"runtime.offload_optimizer": True}
     assert "devices" not in plan.suggestions[0]
+
+
+def test_fsdp_units_get_the_cpu_offload_policy_only_when_asked(tiny_model_dir) -> None:
+    """The wiring of ``runtime.offload_params`` / ``offload_teacher`` under fsdp: every unit ``shard`` makes carries
+    FSDP2's CPUOffloadPolicy, or none (one gloo process here; the weights' equality is tests/test_distributed.py's)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    from vopd.distributed import shard
+    from vopd.models import load_model_and_processor, vision_tower_module
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        for offload in (True, False):
+            model = load_model_and_processor(tiny_model_dir, trainable=True).model
+            shard(model, vision_tower_module(model), offload=offload)
+            units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+            assert len(units) > 2
+            policies = [unit._get_fsdp_state()._fsdp_param_group.offload_policy for unit in units]
+            assert all(isinstance(policy, CPUOffloadPolicy) == offload for policy in policies)
+    finally:
+        dist.destroy_process_group()

@@ -40,7 +40,6 @@ from vopd.engines import create_rollout_engine
 from vopd.evidence import EvidenceCache, evidence_metrics
 from vopd.guard import CollapseGuard
 from vopd.micro_batches import padded_tokens, select_rollout, split_to_count, token_budget_groups
-from vopd.offload import HostAdamW
 from vopd.models import (
     LoadedModel,
     image_features_refusal,
@@ -52,6 +51,7 @@ from vopd.models import (
     vision_tower_module,
     with_image_features,
 )
+from vopd.offload import HostAdamW
 from vopd.rollout import (
     PromptPass,
     RolloutBatch,
