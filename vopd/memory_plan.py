@@ -63,6 +63,14 @@ class BlockShape:
     q_dim: int  # attention heads x head width
     kv_dim: int  # key/value heads x head width
     cache_layers: int  # blocks that keep a KV cache while generating (full attention)
+    # Qwen3.5-style full attention: an output gate (q_proj twice as wide) and RMS norms over q and k heads.
+    gated_attention: bool = False
+    # Gated DeltaNet (linear-attention) blocks among ``layers``, and their key/value heads and head widths.
+    linear_layers: int = 0
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class ModelShape:
 
 
 # ------------------------------------------------------------------------------------------------------ reading
-def _text_block(text_config: Any) -> BlockShape:
+def _text_block(text_config: Any, *, gated_attention: bool = False) -> BlockShape:
     hidden = int(text_config.hidden_size)
     heads = int(getattr(text_config, "num_attention_heads", 1) or 1)
     head_dim = int(getattr(text_config, "head_dim", None) or hidden // heads)
@@ -100,6 +108,7 @@ def _text_block(text_config: Any) -> BlockShape:
     layers = int(text_config.num_hidden_layers)
     layer_types = list(getattr(text_config, "layer_types", None) or [])
     cache_layers = sum(kind == "full_attention" for kind in layer_types) if layer_types else layers
+    linear = sum(kind == "linear_attention" for kind in layer_types)
     return BlockShape(
         layers=layers,
         hidden=hidden,
@@ -107,6 +116,12 @@ def _text_block(text_config: Any) -> BlockShape:
         q_dim=heads * head_dim,
         kv_dim=kv_heads * head_dim,
         cache_layers=cache_layers,
+        gated_attention=gated_attention,
+        linear_layers=linear,
+        linear_key_heads=int(getattr(text_config, "linear_num_key_heads", 0) or 0) if linear else 0,
+        linear_value_heads=int(getattr(text_config, "linear_num_value_heads", 0) or 0) if linear else 0,
+        linear_key_dim=int(getattr(text_config, "linear_key_head_dim", 0) or 0) if linear else 0,
+        linear_value_dim=int(getattr(text_config, "linear_value_head_dim", 0) or 0) if linear else 0,
     )
 
 
@@ -179,6 +194,13 @@ def read_model_shape(folder: str | Path) -> ModelShape:
         if isinstance(module, torch.nn.Linear)
     )
     text_config = config.get_text_config()
+    # Qwen3.5-style gated attention: a q projection twice the heads' width (queries and their output gate).
+    heads = int(getattr(text_config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(text_config, "head_dim", None) or int(text_config.hidden_size) // heads)
+    gated = any(
+        name == "q_proj" and fan_out == 2 * heads * head_dim and not in_vision
+        for name, _, fan_out, in_vision in linears
+    )
     vision_config = getattr(config, "vision_config", None)
     image_tokens, pixels_per_token, patches_per_token = _image_tokens(folder, config, vision_config)
     return ModelShape(
@@ -187,7 +209,7 @@ def read_model_shape(folder: str | Path) -> ModelShape:
         vision_parameters=vision_parameters,
         largest_block_parameters=largest,
         vocab=int(text_config.vocab_size),
-        text=_text_block(text_config),
+        text=_text_block(text_config, gated_attention=gated),
         vision=_vision_block(vision_config),
         linear_layers=linears,
         image_tokens=image_tokens,
@@ -231,8 +253,57 @@ def _block_saved_bytes(block: BlockShape, compute_bytes: int, tokens: int) -> in
     """
     norms = 2 * (8 * block.hidden + (compute_bytes * block.hidden if compute_bytes < 4 else 0))
     attention = compute_bytes * (3 * block.q_dim + 2 * block.kv_dim)
+    if block.gated_attention:
+        # The q projection's gate half, its sigmoid and the gated product (the output projection's input); the q and
+        # k heads' RMS norms keep their fp32 normalised values and their cast back.
+        attention += 3 * compute_bytes * block.q_dim + (4 + compute_bytes) * (block.q_dim + block.kv_dim)
     mlp = compute_bytes * 4 * block.intermediate
     return tokens * (norms + attention + mlp)
+
+
+# The reference chunked kernel of the gated delta rule (transformers' ``torch_chunk_gated_delta_rule``) splits the
+# sequence into chunks of this many positions (its ``chunk_size`` default).
+DELTA_RULE_CHUNK = 64
+
+
+def _linear_block_saved_bytes(block: BlockShape, compute_bytes: int, tokens: int, rows: int) -> int:
+    """Bytes a Gated DeltaNet block saves for its backward over ``tokens`` positions in ``rows`` rows (no
+    checkpointing), as PyTorch's reference chunked kernel keeps them (what runs where flash-linear-attention is not
+    installed, and on every CPU).
+
+    Outside the kernel, in the compute dtype: the convolution's input and its activation's input (q, k and v
+    together), the output gate z. Inside it, in fp32 with each key head repeated for its value heads (width ``kv`` =
+    value heads x key width): q and k each as copied, normalised and padded, and decayed (3 each), v copied and padded,
+    beta x k and beta x v, the triangular solves' outputs, each chunk's corrected values and the output; per position
+    five chunk x chunk matrices per value head (the pairwise decays, the UT system and the intra-chunk attention,
+    before and after their masks); per chunk the recurrent state (value heads x key width x value width). The gated
+    RMS norm keeps its fp32 input, normalised and weighted values and the gate's activation, and its output.
+    """
+    chunk = DELTA_RULE_CHUNK
+    key = block.linear_key_heads * block.linear_key_dim
+    value = block.linear_value_heads * block.linear_value_dim
+    kv = block.linear_value_heads * block.linear_key_dim
+    per_token = 2 * (8 * block.hidden + (compute_bytes * block.hidden if compute_bytes < 4 else 0))  # the norms
+    per_token += compute_bytes * (2 * (2 * key + value) + value)  # convolution in and activation in; the gate z
+    per_token += 4 * (8 * kv + 6 * value)  # the kernel's q, k, v copies and their products
+    per_token += 4 * 5 * block.linear_value_heads * chunk  # chunk x chunk matrices
+    per_token += 4 * 4 * value + compute_bytes * value  # the gated norm; its output, the out projection's input
+    per_token += compute_bytes * 4 * block.intermediate  # the MLP
+    # The kernel pads each row to whole chunks; one recurrent state per chunk.
+    padded = rows * math.ceil(tokens / max(rows, 1) / chunk) * chunk
+    states = rows * math.ceil(tokens / max(rows, 1) / chunk) * 4 * block.linear_value_heads
+    states *= block.linear_key_dim * block.linear_value_dim
+    chunk_part = 4 * 5 * block.linear_value_heads * chunk
+    return tokens * (per_token - chunk_part) + padded * chunk_part + states
+
+
+def _text_saved_bytes(block: BlockShape, compute_bytes: int, tokens: int, rows: int) -> tuple[int, int]:
+    """(bytes every block saves together, bytes the largest block saves) over ``tokens`` positions in ``rows``."""
+    full = _block_saved_bytes(block, compute_bytes, tokens)
+    if not block.linear_layers:
+        return block.layers * full, full
+    linear = _linear_block_saved_bytes(block, compute_bytes, tokens, rows)
+    return (block.layers - block.linear_layers) * full + block.linear_layers * linear, max(full, linear)
 
 
 def _rows_and_tokens(config: TrainConfig, shape: ModelShape, world_size: int, prompt_tokens: int | None):
@@ -277,7 +348,7 @@ def activation_bytes(
     tokens = forward_tokens(rows, prompt + response, config.runtime.max_tokens_per_micro_batch)
     forward_rows = max(1, tokens // (prompt + response))
     text = shape.text
-    one_block = _block_saved_bytes(text, compute, tokens)
+    all_blocks, one_block = _text_saved_bytes(text, compute, tokens, forward_rows)
     # The backward of a block holds the gradients of its widest tensors for a moment (the MLP's, the hidden state's).
     backward_transient = tokens * (2 * compute * text.intermediate + 3 * 4 * text.hidden)
     if checkpointing:
@@ -285,7 +356,7 @@ def activation_bytes(
         # the gradients' transients (measured on the CPU: bench/RESULTS.md).
         student = text.layers * tokens * 4 * text.hidden + one_block
     else:
-        student = text.layers * one_block + backward_transient
+        student = all_blocks + backward_transient
     student += tokens * 4 * text.hidden * 2  # the embeddings' output and the final norm's
     vision = shape.vision
     if vision is not None and not config.freeze_vision_tower and shape.image_tokens:
