@@ -1,15 +1,17 @@
 """One Vision-OPD step at the paper's real model sizes, on a GPU: time, tokens per second, peak memory, MFU.
 
-Builds the architecture locally with random weights (no download): Qwen3.5-4B's shape (32 layers, hidden 2560, 16
-heads / 4 KV heads of 256, FFN 9216, vocabulary 248,320, Gated DeltaNet 3 : 1 full attention, as public training
-scripts give it; the vision tower is the family's default encoder, 27 x 1152, since the 4B's own could not be
-confirmed. Built this way it has 3.7B parameters against the release's 4.7B (its file size), so treat its figures as
-a lower bound) and Qwen2.5-VL-3B's (36 layers, hidden 2048, 16 / 2 heads, FFN 11008, tied embeddings; vision
-32 x 1280: 3.76B parameters). The tokenizer and processor are the tiny builders' (a
-small vocabulary inside the real one: only the token ids differ, not the cost). Training runs as the `paper` recipe
-does: fp32 master weights, bf16 autocast, EMA teacher, JSD over top-100 + tail; responses are forced to full length.
-The loss is scored from the hidden states and the LM heads (the trainer's default); ``--loss-from hidden,logits``
-adds rows scored from full logits, the memory that default saves at a real vocabulary.
+Builds the architecture locally with random weights (no download): Qwen3.5-4B's shape (32 layers, hidden 2560, 16 heads
+/ 4 KV heads of 256, FFN 9216, vocabulary 248,320, Gated DeltaNet 3 : 1 full attention, as public training scripts give
+it, the Gated DeltaNet layers with 16 key / 32 value heads of 128 (transformers' Qwen3.5 defaults); the vision tower is
+the family's default encoder, 27 x 1152, since the 4B's own could not be confirmed. Built this way it has 4.65B
+parameters, about the release's 4.7B (its file size); the GPU rows in docs/scaling.md were measured before the linear-
+attention heads were set here, on a 3.66B build whose Gated DeltaNet layers had the tiny builder's heads) and
+Qwen2.5-VL-3B's (36 layers, hidden 2048, 16 / 2 heads, FFN 11008, tied embeddings; vision 32 x 1280: 3.76B parameters).
+The tokenizer and processor are the tiny builders' (a small vocabulary inside the real one: only the token ids differ,
+not the cost). Training runs as the `paper` recipe does: fp32 master weights, bf16 autocast, EMA teacher, JSD over
+top-100 + tail; responses are forced to full length. The loss is scored from the hidden states and the LM heads (the
+trainer's default); ``--loss-from hidden,logits`` adds rows scored from full logits, the memory that default saves at a
+real vocabulary.
 
 Prints a table and ends with one JSON line. FLOPs per step are estimated as 2 x parameters x tokens for each
 forward (generation, teacher, student) plus 4 x parameters x tokens for the student's backward; MFU divides them by
@@ -50,6 +52,11 @@ REAL_SHAPES: dict[str, dict[str, Any]] = {
             "intermediate_size": 9216,
             "vocab_size": 248320,
             "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 8,
+            # Gated DeltaNet heads: transformers' Qwen3.5 defaults (16 key / 32 value heads of 128).
+            "linear_num_key_heads": 16,
+            "linear_num_value_heads": 32,
+            "linear_key_head_dim": 128,
+            "linear_value_head_dim": 128,
         },
         "vision": {
             "hidden_size": 1152,

@@ -227,3 +227,56 @@ def test_a_token_budget_bounds_the_planned_forward(config_only) -> None:
     assert budget.activations["phases"]["student_backward"] < whole.activations["phases"]["student_backward"]
     alone = plan_memory(shape, _paper(config_only, runtime={"max_tokens_per_micro_batch": 10}))
     assert alone.assumptions["tokens_per_forward"] == row  # a row longer than the budget runs alone
+
+
+def _saved_bytes_per_block(folder: Path, rows: int, length: int) -> dict[str, float]:
+    """The bytes each decoder block of the model in ``folder`` saves for its backward in one fp32 forward (distinct
+    storage, weights left out), by layer type, averaged over the blocks of that type."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    model.train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    layers = model.model.language_model.layers
+    current: list[int | None] = [None]
+    saved: dict[int, dict[int, int]] = {}
+
+    def pack(tensor):
+        if current[0] is not None and tensor.untyped_storage().data_ptr() not in weights:
+            saved.setdefault(current[0], {})[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda *_, index=index: current.__setitem__(0, index))
+        layer.register_forward_hook(lambda *_: current.__setitem__(0, None))
+    ids = torch.randint(10, 200, (rows, length))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    kinds = model.config.text_config.layer_types
+    by_kind: dict[str, list[int]] = {}
+    for index, tensors in saved.items():
+        by_kind.setdefault(kinds[index], []).append(sum(tensors.values()))
+    return {kind: sum(values) / len(values) for kind, values in by_kind.items()}
+
+
+@pytest.mark.parametrize("shape_args", [{}, {"hidden": 128}, {"vllm_shape": True}], ids=["tiny", "wider", "wide-heads"])
+def test_qwen35_blocks_plan_what_they_save_for_the_backward(shape_args, tmp_path) -> None:
+    """Gated DeltaNet blocks (the reference chunked kernel's fp32 copies, chunk x chunk matrices and per-chunk states)
+    and the gated full-attention block: planned from config.json within 10% of what each block saves, on three
+    shapes of different head counts and widths, one of them not a whole number of chunks long."""
+    from vopd.memory_plan import _block_saved_bytes, _linear_block_saved_bytes
+    from vopd.tiny_models import build_tiny_qwen35
+
+    folder = build_tiny_qwen35(tmp_path / "qwen35", **shape_args)
+    shape = read_model_shape(folder).text
+    assert shape.linear_layers == 3 and shape.gated_attention and shape.cache_layers == 1
+    rows, length = 2, 200
+    measured = _saved_bytes_per_block(folder, rows, length)
+    tokens = rows * length
+    planned = {
+        "linear_attention": _linear_block_saved_bytes(shape, 4, tokens, rows),
+        "full_attention": _block_saved_bytes(shape, 4, tokens),
+    }
+    for kind, value in planned.items():
+        assert value == pytest.approx(measured[kind], rel=0.10), kind

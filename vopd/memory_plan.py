@@ -25,8 +25,14 @@ compute dtype's):
 * ``runtime``: an allowance for the CUDA context, kernels' workspaces and allocator slack on a GPU (0 on a CPU, where
   the plan counts tensors only).
 
+The offload settings (``runtime.offload_optimizer``, ``offload_params`` under fsdp, ``offload_teacher``) move terms
+to ``host_bytes`` (per process): AdamW's moments with its host copies of the weights and gradients; the shards, their
+gradients and AdamW's state; the teacher, whose streamed blocks then count in the teacher's forward phase.
+
 The activation formula counts the tensors a block saves for its backward (two norms, the attention's q/k/v and
-output, the MLP's four intermediates); ``bench/plan_memory.py`` checks it against the peaks measured on the CPU
+output, the MLP's four intermediates; Qwen3.5's attention gate and q/k norms; for its Gated DeltaNet blocks what
+the reference chunked kernel keeps: fp32 copies, chunk x chunk matrices and one state per chunk, from the config's
+linear-attention heads); ``bench/plan_memory.py`` checks it against the peaks measured on the CPU
 (bench/RESULTS.md). What is only planned and never measured (bf16 autocast copies, FSDP's gathered blocks, the CUDA
 allowance, a vLLM engine) is said in docs/scaling.md.
 """
@@ -351,12 +357,10 @@ def activation_bytes(
     all_blocks, one_block = _text_saved_bytes(text, compute, tokens, forward_rows)
     # The backward of a block holds the gradients of its widest tensors for a moment (the MLP's, the hidden state's).
     backward_transient = tokens * (2 * compute * text.intermediate + 3 * 4 * text.hidden)
-    if checkpointing:
-        # One block recomputed at a time; its saved tensors are released as its backward consumes them, which offsets
-        # the gradients' transients (measured on the CPU: bench/RESULTS.md).
-        student = text.layers * tokens * 4 * text.hidden + one_block
-    else:
-        student = all_blocks + backward_transient
+    # With checkpointing, one block recomputed at a time; its saved tensors are released as its backward consumes
+    # them, which offsets the gradients' transients (measured on the CPU: bench/RESULTS.md).
+    recomputed = text.layers * tokens * 4 * text.hidden + one_block
+    student = recomputed if checkpointing else all_blocks + backward_transient
     student += tokens * 4 * text.hidden * 2  # the embeddings' output and the final norm's
     vision = shape.vision
     if vision is not None and not config.freeze_vision_tower and shape.image_tokens:
