@@ -125,11 +125,14 @@ class HostModule:
     its forward, releasing them after it, so at most those and one block are on the device. ``host`` maps each
     parameter's name to its host tensor, which the EMA updates in place."""
 
-    def __init__(self, module: nn.Module, device: torch.device) -> None:
+    def __init__(self, module: nn.Module, device: torch.device, *, source: nn.Module | None = None) -> None:
+        """``source``: a module of the same structure whose weights ``module`` starts from (the student, for a
+        teacher copied with placeholders); ``module``'s own otherwise."""
         self.module = module
         self.device = device
         self._params = dict(module.named_parameters())
-        self.host = {name: to_host(param, device) for name, param in self._params.items()}
+        start = dict((source or module).named_parameters())
+        self.host = {name: to_host(start[name], device) for name in self._params}
         self._blocks = _blocks(module)
         in_blocks = {id(param) for block in self._blocks for param in block.parameters()}
         self._rest = [name for name, param in self._params.items() if id(param) not in in_blocks]

@@ -74,20 +74,30 @@ class Teacher:
             self.shadow = {name: to_host(p, device) if offload else p.detach().clone() for name, p in trainable.items()}
         else:
             names = list(trainable_parameters(student))
-            self.frozen_copy = frozen_copy if frozen_copy is not None else self.initial_copy(student, config)
+            if frozen_copy is None:
+                frozen_copy = self.initial_copy(student, config, offload=offload)
+            self.frozen_copy = frozen_copy
             if offload and not is_sharded(self.frozen_copy):
-                self.host_module = HostModule(self.frozen_copy, device)
+                # The weights come from the student's (a copy made with ``offload`` holds placeholders).
+                self.host_module = HostModule(self.frozen_copy, device, source=student)
                 params = self.host_module.host
             else:
                 params = dict(self.frozen_copy.named_parameters())
             self.shadow = {name: params[name] for name in names}  # views into the copy: updates act on it
 
     @staticmethod
-    def initial_copy(student: nn.Module, config: TeacherConfig) -> nn.Module | None:
-        """The separate frozen module a full fine-tune's teacher needs (None when it needs none)."""
+    def initial_copy(student: nn.Module, config: TeacherConfig, *, offload: bool = False) -> nn.Module | None:
+        """The separate frozen module a full fine-tune's teacher needs (None when it needs none).
+
+        ``offload``: the copy's parameters are empty placeholders (its weights go to the host from the student's, in
+        ``Teacher``), so the device never holds a second whole model, not even while the copy is made."""
         if config.mode == "current" or _is_peft(student):
             return None
-        frozen = copy.deepcopy(student)
+        memo: dict[int, object] = {}
+        if offload:
+            for param in student.parameters():
+                memo[id(param)] = nn.Parameter(torch.empty(0, dtype=param.dtype, device=param.device), False)
+        frozen = copy.deepcopy(student, memo)
         frozen.requires_grad_(False)
         frozen.eval()
         return frozen

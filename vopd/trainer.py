@@ -212,9 +212,12 @@ class OPDTrainer:
         # `student` is the model itself (generate, the teacher's copies, parameter names); `trained` is what the
         # loss backpropagates through: the DDP wrapper under ddp, the same (sharded) module otherwise.
         self.student: nn.Module = self.loaded.model
-        frozen_copy = Teacher.initial_copy(self.student, config.teacher)
-        self.trained: nn.Module = self.student
         runtime = config.runtime
+        # Outside fsdp the teacher's weights go to the host (vopd.offload): its copy is made without them; under fsdp
+        # its shards go there when it is sharded.
+        offload_teacher = runtime.offload_teacher and self.ranks.strategy != "fsdp"
+        frozen_copy = Teacher.initial_copy(self.student, config.teacher, offload=offload_teacher)
+        self.trained: nn.Module = self.student
         if self.ranks.strategy == "fsdp":
             for module, offload in ((self.student, runtime.offload_params), (frozen_copy, runtime.offload_teacher)):
                 if module is not None:
@@ -227,8 +230,6 @@ class OPDTrainer:
                 f"runtime.offload_params applies to fsdp's shards: this {self.ranks.strategy} run keeps its weights "
                 "on the device"
             )
-        # Outside fsdp the teacher's weights go to the host here (vopd.offload); under fsdp its shards already did.
-        offload_teacher = runtime.offload_teacher and self.ranks.strategy != "fsdp"
         self.teacher = Teacher(self.student, config.teacher, frozen_copy=frozen_copy, offload=offload_teacher)
         self.guard = CollapseGuard(config.collapse_guard, self.samples, config.views)
         # Box-free samples (views.evidence search/auto): the teacher's crop is the window it is most confident on,
