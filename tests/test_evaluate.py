@@ -124,7 +124,8 @@ def test_box_free_items_report_full_oracle_crop_and_searched_crop(tiny_model_dir
 
     original_generate = answering.generate_answers
 
-    def spy(loaded, views, options, *, max_new_tokens):
+    def spy(loaded, views, options, *, max_new_tokens, engine=None):
+        assert engine is None  # engine auto decodes with transformers on a CPU
         calls.append([view.text for view in views])
         return original_generate(loaded, views, options, max_new_tokens=max_new_tokens)
 

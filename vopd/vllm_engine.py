@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -39,15 +40,20 @@ import torch
 from torch import nn
 from transformers import BatchFeature
 
+from vopd.answering import Answer, answer_from_topk
 from vopd.config import RolloutConfig
 from vopd.models import render_prompt, unwrap_model, vision_tower_module
 from vopd.rollout import VLLM_EXTRA_HINT, PromptPass, RolloutBatch, _mask_after_end
+from vopd.views import View, to_messages
 
 if TYPE_CHECKING:
     from vopd.models import LoadedModel
 
 # Prompt room that max_model_len leaves beside the response budget by default (a 1-2 MP image in Qwen-VL tokens).
 DEFAULT_PROMPT_ROOM = 4096
+# Log-probs per position a greedy answer reads its option probabilities and entropy from: vLLM's default limit
+# (max_logprobs), which the engine is started with.
+ANSWER_TOPK = 20
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -181,6 +187,7 @@ class VllmRolloutEngine:
             # The log-probs of the distribution sampled from (after temperature, top-p, the token mask): what the
             # importance weights divide by.
             "logprobs_mode": "processed_logprobs",
+            "max_logprobs": ANSWER_TOPK,  # greedy answers read their top 20 (``answer``); rollouts their token's only
             # Sampling settings come from the run's config only, never from the folder's generation_config.json.
             "generation_config": "vllm",
             "disable_log_stats": True,
@@ -387,6 +394,39 @@ class VllmRolloutEngine:
             )
         device = self.device
         return _mask_after_end(response_ids.to(device), behaviour.to(device), self.loaded.eos_token_ids, pad)
+
+    # ------------------------------------------------------------------ greedy answers (evaluation)
+    def answer(
+        self, views: Sequence[View], options: Sequence[Sequence[str] | None], *, max_new_tokens: int
+    ) -> list[Answer]:
+        """Greedy answers, as ``vopd.answering.generate_answers`` gives them with transformers: the same prompts (our
+        chat template over the same views, so the same images at the same pixel limits), suppressed and end tokens
+        and budget. Option probabilities and the first token's entropy come from each position's top
+        ``ANSWER_TOPK`` log-probs (``answer_from_topk`` states the error); the log-probs are those after the token
+        mask, as transformers' ``output_scores`` are."""
+        if self.llm is None:
+            raise VllmEngineError("the vllm engine was closed")
+        if not views:
+            return []
+        self.wake()
+        conversations = [to_messages(view) for view in views]
+        params = self.sampling_params(0, temperature=0.0, top_p=1.0, max_tokens=max_new_tokens, logprobs=ANSWER_TOPK)
+        try:
+            outputs = self.llm.generate(self.requests(conversations), params, use_tqdm=False)
+        except Exception as error:
+            raise VllmEngineError(
+                f"the vllm engine failed while answering ({type(error).__name__}: {error}); set engine: hf to decode "
+                "with transformers"
+            ) from error
+        answers = []
+        for output, row_options in zip(outputs, options, strict=True):
+            completion = output.outputs[0]
+            top = [
+                {token: math.exp(entry.logprob) for token, entry in position.items()}
+                for position in completion.logprobs or []
+            ]
+            answers.append(answer_from_topk(self.loaded, list(completion.token_ids), top, row_options))
+        return answers
 
     def prompt_ids(self, conversations: Sequence[Any]) -> list[list[int]]:
         """The token ids vLLM makes of each row's prompt, image placeholders expanded (for tests against ours)."""

@@ -27,6 +27,7 @@ def test_vllm_training_job_through_the_api(service) -> None:  # noqa: F811
     assert response.status_code == 201, response.text
     job = service.wait_for(response.json()["id"], {"succeeded", "failed"}, timeout_s=420)
     assert job["status"] == "succeeded", (job["error"], service.worker_tail())
+    assert job["engine"] == "vllm"  # as the worker resolved it, shown on the job page
     metrics = service.client.get(f"/api/jobs/{job['id']}/metrics", headers=service.alice).json()["items"]
     assert [row["step"] for row in metrics] == [1, 2]
     for row in metrics:
