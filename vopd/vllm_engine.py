@@ -279,6 +279,11 @@ class VllmRolloutEngine:
                 destroy_model_parallel()
                 destroy_distributed_environment()
             _VLLM_MADE_THE_PROCESS_GROUP = False
+        else:
+            # vLLM shuts its in-process core down when the client is collected (a weakref finalizer), which would
+            # take the shared groups down all the same: detached, the core is only let go of.
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core._finalizer.detach()
         gc.unfreeze()  # vLLM freezes what it allocates while starting; its shutdown unfreezes, this path must too
         del llm
         gc.collect()

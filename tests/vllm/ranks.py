@@ -56,7 +56,8 @@ def main(dataset: Path, out: Path) -> None:
             differences.append(max_difference(engine, trainer.student, trainer.loaded, conversations))
             distributed.reshard(trainer.student)  # a scoring forward without a backward (FSDP keeps the root whole)
         figures[f"{strategy}-{'skipped' if skipped else 'synced'}"] = differences
-        figures[f"{strategy}-sync_s"] = metrics["rollout/sync_s"]
+        if not skipped:
+            figures[f"{strategy}-sync_s"] = metrics["rollout/sync_s"]
         del trainer
     engine.sync = real_sync
     engine.close()

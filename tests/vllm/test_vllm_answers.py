@@ -58,7 +58,6 @@ def test_greedy_answers_equal_transformers(engine: Any, loaded: LoadedModel, tin
             worst = max(worst, abs(ours[f"{condition}_p_correct"] - theirs[f"{condition}_p_correct"]))
         assert ours["searched_box"] == theirs["searched_box"]
         worst = max(worst, abs(ours["searched_confidence"] - theirs["searched_confidence"]))
-    print(f"worst probability difference {worst:.3g}", hf.summary["full_accuracy"], hf.summary["crop_accuracy"])
     assert worst < PROB_TOLERANCE, worst
     for key in ("full_accuracy", "crop_accuracy", "searched_accuracy", "n"):
         assert hf.summary[key] == vllm.summary[key], key
