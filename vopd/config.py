@@ -233,7 +233,13 @@ class VllmConfig(_Strict):
         ),
     )
     tensor_parallel_size: int = Field(
-        1, ge=1, le=64, description="GPUs each engine spreads its weights over (1 = one engine per training process)."
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "GPUs each engine spreads its weights over (1 = one engine per training process; must be 1 under ddp and "
+            "fsdp, where each process owns an engine on its own device)."
+        ),
     )
     sleep: bool = Field(
         True,
