@@ -122,6 +122,7 @@ def test_eval_job_reports_accuracies_and_records(service: Service) -> None:
         job["result"]["crop_accuracy"] - job["result"]["full_accuracy"]
     )
     assert (job["step"], job["total_steps"], job["unit"]) == (4, 4, "sample")
+    assert job["result"]["engine"] == job["engine"] == "hf"  # engine auto, resolved by a CPU worker
     records = service.client.get(f"/api/jobs/{job['id']}/artifacts/records.jsonl", headers=service.alice)
     assert records.status_code == 200
     rows = [json.loads(line) for line in records.text.splitlines()]
