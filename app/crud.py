@@ -7,6 +7,7 @@ import os
 import socket
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import ColumnElement, case, func, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
@@ -364,8 +365,18 @@ def job_out(session: Session, job: Job, position: int | None = _POSITION_UNKNOWN
             "model_step": source[1] if source else None,
             "resolved_config": public_value(job.resolved_config or {}, settings.home),
             "error": public_text(job.error, settings.home) if job.error else job.error,
+            "engine": resolved_engine(job.kind, job.latest_metrics, job.result),
         }
     )
+
+
+def resolved_engine(kind: str, latest_metrics: dict[str, Any] | None, result: dict[str, Any] | None) -> str | None:
+    """hf or vllm: what the worker's run resolved the job's engine setting to (the trainer writes it into every
+    step's metrics, an evaluation into its result); None while unknown. The config only says what was asked
+    (auto, most often)."""
+    source = latest_metrics if kind == "train" else result
+    engine = (source or {}).get("rollout/engine" if kind == "train" else "engine")
+    return engine if engine in ("hf", "vllm") else None
 
 
 def metrics_since(session: Session, job_id: int, since: int, limit: int) -> list[JobMetric]:

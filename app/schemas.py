@@ -193,6 +193,14 @@ class JobOut(_Out):
     eta_seconds: float | None = Field(None, description="Estimated time left while running.")
     latest_metrics: dict[str, Any] | None
     result: dict[str, Any] | None
+    engine: Literal["hf", "vllm"] | None = Field(
+        None,
+        description=(
+            "The engine that generates, as the worker resolved the job's setting (train: rollout.engine, eval: "
+            "engine; auto is decided by the worker's device and whether vLLM is installed): from the latest step's "
+            "metrics (rollout/engine) or the evaluation's result. None until the first step (or the result)."
+        ),
+    )
     error: str | None
     cancel_requested: bool
     attempts: int

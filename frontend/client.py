@@ -52,6 +52,7 @@ class Job(_Model):
     eta_seconds: float | None = None
     latest_metrics: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
+    engine: str | None = None  # hf or vllm, as the worker resolved the job's engine setting (None while unknown)
     error: str | None = None
     cancel_requested: bool = False
     attempts: int = 0

@@ -392,6 +392,8 @@ def job_header_markdown(job: Job) -> str:
         facts.append(f"attempt {job.attempts}")
     if job.kind == "train":
         facts.append(rollout_fact(job))
+    elif job.engine is not None or job.config.get("engine") not in (None, "auto", "hf"):
+        facts.append(engine_fact(job, "answers", job.config.get("engine")))
     parts.append(" · ".join(facts))
     if job.error:
         parts.append(f"**Failed:** {job.error}")
@@ -402,12 +404,20 @@ def job_header_markdown(job: Job) -> str:
     return "\n\n".join(parts)
 
 
+def engine_fact(job: Job, what: str, asked: Any) -> str:
+    """``what`` `engine`: the engine the worker resolved the job's setting to (the API's ``engine``), with what was
+    asked beside it where that differs (auto); only what was asked while the worker has not said yet."""
+    asked = asked if isinstance(asked, str) else "auto"
+    if job.engine is None:
+        return f"{what} `{asked}`" + (" (resolved by the worker)" if asked == "auto" else "")
+    return f"{what} `{job.engine}`" + (f" (asked `{asked}`)" if asked != job.engine else "")
+
+
 def rollout_fact(job: Job) -> str:
-    """The rollout engine a training job asked for (rollout.engine; auto = vLLM on a GPU worker that has it) and its
-    latest rollout speed (the trainer's rollout/tokens_per_s metric)."""
+    """The rollout engine of a training job as the worker resolved it (auto = vLLM on a GPU worker that has it; the
+    trainer writes the engine into every step's metrics) and its latest rollout speed (rollout/tokens_per_s)."""
     rollout = job.config.get("rollout")
-    engine = rollout.get("engine", "auto") if isinstance(rollout, dict) else "auto"
-    fact = f"rollouts `{engine}`"
+    fact = engine_fact(job, "rollouts", rollout.get("engine", "auto") if isinstance(rollout, dict) else "auto")
     speed = (job.latest_metrics or {}).get("rollout/tokens_per_s")
     if isinstance(speed, int | float) and math.isfinite(speed):
         fact += f" at {speed:,.0f} tok/s"

@@ -461,7 +461,8 @@ def test_the_crop_condition_shows_the_crop_and_the_official_prompt(tiny_base, tm
     seen = []
     real = benchmarks.generate_answers
 
-    def spy(loaded, views, options, *, max_new_tokens):
+    def spy(loaded, views, options, *, max_new_tokens, engine=None):
+        assert engine is None  # engine auto decodes with transformers on a CPU
         seen.extend((view.image.size, view.text) for view in views)
         return real(loaded, views, options, max_new_tokens=max_new_tokens)
 

@@ -100,6 +100,33 @@ def test_eval_cli_ends_with_one_json_line(tiny_model_dir, tmp_path, capsys) -> N
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     assert {"full_accuracy", "crop_accuracy", "gap", "n"} <= summary.keys() and summary["n"] == 3
+    assert summary["engine"] == "hf"  # engine auto on a CPU: transformers
+
+
+def test_answers_from_an_engines_top_k_read_what_it_holds(tiny_model_dir) -> None:
+    """The vllm engine's answers come from each position's top k (``answer_from_topk``): the letter mass present in
+    the top k at the first letter, and the entropy of the top k plus one tail bucket."""
+    import math
+
+    from vopd.answering import _letter_token_ids, answer_from_topk
+    from vopd.config import RuntimeConfig
+    from vopd.models import load_model_and_processor
+
+    loaded = load_model_and_processor(tiny_model_dir, RuntimeConfig(device="cpu", dtype="float32"))
+    letters = _letter_token_ids(loaded.processor.tokenizer, 4)
+    a, b = letters[0][0], letters[1][0]
+    word = loaded.processor.tokenizer.encode(" the", add_special_tokens=False)[0]
+    end = loaded.eos_token_ids[0]
+    top = [{word: 0.5, a: 0.2}, {b: 0.6, a: 0.3, word: 0.05}, {end: 1.0}]  # "the" first, the letter B second
+    answer = answer_from_topk(loaded, [word, b, end], top, ["red", "green", "blue", "yellow"])
+    assert answer.option_probs == pytest.approx([0.3, 0.6, 0.0, 0.0])  # read at B, the first letter generated
+    assert answer.choice == 1
+    tail = 0.3  # outside the top k at the first position, counted as one outcome
+    expected = -(0.5 * math.log(0.5) + 0.2 * math.log(0.2) + tail * math.log(tail))
+    assert answer.first_token_entropy == pytest.approx(expected)
+    no_letter = answer_from_topk(loaded, [word, end], top[:1] + top[2:], ["red", "green"])
+    assert no_letter.option_probs is None
+    assert answer_from_topk(loaded, [word, end], top[:1] + top[2:], None).choice is None
 
 
 def test_reasoning_before_the_answer_is_not_read_as_the_answer() -> None:
@@ -124,7 +151,8 @@ def test_box_free_items_report_full_oracle_crop_and_searched_crop(tiny_model_dir
 
     original_generate = answering.generate_answers
 
-    def spy(loaded, views, options, *, max_new_tokens):
+    def spy(loaded, views, options, *, max_new_tokens, engine=None):
+        assert engine is None  # engine auto decodes with transformers on a CPU
         calls.append([view.text for view in views])
         return original_generate(loaded, views, options, max_new_tokens=max_new_tokens)
 

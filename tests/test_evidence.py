@@ -56,7 +56,7 @@ def _red_share_scorer(calls: list[int]):
     """A stand-in for the teacher: confident in proportion to the share of target pixels in the view. It sees only
     what the real teacher sees (the view's pixels), so the search logic is tested without a trained model."""
 
-    def score(loaded, views, options, *, max_new_tokens, model=None):
+    def score(loaded, views, options, *, max_new_tokens, model=None, engine=None):
         calls.append(len(views))
         values = []
         for view in views:

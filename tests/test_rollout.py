@@ -204,7 +204,9 @@ def test_auto_engine_takes_vllm_on_cuda_when_installed(monkeypatch) -> None:
 
     monkeypatch.setattr(rollout, "vllm_installed", lambda: True)
     assert rollout.resolve_engine_name(RolloutConfig(), torch.device("cuda"))[0] == "vllm"
-    assert rollout.resolve_engine_name(RolloutConfig(), torch.device("cuda"), "ddp")[0] == "hf"
+    # An engine per training process under ddp and fsdp.
+    assert rollout.resolve_engine_name(RolloutConfig(), torch.device("cuda"), "ddp")[0] == "vllm"
+    assert rollout.resolve_engine_name(RolloutConfig(), torch.device("cuda"), "fsdp")[0] == "vllm"
     monkeypatch.setattr(rollout, "vllm_installed", lambda: False)
     name, why = rollout.resolve_engine_name(RolloutConfig(), torch.device("cuda"))
     assert name == "hf" and "not installed" in why
@@ -217,9 +219,10 @@ def test_vllm_engine_without_vllm_names_the_extra(monkeypatch) -> None:
     monkeypatch.setattr(rollout, "vllm_installed", lambda: False)
     with pytest.raises(ValueError, match=r"vllm extra.*rollout\.engine: hf"):
         rollout.resolve_engine_name(RolloutConfig(engine="vllm"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"engine vllm: vLLM is not installed.*or set engine: hf"):
+        rollout.resolve_engine("vllm", torch.device("cpu"), setting="engine")  # an evaluation's setting
     monkeypatch.setattr(rollout, "vllm_installed", lambda: True)
-    with pytest.raises(ValueError, match=r"strategy single only.*rollout\.engine: hf"):
-        rollout.resolve_engine_name(RolloutConfig(engine="vllm"), torch.device("cuda"), "fsdp")
+    assert rollout.resolve_engine_name(RolloutConfig(engine="vllm"), torch.device("cuda"), "fsdp")[0] == "vllm"
 
 
 def test_trainer_with_vllm_asked_and_missing_fails_before_training(tiny_model_dir, tmp_path, monkeypatch) -> None:

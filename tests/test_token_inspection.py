@@ -119,7 +119,7 @@ def test_without_a_box_the_search_chooses_the_teachers_crop(tiny_model_dir, load
     plain image and question, and the result says where the crop came from."""
     import vopd.evidence as evidence
 
-    def prefer_the_shape(loaded, views, options, *, max_new_tokens, model=None):  # share of green pixels
+    def prefer_the_shape(loaded, views, options, *, max_new_tokens, model=None, engine=None):  # share of green pixels
         shares = []
         for view in views:
             pixels = view.image.convert("RGB").resize((28, 28))

@@ -8,13 +8,14 @@ It sits below all of them (it imports no other evaluation module), so ``vopd.eva
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -84,11 +85,32 @@ class Answer:
     first_token_entropy: float | None = None  # of the first answer token's distribution, in nats
 
 
+class AnswerEngine(Protocol):
+    """Decodes greedy answers in place of transformers' ``generate`` (the vllm engine, ``vopd.vllm_engine``): the same
+    prompts (chat template, views, pixel limits), suppressed and end tokens and response budget; option-letter
+    probabilities and the first token's entropy from its top-k log-probs (``answer_from_topk``)."""
+
+    name: str
+
+    def answer(
+        self, views: Sequence[View], options: Sequence[Sequence[str] | None], *, max_new_tokens: int
+    ) -> list[Answer]: ...
+
+
 @torch.no_grad()
 def generate_answers(
-    loaded: LoadedModel, views: Sequence[View], options: Sequence[Sequence[str] | None], *, max_new_tokens: int
+    loaded: LoadedModel,
+    views: Sequence[View],
+    options: Sequence[Sequence[str] | None],
+    *,
+    max_new_tokens: int,
+    engine: AnswerEngine | None = None,
 ) -> list[Answer]:
-    """Greedy answers for a batch of views, with option-letter probabilities read from the generation scores."""
+    """Greedy answers for a batch of views, with option-letter probabilities read from the generation scores.
+
+    ``engine``: decode with it instead (it holds ``loaded.model``'s weights); None = transformers' ``generate``."""
+    if engine is not None:
+        return engine.answer(views, options, max_new_tokens=max_new_tokens)
     prompts = loaded.encode([to_messages(view) for view in views])
     loaded.model.eval()
     output = loaded.model.generate(
@@ -125,6 +147,46 @@ def generate_answers(
             option_probs = [float(probs[list(group)].sum()) if group else 0.0 for group in letter_ids]
         answers.append(Answer(text, parse_choice(text, row_options), option_probs, entropy))
     return answers
+
+
+def answer_from_topk(
+    loaded: LoadedModel,
+    ids: Sequence[int],
+    top: Sequence[dict[int, float]],
+    row_options: Sequence[str] | None,
+) -> Answer:
+    """One greedy answer from an engine that returns each generated position's top-k probabilities (``top[i]``:
+    token id -> probability at position i, the chosen token among them) instead of full distributions.
+
+    What it reads, and its error against the full distributions the hf path reads (both only ever too low):
+
+    * option probabilities: at the first generated letter token, the summed probabilities of each option's letter
+      tokens that are among the top k. A letter token outside the top k is missed; the missed mass of all options
+      together is at most the mass outside the top k at that position (``1 - sum(top)``), and each missed token's
+      at most the k-th largest probability.
+    * first-token entropy: over the top k plus one tail bucket holding the rest of the mass (as one outcome). The
+      true entropy lies between this and this + tail * log(V - k).
+
+    A confident greedy answer leaves almost nothing outside its top 20, so both errors are about rounding where it
+    matters (measured on the tiny model: docs/rollouts.md)."""
+    tokenizer = loaded.processor.tokenizer
+    end = next((i for i, token in enumerate(ids) if token in loaded.eos_token_ids), len(ids))
+    text = _without_reasoning(tokenizer.decode(list(ids[:end]), skip_special_tokens=True))
+    entropy = None
+    if top:
+        probs = [p for p in top[0].values() if p > 0.0]
+        tail = max(0.0, 1.0 - sum(probs))
+        entropy = -sum(p * math.log(p) for p in probs) - (tail * math.log(tail) if tail > 0.0 else 0.0)
+    if not row_options:
+        return Answer(text, None, None, entropy)
+    letter_ids = _letter_token_ids(tokenizer, len(row_options))
+    all_letter_ids = {token for group in letter_ids for token in group}
+    position = next((i for i in range(min(end, len(top))) if ids[i] in all_letter_ids), None)
+    option_probs = None
+    if position is not None:
+        at = top[position]
+        option_probs = [sum(at.get(token, 0.0) for token in group) for group in letter_ids]
+    return Answer(text, parse_choice(text, row_options), option_probs, entropy)
 
 
 def _without_reasoning(text: str) -> str:

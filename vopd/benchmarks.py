@@ -67,10 +67,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vopd.answering import Answer, EvalResult, accuracy_by, generate_answers
+from vopd.answering import Answer, AnswerEngine, EvalResult, accuracy_by, generate_answers
 from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import EvalConfig
 from vopd.data import Sample, letter_index
+from vopd.engines import answer_engine_for
 from vopd.models import LoadedModel, load_model_and_processor
 from vopd.scoring import JudgeClient, agreement, score_reply
 from vopd.views import View, format_question, full_view, teacher_view
@@ -1212,7 +1213,13 @@ def _scored(item: BenchmarkItem, condition: str, answer: Answer) -> dict[str, An
     }
 
 
-def _answer(loaded: LoadedModel, items: Sequence[BenchmarkItem], condition: str, config: EvalConfig) -> list[Answer]:
+def _answer(
+    loaded: LoadedModel,
+    items: Sequence[BenchmarkItem],
+    condition: str,
+    config: EvalConfig,
+    engine: AnswerEngine | None = None,
+) -> list[Answer]:
     if not items:
         return []
     return generate_answers(
@@ -1220,11 +1227,16 @@ def _answer(loaded: LoadedModel, items: Sequence[BenchmarkItem], condition: str,
         [_item_view(item, condition, config) for item in items],
         [item.sample.options if item.scoring in ("choice", "ab") else None for item in items],
         max_new_tokens=config.max_new_tokens,
+        engine=engine,
     )
 
 
 def evaluate_benchmark(
-    config: EvalConfig, *, callbacks: Sequence[ProgressCallback] = (), loaded: LoadedModel | None = None
+    config: EvalConfig,
+    *,
+    callbacks: Sequence[ProgressCallback] = (),
+    loaded: LoadedModel | None = None,
+    engine: AnswerEngine | None = None,
 ) -> EvalResult:
     """Greedy answers on a suite: the full image (fit to views.max_pixels) with the official prompt, scored by rules
     (``vopd.scoring``); the shipped crop too where a suite has one (``config.crops``); an LLM judge when configured.
@@ -1239,6 +1251,18 @@ def evaluate_benchmark(
     if config.limit is not None:
         items = items[: config.limit]
     loaded = loaded or load_model_and_processor(config.model, config.runtime)
+    with answer_engine_for(loaded, config, engine, log=events.on_log) as answers_by:
+        return _evaluate_items(config, spec, items, events, loaded, answers_by)
+
+
+def _evaluate_items(
+    config: EvalConfig,
+    spec: BenchmarkSpec,
+    items: Sequence[BenchmarkItem],
+    events: CallbackList,
+    loaded: LoadedModel,
+    engine: AnswerEngine | None,
+) -> EvalResult:
     events.on_start(total=len(items), start=0, unit="sample")
     records: list[dict[str, Any]] = []
     for start in range(0, len(items), config.batch_size):
@@ -1246,9 +1270,10 @@ def evaluate_benchmark(
             events.on_end(status="stopped", result=None)
             raise InterruptedError("evaluation cancelled")
         batch = items[start : start + config.batch_size]
-        full = _answer(loaded, batch, "full", config)
+        full = _answer(loaded, batch, "full", config, engine)
         cropped = [i for i, item in enumerate(batch) if config.crops and item.has_crop]
-        crop_answers = dict(zip(cropped, _answer(loaded, [batch[i] for i in cropped], "crop", config), strict=True))
+        crop_batch = [batch[i] for i in cropped]
+        crop_answers = dict(zip(cropped, _answer(loaded, crop_batch, "crop", config, engine), strict=True))
         for position, (item, answer) in enumerate(zip(batch, full, strict=True)):
             record = {
                 "id": item.sample.id,
@@ -1270,7 +1295,7 @@ def evaluate_benchmark(
 
     if config.judge is not None:
         _judge_records(config, items, records)
-    summary = summarize_benchmark(spec, records)
+    summary = {**summarize_benchmark(spec, records), "engine": engine.name if engine is not None else "hf"}
     records_path = None
     if config.output:
         records_path = Path(config.output)

@@ -233,7 +233,13 @@ class VllmConfig(_Strict):
         ),
     )
     tensor_parallel_size: int = Field(
-        1, ge=1, le=64, description="GPUs each engine spreads its weights over (1 = one engine per training process)."
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "GPUs each engine spreads its weights over (1 = one engine per training process; must be 1 under ddp and "
+            "fsdp, where each process owns an engine on its own device)."
+        ),
     )
     sleep: bool = Field(
         True,
@@ -627,6 +633,16 @@ class EvalConfig(_Strict):
             "and report its accuracy beside the rule-based one, with their agreement. None = rules only."
         ),
     )
+    engine: RolloutEngineName = Field(
+        "auto",
+        description=(
+            "What decodes the greedy answers (the dataset's, a suite's and the evidence search's): hf = "
+            "transformers' generate (the CPU default); vllm = an in-process vLLM engine (install the `vllm` extra), "
+            "whose option probabilities and first-token entropy come from its top-20 log-probs (docs/rollouts.md); "
+            "auto = vllm when it is installed and the device is a CUDA GPU, else hf."
+        ),
+    )
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="Settings of the vllm engine.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     views: ViewConfig = Field(default_factory=ViewConfig)
 

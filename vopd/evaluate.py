@@ -15,6 +15,7 @@ from typing import Any
 
 from vopd.answering import (
     Answer,
+    AnswerEngine,
     EvalResult,
     accuracy_by,
     answer_record,
@@ -27,6 +28,7 @@ from vopd.benchmarks import evaluate_benchmark
 from vopd.callbacks import CallbackList, ProgressCallback
 from vopd.config import EvalConfig
 from vopd.data import Sample, load_dataset
+from vopd.engines import answer_engine_for
 from vopd.evidence import box_iou, contains_centre, known_box, search_evidence
 from vopd.models import LoadedModel, load_model_and_processor
 from vopd.views import full_view, student_view, teacher_view, uses_search
@@ -61,26 +63,45 @@ _NO_ANSWER = Answer("", None, None)
 
 
 def evaluate(
-    config: EvalConfig, *, callbacks: Sequence[ProgressCallback] = (), loaded: LoadedModel | None = None
+    config: EvalConfig,
+    *,
+    callbacks: Sequence[ProgressCallback] = (),
+    loaded: LoadedModel | None = None,
+    engine: AnswerEngine | None = None,
 ) -> EvalResult:
     """Greedy accuracy on full-image and crop views of every sample, per-item records, and the gap.
 
     With ``config.benchmark`` the questions come from a published suite instead (see vopd.benchmarks): full image
-    only, per-category accuracy in the summary, crop fields NaN."""
+    only, per-category accuracy in the summary, crop fields NaN. The answers (the evidence search's included) are
+    decoded by the engine ``config.engine`` resolves to (``summary["engine"]`` says which); ``engine``: one made
+    elsewhere for ``loaded``'s weights (left open), in place of making one."""
     if config.benchmark is not None:
-        return evaluate_benchmark(config, callbacks=callbacks, loaded=loaded)
+        return evaluate_benchmark(config, callbacks=callbacks, loaded=loaded, engine=engine)
     events = CallbackList(callbacks)
+    assert config.dataset is not None
     samples = load_dataset(config.dataset)
     if config.limit is not None:
         samples = samples[: config.limit]
     if not samples:
         raise ValueError(f"{config.dataset}: no samples to evaluate")
     loaded = loaded or load_model_and_processor(config.model, config.runtime)
+    with answer_engine_for(loaded, config, engine, log=events.on_log) as answers_by:
+        return _evaluate_dataset(config, samples, events, loaded, answers_by)
+
+
+def _evaluate_dataset(
+    config: EvalConfig,
+    samples: list[Sample],
+    events: CallbackList,
+    loaded: LoadedModel,
+    engine: AnswerEngine | None,
+) -> EvalResult:
     full_fn = student_view if config.full_view == "student" else lambda s, cfg: full_view(s, cfg)
     searched = config.searched_crop
     if searched is None:
         searched = any(uses_search(sample, config.views) for sample in samples)
     search_views = config.views.model_copy(update={"evidence": "search"})
+    budget = config.max_new_tokens
     events.on_start(total=len(samples), start=0, unit="sample")
     records: list[dict[str, Any]] = []
     for start in range(0, len(samples), config.batch_size):
@@ -90,7 +111,7 @@ def evaluate(
         batch = samples[start : start + config.batch_size]
         options = [sample.options for sample in batch]
         full = generate_answers(
-            loaded, [full_fn(s, config.views) for s in batch], options, max_new_tokens=config.max_new_tokens
+            loaded, [full_fn(s, config.views) for s in batch], options, max_new_tokens=budget, engine=engine
         )
         # The crop condition is the true box's crop (for a box-free item: its hidden box, the oracle).
         oracles = [oracle_sample(s, config.views) for s in batch]
@@ -100,7 +121,8 @@ def evaluate(
                 loaded,
                 [teacher_view(oracles[i], config.views) for i in scored],  # type: ignore[arg-type]
                 [options[i] for i in scored],
-                max_new_tokens=config.max_new_tokens,
+                max_new_tokens=budget,
+                engine=engine,
             )
             if scored
             else []
@@ -110,7 +132,7 @@ def evaluate(
             crop[i] = answer
         searched_records: list[dict[str, Any]] = [{} for _ in batch]
         if searched:  # the crop the model chooses itself, label-free and box-free (vopd.evidence)
-            searched_records = _searched(loaded, batch, search_views, config.max_new_tokens)
+            searched_records = _searched(loaded, batch, search_views, budget, engine)
         for sample, full_answer, crop_answer, extra in zip(batch, full, crop, searched_records, strict=True):
             records.append(
                 {
@@ -125,7 +147,7 @@ def evaluate(
             )
         events.on_progress(done=len(records), total=len(samples), metrics=None)
 
-    summary = summarize(records)
+    summary = {**summarize(records), "engine": engine.name if engine is not None else "hf"}
     records_path = None
     if config.output:
         records_path = Path(config.output)
@@ -144,16 +166,19 @@ def evaluate(
     return result
 
 
-def _searched(loaded: LoadedModel, batch: Sequence[Sample], views: Any, max_new_tokens: int) -> list[dict[str, Any]]:
+def _searched(
+    loaded: LoadedModel, batch: Sequence[Sample], views: Any, max_new_tokens: int, engine: AnswerEngine | None = None
+) -> list[dict[str, Any]]:
     """Per sample: the searched crop, the answer on it, and (where a box is known) whether it holds the box's centre
     and its IoU with the box."""
-    chosen = search_evidence(loaded, batch, views)
+    chosen = search_evidence(loaded, batch, views, engine=engine)
     resolved = [s.model_copy(update={"search_box": e.box}) for s, e in zip(batch, chosen, strict=True)]
     answers = generate_answers(
         loaded,
         [teacher_view(s, views) for s in resolved],
         [s.options for s in batch],
         max_new_tokens=max_new_tokens,
+        engine=engine,
     )
     rows = []
     for sample, evidence, answer in zip(batch, chosen, answers, strict=True):

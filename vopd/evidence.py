@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from vopd.answering import generate_answers
+from vopd.answering import AnswerEngine, generate_answers
 from vopd.config import ViewConfig
 from vopd.data import Sample
 from vopd.models import LoadedModel
@@ -91,14 +91,18 @@ def view_confidences(
     *,
     max_new_tokens: int,
     model: nn.Module | None = None,
+    engine: AnswerEngine | None = None,
 ) -> list[float]:
     """Label-free confidence of ``model`` (default: ``loaded.model``) answering each view (see the module doc): read
-    from the same greedy answers evaluation gives (``vopd.answering.generate_answers``)."""
+    from the same greedy answers evaluation gives (``vopd.answering.generate_answers``), decoded by ``engine`` when
+    given (it holds ``loaded.model``'s weights, so it cannot answer for another ``model``)."""
+    if engine is not None and model is not None and model is not loaded.model:
+        raise ValueError("an answer engine holds loaded.model's weights: it cannot score another model's windows")
     module = model if model is not None else loaded.model
     was_training = module.training
     try:
         answers = generate_answers(
-            dataclasses.replace(loaded, model=module), views, options, max_new_tokens=max_new_tokens
+            dataclasses.replace(loaded, model=module), views, options, max_new_tokens=max_new_tokens, engine=engine
         )
     finally:
         module.train(was_training)
@@ -132,10 +136,12 @@ def search_evidence(
     *,
     model: nn.Module | None = None,
     step: int = 0,
+    engine: AnswerEngine | None = None,
 ) -> list[Evidence]:
     """For each sample, the grid window ``model`` answers most confidently; candidates of all samples are scored
     together in batches of ``cfg.search_batch_size``. ``grid`` scores every window of every level at once; ``zoom``
-    goes level by level, keeping only the windows inside the best one so far. Never reads a box or an answer."""
+    goes level by level, keeping only the windows inside the best one so far. Never reads a box or an answer.
+    ``engine``: decode the windows' answers with it (an evaluation's vllm engine) instead of transformers."""
     images = [sample.load_image() for sample in samples]
     scored: list[list[tuple[Box, float]]] = [[] for _ in samples]
 
@@ -144,7 +150,9 @@ def search_evidence(
             chunk = candidates[start : start + cfg.search_batch_size]
             views = [_window_view(samples[index], images[index], box, cfg) for index, box in chunk]
             options = [samples[index].options for index, _ in chunk]
-            values = view_confidences(loaded, views, options, max_new_tokens=cfg.search_max_new_tokens, model=model)
+            values = view_confidences(
+                loaded, views, options, max_new_tokens=cfg.search_max_new_tokens, model=model, engine=engine
+            )
             for (index, box), value in zip(chunk, values, strict=True):
                 scored[index].append((box, value))
 

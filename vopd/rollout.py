@@ -508,26 +508,28 @@ def vllm_installed() -> bool:
 
 
 def resolve_engine_name(rollout: RolloutConfig, device: torch.device, strategy: str = "single") -> tuple[str, str]:
-    """(engine name, why): what ``rollout.engine`` means on this device. ``auto`` takes vLLM only where it pays (a
-    CUDA device, vLLM installed, one process); an explicit ``vllm`` that cannot run is an error naming the fix."""
-    if rollout.engine == "hf":
-        return "hf", "rollout.engine is hf"
-    if rollout.engine == "vllm":
+    """(engine name, why): what ``rollout.engine`` means on this device (``resolve_engine``)."""
+    return resolve_engine(rollout.engine, device, strategy, setting="rollout.engine")
+
+
+def resolve_engine(
+    engine: str, device: torch.device, strategy: str = "single", *, setting: str = "engine"
+) -> tuple[str, str]:
+    """(engine name, why): what an engine setting (``setting``: rollout.engine for training, engine for evaluation)
+    means on this device. ``auto`` takes vLLM only where it pays (a CUDA device, vLLM installed); an explicit
+    ``vllm`` that cannot run is an error naming the fix. Under ``strategy`` ddp or fsdp each training process owns an
+    engine of its own (``vopd.vllm_engine``), so the strategy changes nothing here."""
+    if engine == "hf":
+        return "hf", f"{setting} is hf"
+    if engine == "vllm":
         if not vllm_installed():
-            raise ValueError(f"rollout.engine vllm: vLLM is not installed; {VLLM_EXTRA_HINT}")
-        if strategy != "single":
-            raise ValueError(
-                f"rollout.engine vllm runs under runtime.strategy single only so far (not {strategy}); "
-                "set rollout.engine: hf for ddp or fsdp"
-            )
-        return "vllm", "rollout.engine is vllm"
+            hint = VLLM_EXTRA_HINT.replace("rollout.engine", setting)
+            raise ValueError(f"{setting} vllm: vLLM is not installed; {hint}")
+        return "vllm", f"{setting} is vllm"
     if device.type != "cuda":
-        return "hf", f"rollout.engine auto samples with transformers on {device.type}"
+        return "hf", f"{setting} auto decodes with transformers on {device.type}"
     if not vllm_installed():
-        return "hf", "rollout.engine auto: vLLM is not installed (the vllm extra); sampling with transformers"
-    if strategy != "single":
-        return (
-            "hf",
-            f"rollout.engine auto: the vllm engine does not run under {strategy} yet; sampling with transformers",
-        )
-    return "vllm", "rollout.engine auto: vLLM is installed and the device is a CUDA GPU"
+        return "hf", f"{setting} auto: vLLM is not installed (the vllm extra); decoding with transformers"
+    return "vllm", f"{setting} auto: vLLM is installed and the device is a CUDA GPU" + (
+        f" (an engine per {strategy} process)" if strategy != "single" else ""
+    )

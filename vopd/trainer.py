@@ -78,7 +78,7 @@ class TrainResult:
     step: int
     total_steps: int
     stopped: bool
-    last_metrics: dict[str, float] = field(default_factory=dict)
+    last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def derive_seed(seed: int, *parts: int) -> int:
@@ -380,7 +380,7 @@ class OPDTrainer:
             (self.output_dir / "config.json").write_text(config.model_dump_json(indent=2))
         metrics_log = self._open_metrics_log()
         self.callbacks.on_start(total=self.total_steps, start=self.step, unit="step")
-        last_metrics: dict[str, float] = {}
+        last_metrics: dict[str, Any] = {}
         stopped = False
         if self.guard.active and self.step < self.total_steps:
             baseline, _ = self._guard_check()  # the teacher's starting answers, against which drift is measured
@@ -631,7 +631,7 @@ class OPDTrainer:
         )
         return loss, per_token, stats
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
         config = self.config
         started = time.perf_counter()
@@ -785,7 +785,10 @@ class OPDTrainer:
                 [agreement["diff_sum"], agreement["clipped"]], self.loaded.device
             )
             agreement["diff_max"] = self.ranks.max(agreement["diff_max"], self.loaded.device)
-        rollout_metrics = {
+        rollout_metrics: dict[str, Any] = {
+            # The engine rollout.engine resolved to (hf or vllm; auto is decided here, by the device and what is
+            # installed): text, which the trackers leave out and the job page shows.
+            "rollout/engine": self.engine.name,
             "rollout/tokens_per_s": step_tokens / max(timings["rollout_time"], 1e-9),
             "rollout/sync_s": sync_s,
         }

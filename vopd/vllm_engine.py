@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -39,15 +40,25 @@ import torch
 from torch import nn
 from transformers import BatchFeature
 
+from vopd.answering import Answer, answer_from_topk
 from vopd.config import RolloutConfig
+from vopd.distributed import full_tensor
 from vopd.models import render_prompt, unwrap_model, vision_tower_module
 from vopd.rollout import VLLM_EXTRA_HINT, PromptPass, RolloutBatch, _mask_after_end
+from vopd.views import View, to_messages
 
 if TYPE_CHECKING:
     from vopd.models import LoadedModel
 
 # Prompt room that max_model_len leaves beside the response budget by default (a 1-2 MP image in Qwen-VL tokens).
 DEFAULT_PROMPT_ROOM = 4096
+# Log-probs per position a greedy answer reads its option probabilities and entropy from: vLLM's default limit
+# (max_logprobs), which the engine is started with.
+ANSWER_TOPK = 20
+# The engines open in this process (their ids): an evaluation's engine may open and close beside a training one.
+_OPEN_ENGINES: set[int] = set()
+# Whether the first of them found no torch.distributed process group and had vLLM make one (``close``).
+_VLLM_MADE_THE_PROCESS_GROUP = False
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -74,6 +85,22 @@ def _refresh_tied_heads(worker: Any) -> int:
             module.quant_method.process_weights_after_loading(module)
             refreshed += 1
     return refreshed
+
+
+def _delta_weight(module: Any, adapter: str) -> torch.Tensor:
+    """A LoRA layer's B A (times its scaling), whole. Under FSDP the adapter's A and B are DTensor shards: they are
+    gathered (two small all-gathers) and multiplied as peft's linear layers do; elsewhere peft computes it."""
+    from torch.distributed.tensor import DTensor
+
+    a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    if not isinstance(a, DTensor) and not isinstance(b, DTensor):
+        return module.get_delta_weight(adapter).detach()
+    if not isinstance(module.lora_A[adapter], nn.Linear):
+        raise VllmEngineError(f"syncing a sharded LoRA {type(module).__name__} layer is not supported; use ddp")
+    delta = full_tensor(b.detach()) @ full_tensor(a.detach())
+    if getattr(module, "fan_in_fan_out", False):
+        delta = delta.T
+    return delta * module.scaling[adapter]
 
 
 class VllmUnsupportedModel(ValueError):
@@ -150,7 +177,19 @@ class VllmRolloutEngine:
             )
         if not self.on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default takes a large share of RAM
+        # Under ddp/fsdp every training process owns an engine of its own, on its own device: vLLM joins the
+        # processes' group (torchrun's RANK and LOCAL_RANK) as an external data-parallel dimension, each engine a
+        # tensor-parallel group of one that samples its rank's prompts alone.
+        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if self.world_size > 1 and self.settings.tensor_parallel_size != 1:
+            raise ValueError(
+                "rollout.vllm.tensor_parallel_size must be 1 under ddp or fsdp: each training process owns one engine "
+                f"on its own device (got {self.settings.tensor_parallel_size})"
+            )
         arguments = self.engine_arguments(seed)
+        global _VLLM_MADE_THE_PROCESS_GROUP
+        if not _OPEN_ENGINES:
+            _VLLM_MADE_THE_PROCESS_GROUP = not torch.distributed.is_initialized()
         try:
             self.llm = vllm.LLM(**arguments)
         except Exception as error:  # vLLM raises many kinds (ValueError, RuntimeError, its own) for one meaning
@@ -158,6 +197,7 @@ class VllmRolloutEngine:
                 f"vLLM could not start an engine for {self.folder} ({type(error).__name__}: {error}); set "
                 "rollout.engine: hf to sample with transformers"
             ) from error
+        _OPEN_ENGINES.add(id(self))
         self.sampling = vllm.SamplingParams
         if self.on_gpu and self.settings.sleep:
             self.sleep()
@@ -181,10 +221,13 @@ class VllmRolloutEngine:
             # The log-probs of the distribution sampled from (after temperature, top-p, the token mask): what the
             # importance weights divide by.
             "logprobs_mode": "processed_logprobs",
+            "max_logprobs": ANSWER_TOPK,  # greedy answers read their top 20 (``answer``); rollouts their token's only
             # Sampling settings come from the run's config only, never from the folder's generation_config.json.
             "generation_config": "vllm",
             "disable_log_stats": True,
         }
+        if self.world_size > 1:
+            arguments["distributed_executor_backend"] = "external_launcher"
         if self.on_gpu:
             arguments["gpu_memory_utilization"] = settings.gpu_memory_utilization
             arguments["enforce_eager"] = settings.enforce_eager
@@ -217,19 +260,32 @@ class VllmRolloutEngine:
             self.state = "asleep"
 
     def close(self) -> None:
+        """Free the engine. In-process engines share vLLM's process groups (the first sets them up, later ones reuse
+        them), and under ddp/fsdp those groups are built on the training processes' own: vLLM's shutdown would take
+        them all down (the training's default group included). So only the last engine of a process whose process
+        group vLLM made shuts down whole; any other just lets go of its model and caches."""
         llm = getattr(self, "llm", None)
         if llm is None:
             return
         self.llm = None
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
-        # An in-process engine set up vLLM's process groups; a later engine in this process sets up its own.
-        with contextlib.suppress(Exception):
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+        _OPEN_ENGINES.discard(id(self))
+        global _VLLM_MADE_THE_PROCESS_GROUP
+        if not _OPEN_ENGINES and _VLLM_MADE_THE_PROCESS_GROUP:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            with contextlib.suppress(Exception):
+                from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
-            destroy_model_parallel()
-            destroy_distributed_environment()
+                destroy_model_parallel()
+                destroy_distributed_environment()
+            _VLLM_MADE_THE_PROCESS_GROUP = False
+        else:
+            # vLLM shuts its in-process core down when the client is collected (a weakref finalizer), which would
+            # take the shared groups down all the same: detached, the core is only let go of.
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core._finalizer.detach()
+        gc.unfreeze()  # vLLM freezes what it allocates while starting; its shutdown unfreezes, this path must too
+        del llm
         gc.collect()
         if self.on_gpu:
             torch.cuda.empty_cache()
@@ -257,21 +313,23 @@ class VllmRolloutEngine:
             if isinstance(module, LoraLayer):
                 skipped.append(prefix)
                 layer = module.get_base_layer()
-                weight = layer.weight.detach()
+                weight = full_tensor(layer.weight.detach())
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A and adapter not in getattr(module, "merged_adapters", []):
-                        weight = weight + module.get_delta_weight(adapter).detach().to(weight.dtype)
+                        weight = weight + _delta_weight(module, adapter).to(weight.dtype)
                 seen.add(id(layer.weight))
                 yield f"{prefix}weight", weight.to(self.dtype)
                 if getattr(layer, "bias", None) is not None:
                     seen.add(id(layer.bias))
-                    yield f"{prefix}bias", layer.bias.detach().to(self.dtype)
+                    yield f"{prefix}bias", full_tensor(layer.bias.detach()).to(self.dtype)
                 continue
             for name, parameter in module.named_parameters(recurse=False):
                 if id(parameter) in seen or (not with_tower and id(parameter) in tower_ids):
                     continue
                 seen.add(id(parameter))
-                yield f"{prefix}{name}", parameter.detach().to(self.dtype)
+                # Under FSDP an all-gather of this one tensor, in which every rank takes part (every rank syncs its
+                # own engine, walking the same names in the same order): one whole tensor at a time, never the model.
+                yield f"{prefix}{name}", full_tensor(parameter.detach()).to(self.dtype)
 
     @torch.no_grad()
     def sync(self, model: nn.Module, *, everything: bool = False) -> float:
@@ -387,6 +445,39 @@ class VllmRolloutEngine:
             )
         device = self.device
         return _mask_after_end(response_ids.to(device), behaviour.to(device), self.loaded.eos_token_ids, pad)
+
+    # ------------------------------------------------------------------ greedy answers (evaluation)
+    def answer(
+        self, views: Sequence[View], options: Sequence[Sequence[str] | None], *, max_new_tokens: int
+    ) -> list[Answer]:
+        """Greedy answers, as ``vopd.answering.generate_answers`` gives them with transformers: the same prompts (our
+        chat template over the same views, so the same images at the same pixel limits), suppressed and end tokens
+        and budget. Option probabilities and the first token's entropy come from each position's top
+        ``ANSWER_TOPK`` log-probs (``answer_from_topk`` states the error); the log-probs are those after the token
+        mask, as transformers' ``output_scores`` are."""
+        if self.llm is None:
+            raise VllmEngineError("the vllm engine was closed")
+        if not views:
+            return []
+        self.wake()
+        conversations = [to_messages(view) for view in views]
+        params = self.sampling_params(0, temperature=0.0, top_p=1.0, max_tokens=max_new_tokens, logprobs=ANSWER_TOPK)
+        try:
+            outputs = self.llm.generate(self.requests(conversations), params, use_tqdm=False)
+        except Exception as error:
+            raise VllmEngineError(
+                f"the vllm engine failed while answering ({type(error).__name__}: {error}); set engine: hf to decode "
+                "with transformers"
+            ) from error
+        answers = []
+        for output, row_options in zip(outputs, options, strict=True):
+            completion = output.outputs[0]
+            top = [
+                {token: math.exp(entry.logprob) for token, entry in position.items()}
+                for position in completion.logprobs or []
+            ]
+            answers.append(answer_from_topk(self.loaded, list(completion.token_ids), top, row_options))
+        return answers
 
     def prompt_ids(self, conversations: Sequence[Any]) -> list[list[int]]:
         """The token ids vLLM makes of each row's prompt, image placeholders expanded (for tests against ours)."""

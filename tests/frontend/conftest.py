@@ -52,6 +52,7 @@ def api() -> FakeApi:
 def job_json(job_id: int = 1, **overrides: Any) -> dict[str, Any]:
     """A JobOut as the service returns it: validated and dumped by the server's own schema, so a field the server
     renames or drops fails here rather than in a browser."""
+    from app.crud import resolved_engine
     from app.registry import parse_job_model_name
     from app.schemas import JobOut
 
@@ -83,6 +84,7 @@ def job_json(job_id: int = 1, **overrides: Any) -> dict[str, Any]:
     source = parse_job_model_name(str(job["config"].get("model", "")))  # what the server derives from the name
     job.setdefault("model_job_id", source[0] if source else None)
     job.setdefault("model_step", source[1] if source else None)
+    job.setdefault("engine", resolved_engine(job["kind"], job["latest_metrics"], job["result"]))
     return JobOut.model_validate(job).model_dump(mode="json")
 
 

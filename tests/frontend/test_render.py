@@ -219,6 +219,21 @@ def test_job_header_names_the_rollout_engine_and_its_speed() -> None:
     assert "rollouts" not in render.job_header_markdown(Job.model_validate(job_json(7, kind="eval")))
 
 
+def test_job_header_shows_the_engine_the_worker_resolved() -> None:
+    """auto is what was asked; the header shows what ran (the API's engine, from the trainer's rollout/engine)."""
+    resolved = job_json(8, latest_metrics={"rollout/engine": "vllm", "rollout/tokens_per_s": 10.0})
+    assert resolved["engine"] == "vllm"  # the server's own schema derives it
+    header = render.job_header_markdown(Job.model_validate(resolved))
+    assert "rollouts `vllm` (asked `auto`) at 10 tok/s" in header
+    forced = job_json(9, config={"model": "tiny", "dataset": "d", "rollout": {"engine": "hf"}}, engine="hf")
+    assert "rollouts `hf`" in render.job_header_markdown(Job.model_validate(forced))
+    assert "asked" not in render.job_header_markdown(Job.model_validate(forced))
+    waiting = render.job_header_markdown(Job.model_validate(job_json(10)))
+    assert "rollouts `auto` (resolved by the worker)" in waiting
+    evaluation = job_json(11, kind="eval", config={"model": "tiny", "dataset": "d"}, result={"engine": "vllm", "n": 4})
+    assert "answers `vllm` (asked `auto`)" in render.job_header_markdown(Job.model_validate(evaluation))
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(None, ""), (9.4, "9s"), (61, "1m01s"), (3700, "1h01m")])
 def test_format_eta(seconds: float | None, text: str) -> None:
     assert render.format_eta(seconds) == text

@@ -68,6 +68,7 @@ def test_train_job_end_to_end(service: Service, tmp_path: Path) -> None:
     job = service.client.get(f"/api/jobs/{job['id']}", headers=service.alice).json()
     assert (job["step"], job["total_steps"], job["progress"], job["attempts"]) == (4, 4, 1.0, 1)
     assert job["result"]["model"] == f"job-{job['id']}/final" and job["latest_metrics"]
+    assert job["engine"] == "hf"  # rollout.engine auto, resolved by a CPU worker
     assert job["started_at"] < job["finished_at"] and job["error"] is None
 
     metrics = service.client.get(f"/api/jobs/{job['id']}/metrics", headers=service.alice).json()
@@ -121,6 +122,7 @@ def test_eval_job_reports_accuracies_and_records(service: Service) -> None:
         job["result"]["crop_accuracy"] - job["result"]["full_accuracy"]
     )
     assert (job["step"], job["total_steps"], job["unit"]) == (4, 4, "sample")
+    assert job["result"]["engine"] == job["engine"] == "hf"  # engine auto, resolved by a CPU worker
     records = service.client.get(f"/api/jobs/{job['id']}/artifacts/records.jsonl", headers=service.alice)
     assert records.status_code == 200
     rows = [json.loads(line) for line in records.text.splitlines()]
