@@ -79,13 +79,14 @@ def dataset_choices(datasets: list[Dataset]) -> list[tuple[str, str]]:
     counts: dict[str, int] = {}
     for dataset in datasets:
         counts[dataset.name] = counts.get(dataset.name, 0) + 1
-    return [
-        (
-            f"{d.name}  ({d.n_samples:,} samples{f', {d.id}' if counts[d.name] > 1 else ''})",
-            d.id,
-        )
-        for d in datasets
-    ]
+
+    def label(d: Dataset) -> str:
+        facts = [] if f"{d.n_samples:,} items" in d.name else [f"{d.n_samples:,} samples"]  # a name may say it
+        if counts[d.name] > 1:
+            facts.append(d.id)
+        return f"{d.name}  ({', '.join(facts)})" if facts else d.name
+
+    return [(label(d), d.id) for d in datasets]
 
 
 def choices_update(

@@ -282,8 +282,8 @@ UPLOAD_BUNDLE_NEEDS_JSONL = (
     "Several files make one dataset only as one .jsonl with its images (.png, .jpg, ...): got {names}. Upload a "
     ".zip, .jsonl or .parquet file on its own."
 )
-UPLOADED = "✅ Uploaded **{name}**: {n:,} samples ({size}). It is listed below and in every tab's dataset list."
-UPLOAD_REJECTED = "❌ **The server refused the dataset:** {message}"
+UPLOADED = "Uploaded **{name}**: {n:,} samples ({size}). It is listed below and in every tab's dataset list."
+UPLOAD_REJECTED = "**The server refused the dataset:** {message}"
 UPLOAD_MORE_ISSUES = "… and {n} more."
 SYNTH_TITLE = "#### Make a synthetic set"
 SYNTH_N_LABEL = "Size (items)"
@@ -297,7 +297,7 @@ SYNTH_HELP = (
     "The same generator as `vopd synth --n N --seed S [--no-box]`: the same seed gives the same items. Sets are built "
     "on the server within seconds (at most a couple of thousand items; larger ones with the CLI and an upload)."
 )
-SYNTH_DONE = "✅ Made **{name}**: {n:,} items ({size})."
+SYNTH_DONE = "Made **{name}**: {n:,} items ({size})."
 SYNTH_NEED_N = "Give the number of items (a whole number of at least 1)."
 SYNTH_NEED_SEED = "Give a seed (a whole number of at least 0)."
 DATASET_TABLE_COLUMNS = ["name", "samples", "size", "owner", "id (config.dataset)"]
@@ -307,9 +307,13 @@ PREVIEW_TITLE = "#### Preview"
 PREVIEW_DATASET_LABEL = "Dataset to preview"
 PREVIEW_BUTTON = "Preview samples"
 PREVIEW_COUNT = 6
-PREVIEW_GALLERY_LABEL = "Samples: the red box is what the student sees; dashed blue, a box kept for evaluation only"
+PREVIEW_GALLERY_LABEL = "Samples"
+PREVIEW_NOTE = (
+    "The red box is drawn as the student sees it in training; a set without boxes shows, dashed blue, the box it "
+    "keeps for evaluation only."
+)
 PREVIEW_NEED_DATASET = "Choose a dataset to preview."
 PREVIEW_HEADER = "**{name}**: samples {first}-{last} of {total:,}"
-PREVIEW_COLUMNS = "| # | id | question | options | answer | box |\n|---|---|---|---|---|---|"
+PREVIEW_ITEM = "- **#{index}** `{id}`: {question}  \n  options: {options} · answer: **{answer}** · box: {box}"
 PREVIEW_HIDDEN_LABEL = "target (hidden)"
 PREVIEW_NO_BOX = "none (searched)"

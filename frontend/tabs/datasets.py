@@ -154,14 +154,15 @@ def preview_image(sample: Sample) -> Any:
     return render.enlarged(image, min_side=PREVIEW_THUMBNAIL)
 
 
-def _cell(text: Any) -> str:
-    return html.escape(str(text)).replace("|", "\\|").replace("\n", " ")
+def _text(text: Any) -> str:
+    return html.escape(str(text)).replace("\n", " ")
 
 
 def preview(
     client: VopdClient, dataset_id: str | None, names: dict[str, str] | None = None
 ) -> tuple[list[tuple[str, str]], str]:
-    """A few samples: each picture with its box, and a table of question, options, answer and box."""
+    """A few samples: each picture with its box, and a list of question, options, answer and box (a list, not a
+    table: at 420 px a six-column table broke ids letter by letter)."""
     if not dataset_id:
         raise render.UiInputError(strings.PREVIEW_NEED_DATASET)
     page = client.samples(dataset_id, limit=strings.PREVIEW_COUNT, thumbnail=PREVIEW_THUMBNAIL)
@@ -169,19 +170,15 @@ def preview(
         (render.stable_png_path(preview_image(sample)), f"#{sample.index} · {sample.question}") for sample in page.items
     ]
     rows = [
-        "| "
-        + " | ".join(
-            [
-                str(sample.index),
-                _cell(sample.id),
-                _cell(sample.question),
-                _cell(", ".join(sample.options or [])),
-                _cell(sample.answer or ""),
-                _box_text(sample.bbox)
-                or (f"{_box_text(sample.hidden_bbox)} hidden" if sample.hidden_bbox else strings.PREVIEW_NO_BOX),
-            ]
+        strings.PREVIEW_ITEM.format(
+            index=sample.index,
+            id=html.escape(sample.id),
+            question=_text(sample.question),
+            options=_text(", ".join(sample.options or [])) or "none (open question)",
+            answer=_text(sample.answer or "none"),
+            box=_box_text(sample.bbox)
+            or (f"{_box_text(sample.hidden_bbox)} hidden" if sample.hidden_bbox else strings.PREVIEW_NO_BOX),
         )
-        + " |"
         for sample in page.items
     ]
     header = strings.PREVIEW_HEADER.format(
@@ -190,7 +187,7 @@ def preview(
         last=max(0, len(page.items) - 1),
         total=page.total,
     )
-    return gallery, "\n".join([header, "", strings.PREVIEW_COLUMNS, *rows])
+    return gallery, "\n".join([header, "", *rows])
 
 
 # ----------------------------------------------------------------------------- layout and wiring
@@ -243,13 +240,15 @@ def build_datasets_tab(ctx: UiContext) -> DatasetsTab:
         elem_id="datasets-table",
     )
     gr.Markdown(strings.PREVIEW_TITLE)
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False):
         preview_dataset = gr.Dropdown(
             label=strings.PREVIEW_DATASET_LABEL, choices=[], scale=3, min_width=220, elem_id="datasets-preview-dataset"
         )
         preview_button = gr.Button(strings.PREVIEW_BUTTON, scale=1, min_width=140, elem_id="datasets-preview")
+    gr.Markdown(strings.PREVIEW_NOTE)
     gallery = gr.Gallery(
         label=strings.PREVIEW_GALLERY_LABEL,
+        show_label=False,
         columns=3,
         object_fit="contain",
         height="auto",

@@ -187,8 +187,8 @@ def test_preview_draws_each_samples_box_and_lists_question_options_answer(api: F
         "#1 · What shape is the black object?",
     ]
     assert "**street signs**: samples 0-1 of 40" in text
-    row = "| 0 | syn-00000 | What color is the small shape inside the box? | red, green, blue, yellow | green |"
-    assert row in text
+    row = "- **#0** `syn-00000`: What color is the small shape inside the box?  \n  options: red, green, blue, yellow"
+    assert row in text and "answer: **green**" in text
     assert "[40, 52, 64, 76]" in text and "[56, 0, 112, 56] hidden" in text
     with Image.open(gallery[1][0]) as drawn:  # the hidden box drawn dashed blue on the right half, none on the left
         pixels = drawn.convert("RGB")
@@ -212,6 +212,10 @@ def test_dataset_lists_show_names_and_keep_ids_as_values() -> None:
         ("street signs  (1,200 samples)", "ds-6eafe25355"),
         ("copy  (3 samples, ds-aaaaaaaaaa)", "ds-aaaaaaaaaa"),  # a shared name tells its sets apart by id
         ("copy  (3 samples, ds-bbbbbbbbbb)", "ds-bbbbbbbbbb"),
+    ]
+    named = Dataset.model_validate(dataset_json("synth-train", "Synthetic training set (4,800 items, seed 1)"))
+    assert dataset_choices([named.model_copy(update={"n_samples": 4800})]) == [
+        ("Synthetic training set (4,800 items, seed 1)", "synth-train")  # the name already says its size
     ]
 
 
