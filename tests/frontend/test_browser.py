@@ -250,7 +250,7 @@ def _toasts(page) -> list[str]:
 def test_every_tab_opens_without_an_error_on_a_fresh_install(page, live_server: LiveServer) -> None:
     """First in this module, so before any job exists: every tab opens, each says what to do, and no notice shows
     (the Jobs tab used to raise "Value 0 is less than minimum value 1." and outline its job-id field in red)."""
-    for tab in ("Inspect", "Train", "Jobs", "Evaluate", "Demo", "Jobs"):
+    for tab in ("Inspect", "Datasets", "Train", "Jobs", "Evaluate", "Demo", "Jobs"):
         page.get_by_role("tab", name=tab).click()
         page.wait_for_timeout(1500)
         name = tab.lower()
