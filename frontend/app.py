@@ -40,12 +40,18 @@ TAB_IDS = ("inspect", "datasets", "train", "jobs", "evaluate", "demo")
 # notices sit fixed at the top right, over the account and Sign out (on a phone, over the whole header): here they
 # sit at the bottom, spanning a phone's width. Table headers wrap between words only: at 420 px Gradio's tables broke
 # them letter by letter ("progr/ess"); each column is now at least as wide as its longest header word, and the table
-# scrolls inside itself. The Demo's picture fills its frame, pixel for pixel (a 112 px upload showed at 112 px).
+# scrolls inside itself. The Demo's picture fills its frame, pixel for pixel (a 112 px upload showed at 112 px). The
+# dataset preview shows all its samples, as many abreast as fit (Gradio's gallery clipped the second row in a frame of
+# its own height, with three columns at any width).
 STUDIO_CSS = """
 .toast-wrap { top: auto !important; bottom: var(--size-3, 12px) !important; }
 table thead th, table thead th * { word-break: keep-all !important; overflow-wrap: normal !important; }
 table thead th { min-width: max-content; }
 #demo-image img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
+#datasets-gallery .grid-wrap {
+  height: auto !important; min-height: 0 !important; max-height: none !important; overflow-y: visible !important;
+}
+#datasets-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important; }
 @media (max-width: 640px) {
   .toast-wrap { left: var(--size-2, 8px) !important; right: var(--size-2, 8px) !important; width: auto !important; }
 }
@@ -121,8 +127,10 @@ def build_ui(api_base_url: str) -> gr.Blocks:
         evaluate_tab_item.select(refresh_choices, choice_inputs, choice_components)
         # A dataset uploaded or made in the Datasets tab appears, by name, in every tab's list at once.
         datasets_tab.changed.change(refresh_choices, choice_inputs, choice_components)
-        for trigger in (ui.load, datasets_tab_item.select):
-            trigger(datasets_tab.refresh, datasets_tab.refresh_inputs, datasets_tab.refresh_outputs)
+        datasets_tab_item.select(datasets_tab.refresh, datasets_tab.refresh_inputs, datasets_tab.refresh_outputs).then(
+            datasets_tab.first_preview, datasets_tab.first_preview_inputs, datasets_tab.first_preview_outputs
+        )
+        ui.load(datasets_tab.refresh, datasets_tab.refresh_inputs, datasets_tab.refresh_outputs)
         evaluate_tab_item.select(evaluate.refresh_jobs, evaluate.refresh_inputs, evaluate.refresh_outputs)
         evaluate_tab_item.select(evaluate.refresh_benchmarks, None, evaluate.benchmarks_note)
         jobs_tab_item.select(jobs.refresh_table, jobs.table_inputs, jobs.table)

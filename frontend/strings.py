@@ -285,6 +285,10 @@ UPLOAD_BUNDLE_NEEDS_JSONL = (
 UPLOADED = "Uploaded **{name}**: {n:,} samples ({size}). It is listed below and in every tab's dataset list."
 UPLOAD_REJECTED = "**The server refused the dataset:** {message}"
 UPLOAD_MORE_ISSUES = "… and {n} more."
+UPLOAD_IMAGES_HINT = (
+    "A `.jsonl` sent alone carries only `image_base64` images: pick its image files together with it (or zip the "
+    "folder) so that the paths its lines name are found."
+)
 SYNTH_TITLE = "#### Make a synthetic set"
 SYNTH_N_LABEL = "Size (items)"
 SYNTH_SEED_LABEL = "Seed"

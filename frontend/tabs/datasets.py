@@ -77,8 +77,9 @@ def upload_file(files: Any, scratch: Path) -> Path:
     return bundle_jsonl_with_images(jsonls[0], images, scratch / f"{jsonls[0].stem}.zip")
 
 
-def rejection_markdown(error: ApiError) -> str:
-    """The API's own words for a refused upload: its message, then every issue it listed (line, field, message)."""
+def rejection_markdown(error: ApiError, sent: Path | None = None) -> str:
+    """The API's own words for a refused upload: its message, then every issue it listed (line, field, message);
+    a lone .jsonl whose image files were not found also gets the way to send them."""
     headline = error.message.split(": line ", 1)[0] if error.details else error.message
     lines = [strings.UPLOAD_REJECTED.format(message=html.escape(headline))]
     if error.details:
@@ -86,6 +87,9 @@ def rejection_markdown(error: ApiError) -> str:
         lines += [f"- {html.escape(detail)}" for detail in error.details[:MAX_ISSUES_SHOWN]]
         if len(error.details) > MAX_ISSUES_SHOWN:
             lines.append(strings.UPLOAD_MORE_ISSUES.format(n=len(error.details) - MAX_ISSUES_SHOWN))
+    lone_jsonl = sent is not None and sent.suffix.lower() in (".jsonl", ".json")
+    if lone_jsonl and any("image file not found" in detail for detail in error.details):
+        lines += ["", strings.UPLOAD_IMAGES_HINT]
     return "\n".join(lines)
 
 
@@ -97,7 +101,7 @@ def upload(client: VopdClient, files: Any, name: str | None, scratch: Path) -> t
     except ApiError as error:
         if error.status_code is None or error.status_code in (401, 403):
             raise
-        return None, rejection_markdown(error)
+        return None, rejection_markdown(error, path)
     return dataset, strings.UPLOADED.format(
         name=html.escape(dataset.name), n=dataset.n_samples, size=render.human_size(dataset.size_bytes)
     )
@@ -197,6 +201,9 @@ class DatasetsTab:
     refresh: Any
     refresh_inputs: list[Any]
     refresh_outputs: list[Any]
+    first_preview: Any  # previews the chosen dataset when nothing is previewed yet (on opening the tab)
+    first_preview_inputs: list[Any]
+    first_preview_outputs: list[Any]
 
 
 def build_datasets_tab(ctx: UiContext) -> DatasetsTab:
@@ -269,6 +276,20 @@ def build_datasets_tab(ctx: UiContext) -> DatasetsTab:
         client = ctx.client(request)
         return preview(client, dataset_id, client.dataset_names())
 
+    def on_first_preview(request: gr.Request, dataset_id: str | None, shown: str | None) -> tuple[Any, Any]:
+        """On opening the tab: show the chosen set's first samples unless a preview is already up."""
+        if shown or not dataset_id:
+            return gr.skip(), gr.skip()
+        try:
+            return on_preview(request, dataset_id)
+        except gr.Error:  # the user asked for nothing: no toast
+            return gr.skip(), gr.skip()
+
+    def on_row(event: gr.SelectData) -> Any:
+        """A row of the table picks that dataset for the preview (its id is the last cell)."""
+        row = event.row_value or []
+        return row[-1] if row else gr.skip()
+
     @readable_errors
     def on_upload(request: gr.Request, picked: Any, name: str | None) -> tuple[Any, ...]:
         with tempfile.TemporaryDirectory(prefix="vopd-ui-upload-") as scratch:
@@ -290,4 +311,13 @@ def build_datasets_tab(ctx: UiContext) -> DatasetsTab:
     changed.change(refresh, refresh_inputs, refresh_outputs).success(on_preview, preview_dataset, [gallery, details])
     preview_button.click(on_preview, preview_dataset, [gallery, details])
     preview_dataset.input(on_preview, preview_dataset, [gallery, details])
-    return DatasetsTab(changed=changed, refresh=refresh, refresh_inputs=refresh_inputs, refresh_outputs=refresh_outputs)
+    table.select(on_row, None, preview_dataset).then(on_preview, preview_dataset, [gallery, details])
+    return DatasetsTab(
+        changed=changed,
+        refresh=refresh,
+        refresh_inputs=refresh_inputs,
+        refresh_outputs=refresh_outputs,
+        first_preview=on_first_preview,
+        first_preview_inputs=[preview_dataset, details],
+        first_preview_outputs=[gallery, details],
+    )

@@ -93,6 +93,8 @@ def test_upload_preview_and_synthesize_then_every_list_shows_names(
     )
     page.get_by_role("tab", name="Datasets").click()
     page.locator("#datasets-table").get_by_text("synth-64").first.wait_for()
+    # Opening the tab previews the set it offers first, so the preview is never an empty frame.
+    page.locator("#datasets-preview-text").get_by_text("samples 0-5 of 48").wait_for()
 
     # A bad file first: the server's own words, every issue on its line.
     bad_lines = [_record(0, "red"), "{not json", _record(2, "purple").replace("[30, 30, 66, 66]", "[1, 2]")]
@@ -144,6 +146,8 @@ def test_upload_preview_and_synthesize_then_every_list_shows_names(
     assert "hidden" in preview.inner_text()
     gallery.locator("img").first.wait_for()
     _screenshots(page, "datasets-synthetic")
+    page.locator("#datasets-table").get_by_text("street-signs", exact=True).click()  # a row previews its set
+    preview.get_by_text("sign-2").wait_for()
 
     # Every tab's dataset list names them (no bare ids), at once; the CLI run is offered as a model.
     for tab, field in (("Train", "train-dataset"), ("Evaluate", "eval-dataset"), ("Inspect", "inspect-dataset")):

@@ -96,6 +96,21 @@ def test_a_rejected_dataset_shows_the_apis_message_and_every_issue(api: FakeApi,
     assert "line 51: bbox" not in message and "… and 9 more." in message  # 50 shown, the rest counted
 
 
+def test_a_lone_jsonl_whose_images_are_missing_says_to_pick_them_too(api: FakeApi, tmp_path: Path) -> None:
+    issue = {"line": 1, "field": "image", "message": "image file not found: images/0.png"}
+    rejected = {"detail": "1 problem(s) in the dataset; nothing was stored", "issues": [issue]}
+    api.routes["POST /api/datasets"] = httpx.Response(422, json=rejected)
+    picked = tmp_path / "data.jsonl"
+    picked.write_text(json.dumps({"image": "images/0.png", "question": "q"}) + "\n")
+    _, message = datasets.upload(api.client(), [str(picked)], None, tmp_path / "scratch")
+    assert "- line 1: image: image file not found: images/0.png" in message
+    assert strings.UPLOAD_IMAGES_HINT in message
+    archive = tmp_path / "set.zip"
+    archive.write_bytes(b"zip")
+    _, message = datasets.upload(api.client(), [str(archive)], None, tmp_path / "scratch")
+    assert strings.UPLOAD_IMAGES_HINT not in message  # a zip holds its images: the lines are wrong, not the pick
+
+
 def test_a_refusal_before_validation_shows_its_detail(api: FakeApi, tmp_path: Path) -> None:
     api.routes["POST /api/datasets"] = httpx.Response(
         422, json={"detail": "unsupported upload 'notes.txt': send a .zip (data.jsonl + images)"}
