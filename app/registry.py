@@ -17,8 +17,16 @@ from app.tables import Checkpoint, Dataset, Job
 
 # The names' grammar and the on-disk layout live in the library (vopd.home), shared with the CLI, which resolves the
 # same names through VOPD_HOME without a database; this module adds the database and each key's ownership.
-from vopd.home import JOB_MODEL_NAME, is_model_folder, parse_job_model_name
+from vopd.home import (
+    JOB_MODEL_NAME,
+    RUN_MODEL_NAME,
+    is_model_folder,
+    parse_job_model_name,
+    run_model_folder,
+    run_models,
+)
 from vopd.home import base_model_names as _base_model_names
+from vopd.home import runs_dir as _runs_dir
 
 __all__ = [
     "JOB_MODEL_NAME",
@@ -47,7 +55,10 @@ def base_model_names(settings: Settings) -> list[str]:
 
 
 def list_models(session: Session, settings: Settings, owner_id: int) -> list[ModelOut]:
+    """Base models, then the models of CLI runs under VOPD_HOME/runs (on disk, like the base models, so every key
+    sees them), then the caller's own jobs' final models and checkpoints."""
     models = [ModelOut(name=name, kind="base") for name in base_model_names(settings)]
+    models.extend(ModelOut(name=name, kind="run", step=step) for name, step in run_models(settings.home))
     finals = session.scalars(
         select(Job).where(Job.owner_id == owner_id, Job.kind == "train", Job.status == "succeeded").order_by(Job.id)
     )
@@ -89,10 +100,19 @@ def resolve_model(session: Session, settings: Settings, owner_id: int, name: str
         if checkpoint is None or not is_model_folder(Path(checkpoint.path)):
             raise UnknownName("model", f"job {job.id} has no checkpoint at step {match.group(3)} (pruned?); {hint}")
         return Path(checkpoint.path)
+    if RUN_MODEL_NAME.match(name):
+        folder = run_model_folder(settings.home, name)
+        if folder is None:
+            raise UnknownName("model", f"no model at {name} in VOPD_HOME (a run's final/ or checkpoint); {hint}")
+        return folder
     candidate = Path(name)
+    runs = _runs_dir(settings.home)
     if candidate.is_absolute():
+        # A model given by path: a base model's folder, or a CLI run's (final or checkpoint) under VOPD_HOME/runs.
+        if _inside(candidate, runs) and is_model_folder(candidate):
+            return candidate
         if not _inside(candidate, settings.models_dir):
-            raise UnknownName("model", f"absolute model paths must lie inside {settings.models_dir}; {hint}")
+            raise UnknownName("model", f"absolute model paths must lie inside {settings.models_dir} or {runs}; {hint}")
     else:
         if ".." in candidate.parts:
             raise UnknownName("model", f"model name {name!r} must not contain '..'; {hint}")

@@ -285,6 +285,27 @@ class DatasetList(BaseModel):
     items: list[DatasetOut]
 
 
+class SyntheticDatasetCreate(BaseModel):
+    """A synthetic fine-detail set built on the server with ``vopd synth``'s generator (deterministic by seed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: int = Field(
+        64, ge=1, le=100_000, description="Number of items; at most VOPD_MAX_SYNTH_ITEMS (2,000 by default)."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="The same seed gives the same images and records.")
+    box: bool = Field(
+        True,
+        description=(
+            "true: each item has its evidence box (the box world); false: the box-free world, whose question names "
+            "the target by its colour and whose box is kept for evaluation only (`vopd synth --no-box`)."
+        ),
+    )
+    name: str | None = Field(
+        None, max_length=200, description="Shown instead of the id; by default one that says size, seed and world."
+    )
+
+
 class DatasetIssueOut(BaseModel):
     line: int
     field: str
@@ -307,6 +328,15 @@ class SampleOut(BaseModel):
     options: list[str] | None
     answer: str | None
     bbox: tuple[float, float, float, float] | None
+    hidden_bbox: tuple[float, float, float, float] | None = Field(
+        None,
+        description=(
+            "Where the target is in a set without evidence boxes (the box-free synthetic world): for evaluation and "
+            "previews only, never shown to a model in training."
+        ),
+    )
+    width: int | None = Field(None, description="The sample's own image width in px (boxes are in its pixels).")
+    height: int | None = Field(None, description="The sample's own image height in px.")
     student_text: str
     teacher_text: str
     student_image: str = Field(description="Thumbnail of the student view (red box) as a data: URL.")
@@ -337,7 +367,12 @@ class SamplePage(BaseModel):
 # --------------------------------------------------------------------------- models
 class ModelOut(BaseModel):
     name: str = Field(description="Usable as config.model.")
-    kind: Literal["base", "final", "checkpoint"]
+    kind: Literal["base", "final", "checkpoint", "run"] = Field(
+        description=(
+            "base: a folder under VOPD_HOME/models; final / checkpoint: one of your training jobs' weights; run: a "
+            "CLI run's final model or checkpoint under VOPD_HOME/runs (step set for a checkpoint)."
+        )
+    )
     job_id: int | None = None
     step: int | None = None
 

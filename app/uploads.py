@@ -102,7 +102,10 @@ def extract_zip(archive: Path, target: Path, settings: Settings, quota_left: int
 
 
 def find_data_file(folder: Path) -> Path:
-    """data.jsonl at the root, or inside a single top-level folder (zipping a folder yields that layout)."""
+    """data.jsonl at the root, or inside a single top-level folder (zipping a folder yields that layout); else the
+    only JSONL or Parquet file at the root; else the Parquet files of a published dataset's folder (a Hugging Face
+    dataset repository keeps them as ``data/train-00000-of-00002.parquet``...): one is used where it lies (image
+    paths in it stay relative to it), several are joined into one ``data.parquet`` beside them."""
     candidates = [folder / "data.jsonl"]
     children = [child for child in folder.iterdir() if not child.name.startswith(("__MACOSX", "."))]
     if len(children) == 1 and children[0].is_dir():
@@ -113,7 +116,42 @@ def find_data_file(folder: Path) -> Path:
     roots = [path for path in folder.glob("*.jsonl")] + [path for path in folder.glob("*.parquet")]
     if len(roots) == 1:
         return roots[0]
-    raise UploadRejected("the zip must hold data.jsonl (one sample per line) next to the images it references")
+    shards = sorted(
+        path
+        for path in folder.rglob("*.parquet")
+        if not any(part.startswith(("__MACOSX", ".")) for part in path.relative_to(folder).parts)
+    )
+    if not roots and shards:
+        same_folder = len({shard.parent for shard in shards}) == 1
+        return join_parquet_shards(shards, (shards[0].parent if same_folder else folder) / "data.parquet")
+    raise UploadRejected(
+        "the zip must hold data.jsonl (one sample per line) next to the images it references, or the Parquet "
+        "file(s) of a dataset in the official layout"
+    )
+
+
+def join_parquet_shards(shards: list[Path], target: Path) -> Path:
+    """One Parquet file from a dataset's shards (a single shard is itself); a shard that does not read, or whose
+    columns do not match the others', is refused with its name."""
+    if len(shards) == 1:
+        return shards[0]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for shard in shards:
+        try:
+            tables.append(pq.read_table(shard))
+        except Exception as error:  # pyarrow raises ArrowInvalid / OSError on a damaged file
+            raise UploadRejected(f"unreadable Parquet shard {shard.name!r} ({error})") from error
+    try:
+        joined = pa.concat_tables(tables, promote_options="default")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise UploadRejected(f"the Parquet shards do not share their columns ({error})") from error
+    pq.write_table(joined, target)
+    for shard in shards:
+        shard.unlink()
+    return target
 
 
 def unpack_upload(upload: Path, filename: str, target: Path, settings: Settings, quota_left: int | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""The studio: five tabs over the REST API, built by ``build_ui`` and mounted at /ui by ``vopd serve``.
+"""The studio: six tabs over the REST API, built by ``build_ui`` and mounted at /ui by ``vopd serve``.
 
 Every callback acts with the signed-in user's key (``frontend.signin``): the studio has no key of its own.
 Standalone against any server: ``python -m frontend.app --api http://host:8000``, then sign in at /signin.
@@ -26,6 +26,7 @@ from frontend.context import (
 )
 from frontend.guard import Account
 from frontend.signin import SIGNOUT_PATH, OpenedSession
+from frontend.tabs.datasets import build_datasets_tab
 from frontend.tabs.demo import build_demo_tab
 from frontend.tabs.evaluate import build_evaluate_tab
 from frontend.tabs.inspect import build_inspect_tab
@@ -33,18 +34,24 @@ from frontend.tabs.jobs import build_jobs_tab
 from frontend.tabs.train import build_train_tab
 from vopd.redact import install_access_log_redaction
 
-TAB_IDS = ("inspect", "train", "jobs", "evaluate", "demo")
+TAB_IDS = ("inspect", "datasets", "train", "jobs", "evaluate", "demo")
 
 # Page-wide rules, as a <style> element (Gradio scopes a component's own css_template to that component). Gradio's
 # notices sit fixed at the top right, over the account and Sign out (on a phone, over the whole header): here they
 # sit at the bottom, spanning a phone's width. Table headers wrap between words only: at 420 px Gradio's tables broke
 # them letter by letter ("progr/ess"); each column is now at least as wide as its longest header word, and the table
-# scrolls inside itself. The Demo's picture fills its frame, pixel for pixel (a 112 px upload showed at 112 px).
+# scrolls inside itself. The Demo's picture fills its frame, pixel for pixel (a 112 px upload showed at 112 px). The
+# dataset preview shows all its samples, as many abreast as fit (Gradio's gallery clipped the second row in a frame of
+# its own height, with three columns at any width).
 STUDIO_CSS = """
 .toast-wrap { top: auto !important; bottom: var(--size-3, 12px) !important; }
 table thead th, table thead th * { word-break: keep-all !important; overflow-wrap: normal !important; }
 table thead th { min-width: max-content; }
 #demo-image img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
+#datasets-gallery .grid-wrap {
+  height: auto !important; min-height: 0 !important; max-height: none !important; overflow-y: visible !important;
+}
+#datasets-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important; }
 @media (max-width: 640px) {
   .toast-wrap { left: var(--size-2, 8px) !important; right: var(--size-2, 8px) !important; width: auto !important; }
 }
@@ -65,6 +72,8 @@ def build_ui(api_base_url: str) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab(strings.TAB_INSPECT, id="inspect") as inspect_tab_item:
                 inspect = build_inspect_tab(ctx)
+            with gr.Tab(strings.TAB_DATASETS, id="datasets") as datasets_tab_item:
+                datasets_tab = build_datasets_tab(ctx)
             with gr.Tab(strings.TAB_TRAIN, id="train") as train_tab_item:
                 train = build_train_tab(ctx)
             with gr.Tab(strings.TAB_JOBS, id="jobs") as jobs_tab_item:
@@ -116,6 +125,12 @@ def build_ui(api_base_url: str) -> gr.Blocks:
                 train.refresh_preview, train.preview_inputs, train.preview_outputs
             )
         evaluate_tab_item.select(refresh_choices, choice_inputs, choice_components)
+        # A dataset uploaded or made in the Datasets tab appears, by name, in every tab's list at once.
+        datasets_tab.changed.change(refresh_choices, choice_inputs, choice_components)
+        datasets_tab_item.select(datasets_tab.refresh, datasets_tab.refresh_inputs, datasets_tab.refresh_outputs).then(
+            datasets_tab.first_preview, datasets_tab.first_preview_inputs, datasets_tab.first_preview_outputs
+        )
+        ui.load(datasets_tab.refresh, datasets_tab.refresh_inputs, datasets_tab.refresh_outputs)
         evaluate_tab_item.select(evaluate.refresh_jobs, evaluate.refresh_inputs, evaluate.refresh_outputs)
         evaluate_tab_item.select(evaluate.refresh_benchmarks, None, evaluate.benchmarks_note)
         jobs_tab_item.select(jobs.refresh_table, jobs.table_inputs, jobs.table)

@@ -9,6 +9,8 @@ short enough to show to a user as is.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +24,10 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled
 DEFAULT_TIMEOUT_S = 30.0
 # Inspect may first load a model from disk, then decode: far slower than any other call.
 INSPECT_TIMEOUT_S = 600.0
+# An upload is sent, unpacked and every image decoded before the answer; a synthetic set is drawn within the request.
+DATASET_TIMEOUT_S = 600.0
+# How long the id -> name map of the datasets is reused: the job table and header name datasets on every poll tick.
+DATASET_NAMES_TTL_S = 10.0
 MAX_MESSAGE_CHARS = 600
 
 
@@ -132,6 +138,7 @@ class Dataset(_Model):
     id: str
     name: str
     n_samples: int
+    size_bytes: int = 0
     shared: bool = False
 
 
@@ -142,6 +149,10 @@ class Sample(_Model):
     options: list[str] | None = None
     answer: str | None = None
     bbox: tuple[float, float, float, float] | None = None
+    hidden_bbox: tuple[float, float, float, float] | None = None  # where the target is, in a set without boxes
+    evidence: str = "box"  # "box", or "search": no box, a model finds its own crop
+    width: int | None = None  # the sample's own image size (its boxes are in these pixels)
+    height: int | None = None
     student_image: str
     teacher_image: str
     image: str | None = None  # the sample's own image, when asked for with original=True
@@ -154,7 +165,7 @@ class SamplePage(_Model):
 
 class ModelInfo(_Model):
     name: str
-    kind: Literal["base", "final", "checkpoint"]
+    kind: Literal["base", "final", "checkpoint", "run"]  # run: a CLI run under VOPD_HOME/runs
     job_id: int | None = None
     step: int | None = None
 
@@ -311,6 +322,8 @@ class VopdClient:
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport)
+        self._names: tuple[float, dict[str, str]] | None = None  # (fetched at, id -> name)
+        self._names_lock = threading.Lock()
 
     def close(self) -> None:
         self._http.close()
@@ -364,7 +377,44 @@ class VopdClient:
         return self._get_json("/api/models", _ModelList).items
 
     def datasets(self) -> list[Dataset]:
-        return self._get_json("/api/datasets", _DatasetList).items
+        items = self._get_json("/api/datasets", _DatasetList).items
+        with self._names_lock:
+            self._names = (time.monotonic(), {d.id: d.name for d in items})
+        return items
+
+    def dataset_names(self) -> dict[str, str]:
+        """id -> name of every dataset this key sees, reused for DATASET_NAMES_TTL_S (the job table and header show
+        names on every poll tick); an upload or a synthetic set made through this client refreshes it at once."""
+        with self._names_lock:
+            cached = self._names
+        if cached is not None and time.monotonic() - cached[0] < DATASET_NAMES_TTL_S:
+            return cached[1]
+        try:
+            self.datasets()
+        except ApiError:  # names are a courtesy: where they cannot be read, the ids are shown as before
+            return cached[1] if cached is not None else {}
+        with self._names_lock:
+            return self._names[1] if self._names is not None else {}
+
+    def upload_dataset(self, path: Path, name: str | None = None) -> Dataset:
+        """POST /api/datasets: a .zip (data.jsonl + images, or Parquet files), a .jsonl with base64 images or a
+        .parquet. A rejected dataset raises ApiError whose ``details`` are the API's per-line issues."""
+        form = {"name": name} if name and name.strip() else None
+        with path.open("rb") as handle:
+            response = self._request(
+                "POST", "/api/datasets", files={"file": (path.name, handle)}, data=form, timeout=DATASET_TIMEOUT_S
+            )
+        self._names = None
+        return self._parse(response, Dataset)
+
+    def make_synthetic_dataset(self, n: int, seed: int, box: bool, name: str | None = None) -> Dataset:
+        """POST /api/datasets/synthetic: a synthetic set of ``n`` items drawn on the server, as ``vopd synth``."""
+        body: dict[str, Any] = {"n": n, "seed": seed, "box": box}
+        if name and name.strip():
+            body["name"] = name.strip()
+        response = self._request("POST", "/api/datasets/synthetic", json=body, timeout=DATASET_TIMEOUT_S)
+        self._names = None
+        return self._parse(response, Dataset)
 
     def benchmarks(self) -> BenchmarkFolderList:
         """The published suites placed in the server's benchmarks folder."""

@@ -62,13 +62,31 @@ def readable_errors(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 def model_choices(models: list[ModelInfo]) -> list[tuple[str, str]]:
-    """(label, name) pairs: base models first, then trained models and checkpoints, labelled by kind."""
-    labels = {"base": "base", "final": "trained", "checkpoint": "checkpoint"}
-    return [(f"{m.name}  ({labels.get(m.kind, m.kind)})", m.name) for m in models]
+    """(label, name) pairs: base models first, then CLI runs, trained models and checkpoints, labelled by kind."""
+    labels = {"base": "base", "final": "trained", "checkpoint": "checkpoint", "run": "CLI run"}
+
+    def label(model: ModelInfo) -> str:
+        if model.kind == "run" and model.step is not None:
+            return "CLI run checkpoint"
+        return labels.get(model.kind, model.kind)
+
+    return [(f"{m.name}  ({label(m)})", m.name) for m in models]
 
 
 def dataset_choices(datasets: list[Dataset]) -> list[tuple[str, str]]:
-    return [(f"{d.name}  ({d.id}, {d.n_samples} samples)", d.id) for d in datasets]
+    """(label, id) pairs: a dataset is shown by its name and size; the id (what a job's config names) is the value,
+    and is shown only beside a name that two datasets share, to tell them apart."""
+    counts: dict[str, int] = {}
+    for dataset in datasets:
+        counts[dataset.name] = counts.get(dataset.name, 0) + 1
+
+    def label(d: Dataset) -> str:
+        facts = [] if f"{d.n_samples:,} items" in d.name else [f"{d.n_samples:,} samples"]  # a name may say it
+        if counts[d.name] > 1:
+            facts.append(d.id)
+        return f"{d.name}  ({', '.join(facts)})" if facts else d.name
+
+    return [(label(d), d.id) for d in datasets]
 
 
 def choices_update(

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -358,7 +358,18 @@ def format_eta(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def job_rows(jobs: Sequence[Job]) -> pd.DataFrame:
+def dataset_label(dataset_id: str, names: Mapping[str, str] | None) -> str:
+    """A dataset's name where the caller knows it, else its id (a deleted set, or one the key cannot see)."""
+    return (names or {}).get(dataset_id) or dataset_id
+
+
+def source_label(job: Job, names: Mapping[str, str] | None) -> str:
+    """What an evaluation was asked on, by name: the dataset's name, or ``benchmark:folder``."""
+    return job.source_label if job.benchmark else dataset_label(job.dataset_id, names)
+
+
+def job_rows(jobs: Sequence[Job], names: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The job table; the dataset column shows each dataset's name (``names``: id -> name)."""
     rows = [
         [
             job.id,
@@ -369,7 +380,7 @@ def job_rows(jobs: Sequence[Job]) -> pd.DataFrame:
             job.queue_position if job.queue_position is not None else "",
             format_eta(job.eta_seconds),
             job.model_name,
-            job.dataset_id,
+            dataset_label(job.dataset_id, names),
             job.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         ]
         for job in jobs
@@ -377,9 +388,9 @@ def job_rows(jobs: Sequence[Job]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=strings.JOB_TABLE_COLUMNS)
 
 
-def job_header_markdown(job: Job) -> str:
+def job_header_markdown(job: Job, names: Mapping[str, str] | None = None) -> str:
     parts = [f"### Job {job.id} · {job.kind} · {job.status}"]
-    facts = [f"model `{job.model_name}`", f"dataset `{job.dataset_id}`"]
+    facts = [f"model `{job.model_name}`", f"dataset `{dataset_label(job.dataset_id, names)}`"]
     if job.total_steps:
         facts.append(f"{job.unit} {job.step}/{job.total_steps} ({job.progress:.0%})")
     if job.status == "queued" and job.queue_position is not None:
@@ -489,19 +500,22 @@ def curve_frames(metrics: Sequence[Metric]) -> dict[str, pd.DataFrame]:
     return {name: _long_frame(metrics, group) for name, group in groups.items()}
 
 
-def _eval_points(job: Job, step: int) -> list[dict[str, Any]]:
+def _eval_points(job: Job, step: int, names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """A succeeded dataset evaluation's full-image and crop accuracy at ``step``, one series per condition and
     dataset: evaluations on two datasets are two measurements, never one line."""
     rows = []
     for condition, key in (("full image", "full_accuracy"), ("crop", "crop_accuracy")):
         value = (job.result or {}).get(key)
         if isinstance(value, int | float) and math.isfinite(value):
-            series = f"{condition} · {job.source_label}" if job.source_label else condition
+            source = source_label(job, names)
+            series = f"{condition} · {source}" if source else condition
             rows.append({"step": step, "value": float(value), "series": series})
     return rows
 
 
-def eval_accuracy_frame(train_job: Job, eval_jobs: Sequence[Job]) -> pd.DataFrame:
+def eval_accuracy_frame(
+    train_job: Job, eval_jobs: Sequence[Job], names: Mapping[str, str] | None = None
+) -> pd.DataFrame:
     """Full-image and crop accuracy of the succeeded evaluations of this training job's checkpoints, by step, one
     series per (condition, dataset); the base model's evaluations on those same datasets sit at step 0, where
     training started. The newest evaluation wins where one model was evaluated twice on one dataset."""
@@ -513,10 +527,10 @@ def eval_accuracy_frame(train_job: Job, eval_jobs: Sequence[Job]) -> pd.DataFram
             continue
         step = job.model_step if job.model_step is not None else (train_job.total_steps or train_job.step)
         datasets.add(job.dataset_id)
-        points.update({(row["step"], row["series"]): row for row in _eval_points(job, step)})
+        points.update({(row["step"], row["series"]): row for row in _eval_points(job, step, names)})
     for job in sorted(done, key=lambda job: job.id):
         if job.model_job_id is None and job.model_name == train_job.model_name and job.dataset_id in datasets:
-            points.update({(row["step"], row["series"]): row for row in _eval_points(job, 0)})
+            points.update({(row["step"], row["series"]): row for row in _eval_points(job, 0, names)})
     return curve_frame(sorted(points.values(), key=lambda row: (row["series"], row["step"])))
 
 
@@ -544,7 +558,7 @@ def human_size(size_bytes: int) -> str:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def eval_table(jobs: Sequence[Job]) -> pd.DataFrame:
+def eval_table(jobs: Sequence[Job], names: Mapping[str, str] | None = None) -> pd.DataFrame:
     rows = []
     for job in jobs:
         result = job.result or {}
@@ -557,7 +571,7 @@ def eval_table(jobs: Sequence[Job]) -> pd.DataFrame:
             [
                 job.id,
                 job.model_name,
-                job.dataset_id,
+                source_label(job, names),
                 job.status,
                 number("full_accuracy"),
                 number("crop_accuracy"),

@@ -44,6 +44,7 @@ SIGNED_OUT = "Signed out. Paste a key to sign in again, with this key or another
 
 # ----------------------------------------------------------------------------- tabs
 TAB_INSPECT = "Inspect"
+TAB_DATASETS = "Datasets"
 TAB_TRAIN = "Train"
 TAB_JOBS = "Jobs"
 TAB_EVALUATE = "Evaluate"
@@ -51,7 +52,10 @@ TAB_DEMO = "Demo"
 
 # ----------------------------------------------------------------------------- shared
 MODEL_LABEL = "Model or checkpoint"
-MODEL_INFO = "Base models, trained models (job-N/final) and checkpoints (job-N/step-M)."
+MODEL_INFO = (
+    "Base models, trained models (job-N/final), checkpoints (job-N/step-M) and runs trained with the CLI under "
+    "$VOPD_HOME/runs (runs/NAME/final)."
+)
 DATASET_LABEL = "Dataset"
 REFRESH = "↻ Refresh"
 NO_MODELS = "no models yet: the server registers the tiny model on first start"
@@ -261,3 +265,59 @@ DEMO_OPTIONS = "circle, square, triangle, diamond"
 DEMO_MODEL = "tiny-nobox"
 ASK = "Ask"
 ANSWER_LABEL = "Answer"
+
+# ----------------------------------------------------------------------------- datasets
+DATASETS_INTRO = (
+    "Your datasets and the shared ones, by name. **Upload** a `.zip` (`data.jsonl` beside the images it names, or "
+    "the Parquet files of a dataset in the official layout), a `.jsonl` whose images are base64 (`image_base64`), "
+    "a `.parquet` file, or a `.jsonl` together with its image files (select them all). The server checks every "
+    "line and names each problem. Or **make a synthetic set**, as `vopd synth` does, without a terminal."
+)
+UPLOAD_TITLE = "#### Upload"
+UPLOAD_FILES_LABEL = "Dataset file(s)"
+UPLOAD_NAME_LABEL = "Name (optional; default: the file's name)"
+UPLOAD_BUTTON = "Upload and check"
+UPLOAD_NEED_FILE = "Choose a file to upload first."
+UPLOAD_BUNDLE_NEEDS_JSONL = (
+    "Several files make one dataset only as one .jsonl with its images (.png, .jpg, ...): got {names}. Upload a "
+    ".zip, .jsonl or .parquet file on its own."
+)
+UPLOADED = "Uploaded **{name}**: {n:,} samples ({size}). It is listed below and in every tab's dataset list."
+UPLOAD_REJECTED = "**The server refused the dataset:** {message}"
+UPLOAD_MORE_ISSUES = "… and {n} more."
+UPLOAD_IMAGES_HINT = (
+    "A `.jsonl` sent alone carries only `image_base64` images: pick its image files together with it (or zip the "
+    "folder) so that the paths its lines name are found."
+)
+SYNTH_TITLE = "#### Make a synthetic set"
+SYNTH_N_LABEL = "Size (items)"
+SYNTH_SEED_LABEL = "Seed"
+SYNTH_WORLD_LABEL = "World"
+SYNTH_WITH_BOX = "With evidence box"
+SYNTH_NO_BOX = "No box (the model finds the evidence)"
+SYNTH_NAME_LABEL = "Name (optional)"
+SYNTH_BUTTON = "Make synthetic set"
+SYNTH_HELP = (
+    "The same generator as `vopd synth --n N --seed S [--no-box]`: the same seed gives the same items. Sets are built "
+    "on the server within seconds (at most a couple of thousand items; larger ones with the CLI and an upload)."
+)
+SYNTH_DONE = "Made **{name}**: {n:,} items ({size})."
+SYNTH_NEED_N = "Give the number of items (a whole number of at least 1)."
+SYNTH_NEED_SEED = "Give a seed (a whole number of at least 0)."
+DATASET_TABLE_COLUMNS = ["name", "samples", "size", "owner", "id (config.dataset)"]
+OWNER_YOURS = "yours"
+OWNER_SHARED = "shared"
+PREVIEW_TITLE = "#### Preview"
+PREVIEW_DATASET_LABEL = "Dataset to preview"
+PREVIEW_BUTTON = "Preview samples"
+PREVIEW_COUNT = 6
+PREVIEW_GALLERY_LABEL = "Samples"
+PREVIEW_NOTE = (
+    "The red box is drawn as the student sees it in training; a set without boxes shows, dashed blue, the box it "
+    "keeps for evaluation only."
+)
+PREVIEW_NEED_DATASET = "Choose a dataset to preview."
+PREVIEW_HEADER = "**{name}**: samples {first}-{last} of {total:,}"
+PREVIEW_ITEM = "- **#{index}** `{id}`: {question}  \n  options: {options} · answer: **{answer}** · box: {box}"
+PREVIEW_HIDDEN_LABEL = "target (hidden)"
+PREVIEW_NO_BOX = "none (searched)"

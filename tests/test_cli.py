@@ -175,6 +175,35 @@ def test_the_cli_resolves_the_services_names_through_vopd_home(tiny_model_dir, t
             resolve_names(named.model_copy(update={field: value}))
 
 
+def test_the_cli_resolves_a_runs_model_names_and_a_sharded_upload(tiny_model_dir, tmp_path, monkeypatch) -> None:
+    """The names the service lists for a CLI run under VOPD_HOME/runs (runs/NAME/final, its checkpoints) run as
+    shown; an uploaded dataset whose data file is a Parquet file in a subfolder (a published layout) resolves too."""
+    import shutil
+
+    from vopd.cli import CliError, resolve_names
+    from vopd.config import TrainConfig
+    from vopd.home import run_models
+
+    home = _home_with_names(tmp_path / "home", tiny_model_dir)
+    shutil.copytree(tiny_model_dir, home / "runs" / "opd" / "final")
+    shutil.copytree(tiny_model_dir, home / "runs" / "opd" / "checkpoints" / "step-20")
+    (home / "runs" / "opd" / "checkpoints" / "step-30.partial").mkdir()  # being written: not a checkpoint yet
+    shared = home / "datasets" / "ds-parquet" / "Vision-OPD-6K" / "data"
+    shared.mkdir(parents=True)
+    (shared / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
+    monkeypatch.setenv("VOPD_HOME", str(home))
+    assert run_models(home) == [("runs/opd/final", None), ("runs/opd/checkpoints/step-20", 20)]
+    named = TrainConfig(model="runs/opd/final", dataset="ds-parquet", steps=1)
+    resolved = resolve_names(named)
+    assert resolved.model == str(home / "runs" / "opd" / "final")
+    assert resolved.dataset == str(shared / "train-00000-of-00001.parquet")
+    step = resolve_names(named.model_copy(update={"model": "runs/opd/checkpoints/step-20"}))
+    assert step.model == str(home / "runs" / "opd" / "checkpoints" / "step-20")
+    for value in ("runs/opd/checkpoints/step-30", "runs/other/final", "runs/../models/tiny"):
+        with pytest.raises(CliError, match=f"--model '{value}'"):
+            resolve_names(named.model_copy(update={"model": value}))
+
+
 def test_train_accepts_a_dataset_id_and_a_model_name(tiny_model_dir, tmp_path, monkeypatch, capsys) -> None:
     home = _home_with_names(tmp_path / "home", tiny_model_dir)
     monkeypatch.setenv("VOPD_HOME", str(home))

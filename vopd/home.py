@@ -1,11 +1,11 @@
 """What the service's names stand for on disk, read straight from ``VOPD_HOME``: no database, no web code.
 
-The REST API names models (``tiny``, ``job-3/final``, ``job-3/step-20``) and datasets (``synth-64``, ``ds-1a2b3c``)
-rather than paths. The studio shows the equivalent ``vopd train`` command with those same names, so the CLI must
-understand them too: this module maps a name to the folder or file the service keeps it in, with the same layout
-the service writes (``$VOPD_HOME/models/NAME``, ``$VOPD_HOME/datasets/ID/data.jsonl``,
-``$VOPD_HOME/artifacts/jobs/N/{final,checkpoints/step-M}``). The service adds ownership checks on top
-(``app.registry``); the CLI runs as the machine's user, who may read every folder anyway.
+The REST API names models (``tiny``, ``job-3/final``, ``job-3/step-20``, a CLI run's ``runs/NAME/final``) and
+datasets (``synth-64``, ``ds-1a2b3c``) rather than paths. The studio shows the equivalent ``vopd train`` command with
+those same names, so the CLI must understand them too: this module maps a name to the folder or file the service keeps
+it in, with the same layout the service writes (``$VOPD_HOME/models/NAME``, ``$VOPD_HOME/datasets/ID/data.jsonl``,
+``$VOPD_HOME/artifacts/jobs/N/{final,checkpoints/step-M}``, ``$VOPD_HOME/runs/NAME/...``). The service adds ownership
+checks on top (``app.registry``); the CLI runs as the machine's user, who may read every folder anyway.
 
 A path that exists always wins over a name, so every command keeps accepting plain paths exactly as before.
 """
@@ -19,6 +19,9 @@ from pathlib import Path
 
 DEFAULT_HOME = "~/.vopd"
 JOB_MODEL_NAME = re.compile(r"^job-(\d+)/(final|step-(\d+))$")
+# A run that ``vopd train --output $VOPD_HOME/runs/NAME`` wrote: its final model or one of its checkpoints, named by
+# its path relative to VOPD_HOME (so the name reads as the folder it is).
+RUN_MODEL_NAME = re.compile(r"^runs/([A-Za-z0-9][A-Za-z0-9._-]*)/(final|checkpoints/step-(\d+))$")
 MODEL_MARKERS = ("config.json", "adapter_config.json")
 DATA_FILE = "data.jsonl"
 
@@ -35,6 +38,11 @@ def models_dir(home: Path) -> Path:
 
 def datasets_dir(home: Path) -> Path:
     return home / "datasets"
+
+
+def runs_dir(home: Path) -> Path:
+    """Where CLI runs whose models the service lists belong: ``vopd train --output $VOPD_HOME/runs/NAME``."""
+    return home / "runs"
 
 
 def job_dir(home: Path, job_id: int) -> Path:
@@ -71,6 +79,43 @@ def base_model_names(root: Path) -> list[str]:
     return names
 
 
+def run_models(home: Path) -> list[tuple[str, int | None]]:
+    """(name, checkpoint step or None for final) of every model a CLI run under VOPD_HOME/runs holds: each run's
+    ``final`` first, then its checkpoints by step. Runs are listed by name; a run still training shows its checkpoints
+    (each is renamed into place whole, so a listed one is complete)."""
+    root = runs_dir(home)
+    if not root.is_dir():
+        return []
+    found: list[tuple[str, int | None]] = []
+    for run in sorted(root.iterdir()):
+        if not run.is_dir() or RUN_MODEL_NAME.match(f"runs/{run.name}/final") is None:
+            continue
+        if run_model_folder(home, f"runs/{run.name}/final") is not None:
+            found.append((f"runs/{run.name}/final", None))
+        checkpoints = run / "checkpoints"
+        steps = sorted(
+            int(folder.name[5:])
+            for folder in (checkpoints.iterdir() if checkpoints.is_dir() else ())
+            if folder.name.startswith("step-")
+            and folder.name[5:].isdigit()
+            and run_model_folder(home, f"runs/{run.name}/checkpoints/{folder.name}") is not None
+        )
+        found.extend((f"runs/{run.name}/checkpoints/step-{step}", step) for step in steps)
+    return found
+
+
+def run_model_folder(home: Path, name: str) -> Path | None:
+    """The folder a ``runs/NAME/final`` or ``runs/NAME/checkpoints/step-N`` name stands for, if it holds a model
+    inside VOPD_HOME/runs (a link pointing elsewhere is not followed out)."""
+    if RUN_MODEL_NAME.match(name) is None:
+        return None
+    folder = home / name
+    root = runs_dir(home).resolve()
+    if not is_model_folder(folder) or not folder.resolve().is_relative_to(root):
+        return None
+    return folder
+
+
 def job_model_folder(home: Path, job_id: int, step: int | None) -> Path:
     """The folder a ``job-N/final`` or ``job-N/step-M`` name stands for (the trainer's run-folder layout)."""
     run = job_dir(home, job_id)
@@ -79,7 +124,7 @@ def job_model_folder(home: Path, job_id: int, step: int | None) -> Path:
 
 def dataset_data_file(folder: Path) -> Path | None:
     """An uploaded dataset's data file: data.jsonl at the root or inside a single top-level folder, else the only
-    JSONL or parquet file at the root (the layouts an upload is accepted in)."""
+    JSONL or parquet file at the root, else the only Parquet file below it (the layouts an upload is accepted in)."""
     candidates = [folder / DATA_FILE]
     children = [child for child in folder.iterdir() if not child.name.startswith(("__MACOSX", "."))]
     if len(children) == 1 and children[0].is_dir():
@@ -88,7 +133,10 @@ def dataset_data_file(folder: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     roots = sorted(folder.glob("*.jsonl")) + sorted(folder.glob("*.parquet"))
-    return roots[0] if len(roots) == 1 else None
+    if roots:
+        return roots[0] if len(roots) == 1 else None
+    nested = sorted(folder.rglob("*.parquet"))  # a published dataset's folder (data/train-...parquet), as uploaded
+    return nested[0] if len(nested) == 1 else None
 
 
 def resolve_model_name(name: str, home: Path | None = None) -> Path | None:
@@ -102,6 +150,8 @@ def resolve_model_name(name: str, home: Path | None = None) -> Path | None:
     if source is not None:
         folder = job_model_folder(home, *source)
         return folder if is_model_folder(folder) else None
+    if RUN_MODEL_NAME.match(name):
+        return run_model_folder(home, name)
     if path.is_absolute() or ".." in path.parts:
         return None
     folder = models_dir(home) / path

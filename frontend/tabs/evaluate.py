@@ -46,8 +46,9 @@ NEED_BENCHMARK_DATA = "Name the benchmark's folder on the server (inside VOPD_HO
 
 
 # ----------------------------------------------------------------------------- pure callbacks
-def eval_job_choices(jobs: list[Job]) -> list[tuple[str, int]]:
-    return [(f"#{job.id} {job.model_name} on {job.source_label} ({job.status})", job.id) for job in jobs]
+def eval_job_choices(jobs: list[Job], names: dict[str, str] | None = None) -> list[tuple[str, int]]:
+    """An evaluation per choice, its dataset by name (``names``: id -> name)."""
+    return [(f"#{job.id} {job.model_name} on {render.source_label(job, names)} ({job.status})", job.id) for job in jobs]
 
 
 def eval_configs(
@@ -111,7 +112,7 @@ def before_after_order(jobs: list[Job]) -> list[Job]:
 CHART_X = "model · condition"
 
 
-def comparison(jobs: list[Job]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def comparison(jobs: list[Job], names: dict[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Table and chart frame, base before trained: the chart's x labels pair model and condition so bars stand side
     by side.
 
@@ -119,8 +120,7 @@ def comparison(jobs: list[Job]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     jobs = before_after_order(jobs)
     chart = render.eval_chart_frame(jobs)
     chart[CHART_X] = chart["model"] + " · " + chart["condition"]
-    table = render.eval_table(jobs)
-    table[strings.EVAL_TABLE_COLUMNS[2]] = [job.source_label for job in jobs]
+    table = render.eval_table(jobs, names)
     return table, render.plot_value(chart)
 
 
@@ -178,12 +178,14 @@ def held_out_dataset(current: str | None, dataset_ids: list[str], trained: dict[
     return current if current in dataset_ids else (dataset_ids[0] if dataset_ids else None)
 
 
-def trained_on_warning(dataset: str | None, trained: dict[str, str]) -> str:
+def trained_on_warning(dataset: str | None, trained: dict[str, str], names: dict[str, str] | None = None) -> str:
     """A warning when a chosen model trained on the dataset to be evaluated (its accuracy there is not a test)."""
     seen = sorted(name for name, dataset_id in trained.items() if dataset_id == dataset)
     if not dataset or not seen:
         return ""
-    return strings.EVAL_TRAINED_ON.format(models=", ".join(f"`{name}`" for name in seen), dataset=dataset)
+    return strings.EVAL_TRAINED_ON.format(
+        models=", ".join(f"`{name}`" for name in seen), dataset=render.dataset_label(dataset, names)
+    )
 
 
 def category_rows(job: Job) -> pd.DataFrame:
@@ -379,8 +381,9 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
 
     @readable_errors
     def refresh_jobs(request: gr.Request, current: list[int] | None, current_items: Any) -> tuple[Any, Any]:
-        jobs = ctx.client(request).jobs(kind="eval", limit=200).items
-        choices = eval_job_choices(jobs)
+        client = ctx.client(request)
+        jobs = client.jobs(kind="eval", limit=200).items
+        choices = eval_job_choices(jobs, client.dataset_names())
         ids = [value for _, value in choices]
         kept = [job_id for job_id in current or [] if job_id in ids]
         finished = [value for (label, value), job in zip(choices, jobs, strict=True) if job.status == "succeeded"]
@@ -395,8 +398,9 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
 
     @readable_errors
     def on_compare(request: gr.Request, job_ids: list[int] | None, shown: dict[str, Any] | None) -> tuple[Any, ...]:
-        jobs = fetch_eval_jobs(ctx.client(request), job_ids)
-        table_value, chart_value = comparison(jobs)
+        client = ctx.client(request)
+        jobs = fetch_eval_jobs(client, job_ids)
+        table_value, chart_value = comparison(jobs, client.dataset_names())
         update, order = chart_update(chart_value, shown)
         note = "" if chart_value is not None else strings.EVAL_EMPTY
         return table_value, update, order, note, suite_rows(jobs)
@@ -406,9 +410,10 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         """Keep the evaluation honest: move off a dataset the chosen models trained on, or say so."""
         client = ctx.client(request)
         trained = trained_on(model_names, client.jobs(kind="train", limit=200).items)
-        dataset_ids = [d.id for d in client.datasets()]
-        chosen = held_out_dataset(current, dataset_ids, trained)
-        return (gr.update(value=chosen) if chosen != current else gr.skip()), trained_on_warning(chosen, trained)
+        datasets = client.datasets()
+        chosen = held_out_dataset(current, [d.id for d in datasets], trained)
+        warning = trained_on_warning(chosen, trained, {d.id: d.name for d in datasets})
+        return (gr.update(value=chosen) if chosen != current else gr.skip()), warning
 
     @readable_errors
     def on_categories(request: gr.Request, job_id: Any) -> pd.DataFrame:
@@ -432,10 +437,11 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         gr.Info(strings.EVAL_SUBMITTED.format(ids=", ".join(f"#{job.id}" for job in jobs)))
         all_jobs = client.jobs(kind="eval", limit=200).items
         chosen = [job.id for job in jobs]
-        table_value, chart_value = comparison(fetch_eval_jobs(client, chosen))
+        names = client.dataset_names()
+        table_value, chart_value = comparison(fetch_eval_jobs(client, chosen), names)
         note = "" if chart_value is not None else strings.EVAL_RUNNING
         update, order = chart_update(chart_value, shown)
-        return gr.update(choices=eval_job_choices(all_jobs), value=chosen), table_value, update, order, note
+        return gr.update(choices=eval_job_choices(all_jobs, names), value=chosen), table_value, update, order, note
 
     def on_tick(
         request: gr.Request, job_ids: list[int] | None, table_value: Any, items_value: Any, shown: dict[str, Any] | None
@@ -449,7 +455,8 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         ):
             return (gr.skip(),) * 6
         try:
-            table_now, chart_now = comparison(fetch_eval_jobs(ctx.client(request), job_ids))
+            client = ctx.client(request)
+            table_now, chart_now = comparison(fetch_eval_jobs(client, job_ids), client.dataset_names())
             picked_now, items_now = refresh_jobs(request, job_ids, items_value)
         except Exception:  # a missed tick is retried by the next one; no toast every few seconds
             return (gr.skip(),) * 6

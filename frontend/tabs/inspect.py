@@ -274,7 +274,9 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
                 [strings.SOURCE_UPLOAD, strings.SOURCE_SAMPLE], value=strings.SOURCE_UPLOAD, label=strings.SOURCE_LABEL
             )
             with gr.Row(visible=False) as sample_row:
-                dataset = gr.Dropdown(label=strings.DATASET_LABEL, choices=[], scale=3, min_width=160)
+                dataset = gr.Dropdown(
+                    label=strings.DATASET_LABEL, choices=[], scale=3, min_width=160, elem_id="inspect-dataset"
+                )
                 sample_index = gr.Number(
                     0, label=strings.SAMPLE_INDEX_LABEL, precision=0, minimum=0, scale=1, min_width=100
                 )

@@ -49,6 +49,7 @@ class JobSnapshot:
     artifacts: list[Artifact]
     eval_jobs: list[Job]
     evaluations_changed: bool = False
+    names: dict[str, str] = field(default_factory=dict)  # dataset id -> name, for the header, table and plot
 
 
 # What the four curves are drawn as: Gradio's native line plot, whose value may be its own PlotData (a dict).
@@ -73,7 +74,7 @@ def jobs_table(client: VopdClient, status: str | None, kind: str | None) -> pd.D
         kind=None if kind in (None, strings.ANY) else kind,
         limit=100,
     )
-    return render.job_rows(page.items)
+    return render.job_rows(page.items, client.dataset_names())
 
 
 def parse_job_id(value: Any) -> int:
@@ -119,6 +120,7 @@ def poll_job(client: VopdClient, view: JobView | None, job_id: int) -> JobSnapsh
         client.artifacts(job_id),
         eval_jobs,
         evaluations_changed,
+        client.dataset_names(),
     )
 
 
@@ -135,7 +137,8 @@ def curves(snapshot: JobSnapshot) -> tuple[pd.DataFrame | None, ...]:
     """Loss, divergence, agreement and accuracy curves; None where there is nothing to draw yet."""
     frames = render.curve_frames(snapshot.view.metrics)
     accuracy = pd.concat(
-        [frames["accuracy"], render.eval_accuracy_frame(snapshot.job, snapshot.eval_jobs)], ignore_index=True
+        [frames["accuracy"], render.eval_accuracy_frame(snapshot.job, snapshot.eval_jobs, snapshot.names)],
+        ignore_index=True,
     )
     return tuple(
         render.plot_value(frame) for frame in (frames["loss"], frames["divergence"], frames["agreement"], accuracy)
@@ -192,13 +195,13 @@ def can_compare(job: Job) -> bool:
     return job.kind == "train" and job.status == "succeeded"
 
 
-def comparison_dataset(job: Job, dataset_ids: list[str]) -> str:
+def comparison_dataset(job: Job, dataset_ids: list[str], names: dict[str, str] | None = None) -> str:
     """Where to compare base and trained: the registered held-out set, or else the first set the job did not
     train on; never the training set itself (a gain there is memory, not the method)."""
     for dataset_id in [HELD_OUT_DATASET_ID, *dataset_ids]:
         if dataset_id in dataset_ids and dataset_id != job.dataset_id:
             return dataset_id
-    raise render.UiInputError(strings.NO_HELD_OUT.format(dataset=job.dataset_id))
+    raise render.UiInputError(strings.NO_HELD_OUT.format(dataset=render.dataset_label(job.dataset_id, names)))
 
 
 def base_vs_trained_configs(job: Job, dataset_id: str) -> list[dict[str, Any]]:
@@ -213,7 +216,8 @@ def base_vs_trained_configs(job: Job, dataset_id: str) -> list[dict[str, Any]]:
 
 
 def submit_base_vs_trained(client: VopdClient, job: Job) -> list[Job]:
-    dataset_id = comparison_dataset(job, [dataset.id for dataset in client.datasets()])
+    datasets = client.datasets()
+    dataset_id = comparison_dataset(job, [dataset.id for dataset in datasets], {d.id: d.name for d in datasets})
     return [client.submit_job("eval", body) for body in base_vs_trained_configs(job, dataset_id)]
 
 
@@ -245,7 +249,7 @@ def base_vs_trained_jobs(job: Job, eval_jobs: list[Job]) -> tuple[Job | None, Jo
     return base, trained
 
 
-def base_vs_trained_markdown(job: Job, eval_jobs: list[Job]) -> str:
+def base_vs_trained_markdown(job: Job, eval_jobs: list[Job], names: dict[str, str] | None = None) -> str:
     """Both models' accuracy on the held-out set side by side, and the gain; what to press when not yet run."""
     if job.kind != "train":
         return ""
@@ -262,7 +266,7 @@ def base_vs_trained_markdown(job: Job, eval_jobs: list[Job]) -> str:
         return f"| {role} | `{evaluation.model_name}` | {state} | {numbers[0]} | {numbers[1]} | {result.get('n', '')} |"
 
     lines = [
-        strings.COMPARE_TITLE.format(dataset=trained.dataset_id),
+        strings.COMPARE_TITLE.format(dataset=render.dataset_label(trained.dataset_id, names)),
         "",
         "| | model | status | full image | crop | n |",
         "|---|---|---|---|---|---|",
@@ -367,12 +371,12 @@ def build_jobs_tab(ctx: UiContext) -> JobsTab:
         names = [a.name for a in snapshot.artifacts]
         return (
             snapshot.view,
-            render.job_header_markdown(job),
+            render.job_header_markdown(job, snapshot.names),
             render.progress_html(job),
             gr.update(interactive=can_cancel(job)),
             gr.update(interactive=can_resume(job)),
             gr.update(interactive=can_compare(job)),
-            base_vs_trained_markdown(job, snapshot.eval_jobs),
+            base_vs_trained_markdown(job, snapshot.eval_jobs, snapshot.names),
             *plots,
             accuracy_empty_note(snapshot) if redraw else gr.skip(),
             render.log_tail(snapshot.view.logs) if first or snapshot.new_logs else gr.skip(),

@@ -99,8 +99,10 @@ def _wait_until_ready(url: str, process: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"vopd serve was not ready within {SERVER_START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+@contextlib.contextmanager
+def serving(home: Path, extra_env: dict[str, str] | None = None) -> Iterator[LiveServer]:
+    """``vopd serve`` on a free loopback port with ``home`` as VOPD_HOME (``extra_env`` on top), stopped with every
+    process it started."""
     if not CHROMIUM.exists() and shutil.which("chromium") is None:
         _unavailable(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
     try:
@@ -109,7 +111,6 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         _unavailable("the playwright package is not installed (pip install playwright)")
     from app.serve import vopd_command
 
-    home = tmp_path_factory.mktemp("vopd-home-browser")
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
     env |= {
@@ -120,6 +121,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         "VOPD_EMBEDDED_POLL_S": "0.1",
         "OMP_NUM_THREADS": "1",
         "GRADIO_ANALYTICS_ENABLED": "False",
+        **(extra_env or {}),
     }
     log = home / "serve.log"
     with log.open("wb") as handle:
@@ -146,6 +148,12 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         # A Celery worker in warm shutdown can outlive its parent: nothing of this group may outlive the test.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with serving(tmp_path_factory.mktemp("vopd-home-browser")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +250,7 @@ def _toasts(page) -> list[str]:
 def test_every_tab_opens_without_an_error_on_a_fresh_install(page, live_server: LiveServer) -> None:
     """First in this module, so before any job exists: every tab opens, each says what to do, and no notice shows
     (the Jobs tab used to raise "Value 0 is less than minimum value 1." and outline its job-id field in red)."""
-    for tab in ("Inspect", "Train", "Jobs", "Evaluate", "Demo", "Jobs"):
+    for tab in ("Inspect", "Datasets", "Train", "Jobs", "Evaluate", "Demo", "Jobs"):
         page.get_by_role("tab", name=tab).click()
         page.wait_for_timeout(1500)
         name = tab.lower()

@@ -48,7 +48,7 @@ def test_train_and_evaluate_open_on_the_first_runs_sets(page, live_server: LiveS
     """Train: the recipe that shows a gain, on the training set; Evaluate: the held-out set."""
     page.get_by_role("tab", name="Train").click()
     page.wait_for_function("(document.querySelector('#train-dataset input')?.value ?? '') !== ''")
-    assert "synth-train" in page.locator("#train-dataset input").input_value()
+    assert "Synthetic training set" in page.locator("#train-dataset input").input_value()  # by name, not id
     assert "Tiny world" in page.locator("input[aria-label='Preset']").first.input_value()
     # The preview follows the choices the server makes on load (it read "Choose a dataset." beside a dataset).
     page.wait_for_function(
@@ -56,7 +56,9 @@ def test_train_and_evaluate_open_on_the_first_runs_sets(page, live_server: LiveS
         "--steps 300 --batch-size 16')"
     )
     page.get_by_role("tab", name="Evaluate").click()
-    page.wait_for_function("(document.querySelector('#eval-dataset input')?.value ?? '').includes('synth-heldout')")
+    page.wait_for_function(
+        "(document.querySelector('#eval-dataset input')?.value ?? '').includes('Held-out synthetic set')"
+    )
     _screenshots(page, "first-run-evaluate-defaults")
 
 
@@ -109,9 +111,9 @@ def test_job_page_compares_base_and_trained_on_held_out_data(page, live_server: 
     comparison = page.locator("#jobs-base-vs-trained")
     comparison.get_by_text("points").wait_for(timeout=180_000)
     text = comparison.inner_text()
-    assert "synth-heldout" in text and "job-" in text and "tiny" in text
+    assert "Held-out synthetic set" in text and "job-" in text and "tiny" in text
     plot = page.locator("#jobs-accuracy-plot")
-    plot.locator("svg text", has_text="full image · synth-heldout").first.wait_for(timeout=10_000)
+    plot.locator("svg text", has_text="full image · Held-out synthetic set").first.wait_for(timeout=10_000)
     assert plot.locator("svg path[aria-roledescription='line mark'], svg path[aria-roledescription='point']").count()
     _screenshots(page, "first-run-base-vs-trained")
     page.screenshot(path=ARTIFACTS / "first-run-base-vs-trained-last.png", full_page=True)

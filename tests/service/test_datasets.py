@@ -184,3 +184,180 @@ def test_plain_vqa_dataset_without_boxes_or_answers_uploads_and_trains(service: 
     assert [row["step"] for row in metrics] == [1, 2]
     assert all(0.0 <= row["data"]["evidence/confidence"] <= 1.0 for row in metrics)
     assert metrics[0]["data"]["evidence/searched"] == 2.0
+
+
+# ------------------------------------------------------------------ Parquet in the official layout
+def _official_parquet(rows: int, start: int = 0) -> bytes:
+    """Vision-OPD-6K's verl layout: a list of HF image structs, the crop beside it, the question in ``problem`` and
+    the answer in ``reward_model.ground_truth`` (no id column: ids come from the row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image_struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    schema = pa.schema(
+        [
+            ("images", pa.list_(image_struct)),
+            ("bbox_images", pa.list_(image_struct)),
+            ("problem", pa.string()),
+            ("reward_model", pa.struct([("style", pa.string()), ("ground_truth", pa.string())])),
+        ]
+    )
+    table = pa.Table.from_pylist(
+        [
+            {
+                "images": [{"bytes": _png((10 * i, 100, 50)), "path": None}],
+                "bbox_images": [{"bytes": _png((200, 0, 0), 16), "path": None}],
+                "problem": f"<image>What is written on sign {i}?",
+                "reward_model": {"style": "rule", "ground_truth": f"answer {i}"},
+            }
+            for i in range(start, start + rows)
+        ],
+        schema=schema,
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def test_a_parquet_file_in_the_official_layout_uploads_with_its_name(service: Service) -> None:
+    response = _upload(service, "vision-opd-6k.parquet", _official_parquet(3))
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["name"] == "vision-opd-6k" and dataset["n_samples"] == 3
+    page = service.client.get(f"/api/datasets/{dataset['id']}/samples?limit=3", headers=service.alice).json()
+    assert [item["question"] for item in page["items"]] == [f"What is written on sign {i}?" for i in range(3)]
+    assert page["items"][2]["answer"] == "answer 2"
+
+
+def test_a_zipped_dataset_folder_with_parquet_shards_uploads_as_one_set(service: Service) -> None:
+    """A published dataset's folder as downloaded (README, data/train-0000N-of-00002.parquet) is one set: its
+    shards are joined in order."""
+    archive = _zip(
+        {
+            "Vision-OPD-6K/README.md": b"# card",
+            "Vision-OPD-6K/data/train-00000-of-00002.parquet": _official_parquet(2, start=0),
+            "Vision-OPD-6K/data/train-00001-of-00002.parquet": _official_parquet(3, start=2),
+        },
+        compression=zipfile.ZIP_STORED,
+    )
+    response = _upload(service, "Vision-OPD-6K.zip", archive)
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["n_samples"] == 5 and dataset["name"] == "Vision-OPD-6K"
+    page = service.client.get(f"/api/datasets/{dataset['id']}/samples?limit=5", headers=service.alice).json()
+    assert [item["question"] for item in page["items"]] == [f"What is written on sign {i}?" for i in range(5)]
+    assert len({item["id"] for item in page["items"]}) == 5
+
+
+def _names(service: Service, headers: dict) -> dict[str, str]:
+    """id -> name of the datasets a key sees."""
+    return {item["id"]: item["name"] for item in service.client.get("/api/datasets", headers=headers).json()["items"]}
+
+
+def test_an_upload_without_a_name_is_named_after_its_file(service: Service) -> None:
+    response = _upload(service, "street-signs.zip", _good_zip(2), name="   ")
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == "street-signs"
+    assert _names(service, service.alice)[response.json()["id"]] == "street-signs"
+
+
+# ------------------------------------------------------------------ synthetic sets
+def test_a_synthetic_set_is_built_named_and_equal_to_the_clis(service: Service) -> None:
+    from vopd.synth import SynthConfig, generate_item
+
+    response = service.client.post(
+        "/api/datasets/synthetic", headers=service.alice, json={"n": 5, "seed": 3, "box": True}
+    )
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["name"] == "Synthetic set (5 items, seed 3, box)"
+    assert dataset["n_samples"] == 5 and dataset["shared"] is False and dataset["size_bytes"] > 0
+    assert _names(service, service.alice)[dataset["id"]] == dataset["name"]
+    assert dataset["id"] not in _names(service, service.bob)
+
+    page = service.client.get(f"/api/datasets/{dataset['id']}/samples?limit=5", headers=service.alice).json()
+    for item in page["items"]:
+        _, record = generate_item(SynthConfig(n=5, seed=3), item["index"])  # what `vopd synth --seed 3` writes
+        assert (item["id"], item["question"], item["options"], item["answer"]) == (
+            record["id"],
+            record["question"],
+            record["options"],
+            record["answer"],
+        )
+        assert item["bbox"] == record["bbox"] and item["evidence"] == "box"
+
+
+def test_a_box_free_synthetic_set_keeps_its_box_hidden(service: Service) -> None:
+    response = service.client.post(
+        "/api/datasets/synthetic", headers=service.alice, json={"n": 3, "seed": 7, "box": False, "name": "  no box  "}
+    )
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert dataset["name"] == "no box"
+    page = service.client.get(f"/api/datasets/{dataset['id']}/samples?limit=1", headers=service.alice).json()
+    sample = page["items"][0]
+    assert sample["bbox"] is None and sample["evidence"] == "search"
+    assert sample["question"] == "What shape is the black object?"
+    assert sample["hidden_bbox"] is not None and len(sample["hidden_bbox"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"n": 2001, "seed": 0}, "at most 2,000 items"),
+        ({"n": 0, "seed": 0}, "greater than or equal to 1"),
+        ({"n": 4, "seed": -1}, "greater than or equal to 0"),
+        ({"n": 4, "seed": 0, "colour": "red"}, "Extra inputs"),
+    ],
+)
+def test_a_synthetic_set_out_of_range_is_refused_in_words(service: Service, body: dict, message: str) -> None:
+    before = set(service.settings.datasets_dir.iterdir())
+    response = service.client.post("/api/datasets/synthetic", headers=service.alice, json=body)
+    assert response.status_code == 422, response.text
+    assert message in json.dumps(response.json())
+    assert set(service.settings.datasets_dir.iterdir()) == before
+
+
+# ------------------------------------------------------------------ models trained from the CLI
+def _cli_run(home, name: str, steps: tuple[int, ...] = ()) -> None:
+    """What `vopd train --output $VOPD_HOME/runs/NAME` leaves: final/ and checkpoints/step-N/ (model folders)."""
+    import shutil
+
+    tiny = home / "models" / "tiny"
+    shutil.copytree(tiny, home / "runs" / name / "final")
+    for step in steps:
+        shutil.copytree(tiny, home / "runs" / name / "checkpoints" / f"step-{step}")
+
+
+def test_cli_runs_under_vopd_home_are_listed_and_usable(service: Service, tmp_path) -> None:
+    import shutil
+
+    home = service.settings.home
+    run = f"cli-{service.backend}"
+    _cli_run(home, run, steps=(10, 2))
+    (home / "runs" / "empty-run" / "checkpoints").mkdir(parents=True, exist_ok=True)  # nothing saved yet
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(home / "models" / "tiny", outside / "final")
+    (home / "runs" / f"linked-{service.backend}").symlink_to(outside)  # a link out of VOPD_HOME is not followed
+
+    for headers in (service.alice, service.bob):  # on disk like the base models: every key sees them
+        models = service.client.get("/api/models", headers=headers).json()["items"]
+        runs = [(m["name"], m["kind"], m["step"]) for m in models if m["name"].startswith(f"runs/{run}/")]
+        assert runs == [
+            (f"runs/{run}/final", "run", None),
+            (f"runs/{run}/checkpoints/step-2", "run", 2),
+            (f"runs/{run}/checkpoints/step-10", "run", 10),
+        ]
+        assert not [m for m in models if "empty-run" in m["name"] or "linked-" in m["name"]]
+
+    for model in (f"runs/{run}/final", str(home / "runs" / run / "checkpoints" / "step-2")):
+        job = service.client.post(
+            "/api/jobs", headers=service.alice, json={"kind": "eval", "config": {"model": model, "dataset": "synth-64"}}
+        )
+        assert job.status_code == 201, job.text
+        service.client.post(f"/api/jobs/{job.json()['id']}/cancel", headers=service.alice)
+    for model in (f"runs/linked-{service.backend}/final", str(outside / "final"), f"runs/{run}/../../models/tiny"):
+        job = service.client.post(
+            "/api/jobs", headers=service.alice, json={"kind": "eval", "config": {"model": model, "dataset": "synth-64"}}
+        )
+        assert job.status_code == 422, (model, job.text)

@@ -144,3 +144,14 @@ def test_a_running_job_that_crosses_the_quota_fails_and_keeps_its_last_checkpoin
     assert _alice_usage(tight) >= folder_size(folder)  # what is left is counted
     resumed = tight.client.post(f"/api/jobs/{job['id']}/resume", headers=tight.alice)
     assert resumed.status_code == 429, resumed.text
+
+
+def test_a_synthetic_set_counts_against_the_quota_and_one_over_it_is_refused_undrawn(tight: Api) -> None:
+    before = _alice_usage(tight)
+    made = tight.client.post("/api/datasets/synthetic", headers=tight.alice, json={"n": 10, "seed": 1})
+    assert made.status_code == 201, made.text
+    assert _alice_usage(tight) == before + made.json()["size_bytes"] > before
+    folders = set(tight.settings.datasets_dir.iterdir())
+    refused = tight.client.post("/api/datasets/synthetic", headers=tight.alice, json={"n": 2000, "seed": 1})
+    assert refused.status_code == 413 and "over your storage quota" in refused.json()["detail"]
+    assert set(tight.settings.datasets_dir.iterdir()) == folders  # nothing drawn, nothing left behind
