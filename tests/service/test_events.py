@@ -101,7 +101,8 @@ def test_the_stream_sends_the_job_once_then_changes_that_fold_into_the_job(tmp_p
     assert (folded.step, folded.progress, folded.latest_metrics) == (3, 1.0, {"loss": 1 / 3})
 
     # The client's consumer reads the same stream into whole jobs.
-    replay = httpx.MockTransport(lambda _: httpx.Response(200, text=body, headers={"content-type": "text/event-stream"}))
+    stream_type = {"content-type": "text/event-stream"}
+    replay = httpx.MockTransport(lambda _: httpx.Response(200, text=body, headers=stream_type))
     with VopdClient("http://testserver", key, transport=replay) as api:
         jobs = [value for name, value in api.job_events(job_id) if name in ("status", "change")]
     assert jobs[-1] == final
