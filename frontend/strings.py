@@ -247,8 +247,10 @@ NO_RECORDS = "Job {id} has no per-item records (yet)."
 
 # ----------------------------------------------------------------------------- demo
 DEMO_INTRO = (
-    "Fine-detail question answering: upload an image, ask, and read the chosen model's answer. No box is needed: "
-    "the model sees the plain full image, as at inference, and the image below the answer shows where it looked."
+    "Fine-detail question answering: click an example (or upload an image), ask, and read the chosen model's answer. "
+    "No box is needed: without one the model sees the plain full image, as at inference, and the image below the "
+    "answer shows where it looked. Once you have trained a model of the chosen base, base and trained answer side by "
+    "side."
 )
 DEMO_LOOKED_LABEL = "Where the model looked"
 DEMO_LOOKED = "Dashed box: {label}, at [{box}]."

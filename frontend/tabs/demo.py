@@ -229,7 +229,7 @@ def build_demo_tab(ctx: UiContext) -> DemoTab:
         [(example.image_path, example.caption) for example in examples],
         label=strings.DEMO_EXAMPLES_LABEL,
         columns=6,
-        height="auto",
+        height=210,
         allow_preview=False,
         object_fit="contain",
         elem_id="demo-examples",
