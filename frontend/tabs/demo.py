@@ -21,7 +21,7 @@ from PIL import Image
 
 from frontend import render, strings
 from frontend.client import InspectResult, Job, ModelInfo, VopdClient
-from frontend.context import UiContext, readable_errors
+from frontend.context import UiContext, readable_errors, serve_images
 from frontend.tabs.inspect import evidence_label
 
 # The examples: items of the held-out synthetic sets (synth seed 2, as `synth-heldout`; never trained on by default),
@@ -306,6 +306,7 @@ def build_demo_tab(ctx: UiContext) -> DemoTab:
     for edited in (image.upload, image.clear, question.input, options.input, box.input):
         edited(forget_expected, None, expected)
 
+    @serve_images
     @readable_errors
     def on_ask(
         request: gr.Request,

@@ -86,5 +86,10 @@ def test_demo_examples_fill_the_inputs_and_base_and_trained_answer_side_by_side(
     assert re.fullmatch(r"[A-D]\. (red|green|blue|yellow)", _value(page, "#demo-trained-answer textarea"))
     page.locator("#demo-trained-title").get_by_text(trained).wait_for()
     page.locator("#demo-looked-caption").get_by_text("13, 31, 37, 55").wait_for()  # the given box, drawn
+    # Where each looked is a finished file Gradio copied once (Gradio's own PIL outputs, image.webp, were rewritten
+    # in place on every event: a browser re-reading one got a body shorter than its Content-Length).
+    for selector in ("#demo-looked img", "#demo-trained-looked img"):
+        source = page.evaluate(f"document.querySelector('{selector}').src")
+        assert re.search(r"/[0-9a-f]{32}\.png$", source), source
     page.wait_for_timeout(500)
     _screenshots(page, "demo-side-by-side")

@@ -892,3 +892,17 @@ def test_trained_for_picks_the_newest_final_model_of_that_base() -> None:
     ]
     assert demo.trained_for("tiny", models, jobs) == "job-5/final"
     assert demo.trained_for("tiny-nobox", models, jobs) is None
+
+
+def test_the_handlers_that_show_images_hand_gradio_finished_files() -> None:
+    """Re-serving an image Gradio had rewritten in place ended short of its Content-Length: every handler that shows
+    a picture (Inspect's previews, Demo's answers) hands Gradio a file written once (``render.served``)."""
+    from frontend.app import build_ui
+
+    blocks = list(build_ui("http://127.0.0.1:9").fns.values())
+    fns = {block.name: block.fn for block in blocks}
+    path = render.stable_png_path(_image(64, 48))
+    student, teacher = fns["previews"](strings.SOURCE_UPLOAD, path, False, 10, 10, 30, 20)
+    assert isinstance(student, str) and isinstance(teacher, str) and Image.open(student).size == (320, 240)
+    serving = {block.name for block in blocks if getattr(block.fn, "serves_images", False)}
+    assert {"previews", "on_load_sample", "on_run", "on_item", "on_ask"} <= serving, serving
