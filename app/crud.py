@@ -323,30 +323,88 @@ def queue_position(session: Session, job: Job) -> int | None:
 # Steps measured before an ETA is shown: the first step's time includes loading the model and data (a 4-minute job
 # read 17m46s at step 1 when the ETA was the elapsed time over the steps done).
 ETA_MIN_STEPS = 3
+# The newest step records the pace is read from: recent enough to follow a pace that changes, enough to average.
+ETA_WINDOW_ROWS = 500
+
+
+def _periodic_schedule(job: Job) -> tuple[int | None, int | None]:
+    """(collapse-guard probe interval, checkpoint interval) of a training job's resolved config; None where there is
+    none (or the config does not say: an older job row)."""
+    config = job.resolved_config or {}
+    guard = config.get("guard") if isinstance(config.get("guard"), dict) else {}
+    every = guard.get("every") if guard.get("enabled", True) else None
+    save_every = config.get("save_every")
+    return (
+        every if isinstance(every, int) and every > 0 else None,
+        save_every if isinstance(save_every, int) and save_every > 0 else None,
+    )
+
+
+def _multiples(every: int | None, after: int, upto: int) -> int:
+    """How many multiples of ``every`` lie in (after, upto]."""
+    return 0 if not every or upto <= after else upto // every - after // every
 
 
 def eta_seconds(job: Job, session: Session | None = None) -> float | None:
-    """Time left at the measured pace of this attempt's steps: the time between its first and latest step records
-    over the steps between them, once ETA_MIN_STEPS steps are measured (None before; start-up is not a step)."""
+    """Time left at the measured pace of this attempt's steps, once ETA_MIN_STEPS steps are measured (None before;
+    start-up is not a step).
+
+    A training run also stops for periodic work between its steps: a collapse-guard probe before every
+    ``guard.every``-th step's record, a checkpoint after every ``save_every``-th (and the last), and the export of the
+    final model at the end. The first measured steps hold none of it, so their pace alone ran short of the truth. The
+    pace is read from the intervals between step records that hold no periodic work; each kind of work costs what
+    its intervals measured beyond that pace, and one step's time until one has been measured."""
     if job.status != "running" or job.started_at is None or not job.total_steps or session is None:
         return None
-    first_step, last_step, first_at, last_at = session.execute(
-        select(
-            func.min(JobMetric.step),
-            func.max(JobMetric.step),
-            func.min(JobMetric.created_at),
-            func.max(JobMetric.created_at),
-        ).where(JobMetric.job_id == job.id, JobMetric.step > job.start_step, JobMetric.created_at >= job.started_at)
-    ).one()
-    if first_step is None:  # a job that records no step metrics (an evaluation): its own progress counter
+    rows = session.execute(
+        select(JobMetric.step, JobMetric.created_at)
+        .where(JobMetric.job_id == job.id, JobMetric.step > job.start_step, JobMetric.created_at >= job.started_at)
+        .order_by(JobMetric.step.desc())
+        .limit(ETA_WINDOW_ROWS)
+    ).all()
+    if not rows:  # a job that records no step metrics (an evaluation): its own progress counter
         done_now = job.step - job.start_step
         if done_now < ETA_MIN_STEPS:
             return None
         return max(0.0, (utcnow() - job.started_at).total_seconds() / done_now * (job.total_steps - job.step))
+    rows.reverse()
+    first_step, last_step = rows[0][0], rows[-1][0]
     if last_step - first_step < ETA_MIN_STEPS:
         return None
-    per_step = (last_at - first_at).total_seconds() / (last_step - first_step)
-    return max(0.0, per_step * (job.total_steps - max(job.step, last_step)))
+    probe_every, save_every = _periodic_schedule(job)
+    plain_s = plain_steps = 0.0
+    probe_extra: list[float] = []
+    save_extra: list[float] = []
+    mixed: list[tuple[float, int, int, int]] = []
+    for (step_before, at_before), (step_after, at_after) in zip(rows, rows[1:], strict=False):
+        seconds, steps = (at_after - at_before).total_seconds(), step_after - step_before
+        probes = _multiples(probe_every, step_before, step_after)  # a probe runs before its step's record
+        saves = _multiples(save_every, step_before - 1, step_after - 1)  # a checkpoint after its step's record
+        if probes or saves:
+            mixed.append((seconds, steps, probes, saves))
+        else:
+            plain_s, plain_steps = plain_s + seconds, plain_steps + steps
+    if not plain_steps:  # every interval held periodic work: the overall pace is all there is
+        plain_s = sum(seconds for seconds, *_ in mixed)
+        plain_steps = sum(steps for _, steps, *_ in mixed)
+        mixed = []
+    per_step = plain_s / plain_steps
+    for seconds, steps, probes, saves in mixed:
+        extra = max(0.0, seconds - steps * per_step)
+        if probes and not saves:
+            probe_extra.append(extra / probes)
+        elif saves and not probes:
+            save_extra.append(extra / saves)
+    per_probe = sum(probe_extra) / len(probe_extra) if probe_extra else per_step
+    per_save = sum(save_extra) / len(save_extra) if save_extra else per_step
+    done = max(job.step, last_step)
+    left = job.total_steps - done
+    if left <= 0:
+        return 0.0
+    probes_left = _multiples(probe_every, done, job.total_steps)
+    # Checkpoints at multiples of save_every, one at the last step whatever it is, and the final export.
+    saves_left = _multiples(save_every, done, job.total_steps - 1) + 2 if save_every else 0
+    return max(0.0, left * per_step + probes_left * per_probe + saves_left * per_save)
 
 
 _POSITION_UNKNOWN = -1

@@ -6,12 +6,15 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import uvicorn
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth import KeyNotFound, create_api_key, create_signin_code, find_api_key
@@ -124,12 +127,15 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 15.0) -> None:
         process.wait()
 
 
-def serve(host: str, port: int, *, start_worker: bool = True, ui: bool = True) -> int:
-    import uvicorn
-
+def serve(host: str, port: int, *, start_worker: bool = True, ui: bool = True, access_log: str | None = None) -> int:
+    """The API (and the studio at /ui) with a local worker. The banner, the sign-in link last, is printed once uvicorn
+    says it is running, so it is the last thing on the screen; the access log keeps to errors unless asked
+    (``access_log`` or VOPD_ACCESS_LOG: off, errors, all)."""
     from app.main import create_app, mount_ui
+    from vopd.redact import install_quiet_access_log
 
     settings = get_settings()
+    mode = access_log or settings.access_log
     app = create_app(settings)  # applies migrations first
     factory = app.state.session_factory
     # The worker imports torch while the default assets are prepared: both take seconds on a first start.
@@ -142,27 +148,50 @@ def serve(host: str, port: int, *, start_worker: bool = True, ui: bool = True) -
         local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         base_url = f"http://{local_host}:{port}"
         mounted = ui and mount_ui(app, base_url)
-        # As Jupyter prints its token link, but the link carries a one-time code (good once, for minutes) that the
-        # server exchanges for a session: no key in a URL, a browser history, a cookie or a log line.
-        signin = ""
-        if mounted:
-            minutes = settings.signin_code_ttl_s / 60
-            signin = (
-                f"sign in to the studio with this one-time link (good once, for {minutes:g} minutes; "
-                f"`vopd apikey signin-link` prints a new one):\n    {signin_link(settings, factory, base_url, key)}\n"
-            )
-        print(
-            f"Vision-OPD Studio on {base_url}  (API docs {base_url}/docs"
-            + (f", UI {base_url}/ui" if mounted else "")
-            + f")\nstate in {settings.home}; default model {assets.model_name!r}, dataset {assets.dataset_id!r}\n"
-            f"{signin}local admin API key (send as 'Authorization: Bearer <key>') in {settings.local_key_file}",
-            flush=True,
-        )
-        uvicorn.run(app, host=host, port=port, log_level="info")
+
+        def banner() -> str:
+            # As Jupyter prints its token link, but the link carries a one-time code (good once, for minutes) that
+            # the server exchanges for a session: no key in a URL, a browser history, a cookie or a log line.
+            lines = [
+                f"Vision-OPD Studio on {base_url}  (API docs {base_url}/docs"
+                + (f", UI {base_url}/ui" if mounted else "")
+                + ")",
+                f"state in {settings.home}; default model {assets.model_name!r}, dataset {assets.dataset_id!r}",
+                f"local admin API key (send as 'Authorization: Bearer <key>') in {settings.local_key_file}",
+                f"access log: {ACCESS_LOG_NOTE[mode]} (--access-log off|errors|all, VOPD_ACCESS_LOG)",
+            ]
+            if mounted:
+                minutes = settings.signin_code_ttl_s / 60
+                lines.append(
+                    f"sign in to the studio with this one-time link (good once, for {minutes:g} minutes; "
+                    f"`vopd apikey signin-link` prints a new one):\n    {signin_link(settings, factory, base_url, key)}"
+                )
+            return "\n".join(lines)
+
+        config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=mode != "off")
+        install_quiet_access_log(mode)  # after uvicorn.Config set its loggers up
+        BannerServer(config, banner).run()
     finally:
         if worker is not None:
             worker.stop()
     return 0
+
+
+ACCESS_LOG_NOTE = {"off": "off", "errors": "requests answered 4xx/5xx only", "all": "every request"}
+
+
+class BannerServer(uvicorn.Server):
+    """A uvicorn server that prints ``banner()`` once it has started, after uvicorn's own start-up lines ("Uvicorn
+    running on ..."): the sign-in link is the last line on the screen, not the first of a scrolled-away screenful."""
+
+    def __init__(self, config: uvicorn.Config, banner: Callable[[], str]) -> None:
+        super().__init__(config)
+        self.banner = banner
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and not self.should_exit:
+            print(self.banner(), flush=True)
 
 
 def signin_link(settings: Settings, factory: sessionmaker[Session], base_url: str, key: str) -> str:

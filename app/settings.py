@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -163,6 +163,14 @@ class Settings(BaseSettings):
         description=(
             "How often /events looks for news in the database, and checks that the caller's key (or session) still "
             "stands: a stream of a revoked key or an ended session closes within one interval."
+        ),
+    )
+    access_log: Literal["off", "errors", "all"] = Field(
+        "errors",
+        description=(
+            "`vopd serve`'s access log: errors = only requests answered 4xx or 5xx (the default: a studio left open "
+            "polls several times a second, and every line of it buried the sign-in link), all = every request, "
+            "off = none. Secrets are redacted from every line written (`--access-log` overrides it)."
         ),
     )
     session_ttl_hours: float = Field(

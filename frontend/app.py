@@ -81,7 +81,7 @@ def build_ui(api_base_url: str) -> gr.Blocks:
             with gr.Tab(strings.TAB_EVALUATE, id="evaluate") as evaluate_tab_item:
                 evaluate = build_evaluate_tab(ctx)
             with gr.Tab(strings.TAB_DEMO, id="demo") as demo_tab_item:
-                demo_model = build_demo_tab(ctx)
+                demo = build_demo_tab(ctx)
 
         @readable_errors
         def signed_in_as(request: gr.Request) -> str:
@@ -93,7 +93,7 @@ def build_ui(api_base_url: str) -> gr.Blocks:
         ui.load(signed_in_as, None, account)
 
         # Model and dataset choices change as jobs finish: reload them whenever a tab is opened.
-        single_models = [inspect.model, train.model, demo_model]
+        single_models = [inspect.model, train.model, demo.model]
         datasets = [inspect.dataset, train.dataset, evaluate.dataset]
         # Train preselects the training set, Evaluate the held-out set: a first run is judged on data it never saw.
         preferred_sets = [None, TRAIN_DATASET_ID, HELD_OUT_DATASET_ID]
@@ -124,6 +124,9 @@ def build_ui(api_base_url: str) -> gr.Blocks:
             trigger(refresh_choices, choice_inputs, choice_components).then(
                 train.refresh_preview, train.preview_inputs, train.preview_outputs
             )
+        # The Demo compares the base with its newest trained model: one may have finished since the tab was shown.
+        for trigger in (ui.load, demo_tab_item.select):
+            trigger(demo.refresh_trained, demo.trained_inputs, demo.trained)
         evaluate_tab_item.select(refresh_choices, choice_inputs, choice_components)
         # A dataset uploaded or made in the Datasets tab appears, by name, in every tab's list at once.
         datasets_tab.changed.change(refresh_choices, choice_inputs, choice_components)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -308,6 +308,27 @@ def error_from_response(response: httpx.Response) -> ApiError:
     return ApiError(f"{_clip(headline)} [HTTP {status}]", status_code=status, details=details)
 
 
+def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, Any]]:
+    """(event name, JSON data) of each event in a text/event-stream; comments and id-only blocks are skipped."""
+    name, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield name, json.loads("\n".join(data))
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield name, json.loads("\n".join(data))
+
+
+def apply_change(job: Job, change: dict[str, Any]) -> Job:
+    """``job`` with a ``change`` event's fields (the ones that changed, each whole) put in."""
+    return Job.model_validate({**job.model_dump(mode="json"), **change})
+
+
 class VopdClient:
     """One API base URL and one key; thread-safe (httpx.Client is), so one instance may serve every UI session."""
 
@@ -464,6 +485,32 @@ class VopdClient:
 
     def logs(self, job_id: int, since: int = 0) -> LogPage:
         return self._get_json(f"/api/jobs/{job_id}/logs", LogPage, params={"since": since})
+
+    def job_events(self, job_id: int) -> Iterator[tuple[str, Any]]:
+        """The job's server-sent events as (name, value) until the stream ends: ``status`` and ``change`` both give
+        the whole job (a change's fields merged into the job held, ``apply_change``), ``metric`` a Metric, ``log`` a
+        LogLine, ``end`` its dict. The studio polls instead; scripts and tests read the stream through this."""
+        job: Job | None = None
+        try:
+            with self._http.stream("GET", f"/api/jobs/{job_id}/events", timeout=None) as response:
+                if response.is_error:
+                    response.read()
+                    raise error_from_response(response)
+                for name, data in parse_sse(response.iter_lines()):
+                    if name == "status":
+                        job = Job.model_validate(data)
+                        yield name, job
+                    elif name == "change" and job is not None:
+                        job = apply_change(job, data)
+                        yield name, job
+                    elif name == "metric":
+                        yield name, Metric.model_validate(data)
+                    elif name == "log":
+                        yield name, LogLine.model_validate(data)
+                    else:
+                        yield name, data
+        except httpx.HTTPError as error:
+            raise ApiError(f"the event stream of job {job_id} broke: {error}") from error
 
     def cancel(self, job_id: int) -> Job:
         return self._parse(self._request("POST", f"/api/jobs/{job_id}/cancel"), Job)

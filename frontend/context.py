@@ -13,7 +13,7 @@ import gradio as gr
 
 from frontend import strings
 from frontend.client import ApiError, Dataset, ModelInfo, VopdClient
-from frontend.render import UiInputError
+from frontend.render import UiInputError, served
 from frontend.signin import request_credential
 
 # The sets `vopd serve` registers on first start (app.bootstrap; a test pins these names to it): the default training
@@ -58,6 +58,18 @@ def readable_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except (ApiError, UiInputError) as error:
             raise gr.Error(html.escape(str(error)), print_exception=False) from error
 
+    return wrapper
+
+
+def serve_images(fn: Callable[P, R]) -> Callable[P, R]:
+    """A Gradio handler whose PIL images reach Gradio as finished files (``render.served``): re-serving an image
+    Gradio had rewritten in place meanwhile ended short of its Content-Length."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        return served(fn(*args, **kwargs))
+
+    wrapper.serves_images = True  # type: ignore[attr-defined]  (tests find the handlers so wrapped)
     return wrapper
 
 

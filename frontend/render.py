@@ -697,6 +697,18 @@ def stable_png_path(image: Image.Image) -> str:
     return str(target)
 
 
+def served(value: Any) -> Any:
+    """``value`` with every PIL image in it (alone, or in a tuple or list of outputs) handed over as a finished file
+    (``stable_png_path``). Gradio writes a PIL output into its cache on every event, in place under a name its content
+    decides: the same image shown again is rewritten while a browser may still be reading it, and that response ends
+    short of its Content-Length ("Response content shorter than Content-Length"). A finished file is never rewritten."""
+    if isinstance(value, Image.Image):
+        return stable_png_path(value)
+    if type(value) in (tuple, list):  # outputs, and values made of them; no other sequence is opened
+        return type(value)(served(item) for item in value)
+    return value
+
+
 def image_from_data_url(url: str) -> Image.Image:
     """The API's sample thumbnails arrive as ``data:image/jpeg;base64,...`` URLs."""
     _, _, encoded = url.partition(",")

@@ -618,13 +618,19 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--no-worker", dest="worker", action="store_false", help="do not start a local worker")
     parser.add_argument("--no-ui", dest="ui", action="store_false", help="API only, no Gradio UI at /ui")
+    parser.add_argument(
+        "--access-log",
+        choices=("off", "errors", "all"),
+        default=None,
+        help="which requests the access log shows: errors (4xx/5xx, the default, VOPD_ACCESS_LOG), all, or off",
+    )
     parser.epilog = "State lives in VOPD_HOME (default ~/.vopd); DATABASE_URL and REDIS_URL point elsewhere."
 
 
 def _run_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from app.serve import serve
 
-    return serve(args.host, args.port, start_worker=args.worker, ui=args.ui)
+    return serve(args.host, args.port, start_worker=args.worker, ui=args.ui, access_log=args.access_log)
 
 
 def _add_worker(parser: argparse.ArgumentParser) -> None:

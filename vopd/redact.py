@@ -46,3 +46,26 @@ def install_access_log_redaction(logger_name: str = ACCESS_LOGGER) -> None:
     logger = logging.getLogger(logger_name)
     if not any(isinstance(existing, RedactSecrets) for existing in logger.filters):
         logger.addFilter(RedactSecrets())
+
+
+class ErrorsOnly(logging.Filter):
+    """Lets through only access records of requests answered with ``min_status`` or above: the quiet access log of
+    ``vopd serve``, where a polling studio would otherwise write a line several times a second. Records it cannot read
+    a status from pass (it never hides what it does not understand)."""
+
+    def __init__(self, min_status: int = 400) -> None:
+        super().__init__()
+        self.min_status = min_status
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        status = args[4] if isinstance(args, tuple) and len(args) >= 5 else None  # (client, method, path, http, status)
+        return not isinstance(status, int) or status >= self.min_status
+
+
+def install_quiet_access_log(mode: str, logger_name: str = ACCESS_LOGGER) -> None:
+    """Redaction always; for ``mode`` "errors" also ``ErrorsOnly`` (for "off" the server writes no access line)."""
+    install_access_log_redaction(logger_name)
+    logger = logging.getLogger(logger_name)
+    if mode == "errors" and not any(isinstance(existing, ErrorsOnly) for existing in logger.filters):
+        logger.addFilter(ErrorsOnly())

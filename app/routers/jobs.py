@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Query, Request, status
 from fastapi.responses import FileResponse
@@ -210,6 +210,18 @@ def _poll_events(
         return crud.job_out(session, job, settings=settings), metrics, logs
 
 
+# Fields that change on (nearly) every poll without news: sent only along with a real change.
+RIDE_ALONG_FIELDS = frozenset({"eta_seconds", "heartbeat_at"})
+
+
+def job_change(sent: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``now`` (a JobOut as JSON) whose values differ from ``sent``, the job as the client last got it;
+    empty when only ``RIDE_ALONG_FIELDS`` moved. Each status event used to repeat the whole job, its config included
+    (about 3 KB), for a step counter that moved."""
+    changed = {name: value for name, value in now.items() if sent.get(name, object()) != value}
+    return changed if changed.keys() - RIDE_ALONG_FIELDS else {}
+
+
 def _existing_job(job_id: JobId, session: SessionDep, key: ApiKeyDep) -> None:
     """A dependency, so a missing job is a 404 before the stream starts (a generator's body runs only once the 200
     is on its way)."""
@@ -237,8 +249,11 @@ async def job_events(
         ),
     ] = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """Server-sent events: ``status`` (a JobOut, on every change), ``metric`` (MetricOut), ``log`` (LogOut), and a
-    final ``end`` once the job is terminal. A stream whose key is revoked (or whose session ended) gets an ``end``
+    """Server-sent events: ``status`` (the whole JobOut, once, first), then ``change`` (only the JobOut fields whose
+    values changed since the previous status or change event, on every change), ``metric`` (MetricOut), ``log``
+    (LogOut), and a final ``end`` once the job is terminal. A client keeps the job by merging each change's fields
+    into the job it holds; a change of ``eta_seconds`` or ``heartbeat_at`` alone is not sent (they ride along with
+    the next real change). A stream whose key is revoked (or whose session ended) gets an ``end``
     with ``{"status": "unauthorized"}`` and closes within one poll interval (VOPD_EVENTS_POLL_S). Every event's id
     is the cursor ``METRIC-LOG`` (the last metric and log ids sent so far): a reconnect with ``Last-Event-ID`` (or
     since_metric / since_log) skips what was received.
@@ -266,10 +281,13 @@ async def job_events(
         for line in logs:
             since_log = line.id
             yield ServerSentEvent(event="log", id=f"{since_metric}-{since_log}", data=line)
-        status_now = current.model_dump(exclude={"eta_seconds", "heartbeat_at"})
-        if status_now != last_status:
+        status_now = current.model_dump(mode="json")
+        if last_status is None:  # the whole job once; a reconnect is a new stream and gets it again
             last_status = status_now
             yield ServerSentEvent(event="status", id=f"{since_metric}-{since_log}", data=current)
+        elif change := job_change(last_status, status_now):
+            last_status = status_now
+            yield ServerSentEvent(event="change", id=f"{since_metric}-{since_log}", data=change)
         if current.status in TERMINAL_STATUSES and not metrics and not logs:
             yield ServerSentEvent(event="end", id=f"{since_metric}-{since_log}", data={"status": current.status})
             return

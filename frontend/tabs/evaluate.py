@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from frontend import render, strings
 from frontend.client import BenchmarkFolderList, Job, VopdClient
-from frontend.context import HELD_OUT_DATASET_ID, UiContext, readable_errors
+from frontend.context import HELD_OUT_DATASET_ID, UiContext, readable_errors, serve_images
 from vopd.config import EvalConfig
 
 POLL_INTERVAL_S = 3.0
@@ -469,6 +469,7 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         job, records = load_records(ctx.client(request), job_id)
         return job, records, render.item_rows(records)
 
+    @serve_images
     @readable_errors
     def on_item(
         request: gr.Request, job: Job | None, records: list[dict[str, Any]], event: gr.SelectData

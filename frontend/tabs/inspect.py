@@ -15,7 +15,7 @@ from PIL import Image
 
 from frontend import drawing, render, strings
 from frontend.client import Evidence, InspectResult, VopdClient
-from frontend.context import UiContext, readable_errors
+from frontend.context import UiContext, readable_errors, serve_images
 from vopd.config import ViewConfig
 
 BoxValues = tuple[float | None, float | None, float | None, float | None]
@@ -433,6 +433,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
 
     find_evidence.change(on_find, find_evidence, box_fields)
 
+    @serve_images
     def previews(src: str, path: str | None, find: bool, *box: float | None) -> tuple[Any, Any]:
         """The views of the typed box; none while the model is to find the evidence (the run shows its own)."""
         if not path:
@@ -446,6 +447,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
         [student_view, teacher_view],
     )
 
+    @serve_images
     @readable_errors
     def on_load_sample(request: gr.Request, dataset_id: str | None, index: float | None) -> tuple[Any, ...]:
         return load_sample(ctx.client(request), dataset_id, index)
@@ -457,6 +459,7 @@ def build_inspect_tab(ctx: UiContext) -> InspectTab:
     )
 
     # --- run and render
+    @serve_images
     @readable_errors
     def on_run(
         request: gr.Request,

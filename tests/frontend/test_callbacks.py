@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from frontend import drawing, render, strings
-from frontend.client import Evidence, InspectResult, Job
+from frontend.client import Evidence, InspectResult, Job, ModelInfo
 from frontend.tabs import demo, evaluate, inspect, jobs, train
 from tests.frontend.conftest import FakeApi, inspect_json, job_json
 from vopd.config import TrainConfig
@@ -805,3 +805,106 @@ def test_a_picked_suite_fills_in_its_folder_on_the_server() -> None:
     assert "vstar (`vstar_bench`)" in benchmarks_found_note(found)
     empty = benchmarks_found_note(BenchmarkFolderList(items=[], folder="$VOPD_HOME/benchmarks"))
     assert "No published suite" in empty and "$VOPD_HOME/benchmarks" in empty
+
+
+# ----------------------------------------------------------------------------- demo: examples, side by side
+def _models_route(*trained: tuple[int, str]) -> dict[str, Any]:
+    items = [{"name": "tiny", "kind": "base"}, {"name": "tiny-nobox", "kind": "base"}]
+    items += [{"name": f"job-{job_id}/final", "kind": "final", "job_id": job_id} for job_id, _ in trained]
+    return {"items": items}
+
+
+def _train_jobs(*trained: tuple[int, str]) -> dict[str, Any]:
+    items = [
+        job_json(job_id, status="succeeded", config={"model": base, "dataset": "synth-train"})
+        for job_id, base in trained
+    ]
+    return {"items": items, "total": len(items), "limit": 100, "offset": 0}
+
+
+def test_the_demo_examples_have_one_right_answer_with_and_without_a_box() -> None:
+    from vopd.synth import SynthConfig, generate_item
+
+    examples = demo.demo_examples()
+    assert len(examples) >= 4
+    assert {example.box is None for example in examples} == {True, False}  # both worlds
+    for example, (no_box, index) in zip(examples, demo.EXAMPLE_ITEMS, strict=True):
+        image, record = generate_item(SynthConfig(seed=demo.HELD_OUT_SEED, n=index + 1, no_box=no_box), index)
+        assert example.answer == record["answer"] and example.answer in example.options
+        assert Image.open(example.image_path).tobytes() == image.tobytes()  # the very item, rendered here
+        if no_box:  # the box-free world: the only black object, asked of the box-free base
+            assert example.model == "tiny-nobox" and "box" not in example.question
+        else:  # the box world: the target alone inside the box, asked of the box world's base
+            assert example.model == "tiny" and list(example.box) == record["bbox"]
+
+
+def test_clicking_an_example_fills_the_inputs_and_picks_its_model_and_trained_model(api: FakeApi) -> None:
+    api.routes["GET /api/models"] = _models_route((4, "tiny"), (7, "tiny"), (9, "tiny-nobox"))
+    api.routes["GET /api/jobs"] = _train_jobs((4, "tiny"), (7, "tiny"), (9, "tiny-nobox"))
+    boxed = next(i for i, e in enumerate(demo.demo_examples()) if e.box)
+    image, question, options, box, model, trained, expected, note = demo.example_fill(api.client(), boxed)
+    example = demo.demo_examples()[boxed]
+    assert image == example.image_path and question == example.question and expected == example.answer
+    assert options == "red, green, blue, yellow" and box == ", ".join(str(v) for v in example.box)
+    assert model["value"] == "tiny" and note == ""
+    assert trained["value"] == "job-7/final"  # the newest trained from that base, not the box-free one
+    free = next(i for i, e in enumerate(demo.demo_examples()) if e.box is None)
+    *_, model, trained, _, _ = demo.example_fill(api.client(), free)
+    assert model["value"] == "tiny-nobox" and trained["value"] == "job-9/final"
+
+    api.routes["GET /api/models"] = {"items": [{"name": "tiny", "kind": "base"}]}  # no box-free base, nothing trained
+    *_, model, trained, _, note = demo.example_fill(api.client(), free)
+    assert "value" not in model and "tiny-nobox" in note and trained["value"] is None
+
+
+def test_the_demo_request_sends_a_given_box_as_training_drew_it() -> None:
+    request = demo.demo_request(_image(112, 112), "q?", "a, b", "tiny", 8, "13, 31, 37, 55")
+    assert request["bbox"] == [13, 31, 37, 55] and "views" not in request  # the box drawn in red, the hint
+    with pytest.raises(render.UiInputError, match="four numbers"):
+        demo.demo_request(_image(112, 112), "q?", "a, b", "tiny", 8, "13, 31, 37")
+    with pytest.raises(render.UiInputError, match="outside"):
+        demo.demo_request(_image(112, 112), "q?", "a, b", "tiny", 8, "13, 31, 137, 55")
+
+
+def test_the_demo_answers_with_base_and_trained_side_by_side(api: FakeApi) -> None:
+    def answer_by_model(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        reply = inspect_json(body["model"]) | {"student_text": "D" if body["model"] == "tiny" else "A"}
+        return httpx.Response(200, json=reply | {"student_choice": reply["student_text"]})
+
+    api.routes["POST /api/inspect"] = answer_by_model
+    request = {"model": "tiny", "options": ["red", "green", "blue", "yellow"]}
+    base_title, base_text, _, _, panel, title, text, _, _ = demo.ask_side_by_side(
+        api.client(), request, None, "job-7/final", "yellow"
+    )
+    assert [body["model"] for body in api.bodies("POST /api/inspect")] == ["tiny", "job-7/final"]
+    assert base_text == "D. yellow" and "✓ right" in base_title and "`tiny`" in base_title
+    assert text == "A. red" and "job-7/final" in title and "**yellow**" in title and panel["visible"] is True
+    alone = demo.ask_side_by_side(api.client(), request, None, None, None)
+    assert alone[4]["visible"] is False and alone[1] == "D. yellow" and "right" not in alone[0]
+    assert len(api.bodies("POST /api/inspect")) == 3  # no trained model: the base alone
+
+
+def test_trained_for_picks_the_newest_final_model_of_that_base() -> None:
+    models = [ModelInfo(name=f"job-{i}/final", kind="final", job_id=i) for i in (2, 5, 6)]
+    models.append(ModelInfo(name="job-5/step-10", kind="checkpoint", job_id=5, step=10))
+    jobs = [
+        Job.model_validate(job_json(i, config={"model": base, "dataset": "d"}))
+        for i, base in ((2, "tiny"), (5, "tiny"), (6, "x"))
+    ]
+    assert demo.trained_for("tiny", models, jobs) == "job-5/final"
+    assert demo.trained_for("tiny-nobox", models, jobs) is None
+
+
+def test_the_handlers_that_show_images_hand_gradio_finished_files() -> None:
+    """Re-serving an image Gradio had rewritten in place ended short of its Content-Length: every handler that shows
+    a picture (Inspect's previews, Demo's answers) hands Gradio a file written once (``render.served``)."""
+    from frontend.app import build_ui
+
+    blocks = list(build_ui("http://127.0.0.1:9").fns.values())
+    fns = {block.name: block.fn for block in blocks}
+    path = render.stable_png_path(_image(64, 48))
+    student, teacher = fns["previews"](strings.SOURCE_UPLOAD, path, False, 10, 10, 30, 20)
+    assert isinstance(student, str) and isinstance(teacher, str) and Image.open(student).size == (320, 240)
+    serving = {block.name for block in blocks if getattr(block.fn, "serves_images", False)}
+    assert {"previews", "on_load_sample", "on_run", "on_item", "on_ask"} <= serving, serving

@@ -364,3 +364,32 @@ def test_image_from_data_url_round_trip() -> None:
 
     url = "data:image/png;base64," + base64.b64encode(_png(5, 3)).decode()
     assert render.image_from_data_url(url).size == (5, 3)
+
+
+def test_served_images_are_finished_files_written_once(tmp_path) -> None:
+    """Finding: re-serving an image logged "Response content shorter than Content-Length". Gradio writes a PIL output
+    into its cache on every event, in place under a name its content decides, so the same image shown again was
+    rewritten while a browser still read it. Handed a finished file, Gradio copies it once and never rewrites it."""
+    import os
+
+    from gradio import processing_utils
+
+    image = Image.new("RGB", (40, 30), (10, 200, 30))
+    first = processing_utils.save_pil_to_cache(image, str(tmp_path), format="png")
+    written = os.stat(first).st_mtime_ns
+    os.utime(first, ns=(written - 10**9, written - 10**9))
+    processing_utils.save_pil_to_cache(image, str(tmp_path), format="png")
+    assert os.stat(first).st_mtime_ns > written - 10**9  # the cause: the same picture written again, in place
+
+    outputs = render.served((image, "text", [image], None, {"visible": True}))
+    path = outputs[0]
+    assert (
+        isinstance(path, str)
+        and outputs[2] == [path]
+        and outputs[1:2] + outputs[3:] == ("text", None, {"visible": True})
+    )
+    assert Image.open(path).tobytes() == image.tobytes()
+    before = os.stat(path)
+    cached = processing_utils.save_file_to_cache(render.served(image), str(tmp_path))
+    again = processing_utils.save_file_to_cache(render.served(image), str(tmp_path))
+    assert again == cached and (os.stat(path).st_ino, os.stat(path).st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

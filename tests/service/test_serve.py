@@ -110,3 +110,59 @@ def test_unreachable_broker_keeps_the_job_queued_with_a_warning(tmp_path: Path, 
         assert time.monotonic() - started < 10  # a dead broker must not hang the request
         jobs = client.get("/api/jobs", headers=headers).json()["items"]
         assert [(job["status"], job["error"]) for job in jobs] == [("queued", None)]
+
+
+def _serve_log(tmp_path: Path, tiny_model_dir: Path, *args: str) -> tuple[str, str]:
+    """Start `vopd serve` (studio mounted, no worker), make a few successful requests and one 404, stop it; the
+    output and the local key."""
+    home = tmp_path / "home"
+    if not (home / "models" / "tiny").exists():
+        shutil.copytree(tiny_model_dir, home / "models" / "tiny")
+    env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
+    env.update({"VOPD_HOME": str(home), "OMP_NUM_THREADS": "1"})
+    env.pop("VOPD_ACCESS_LOG", None)
+    port = free_port()
+    log = tmp_path / f"serve-{port}.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            vopd_command("serve", "--port", str(port), "--no-worker", *args),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None and "/signin?code=" not in log.read_text():
+            time.sleep(0.3)
+        assert "/signin?code=" in log.read_text(), log.read_text()[-3000:]
+        key = (home / "local_api_key").read_text().strip()
+        for _ in range(5):
+            assert httpx.get(f"{base}/api/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert httpx.get(f"{base}/api/no-such-route", params={"key": key}).status_code == 404
+        time.sleep(0.5)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+    return log.read_text(), key
+
+
+def test_serve_logs_errors_only_by_default_and_prints_the_signin_link_last(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Finding: `vopd serve` logged every request (about 6,000 lines in 35 minutes of an open studio), burying the
+    sign-in link, which uvicorn's start-up lines followed anyway."""
+    output, key = _serve_log(tmp_path, tiny_model_dir)
+    lines = output.splitlines()
+    assert not [line for line in lines if "GET /api/models" in line], "a successful request was logged"
+    missing = [line for line in lines if "/api/no-such-route" in line]
+    assert len(missing) == 1 and "404" in missing[0] and key not in output and "[redacted]" in missing[0]
+    running = next(i for i, line in enumerate(lines) if "Uvicorn running on" in line)
+    link = next(i for i, line in enumerate(lines) if "/signin?code=" in line)
+    assert running < link, "the sign-in link comes after uvicorn's start-up lines"
+    startup = lines[: next(i for i, line in enumerate(lines) if "/api/no-such-route" in line)]
+    assert link == len(startup) - 1, f"nothing after the link before the first request: {startup[link:]}"
+
+    everything, key = _serve_log(tmp_path, tiny_model_dir, "--access-log", "all")
+    assert len([line for line in everything.splitlines() if "GET /api/models" in line]) == 5
+    assert key not in everything
