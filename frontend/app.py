@@ -26,7 +26,7 @@ from frontend.context import (
 )
 from frontend.guard import Account
 from frontend.signin import SIGNOUT_PATH, OpenedSession
-from frontend.tabs.demo import build_demo_tab
+from frontend.tabs.demo import CHOICES, build_demo_tab
 from frontend.tabs.evaluate import build_evaluate_tab
 from frontend.tabs.inspect import build_inspect_tab
 from frontend.tabs.jobs import build_jobs_tab
@@ -39,7 +39,8 @@ TAB_IDS = ("inspect", "train", "jobs", "evaluate", "demo")
 # notices sit fixed at the top right, over the account and Sign out (on a phone, over the whole header): here they
 # sit at the bottom, spanning a phone's width. Table headers wrap between words only: at 420 px Gradio's tables broke
 # them letter by letter ("progr/ess"); each column is now at least as wide as its longest header word, and the table
-# scrolls inside itself. The Demo's picture fills its frame, pixel for pixel (a 112 px upload showed at 112 px).
+# scrolls inside itself. The Demo's picture fills its frame, pixel for pixel (a 112 px upload showed at 112 px); its
+# six examples take two rows of three on a phone (six columns of at least 100 px ran off a 420 px screen).
 STUDIO_CSS = """
 .toast-wrap { top: auto !important; bottom: var(--size-3, 12px) !important; }
 table thead th, table thead th * { word-break: keep-all !important; overflow-wrap: normal !important; }
@@ -47,6 +48,8 @@ table thead th { min-width: max-content; }
 #demo-image img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }
 @media (max-width: 640px) {
   .toast-wrap { left: var(--size-2, 8px) !important; right: var(--size-2, 8px) !important; width: auto !important; }
+  #demo-examples .grid-container { --grid-cols: 3 !important; }
+  #demo-examples .grid-wrap { height: auto !important; }
 }
 """
 
@@ -112,13 +115,13 @@ def build_ui(api_base_url: str) -> gr.Blocks:
         choice_components = [*single_models, inspect.compare_model, evaluate.models, *datasets]
         choice_inputs = choice_components
         for trigger in (ui.load, *(item.select for item in (inspect_tab_item, train_tab_item, demo_tab_item))):
-            trigger(refresh_choices, choice_inputs, choice_components).then(
+            trigger(refresh_choices, choice_inputs, choice_components, concurrency_id=CHOICES).then(
                 train.refresh_preview, train.preview_inputs, train.preview_outputs
             )
         # The Demo compares the base with its newest trained model: one may have finished since the tab was shown.
         for trigger in (ui.load, demo_tab_item.select):
-            trigger(demo.refresh_trained, demo.trained_inputs, demo.trained)
-        evaluate_tab_item.select(refresh_choices, choice_inputs, choice_components)
+            trigger(demo.refresh_trained, demo.trained_inputs, demo.trained, concurrency_id=CHOICES)
+        evaluate_tab_item.select(refresh_choices, choice_inputs, choice_components, concurrency_id=CHOICES)
         evaluate_tab_item.select(evaluate.refresh_jobs, evaluate.refresh_inputs, evaluate.refresh_outputs)
         evaluate_tab_item.select(evaluate.refresh_benchmarks, None, evaluate.benchmarks_note)
         jobs_tab_item.select(jobs.refresh_table, jobs.table_inputs, jobs.table)
