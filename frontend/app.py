@@ -27,7 +27,7 @@ from frontend.context import (
 from frontend.guard import Account
 from frontend.signin import SIGNOUT_PATH, OpenedSession
 from frontend.tabs.datasets import build_datasets_tab
-from frontend.tabs.demo import build_demo_tab
+from frontend.tabs.demo import CHOICES, build_demo_tab
 from frontend.tabs.evaluate import build_evaluate_tab
 from frontend.tabs.inspect import build_inspect_tab
 from frontend.tabs.jobs import build_jobs_tab
@@ -40,7 +40,8 @@ TAB_IDS = ("inspect", "datasets", "train", "jobs", "evaluate", "demo")
 # notices sit fixed at the top right, over the account and Sign out (on a phone, over the whole header): here they
 # sit at the bottom, spanning a phone's width. Table headers wrap between words only: at 420 px Gradio's tables broke
 # them letter by letter ("progr/ess"); each column is now at least as wide as its longest header word, and the table
-# scrolls inside itself. The Demo's picture fills its frame, pixel for pixel (a 112 px upload showed at 112 px). The
+# scrolls inside itself. The Demo's picture fills its frame, pixel for pixel (a 112 px upload showed at 112 px); its
+# six examples take two rows of three on a phone (six columns of at least 100 px ran off a 420 px screen). The
 # dataset preview shows all its samples, as many abreast as fit (Gradio's gallery clipped the second row in a frame of
 # its own height, with three columns at any width).
 STUDIO_CSS = """
@@ -54,6 +55,8 @@ table thead th { min-width: max-content; }
 #datasets-gallery .grid-container { grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)) !important; }
 @media (max-width: 640px) {
   .toast-wrap { left: var(--size-2, 8px) !important; right: var(--size-2, 8px) !important; width: auto !important; }
+  #demo-examples .grid-container { --grid-cols: 3 !important; }
+  #demo-examples .grid-wrap { height: auto !important; }
 }
 """
 
@@ -121,15 +124,15 @@ def build_ui(api_base_url: str) -> gr.Blocks:
         choice_components = [*single_models, inspect.compare_model, evaluate.models, *datasets]
         choice_inputs = choice_components
         for trigger in (ui.load, *(item.select for item in (inspect_tab_item, train_tab_item, demo_tab_item))):
-            trigger(refresh_choices, choice_inputs, choice_components).then(
+            trigger(refresh_choices, choice_inputs, choice_components, concurrency_id=CHOICES).then(
                 train.refresh_preview, train.preview_inputs, train.preview_outputs
             )
         # The Demo compares the base with its newest trained model: one may have finished since the tab was shown.
         for trigger in (ui.load, demo_tab_item.select):
-            trigger(demo.refresh_trained, demo.trained_inputs, demo.trained)
-        evaluate_tab_item.select(refresh_choices, choice_inputs, choice_components)
+            trigger(demo.refresh_trained, demo.trained_inputs, demo.trained, concurrency_id=CHOICES)
+        evaluate_tab_item.select(refresh_choices, choice_inputs, choice_components, concurrency_id=CHOICES)
         # A dataset uploaded or made in the Datasets tab appears, by name, in every tab's list at once.
-        datasets_tab.changed.change(refresh_choices, choice_inputs, choice_components)
+        datasets_tab.changed.change(refresh_choices, choice_inputs, choice_components, concurrency_id=CHOICES)
         datasets_tab_item.select(datasets_tab.refresh, datasets_tab.refresh_inputs, datasets_tab.refresh_outputs).then(
             datasets_tab.first_preview, datasets_tab.first_preview_inputs, datasets_tab.first_preview_outputs
         )

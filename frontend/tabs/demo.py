@@ -29,6 +29,9 @@ from frontend.tabs.inspect import evidence_label
 # the full image and the third wrong (a trained model may do better); the box-free base answers its three right.
 HELD_OUT_SEED = 2
 EXAMPLE_ITEMS: tuple[tuple[bool, int], ...] = ((False, 0), (False, 1), (False, 11), (True, 2), (True, 3), (True, 7))
+# The events that set model choices share one queue, so they apply in the order they were made: a tab's refresh of
+# the choices, sent with the model shown then, arrived after a quick click on an example and undid its model.
+CHOICES = "model-choices"
 BOX_MODEL = "tiny"  # the box world's base (app.bootstrap registers both)
 NO_BOX_MODEL = strings.DEMO_MODEL
 
@@ -38,6 +41,7 @@ class DemoExample:
     """One gallery item: the picture, its question with one right answer, its box (None: box-free) and its model."""
 
     image_path: str
+    thumbnail_path: str  # the gallery's picture: the image with its box outlined in red, as the model will see it
     question: str
     options: tuple[str, ...]
     answer: str
@@ -62,17 +66,30 @@ def demo_examples() -> tuple[DemoExample, ...]:
     for no_box, index in EXAMPLE_ITEMS:
         config = SynthConfig(seed=HELD_OUT_SEED, n=index + 1, no_box=no_box)
         image, record = generate_item(config, index)
+        box = None if no_box else tuple(int(v) for v in record["bbox"])
         examples.append(
             DemoExample(
                 image_path=render.stable_png_path(image),
+                thumbnail_path=render.stable_png_path(outlined(image, box)),
                 question=record["question"],
                 options=tuple(record["options"]),
                 answer=record["answer"],
-                box=None if no_box else tuple(int(v) for v in record["bbox"]),
+                box=box,
                 model=NO_BOX_MODEL if no_box else BOX_MODEL,
             )
         )
     return tuple(examples)
+
+
+def outlined(image: Image.Image, box: Sequence[int] | None) -> Image.Image:
+    """``image`` with ``box`` outlined in red (a copy); as it is without a box."""
+    if box is None:
+        return image
+    from PIL import ImageDraw
+
+    shown = image.copy()
+    ImageDraw.Draw(shown).rectangle(list(box), outline=(220, 30, 30), width=2)
+    return shown
 
 
 def trained_for(base: str | None, models: Sequence[ModelInfo], train_jobs: Sequence[Job]) -> str | None:
@@ -226,7 +243,7 @@ def build_demo_tab(ctx: UiContext) -> DemoTab:
     gr.Markdown(strings.DEMO_INTRO)
     examples = demo_examples()
     gallery = gr.Gallery(
-        [(example.image_path, example.caption) for example in examples],
+        [(example.thumbnail_path, example.caption) for example in examples],
         label=strings.DEMO_EXAMPLES_LABEL,
         columns=6,
         height=210,
@@ -288,7 +305,9 @@ def build_demo_tab(ctx: UiContext) -> DemoTab:
     def on_example(request: gr.Request, event: gr.SelectData) -> tuple[Any, ...]:
         return example_fill(ctx.client(request), int(event.index))
 
-    gallery.select(on_example, None, [image, question, options, box, model, trained, expected, note])
+    gallery.select(
+        on_example, None, [image, question, options, box, model, trained, expected, note], concurrency_id=CHOICES
+    )
 
     @readable_errors
     def refresh_trained(request: gr.Request, base: str | None, current: str | None) -> Any:
@@ -298,7 +317,8 @@ def build_demo_tab(ctx: UiContext) -> DemoTab:
     def on_model_change(request: gr.Request, base: str | None) -> Any:
         return trained_update(ctx.client(request), base, None, keep=False)
 
-    model.input(on_model_change, model, trained)  # a base picked by hand: its own trained model, if any
+    # A base picked by hand: its own trained model, if any.
+    model.input(on_model_change, model, trained, concurrency_id=CHOICES)
 
     def forget_expected() -> None:
         return None

@@ -85,6 +85,9 @@ def test_demo_examples_fill_the_inputs_and_base_and_trained_answer_side_by_side(
     assert re.fullmatch(r"[A-D]\. (red|green|blue|yellow)", _value(page, "#demo-answer textarea"))
     assert re.fullmatch(r"[A-D]\. (red|green|blue|yellow)", _value(page, "#demo-trained-answer textarea"))
     page.locator("#demo-trained-title").get_by_text(trained).wait_for()
+    # The example's model held: the tab's own refresh of the choices, made before the click, did not undo it.
+    assert page.evaluate("document.querySelector('#demo-base-title code').textContent") == "tiny"
+    assert re.match(r"tiny(\s|$)", _value(page, "#demo-model input"))
     page.locator("#demo-looked-caption").get_by_text("13, 31, 37, 55").wait_for()  # the given box, drawn
     # Where each looked is a finished file Gradio copied once (Gradio's own PIL outputs, image.webp, were rewritten
     # in place on every event: a browser re-reading one got a body shorter than its Content-Length).
