@@ -115,18 +115,20 @@ def test_answers_from_an_engines_top_k_read_what_it_holds(tiny_model_dir) -> Non
     loaded = load_model_and_processor(tiny_model_dir, RuntimeConfig(device="cpu", dtype="float32"))
     letters = _letter_token_ids(loaded.processor.tokenizer, 4)
     a, b = letters[0][0], letters[1][0]
-    word = loaded.processor.tokenizer.encode(" the", add_special_tokens=False)[0]
-    end = loaded.eos_token_ids[0]
-    top = [{word: 0.5, a: 0.2}, {b: 0.6, a: 0.3, word: 0.05}, {end: 1.0}]  # "the" first, the letter B second
-    answer = answer_from_topk(loaded, [word, b, end], top, ["red", "green", "blue", "yellow"])
+    prefix = loaded.processor.tokenizer.encode("Answer:", add_special_tokens=False)
+    word, end = prefix[0], loaded.eos_token_ids[0]
+    assert not {a, b, end} & set(prefix)
+    # "Answer:" first (its first token at 0.5, the letter A at 0.2 beside it), then the letter B, then the end.
+    top = [{word: 0.5, a: 0.2}] + [{token: 1.0} for token in prefix[1:]] + [{b: 0.6, a: 0.3, word: 0.05}, {end: 1.0}]
+    answer = answer_from_topk(loaded, [*prefix, b, end], top, ["red", "green", "blue", "yellow"])
     assert answer.option_probs == pytest.approx([0.3, 0.6, 0.0, 0.0])  # read at B, the first letter generated
     assert answer.choice == 1
     tail = 0.3  # outside the top k at the first position, counted as one outcome
     expected = -(0.5 * math.log(0.5) + 0.2 * math.log(0.2) + tail * math.log(tail))
     assert answer.first_token_entropy == pytest.approx(expected)
-    no_letter = answer_from_topk(loaded, [word, end], top[:1] + top[2:], ["red", "green"])
+    no_letter = answer_from_topk(loaded, [word, end], [top[0], top[-1]], ["red", "green"])
     assert no_letter.option_probs is None
-    assert answer_from_topk(loaded, [word, end], top[:1] + top[2:], None).choice is None
+    assert answer_from_topk(loaded, [word, end], [top[0], top[-1]], None).choice is None
 
 
 def test_reasoning_before_the_answer_is_not_read_as_the_answer() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -247,3 +248,7 @@ def test_hf_engine_step_reports_rollout_speed_and_no_sync(tiny_model_dir, tmp_pa
     metrics = trainer.train_step()
     assert metrics["rollout/tokens_per_s"] > 0 and metrics["rollout/sync_s"] == 0.0
     assert "rollout/logprob_diff_max" not in metrics  # the hf engine's behaviour log-probs are the student's own
+    result = trainer.train()  # the run's records name the engine auto resolved to (text, beside the step's numbers)
+    assert result.last_metrics["rollout/engine"] == "hf"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(record["rollout/engine"] == "hf" for record in records)

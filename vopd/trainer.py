@@ -391,7 +391,9 @@ class OPDTrainer:
                 if self.ranks.broadcast_object(self.callbacks.should_stop()):
                     stopped = True
                     break
-                last_metrics = self.train_step()
+                # The step's numbers, and the engine rollout.engine resolved to (hf or vllm; auto is decided by the
+                # device and what is installed): text, which the trackers leave out and the job page shows.
+                last_metrics = {**self.train_step(), "rollout/engine": self.engine.name}
                 self.step += 1
                 if self.guard.due(self.step):
                     guard_metrics, collapse_stop = self._guard_check()
@@ -631,7 +633,7 @@ class OPDTrainer:
         )
         return loss, per_token, stats
 
-    def train_step(self) -> dict[str, Any]:
+    def train_step(self) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's metrics."""
         config = self.config
         started = time.perf_counter()
@@ -785,10 +787,7 @@ class OPDTrainer:
                 [agreement["diff_sum"], agreement["clipped"]], self.loaded.device
             )
             agreement["diff_max"] = self.ranks.max(agreement["diff_max"], self.loaded.device)
-        rollout_metrics: dict[str, Any] = {
-            # The engine rollout.engine resolved to (hf or vllm; auto is decided here, by the device and what is
-            # installed): text, which the trackers leave out and the job page shows.
-            "rollout/engine": self.engine.name,
+        rollout_metrics = {
             "rollout/tokens_per_s": step_tokens / max(timings["rollout_time"], 1e-9),
             "rollout/sync_s": sync_s,
         }

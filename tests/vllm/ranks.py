@@ -52,7 +52,6 @@ def main(dataset: Path, out: Path) -> None:
         for _ in range(steps):
             metrics = trainer.train_step()
             trainer.step += 1
-            assert metrics["rollout/engine"] == "vllm"
             differences.append(max_difference(engine, trainer.student, trainer.loaded, conversations))
             distributed.reshard(trainer.student)  # a scoring forward without a backward (FSDP keeps the root whole)
         figures[f"{strategy}-{'skipped' if skipped else 'synced'}"] = differences
