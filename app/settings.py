@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         le=100_000,
         description=(
             "Most items of a synthetic set built by POST /api/datasets/synthetic. It is built within the request "
-            "(about 4 ms and 24 kB an item on one busy core: 2,000 items in about 8 s and 48 MB); larger sets come "
+            "(about 5 ms and 22 kB an item on a busy 2-core machine: 2,000 items in 11 s and 42 MB); larger sets come "
             "from `vopd synth` and an upload."
         ),
     )

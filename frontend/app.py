@@ -34,7 +34,7 @@ from frontend.tabs.jobs import build_jobs_tab
 from frontend.tabs.train import build_train_tab
 from vopd.redact import install_access_log_redaction
 
-TAB_IDS = ("inspect", "datasets", "train", "jobs", "evaluate", "demo")
+TAB_IDS = ("inspect", "train", "jobs", "evaluate", "datasets", "demo")
 
 # Page-wide rules, as a <style> element (Gradio scopes a component's own css_template to that component). Gradio's
 # notices sit fixed at the top right, over the account and Sign out (on a phone, over the whole header): here they
@@ -75,14 +75,15 @@ def build_ui(api_base_url: str) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab(strings.TAB_INSPECT, id="inspect") as inspect_tab_item:
                 inspect = build_inspect_tab(ctx)
-            with gr.Tab(strings.TAB_DATASETS, id="datasets") as datasets_tab_item:
-                datasets_tab = build_datasets_tab(ctx)
             with gr.Tab(strings.TAB_TRAIN, id="train") as train_tab_item:
                 train = build_train_tab(ctx)
             with gr.Tab(strings.TAB_JOBS, id="jobs") as jobs_tab_item:
                 jobs = build_jobs_tab(ctx)
             with gr.Tab(strings.TAB_EVALUATE, id="evaluate") as evaluate_tab_item:
                 evaluate = build_evaluate_tab(ctx)
+            # After the four that fit a phone's tab bar (Inspect, Train, Jobs, Evaluate); there it is in the ⋯ menu.
+            with gr.Tab(strings.TAB_DATASETS, id="datasets") as datasets_tab_item:
+                datasets_tab = build_datasets_tab(ctx)
             with gr.Tab(strings.TAB_DEMO, id="demo") as demo_tab_item:
                 demo = build_demo_tab(ctx)
 

@@ -191,8 +191,19 @@ def test_the_cli_resolves_a_runs_model_names_and_a_sharded_upload(tiny_model_dir
     shared = home / "datasets" / "ds-parquet" / "Vision-OPD-6K" / "data"
     shared.mkdir(parents=True)
     (shared / "train-00000-of-00001.parquet").write_bytes(b"PAR1")
+    # `vopd reproduce --output $VOPD_HOME/runs/repro` nests its arms: repro/opd and repro/runs/sft-seed1
+    shutil.copytree(tiny_model_dir, home / "runs" / "repro" / "opd" / "final")
+    shutil.copytree(tiny_model_dir, home / "runs" / "repro" / "runs" / "sft-seed1" / "final")
+    shutil.copytree(tiny_model_dir, home / "runs" / "a" / "b" / "c" / "d" / "final")  # deeper than runs are looked for
     monkeypatch.setenv("VOPD_HOME", str(home))
-    assert run_models(home) == [("runs/opd/final", None), ("runs/opd/checkpoints/step-20", 20)]
+    assert run_models(home) == [
+        ("runs/opd/final", None),
+        ("runs/opd/checkpoints/step-20", 20),
+        ("runs/repro/opd/final", None),
+        ("runs/repro/runs/sft-seed1/final", None),
+    ]
+    nested = resolve_names(TrainConfig(model="runs/repro/runs/sft-seed1/final", dataset="synth-9", steps=1))
+    assert nested.model == str(home / "runs" / "repro" / "runs" / "sft-seed1" / "final")
     named = TrainConfig(model="runs/opd/final", dataset="ds-parquet", steps=1)
     resolved = resolve_names(named)
     assert resolved.model == str(home / "runs" / "opd" / "final")

@@ -20,8 +20,13 @@ from pathlib import Path
 DEFAULT_HOME = "~/.vopd"
 JOB_MODEL_NAME = re.compile(r"^job-(\d+)/(final|step-(\d+))$")
 # A run that ``vopd train --output $VOPD_HOME/runs/NAME`` wrote: its final model or one of its checkpoints, named by
-# its path relative to VOPD_HOME (so the name reads as the folder it is).
-RUN_MODEL_NAME = re.compile(r"^runs/([A-Za-z0-9][A-Za-z0-9._-]*)/(final|checkpoints/step-(\d+))$")
+# its path relative to VOPD_HOME (so the name reads as the folder it is). NAME may be up to three folders deep
+# (``vopd reproduce --output $VOPD_HOME/runs/repro`` writes repro/opd and repro/runs/ARM-seedN); no part is ``..``.
+_RUN_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+MAX_RUN_DEPTH = 3
+RUN_MODEL_NAME = re.compile(
+    rf"^runs/((?:{_RUN_PART}/){{0,{MAX_RUN_DEPTH - 1}}}{_RUN_PART})/(final|checkpoints/step-(\d+))$"
+)
 MODEL_MARKERS = ("config.json", "adapter_config.json")
 DATA_FILE = "data.jsonl"
 
@@ -79,6 +84,21 @@ def base_model_names(root: Path) -> list[str]:
     return names
 
 
+def _run_folders(folder: Path, prefix: str, depth: int) -> list[tuple[str, Path]]:
+    """(name, folder) of the runs at or below ``folder``: a folder holding ``final/`` or ``checkpoints/`` is a run
+    (not searched further); others are searched down to MAX_RUN_DEPTH folders below VOPD_HOME/runs."""
+    found: list[tuple[str, Path]] = []
+    for child in sorted(folder.iterdir()):
+        name = f"{prefix}{child.name}"
+        if not child.is_dir() or re.fullmatch(_RUN_PART, child.name) is None:
+            continue
+        if (child / "final").is_dir() or (child / "checkpoints").is_dir():
+            found.append((name, child))
+        elif depth < MAX_RUN_DEPTH:
+            found.extend(_run_folders(child, f"{name}/", depth + 1))
+    return found
+
+
 def run_models(home: Path) -> list[tuple[str, int | None]]:
     """(name, checkpoint step or None for final) of every model a CLI run under VOPD_HOME/runs holds: each run's
     ``final`` first, then its checkpoints by step. Runs are listed by name; a run still training shows its checkpoints
@@ -87,20 +107,18 @@ def run_models(home: Path) -> list[tuple[str, int | None]]:
     if not root.is_dir():
         return []
     found: list[tuple[str, int | None]] = []
-    for run in sorted(root.iterdir()):
-        if not run.is_dir() or RUN_MODEL_NAME.match(f"runs/{run.name}/final") is None:
-            continue
-        if run_model_folder(home, f"runs/{run.name}/final") is not None:
-            found.append((f"runs/{run.name}/final", None))
-        checkpoints = run / "checkpoints"
+    for run, folder in _run_folders(root, "", 1):
+        if run_model_folder(home, f"runs/{run}/final") is not None:
+            found.append((f"runs/{run}/final", None))
+        checkpoints = folder / "checkpoints"
         steps = sorted(
-            int(folder.name[5:])
-            for folder in (checkpoints.iterdir() if checkpoints.is_dir() else ())
-            if folder.name.startswith("step-")
-            and folder.name[5:].isdigit()
-            and run_model_folder(home, f"runs/{run.name}/checkpoints/{folder.name}") is not None
+            int(step.name[5:])
+            for step in (checkpoints.iterdir() if checkpoints.is_dir() else ())
+            if step.name.startswith("step-")
+            and step.name[5:].isdigit()
+            and run_model_folder(home, f"runs/{run}/checkpoints/{step.name}") is not None
         )
-        found.extend((f"runs/{run.name}/checkpoints/step-{step}", step) for step in steps)
+        found.extend((f"runs/{run}/checkpoints/step-{step}", step) for step in steps)
     return found
 
 

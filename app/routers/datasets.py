@@ -41,7 +41,8 @@ from vopd.views import student_view, teacher_view, uses_search
 
 router = APIRouter(prefix="/api/datasets", tags=["datasets"])
 
-# What one synthetic item holds on disk (its PNG and its line), measured on the default world: 115 MB for 4,800 items.
+# What one synthetic item holds on disk (its PNG and its line), a little over what the default world measured: 115 MB
+# for 4,800 items, 42 MB for 2,000.
 # Used to refuse a set over the quota before drawing it; the built set is measured and checked again.
 SYNTH_BYTES_PER_ITEM = 24_000
 
@@ -139,8 +140,8 @@ def create_synthetic_dataset(
 ) -> DatasetOut:
     """Build a synthetic fine-detail set (``vopd synth --n N --seed S [--no-box]``) and register it as yours, named.
 
-    It is built within the request, so its size is capped (VOPD_MAX_SYNTH_ITEMS, 2,000 by default: about 8 s on one
-    busy core); the same seed gives the same items, so a set made here equals the CLI's."""
+    It is built within the request, so its size is capped (VOPD_MAX_SYNTH_ITEMS, 2,000 by default: 11 s on a busy
+    2-core machine); the same seed gives the same items, so a set made here equals the CLI's."""
     if body.n > settings.max_synth_items:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,

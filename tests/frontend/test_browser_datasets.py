@@ -73,10 +73,12 @@ def _record(index: int, color: str) -> str:
 
 
 def _options(page, field: str) -> list[str]:
-    """The choices of a dropdown as a person sees them: click it open, read the list, close it."""
+    """The choices of a dropdown as a person sees them: click it open, read the list (a screenshot of it open),
+    close it."""
     page.locator(f"#{field} input").click()
     listed = page.get_by_role("option")
     listed.first.wait_for()
+    page.screenshot(path=ARTIFACTS / f"datasets-list-{field}-1280.png")
     names = [" ".join(text.replace("✓", "").split()) for text in listed.all_inner_texts()]  # as rendered
     page.keyboard.press("Escape")
     return names

@@ -18,6 +18,7 @@ from tests.frontend.test_browser import (  # noqa: F401  (fixtures, found by nam
     _toasts,
     browser,
     live_server,
+    open_tab,
     page,
 )
 
@@ -144,11 +145,11 @@ def test_narrow_tables_keep_each_header_word_whole(page, live_server: LiveServer
         ).json()
         assert _wait_job(api, job["id"])["status"] == "succeeded"
     page.set_viewport_size({"width": 420, "height": 800})
-    page.get_by_role("tab", name="Jobs").click()
+    open_tab(page, "Jobs")
     page.locator("#jobs-table").get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=30_000)
     for selector in ("#jobs-table", "#eval-table"):
         if selector == "#eval-table":
-            page.get_by_role("tab", name="Evaluate").click()
+            open_tab(page, "Evaluate")  # on a phone, in the "More tabs" menu
             page.locator("#eval-jobs input").click()
             page.get_by_role("option").first.click()
             page.locator("#eval-table").get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=15_000)
