@@ -217,3 +217,28 @@ def test_resumed_run_samples_what_the_uninterrupted_run_sampled(
     assert resumed["step"] == uninterrupted["step"] == 3
     for key in ("response_length", "loss", "divergence_mean"):
         assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-6, abs=1e-9), key
+
+
+def test_an_engine_that_dies_mid_run_fails_the_run_with_its_own_error(
+    engine: Any, tiny_base: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine samples step 1, then dies: the run stops at once with an error that names the engine and the way
+    out (never a hang, never a silent fallback), and step 1's record and checkpoint are kept."""
+    from vopd.vllm_engine import VllmEngineError
+
+    real_generate = engine.llm.generate
+    calls = {"count": 0}
+
+    def dies_after_the_first_step(*args: Any, **kwargs: Any) -> Any:
+        calls["count"] += 1
+        if calls["count"] > 1:
+            raise RuntimeError("EngineDeadError: the engine core stopped")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine.llm, "generate", dies_after_the_first_step)
+    run = tmp_path / "run"
+    with pytest.raises(VllmEngineError, match=r"failed while sampling .*EngineDeadError.*rollout\.engine: hf"):
+        OPDTrainer(make_config(tiny_base, dataset, run, steps=3, save_every=1), rollout_engine=engine).train()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [1]
+    assert (run / "checkpoints" / "step-1").is_dir()
