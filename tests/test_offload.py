@@ -220,3 +220,38 @@ def test_fsdp_units_get_the_cpu_offload_policy_only_when_asked(tiny_model_dir) -
             assert all(isinstance(policy, CPUOffloadPolicy) == offload for policy in policies)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_planned_device_and_host_bytes_are_the_tensors_a_trainer_holds(lora, tiny_model_dir, dataset, tmp_path):
+    """With AdamW's state and the teacher offloaded, after a step: the plan's device state terms are the bytes of the
+    weights and gradients the trainer holds on the device, and its host terms those of the host tensors, exactly."""
+    settings = {"lora": {"enabled": True, "rank": 4}} if lora else {}
+    config = make_config(
+        tiny_model_dir,
+        dataset,
+        tmp_path / "run",
+        steps=1,
+        collapse_guard={"enabled": False},
+        runtime={"device": "cpu", "dtype": "float32", **OFFLOAD},
+        teacher={"mode": "ema"},
+        **settings,
+    )
+    trainer = OPDTrainer(config)
+    trainer.train_step()
+
+    def size(tensors) -> int:
+        unique = {t.untyped_storage().data_ptr(): t for t in tensors if t is not None and t.numel()}
+        return sum(t.numel() * t.element_size() for t in unique.values())
+
+    params = list(trainer.student.parameters())
+    device = size(params + [p.grad for p in params])
+    if trainer.teacher.frozen_copy is not None:  # placeholders only
+        assert size(trainer.teacher.frozen_copy.parameters()) == 0
+    teacher_host = trainer.teacher.host_module.host.values() if not lora else trainer.teacher.shadow.values()
+    plan = plan_memory(read_model_shape(tiny_model_dir), config, device_type="cpu", device_memory=GIB)
+    terms = plan.per_device_bytes
+    assert terms["optimizer"] == 0 and terms["teacher"] == 0
+    assert terms["masters"] + terms["gradients"] == device
+    assert plan.host_bytes["optimizer"] == size(trainer.optimizer.host_tensors())
+    assert plan.host_bytes["teacher"] == size(teacher_host)
