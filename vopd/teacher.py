@@ -162,15 +162,18 @@ class Teacher:
         if self.config.mode == "ema":
             live = trainable_parameters(self.student)
             shadows = [self.shadow[name] for name in live]
-            # Where the teacher's weights live (the host when offloaded): the student's come to them.
+            # DTensor shards (FSDP) are updated through their local parts: student and teacher are sharded alike.
             shadows = [local_tensor(shadow) for shadow in shadows]
-            targets = [
-                local_tensor(param.detach()).to(device=shadow.device, dtype=shadow.dtype)
-                for param, shadow in zip(live.values(), shadows, strict=True)
-            ]
-            # One call for all tensors (the same lerp per tensor, without ~100 Python-level ops per step). DTensor
-            # shards (FSDP) are updated through their local parts: student and teacher are sharded alike.
-            torch._foreach_lerp_(shadows, targets, self.config.ema_rate)
+            params = [local_tensor(param.detach()) for param in live.values()]
+            if any(param.device != shadow.device for param, shadow in zip(params, shadows, strict=True)):
+                # The teacher on the host: each student tensor comes over and is averaged in, one at a time (a copy
+                # of all of them at once would be a second model in host memory).
+                for param, shadow in zip(params, shadows, strict=True):
+                    shadow.lerp_(param.to(device=shadow.device, dtype=shadow.dtype), self.config.ema_rate)
+            else:
+                # One call for all tensors (the same lerp per tensor, without ~100 Python-level ops per step).
+                targets = [param.to(shadow.dtype) for param, shadow in zip(params, shadows, strict=True)]
+                torch._foreach_lerp_(shadows, targets, self.config.ema_rate)
         elif self.config.mode == "progressive" and step % self.config.sync_every == 0:
             for name, param in trainable_parameters(self.student).items():
                 self.shadow[name].copy_(param.detach())
