@@ -492,8 +492,8 @@ def test_the_train_tabs_cli_command_runs_verbatim(page, live_server: LiveServer,
     command = page.locator("#train-cli .cm-content").inner_text().strip()
     page.screenshot(path=ARTIFACTS / "train-command-1280.png", full_page=True)
     output = re.match(
-        r'vopd train --model tiny --dataset synth-train --output "\$\{VOPD_HOME:-\$HOME/\.vopd\}"/runs/(studio-[0-9a-f]+) '
-        r"--steps 1 --batch-size 2 ",
+        re.escape('vopd train --model tiny --dataset synth-train --output "${VOPD_HOME:-$HOME/.vopd}"/runs/')
+        + r"(studio-[0-9a-f]+) --steps 1 --batch-size 2 ",
         command,
     )
     assert output is not None, command

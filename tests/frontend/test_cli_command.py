@@ -65,5 +65,5 @@ def test_the_command_writes_under_the_default_home_when_vopd_home_is_unset(tmp_p
         done = subprocess.run(
             f"printf %s {output}", shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, check=True
         )
-        home = f"{tmp_path}/.vopd" if not value else value
+        home = value or f"{tmp_path}/.vopd"
         assert done.stdout == f"{home}/runs/{train.cli_run_name(config)}"  # one argument, spaces and all
