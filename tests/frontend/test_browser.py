@@ -545,6 +545,8 @@ def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveS
     limit = page.locator("#eval-limit input")
     limit.fill("4")
     limit.press("Tab")
+    page.locator("#eval-engine input").click()  # the answer engine, asked for explicitly
+    page.get_by_role("option", name="hf", exact=True).click()
     page.locator("#eval-run").click()
     table = page.locator("#eval-table")
     table.get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=120_000)
@@ -553,6 +555,8 @@ def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveS
         f"{live_server.url}/api/jobs", params={"kind": "eval"}, headers={"Authorization": f"Bearer {key}"}
     ).json()["items"]
     assert evals[0]["status"] == "succeeded" and evals[0]["result"]["n"] == 4
+    assert evals[0]["config"]["engine"] == "hf" and evals[0]["engine"] == "hf"
+    table.get_by_text("hf", exact=True).filter(visible=True).first.wait_for(timeout=15_000)  # the engine column
     # the finished job becomes the default of the per-item browser
     page.wait_for_function("(document.querySelector('#eval-items-job input')?.value ?? '').includes('succeeded')")
     page.locator("#eval-load-items").click()
