@@ -558,6 +558,15 @@ def human_size(size_bytes: int) -> str:
 
 
 # ----------------------------------------------------------------------------- evaluation
+def eval_engine(job: Job) -> str:
+    """The evaluation's answer engine for its table row: the one the worker resolved (the API's ``engine``, from the
+    result) once known, else the setting asked for (``auto`` where the config leaves it out)."""
+    if job.engine is not None:
+        return job.engine
+    asked = job.config.get("engine")
+    return asked if isinstance(asked, str) else "auto"
+
+
 def eval_table(jobs: Sequence[Job], names: Mapping[str, str] | None = None) -> pd.DataFrame:
     rows = []
     for job in jobs:
@@ -573,6 +582,7 @@ def eval_table(jobs: Sequence[Job], names: Mapping[str, str] | None = None) -> p
                 job.model_name,
                 source_label(job, names),
                 job.status,
+                eval_engine(job),
                 number("full_accuracy"),
                 number("crop_accuracy"),
                 number("gap"),

@@ -220,12 +220,17 @@ EVAL_INTRO = (
     "Run one evaluation per model (e.g. the base model and a trained one) or pick finished evaluations to compare."
 )
 EVAL_MODELS_LABEL = "Models to evaluate"
+EVAL_ENGINE_LABEL = "Answer engine"
+EVAL_ENGINE_INFO = (
+    "What decodes the answers: hf = transformers (the CPU default); vllm = vLLM on a GPU worker that has it; "
+    "auto = vllm where the worker can, else hf. The table shows what the worker chose."
+)
 EVAL_LIMIT_LABEL = "Only the first N samples (0 = all)"
 FULL_VIEW_LABEL = "Full-image condition"
 RUN_EVAL = "Run evaluation"
 EVAL_JOBS_LABEL = "Evaluation jobs to compare"
 COMPARE = "Compare"
-EVAL_TABLE_COLUMNS = ["job", "model", "dataset", "status", "full-image acc.", "crop acc.", "gap", "n"]
+EVAL_TABLE_COLUMNS = ["job", "model", "dataset", "status", "engine", "full-image acc.", "crop acc.", "gap", "n"]
 ITEMS_JOB_LABEL = "Per-item records of"
 LOAD_ITEMS = "Load items"
 ITEM_COLUMNS = ["#", "id", "question", "answer", "student", "✓ student", "teacher", "✓ teacher"]

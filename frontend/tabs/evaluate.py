@@ -40,6 +40,8 @@ BENCHMARK_CHOICES = (
 PAPER_SIX = ("vstar", "zoombench", "hrbench-4k", "hrbench-8k", "mme-realworld", "mme-realworld-cn")
 AVERAGE_OF_SIX = "average of the six"
 NO_BENCHMARK = "none (use the dataset)"
+# EvalConfig.engine's choices (vopd.config.RolloutEngineName), in the Train tab's order for its rollout engine.
+ENGINE_CHOICES = ("auto", "hf", "vllm")
 BENCHMARK_LABEL = "Or a published benchmark"
 BENCHMARK_DATA_LABEL = "Benchmark folder on the server (inside VOPD_HOME/benchmarks)"
 NEED_BENCHMARK_DATA = "Name the benchmark's folder on the server (inside VOPD_HOME/benchmarks)."
@@ -59,10 +61,12 @@ def eval_configs(
     full_view: str,
     benchmark: str | None = None,
     benchmark_data: str | None = None,
+    engine: str | None = "auto",
 ) -> list[dict[str, Any]]:
     """One validated EvalConfig body per chosen model, ready for POST /api/jobs.
 
-    A chosen benchmark replaces the dataset: the suite is asked on the plain full image, so full_view is moot."""
+    A chosen benchmark replaces the dataset: the suite is asked on the plain full image, so full_view is moot.
+    ``engine`` is EvalConfig.engine (auto, the default, is left out of the body as every default is)."""
     if not models:
         raise render.UiInputError(strings.NEED_MODEL)
     use_benchmark = bool(benchmark) and benchmark != NO_BENCHMARK
@@ -78,6 +82,8 @@ def eval_configs(
     bodies = []
     for model in models:
         data: dict[str, Any] = {"model": model, **source, "max_new_tokens": int(max_new_tokens)}
+        if engine:
+            data["engine"] = engine
         if limit:
             data["limit"] = int(limit)
         try:
@@ -301,6 +307,14 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         )
         max_new_tokens = gr.Number(16, label=strings.MAX_NEW_TOKENS_LABEL, precision=0, minimum=1, min_width=140)
         full_view = gr.Radio(list(FULL_VIEWS), value="student", label=strings.FULL_VIEW_LABEL, min_width=200)
+        engine = gr.Dropdown(
+            list(ENGINE_CHOICES),
+            value="auto",
+            label=strings.EVAL_ENGINE_LABEL,
+            info=strings.EVAL_ENGINE_INFO,
+            min_width=200,
+            elem_id="eval-engine",
+        )
     with gr.Row():
         benchmark = gr.Dropdown(
             [NO_BENCHMARK, *BENCHMARK_CHOICES],
@@ -429,11 +443,13 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
         view: str,
         suite: str | None,
         suite_data: str | None,
+        engine_name: str | None,
         current: list[int] | None,
         shown: dict[str, Any] | None,
     ) -> tuple[Any, ...]:
         client = ctx.client(request)
-        jobs = submit_evals(client, eval_configs(model_names, dataset_id, limit_value, tokens, view, suite, suite_data))
+        bodies = eval_configs(model_names, dataset_id, limit_value, tokens, view, suite, suite_data, engine_name)
+        jobs = submit_evals(client, bodies)
         gr.Info(strings.EVAL_SUBMITTED.format(ids=", ".join(f"#{job.id}" for job in jobs)))
         all_jobs = client.jobs(kind="eval", limit=200).items
         chosen = [job.id for job in jobs]
@@ -480,7 +496,7 @@ def build_evaluate_tab(ctx: UiContext) -> EvaluateTab:
     refresh_inputs = [picked, items_job]
     run_button.click(
         on_run,
-        [models, dataset, limit, max_new_tokens, full_view, benchmark, benchmark_data, picked, chart_order],
+        [models, dataset, limit, max_new_tokens, full_view, benchmark, benchmark_data, engine, picked, chart_order],
         [picked, table, chart, chart_order, chart_note],
     )
     gr.on([models.change, dataset.change], on_models, [models, dataset], [dataset, trained_warning])

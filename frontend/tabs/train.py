@@ -7,6 +7,7 @@ The form is generated from a list of dotted config paths, so labels, help texts 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -70,8 +71,14 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("report_to", "Also log to", "checkboxes", choices=("tensorboard", "mlflow", "wandb")),
 )
 
-# The run folder of the equivalent CLI command (the service picks its own for a submitted job).
-CLI_OUTPUT = "runs/studio"
+# The run folder of the equivalent CLI command (the service picks its own for a submitted job): under
+# $VOPD_HOME/runs, where the service lists CLI runs' models (``runs/studio-<hash>/final``), so a run made by the command
+# shows up in the studio's model lists. The shell expands it as ``vopd.home.vopd_home`` resolves VOPD_HOME (unset or
+# empty = ~/.vopd; a relative one from the working directory). The name is the config's hash: the same form gives the
+# same folder (rerun it with --resume to continue), another form another folder.
+CLI_HOME = '"${VOPD_HOME:-$HOME/.vopd}"'
+CLI_RUN_PREFIX = "studio-"
+_OUTPUT_PLACEHOLDER = "VOPD_STUDIO_OUTPUT"
 
 # The recipes themselves live in vopd.config (shared with `vopd train --preset` and the REST body); here only labels.
 # The first is the form's default: the recipe that shows a gain on held-out data on a CPU (docs/reproduction.md).
@@ -178,18 +185,34 @@ def request_body(config: TrainConfig, gpus: float | None = 1, nodes: float | Non
     return body
 
 
+def cli_run_name(config: TrainConfig) -> str:
+    """The run folder's name under VOPD_HOME/runs: ``studio-`` and a short hash of the config (its output left out),
+    stable across previews, so a command copied twice names the same run and the preview does not flicker."""
+    settings = config.model_dump(mode="json", exclude_defaults=True, exclude={"output"})
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{CLI_RUN_PREFIX}{digest}"
+
+
+def cli_output(config: TrainConfig) -> str:
+    """The command's ``--output`` as the shell reads it: ``"${VOPD_HOME:-$HOME/.vopd}"/runs/NAME`` (the home quoted,
+    so a VOPD_HOME holding spaces stays one argument; the name needs no quoting)."""
+    return f"{CLI_HOME}/runs/{cli_run_name(config)}"
+
+
 def equivalents(
     config: TrainConfig, api_base_url: str, gpus: float | None = 1, nodes: float | None = 1
 ) -> tuple[str, str]:
     """The same run as a ``vopd train`` command line and as a curl request against this server.
 
-    The command runs as shown on the server's machine: the CLI resolves the model and dataset names through
-    VOPD_HOME as the API does, and the run folder (which the API chooses itself) is CLI_OUTPUT. Several devices
-    add ``--nproc``; a job over several machines is the service's (node groups) or torchrun's on each machine."""
+    The command runs as shown on the server's machine (in a POSIX shell): the CLI resolves the model and dataset
+    names through VOPD_HOME as the API does, and the run folder (which the API chooses itself for a job) is
+    ``cli_output(config)``, under VOPD_HOME/runs so the studio lists its models. Several devices add ``--nproc``; a
+    job over several machines is the service's (node groups) or torchrun's on each machine."""
     request = request_body(config, gpus, nodes)
     needs = request.get("resources", {})
     body = json.dumps(request, indent=2)
-    cli = config_to_cli(config.model_copy(update={"output": CLI_OUTPUT}), "train")
+    cli = config_to_cli(config.model_copy(update={"output": _OUTPUT_PLACEHOLDER}), "train")
+    cli = cli.replace(f"--output {_OUTPUT_PLACEHOLDER}", f"--output {cli_output(config)}", 1)
     if needs.get("gpus", 1) > 1:
         cli += f" --nproc {needs['gpus']}"
     if needs.get("nodes", 1) > 1:

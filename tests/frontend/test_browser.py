@@ -491,9 +491,12 @@ def test_the_train_tabs_cli_command_runs_verbatim(page, live_server: LiveServer,
     page.wait_for_timeout(1000)
     command = page.locator("#train-cli .cm-content").inner_text().strip()
     page.screenshot(path=ARTIFACTS / "train-command-1280.png", full_page=True)
-    assert command.startswith(
-        "vopd train --model tiny --dataset synth-train --output runs/studio --steps 1 --batch-size 2"
+    output = re.match(
+        re.escape('vopd train --model tiny --dataset synth-train --output "${VOPD_HOME:-$HOME/.vopd}"/runs/')
+        + r"(studio-[0-9a-f]+) --steps 1 --batch-size 2 ",
+        command,
     )
+    assert output is not None, command
     assert ("--report-to tensorboard" in command) == with_tensorboard
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
@@ -502,8 +505,14 @@ def test_the_train_tabs_cli_command_runs_verbatim(page, live_server: LiveServer,
     assert shlex.split(command)[0] == "vopd"
     done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "runs" / "studio" / "final" / "config.json").is_file()
-    assert bool(list((tmp_path / "runs" / "studio" / "tensorboard").glob("events.out.tfevents.*"))) == with_tensorboard
+    run = live_server.home / "runs" / output.group(1)
+    assert (run / "final" / "config.json").is_file()
+    assert bool(list((run / "tensorboard").glob("events.out.tfevents.*"))) == with_tensorboard
+    # Written under VOPD_HOME/runs, the run's model is one the studio lists (GET /api/models, kind run).
+    models = httpx.get(
+        f"{live_server.url}/api/models", headers={"Authorization": f"Bearer {live_server.local_api_key}"}
+    ).json()["items"]
+    assert any(model["name"] == f"runs/{output.group(1)}/final" and model["kind"] == "run" for model in models)
 
     # Two devices: the command launches two processes and the request asks the service for them.
     page.locator("#train-gpus input").fill("2")
@@ -536,6 +545,8 @@ def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveS
     limit = page.locator("#eval-limit input")
     limit.fill("4")
     limit.press("Tab")
+    page.locator("#eval-engine input").click()  # the answer engine, asked for explicitly
+    page.get_by_role("option", name="hf", exact=True).click()
     page.locator("#eval-run").click()
     table = page.locator("#eval-table")
     table.get_by_text("succeeded").filter(visible=True).first.wait_for(timeout=120_000)
@@ -544,6 +555,8 @@ def test_evaluate_compares_accuracies_and_browses_items(page, live_server: LiveS
         f"{live_server.url}/api/jobs", params={"kind": "eval"}, headers={"Authorization": f"Bearer {key}"}
     ).json()["items"]
     assert evals[0]["status"] == "succeeded" and evals[0]["result"]["n"] == 4
+    assert evals[0]["config"]["engine"] == "hf" and evals[0]["engine"] == "hf"
+    table.get_by_text("hf", exact=True).filter(visible=True).first.wait_for(timeout=15_000)  # the engine column
     # the finished job becomes the default of the per-item browser
     page.wait_for_function("(document.querySelector('#eval-items-job input')?.value ?? '').includes('succeeded')")
     page.locator("#eval-load-items").click()

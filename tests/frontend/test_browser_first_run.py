@@ -5,6 +5,7 @@ tests/frontend/conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -52,10 +53,9 @@ def test_train_and_evaluate_open_on_the_first_runs_sets(page, live_server: LiveS
     assert "Synthetic training set" in page.locator("#train-dataset input").input_value()  # by name, not id
     assert "Tiny world" in page.locator("input[aria-label='Preset']").first.input_value()
     # The preview follows the choices the server makes on load (it read "Choose a dataset." beside a dataset).
-    page.wait_for_function(
-        "(document.querySelector('#train-cli')?.innerText ?? '').includes('--dataset synth-train --output runs/studio "
-        "--steps 300 --batch-size 16')"
-    )
+    shown = "(document.querySelector('#train-cli')?.innerText ?? '')"
+    head = json.dumps('--dataset synth-train --output "${VOPD_HOME:-$HOME/.vopd}"/runs/studio-')
+    page.wait_for_function(f"{shown}.includes({head}) && {shown}.includes(' --steps 300 --batch-size 16')")
     page.get_by_role("tab", name="Evaluate").click()
     page.wait_for_function(
         "(document.querySelector('#eval-dataset input')?.value ?? '').includes('Held-out synthetic set')"

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
@@ -18,7 +18,7 @@ from frontend import drawing, render, strings
 from frontend.client import Evidence, InspectResult, Job, ModelInfo
 from frontend.tabs import demo, evaluate, inspect, jobs, train
 from tests.frontend.conftest import FakeApi, inspect_json, job_json
-from vopd.config import TrainConfig
+from vopd.config import RolloutEngineName, TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -285,7 +285,14 @@ def test_config_from_form_errors_name_the_field(model, dataset, extra, message) 
 def test_equivalents_show_the_cli_and_the_rest_request() -> None:
     config = train.config_from_form("tiny", "synth-64", train.preset_values(strings.PRESET_TINY), "")
     cli, rest = train.equivalents(config, "http://127.0.0.1:8000/")
-    assert cli.startswith("vopd train --model tiny --dataset synth-64 --output runs/studio --steps 20 --batch-size 4")
+    run = train.cli_run_name(config)
+    assert run.startswith("studio-") and run == train.cli_run_name(config.model_copy())  # stable across previews
+    assert cli.startswith(
+        f'vopd train --model tiny --dataset synth-64 --output "${{VOPD_HOME:-$HOME/.vopd}}"/runs/{run} --steps 20 '
+        "--batch-size 4"
+    )
+    other = train.config_from_form("tiny", "synth-64", train.preset_values(strings.PRESET_TINY_WORLD), "")
+    assert train.cli_run_name(other) != run  # another form, another run folder
     assert "--rollout.num_rollouts 1" in cli and "--runtime.device cpu" in cli
     assert "--vision_lr_scale 0.3" in cli
     assert "curl -X POST http://127.0.0.1:8000/api/jobs" in rest
@@ -417,6 +424,49 @@ def test_eval_configs_with_a_benchmark_replace_the_dataset() -> None:
         evaluate.eval_configs(["tiny"], None, 0, 8, "student", "vstar", "  ")
     with pytest.raises(render.UiInputError, match="Choose a dataset"):
         evaluate.eval_configs(["tiny"], None, 0, 8, "student", evaluate.NO_BENCHMARK, "")
+
+
+def test_the_chosen_answer_engine_reaches_the_eval_jobs_body(api: FakeApi) -> None:
+    """The Evaluate tab's engine goes into each job's config as EvalConfig.engine; auto, the default, is left out."""
+    from app.schemas import EvalJobCreate
+
+    api.routes["POST /api/jobs"] = httpx.Response(201, json=job_json(21, kind="eval", status="queued"))
+    for engine in ("vllm", "hf"):
+        bodies = evaluate.eval_configs(["tiny", "job-2/final"], "synth-64", 4, 8, "plain", engine=engine)
+        evaluate.submit_evals(api.client(), bodies)
+    suite = evaluate.eval_configs(["tiny"], None, 0, 8, "student", "vstar", "vstar", "vllm")
+    evaluate.submit_evals(api.client(), suite)
+    posted = api.bodies("POST /api/jobs")
+    assert [(body["kind"], body["config"]["model"], body["config"]["engine"]) for body in posted] == [
+        ("eval", "tiny", "vllm"),
+        ("eval", "job-2/final", "vllm"),
+        ("eval", "tiny", "hf"),
+        ("eval", "job-2/final", "hf"),
+        ("eval", "tiny", "vllm"),
+    ]
+    assert posted[-1]["config"]["benchmark"] == "vstar"
+    for body in posted:  # the server accepts exactly what the studio sends
+        assert EvalJobCreate.model_validate(body).config.engine == body["config"]["engine"]
+    assert "engine" not in evaluate.eval_configs(["tiny"], "d", 0, 8, "student", engine="auto")[0]
+    assert list(evaluate.ENGINE_CHOICES) == list(get_args(RolloutEngineName))  # the tab offers the config's choices
+    with pytest.raises(render.UiInputError, match="engine"):
+        evaluate.eval_configs(["tiny"], "d", 0, 8, "student", engine="sglang")
+
+
+def test_the_eval_table_shows_the_engine_the_worker_chose() -> None:
+    """Once the result says which engine answered (the API's engine), the row shows it; until then what was asked."""
+    result = {"full_accuracy": 0.5, "crop_accuracy": 0.75, "gap": 0.25, "n": 4, "engine": "vllm"}
+    done = Job.model_validate(
+        job_json(5, kind="eval", status="succeeded", result=result, config={"model": "tiny", "dataset": "d"})
+    )
+    asked = Job.model_validate(
+        job_json(6, kind="eval", status="queued", config={"model": "tiny", "dataset": "d", "engine": "hf"})
+    )
+    plain = Job.model_validate(job_json(7, kind="eval", status="running", config={"model": "tiny", "dataset": "d"}))
+    assert done.engine == "vllm"
+    table, _ = evaluate.comparison([done, asked, plain])
+    assert table.set_index("job")["engine"].to_dict() == {5: "vllm", 6: "hf", 7: "auto"}
+    assert table.iloc[0]["full-image acc."] == 0.5
 
 
 def test_benchmark_choices_are_the_librarys_registry() -> None:
@@ -751,7 +801,7 @@ def test_the_cli_commands_flags_are_spelled_as_vopd_train_spells_them() -> None:
         assert own[field] == flag
     config = train.config_from_form("tiny", "synth-64", train.preset_values(strings.PRESET_TINY), "")
     cli = train.equivalents(config, "http://x")[0]
-    assert "--batch-size 4" in cli and "--batch_size" not in cli and "--output runs/studio" in cli
+    assert "--batch-size 4" in cli and "--batch_size" not in cli and f"--output {train.cli_output(config)} " in cli
 
 
 def test_after_a_box_free_run_the_previews_are_what_the_model_saw(tmp_path: Path) -> None:
