@@ -8,7 +8,9 @@ ending at random (an end token every ``--end-every`` token ids, so lengths are a
 ``--new-tokens``), at no budget and at budgets of 4 and 2 rows at the longest response. For each budget a padded and
 a packed trainer take the same steps in turn in this one process (the same rollouts: sampling does not depend on
 packing), after ``--warmup`` steps; reported per budget: ``padding_fraction`` (the step's metric: the share of the
-student's forward tokens that were padding), the student's forwards per step, the forwards' time (the teacher's
+student's forward tokens that were padding), the student's forwards per step, the tokens they computed and their
+attention score pairs (rows x width^2 of each forward: a packed row of T tokens computes T^2 pairs, masking most),
+the forwards' time (the teacher's
 forward and the student's forward + backward, the step's ``teacher_time`` + ``student_time``; sampling is not packed
 and not counted) padded and packed, medians over ``--steps``, and the relative difference of the two trainers'
 first-step losses (``loss_rel_diff``: rounding only). Both trainers score the prompts in their own forward (no shared
@@ -74,12 +76,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for label, budget in budgets.items():
         trainers = {packed: _trainer(files, work, args, packed, budget) for packed in (False, True)}
+        # The shapes of the student's scoring forwards (sampling runs under inference mode): tokens computed and
+        # attention score pairs, rows x width^2 (the causal half is the same share either way), per measured step.
+        shapes: dict[bool, list[tuple[int, int]]] = {False: [], True: []}
+        for packed, trainer in trainers.items():
+
+            def record(_module, inputs, _output, packed=packed, shapes=shapes) -> None:
+                if not torch.is_inference_mode_enabled() and torch.is_grad_enabled():
+                    shapes[packed].append(tuple(inputs[0].shape))
+
+            trainer.student.get_input_embeddings().register_forward_hook(record)
         runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
         first: dict[bool, float] = {}
         for step in range(args.warmup + args.steps):
             order = (False, True) if step % 2 == 0 else (True, False)
             for packed in order:
                 trainer = trainers[packed]
+                if step == args.warmup:
+                    shapes[packed].clear()
                 metrics = trainer.train_step()
                 trainer.step += 1
                 if step == 0:
@@ -92,6 +106,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             row[f"forward_s_{name}"] = round(
                 statistics.median(m["teacher_time"] + m["student_time"] for m in runs[packed]), 4
             )
+        for packed, name in ((False, "padded"), (True, "packed")):
+            row[f"tokens_{name}"] = sum(rows * width for rows, width in shapes[packed]) // args.steps
+            row[f"attention_pairs_{name}"] = sum(rows * width * width for rows, width in shapes[packed]) // args.steps
+        row["attention_pairs_ratio_packed_vs_padded"] = round(
+            row["attention_pairs_packed"] / max(row["attention_pairs_padded"], 1), 3
+        )
         row["student_forwards"] = statistics.mean(m["student_forwards"] for m in runs[False])
         row["response_length"] = round(statistics.mean(m["response_length"] for m in runs[False]), 2)
         row["forward_time_ratio_packed_vs_padded"] = round(row["forward_s_packed"] / row["forward_s_padded"], 3)
@@ -120,12 +140,17 @@ def main() -> None:
         f"tiny Qwen2-VL (5M), fp32, {args.threads} threads, {args.batch} x {args.rollouts} rows, responses up to "
         f"{args.new_tokens} tokens, prompts up to {measured['widest_prompt']} tokens; median of {args.steps} steps"
     )
-    print("| token budget | forwards | padding_fraction padded | packed | forwards s padded | packed | ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| token budget | forwards | padding_fraction padded | packed | student tokens padded | packed "
+        "| attention pairs padded | packed | forwards s padded | packed | ratio |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, row in measured["budgets"].items():
         print(
             f"| {label} ({row['budget_tokens']}) | {row['student_forwards']:.1f} | {row['padding_fraction_padded']:.3f}"
-            f" | {row['padding_fraction_packed']:.3f} | {row['forward_s_padded']:.3f} | {row['forward_s_packed']:.3f}"
+            f" | {row['padding_fraction_packed']:.3f} | {row['tokens_padded']} | {row['tokens_packed']}"
+            f" | {row['attention_pairs_padded']:,} | {row['attention_pairs_packed']:,}"
+            f" | {row['forward_s_padded']:.3f} | {row['forward_s_packed']:.3f}"
             f" | {row['forward_time_ratio_packed_vs_padded']:.2f} |"
         )
     headline = {
@@ -135,7 +160,12 @@ def main() -> None:
         **{
             f"{key}[{label}]": row[key]
             for label, row in measured["budgets"].items()
-            for key in ("padding_fraction_padded", "forward_time_ratio_packed_vs_padded", "response_length")
+            for key in (
+                "padding_fraction_padded",
+                "attention_pairs_ratio_packed_vs_padded",
+                "forward_time_ratio_packed_vs_padded",
+                "response_length",
+            )
         },
         "loss_rel_diff": max(row["loss_rel_diff"] for row in measured["budgets"].values()),
     }
