@@ -130,3 +130,13 @@ def test_a_packed_step_has_the_padded_steps_gradient(budget, tiny_model_dir, dat
     assert plain_grads.keys() == packed_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()) + 1e-12)
+
+
+def test_a_qwen35_run_with_packing_is_refused_at_start(dataset, tmp_path) -> None:
+    """Qwen3.5's Gated DeltaNet layers would carry their state across packed rows: the trainer refuses to start."""
+    from vopd.tiny_models import build_tiny_qwen35
+
+    folder = build_tiny_qwen35(tmp_path / "qwen35", seed=0)
+    config = make_config(folder, dataset, tmp_path / "run", runtime={"device": "cpu", "pack_sequences": True})
+    with pytest.raises(ValueError, match="pack_sequences: .*linear_attention"):
+        OPDTrainer(config)
