@@ -387,6 +387,20 @@ class RuntimeConfig(_Strict):
             "split: it runs every row of the micro-batch together."
         ),
     )
+    pack_sequences: bool = Field(
+        False,
+        description=(
+            "Training only: run each scoring forward of the student and the teacher over its rows laid end to end, "
+            "without the prompts' left padding or the responses' right padding, each row attending only to itself "
+            "(position ids that restart per row, no attention mask: transformers' packed-sequence masks, with eager, "
+            "sdpa or flash attention). The logits are the padded forward's up to rounding; padding_fraction drops to "
+            "0. Full-attention models only (Qwen2/2.5-VL, LLaVA): refused at start for linear-attention or "
+            "sliding-window layers (Qwen3.5). The student's prompts then run twice a step (no shared prompt pass). "
+            "Sampling stays padded. With eager or sdpa attention (the default) the block-diagonal mask is dense, so "
+            "the attention computes every pair of the packed row: measured slower than padded forwards on the CPU; "
+            "it pays with flash-attention's variable-length kernel (docs/scaling.md)."
+        ),
+    )
     offload_optimizer: bool = Field(
         False,
         description=(

@@ -221,12 +221,83 @@ def append_response(prompts: BatchFeature, rollout: RolloutBatch) -> BatchFeatur
     return BatchFeature(inputs)
 
 
-def response_logits(model: torch.nn.Module, prompts: BatchFeature, rollout: RolloutBatch) -> torch.Tensor:
-    """Logits that predict each response token: ``(N, R, V)``, computing the LM head only where needed."""
+def response_logits(
+    model: torch.nn.Module, prompts: BatchFeature, rollout: RolloutBatch, *, packed: bool = False
+) -> torch.Tensor:
+    """Logits that predict each response token: ``(N, R, V)``, computing the LM head only where needed.
+
+    ``packed``: one forward over the rows laid end to end without padding (``packed_response_logits``); the logits
+    at masked response positions are then zeros instead of the padded forward's values (both are masked out)."""
+    if packed:
+        return packed_response_logits(model, prompts, rollout)
     response_length = rollout.response_ids.shape[1]
     inputs = append_response(prompts, rollout)
     output = model(**inputs, logits_to_keep=response_length + 1, use_cache=False)
     return output.logits[:, :-1, :]  # position P-1+j predicts response token j
+
+
+def packing_refusal(model: torch.nn.Module) -> str | None:
+    """Why ``model``'s forward cannot take packed rows (None when it can; ``packed_response_logits``).
+
+    transformers builds a block-diagonal causal mask from position ids that restart at 0 when no attention mask is
+    passed (its ``find_packed_sequence_indices``), for eager, sdpa and flash attention alike; the Qwen-VL families
+    take the text positions as a fourth row ahead of their 3-D rotary ones for that. Recurrent layers (Qwen3.5's
+    Gated DeltaNet) carry their state across the row boundary in PyTorch's reference kernel, and a sliding window
+    is not checked here, so both are refused; so is a model whose loss is computed inside its forward on labels.
+    """
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    other_layers = sorted(
+        {kind for kind in getattr(text_config, "layer_types", None) or [] if kind != "full_attention"}
+    )
+    if other_layers:
+        return f"its {', '.join(other_layers)} layers would carry state from one packed row into the next"
+    if getattr(text_config, "use_sliding_window", False):
+        return "its sliding-window attention is not checked against packed rows"
+    return None
+
+
+def packed_response_logits(model: torch.nn.Module, prompts: BatchFeature, rollout: RolloutBatch) -> torch.Tensor:
+    """``response_logits`` from one forward over the rows' real tokens laid end to end (no left or right padding):
+    ``(N, R, V)``, zeros at the masked response positions.
+
+    Each row keeps its own positions, counting from 0 (and, for the Qwen-VL families, the 3-D rotary positions a
+    padded forward computes for it, with the text positions ahead of them), and no attention mask is passed, so the
+    attention is block-diagonal: a row sees only itself. The images keep their order (each row's image tokens are
+    where its features go), so the pixel tensors pass through as they are. The LM head runs only where a response
+    token is predicted. Equal to the padded forward at every kept position up to rounding (tested, gradients too).
+    """
+    whole = append_response(prompts, rollout)
+    kept = whole["attention_mask"].bool()  # (N, P + R): real prompt and response tokens
+    rows = kept.shape[0]
+    device = kept.device
+    per_token = _per_token_keys(whole)
+    inputs: dict[str, Any] = {key: value for key, value in whole.items() if key not in per_token}
+    for key in per_token:
+        if key != "attention_mask":
+            inputs[key] = whole[key][kept].unsqueeze(0)  # (1, T) in row order
+    lengths = kept.sum(dim=1)  # (N,)
+    starts = torch.cumsum(lengths, dim=0) - lengths  # each row's first place in the packed row
+    # Position within the row (0, 1, ...) at each real token, in the packed row's order.
+    text = (kept.long().cumsum(dim=1) - 1)[kept].unsqueeze(0)  # (1, T)
+    positions = _positions(model, whole)
+    if positions is None:
+        inputs["position_ids"] = text
+    else:  # (3, N, P + R) rotary positions: the real tokens', behind the text positions that separate the rows
+        inputs["position_ids"] = torch.cat([text.unsqueeze(0), positions[:, kept].unsqueeze(1)], dim=0)
+    # Place P - 1 + j of padded row i predicts response token j; packed, the response's j-th token sits at
+    # start_i + length_i - r_i + j, so the prediction is one before it.
+    response_length = rollout.response_ids.shape[1]
+    counts = rollout.response_mask.sum(dim=1)  # (N,) real response tokens (a prefix: _mask_after_end)
+    offsets = torch.arange(response_length, device=device)
+    wanted = rollout.response_mask.bool()  # (N, R)
+    places = (starts + lengths - counts - 1).unsqueeze(1) + offsets.unsqueeze(0)  # (N, R)
+    selected = places[wanted]  # (K,) ascending: rows in order, each row's positions in order
+    output = model(**inputs, attention_mask=None, logits_to_keep=selected, use_cache=False)
+    scores = output.logits[0]  # (K, V)
+    logits = scores.new_zeros((rows, response_length, scores.shape[-1]))
+    logits[wanted] = scores
+    return logits
 
 
 # What a prompt pass's generation start needs none of: its images are in the cache already.

@@ -50,14 +50,18 @@ class Teacher:
         *,
         frozen_copy: nn.Module | None = None,
         offload: bool = False,
+        packed: bool = False,
     ) -> None:
         """``student`` is the model itself (not a DDP wrapper). ``frozen_copy`` is the teacher's own module when the
         caller made it (``initial_copy``, then sharded like the student); otherwise it is copied here if needed.
 
         ``offload`` (``runtime.offload_teacher`` outside fsdp, whose shards are offloaded by FSDP2 itself): the
         teacher's weights live on the host (``vopd.offload``); a separate module streams to the device block by block
-        for each forward, an adapter is copied into the student's for it; the EMA update runs on the host."""
+        for each forward, an adapter is copied into the student's for it; the EMA update runs on the host.
+
+        ``packed`` (``runtime.pack_sequences``): score rows laid end to end without padding (``response_logits``)."""
         self.config = config
+        self.packed = packed
         self.student = student
         self.uses_adapter = _is_peft(student)
         self.shadow: dict[str, torch.Tensor] = {}  # EMA (or fixed) copies of the trainable tensors
@@ -135,9 +139,9 @@ class Teacher:
     def response_logits(self, prompts: BatchFeature, rollout: RolloutBatch) -> torch.Tensor:
         """The teacher's logits for each response position of ``rollout`` on ``prompts`` (the crop view): (N, R, V)."""
         with self.scoring() as module:
-            logits = response_logits(module, prompts, rollout)
+            logits = response_logits(module, prompts, rollout, packed=self.packed)
         if self.config.mode == "trust_region":
-            current = response_logits(self.student, prompts, rollout)
+            current = response_logits(self.student, prompts, rollout, packed=self.packed)
             logits = torch.lerp(logits, current, self.config.trust_region_mix)
         return logits
 
@@ -149,7 +153,7 @@ class Teacher:
         if self.config.mode == "trust_region":
             raise ValueError("a trust_region teacher's logits mix two models: score it with response_logits")
         with self.scoring() as module, head_bypassed(module) as head:
-            hidden = response_logits(module, prompts, rollout)
+            hidden = response_logits(module, prompts, rollout, packed=self.packed)
             weight = head.weight.detach()
             # A sharded teacher frees its whole weights when ``scoring`` reshards it: keep a copy of the head. Otherwise
             # the head is never among the weights ``scoring`` swaps in and back (head_bypassed refuses a LoRA-wrapped

@@ -58,6 +58,7 @@ from vopd.rollout import (
     RolloutEngine,
     head_bypass_refusal,
     head_bypassed,
+    packing_refusal,
     prompt_pass_refusal,
     response_logits,
 )
@@ -230,7 +231,16 @@ class OPDTrainer:
                 f"runtime.offload_params applies to fsdp's shards: this {self.ranks.strategy} run keeps its weights "
                 "on the device"
             )
-        self.teacher = Teacher(self.student, config.teacher, frozen_copy=frozen_copy, offload=offload_teacher)
+        if runtime.pack_sequences and (refusal := packing_refusal(self.student)) is not None:
+            name = type(self.student).__name__
+            raise ValueError(f"runtime.pack_sequences: {name} cannot take packed rows: {refusal}")
+        self.teacher = Teacher(
+            self.student,
+            config.teacher,
+            frozen_copy=frozen_copy,
+            offload=offload_teacher,
+            packed=runtime.pack_sequences,
+        )
         self.guard = CollapseGuard(config.collapse_guard, self.samples, config.views)
         # Box-free samples (views.evidence search/auto): the teacher's crop is the window it is most confident on,
         # searched per sample, cached and refreshed every views.search_refresh_steps (vopd.evidence); checkpointed.
@@ -340,6 +350,8 @@ class OPDTrainer:
             return "with grad_accum above 1 every micro-batch's prompt activations would be held until its scoring"
         if config.runtime.max_tokens_per_micro_batch is not None:
             return "runtime.max_tokens_per_micro_batch: the scoring forwards take groups of the sampled rows"
+        if config.runtime.pack_sequences:
+            return "runtime.pack_sequences: the scoring forward packs the rows, the sampling's cache is padded"
         if config.runtime.gradient_checkpointing:
             # Checkpointed blocks drop the cache of a forward with gradient (the recompute would write it twice), and
             # holding the prompts' activations through the sampling is what checkpointing exists to avoid.
@@ -568,7 +580,7 @@ class OPDTrainer:
         over the response alone when ``student_prompts`` is the prompt pass the sampling started from."""
         if isinstance(student_prompts, PromptPass):
             return student_prompts.response_logits(self.trained, rollout)
-        return response_logits(self.trained, student_prompts, rollout)
+        return response_logits(self.trained, student_prompts, rollout, packed=self.config.runtime.pack_sequences)
 
     def _loss(
         self,
@@ -702,6 +714,8 @@ class OPDTrainer:
                 last_forward = last_micro_batch and not forwards
                 encoded = group_prompts.prompts if isinstance(group_prompts, PromptPass) else group_prompts
                 real, computed = padded_tokens(encoded["attention_mask"], group)
+                if self.config.runtime.pack_sequences:  # the forward holds the real tokens alone
+                    computed = real
                 self._accumulate(padding, "real", real)
                 self._accumulate(padding, "computed", computed)
 
@@ -808,7 +822,8 @@ class OPDTrainer:
             "response_length": step_tokens / max(rows, 1),
             "truncated_fraction": truncated / max(rows, 1),
             # The share of the student's forwards' tokens that were padding (left of the prompts, right of the
-            # responses): what grouping rows by length (runtime.max_tokens_per_micro_batch) saves.
+            # responses): what grouping rows by length (runtime.max_tokens_per_micro_batch) saves; 0 with
+            # runtime.pack_sequences, whose forwards hold no padding.
             "padding_fraction": 1.0 - padding.get("real", 0.0) / max(padding.get("computed", 0.0), 1.0),
             "student_forwards": float(forward_count) / self.ranks.world_size,
             "grad_norm": float(grad_norm),
