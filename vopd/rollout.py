@@ -245,16 +245,27 @@ def packing_refusal(model: torch.nn.Module) -> str | None:
     Gated DeltaNet) carry their state across the row boundary in PyTorch's reference kernel, and a sliding window
     is not checked here, so both are refused; so is a model whose loss is computed inside its forward on labels.
     """
+    other_layers, sliding_window = _attention_kinds(model)
+    if other_layers:
+        return f"its {', '.join(other_layers)} layers would carry state from one packed row into the next"
+    if sliding_window:
+        return "its sliding-window attention is not checked against packed rows"
+    return None
+
+
+def _text_config(model: torch.nn.Module) -> Any:
     config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _attention_kinds(model: torch.nn.Module) -> tuple[list[str], bool]:
+    """The language model's layer kinds other than full attention (sorted), and whether it uses a sliding window:
+    what both the packed forward and the shared prompt pass must refuse."""
+    text_config = _text_config(model)
     other_layers = sorted(
         {kind for kind in getattr(text_config, "layer_types", None) or [] if kind != "full_attention"}
     )
-    if other_layers:
-        return f"its {', '.join(other_layers)} layers would carry state from one packed row into the next"
-    if getattr(text_config, "use_sliding_window", False):
-        return "its sliding-window attention is not checked against packed rows"
-    return None
+    return other_layers, bool(getattr(text_config, "use_sliding_window", False))
 
 
 def packed_response_logits(model: torch.nn.Module, prompts: BatchFeature, rollout: RolloutBatch) -> torch.Tensor:
@@ -323,16 +334,12 @@ def prompt_pass_refusal(model: torch.nn.Module) -> str | None:
     windows are updated in place), and the forward in training mode must equal the one ``generate`` runs in
     evaluation mode (no active dropout), since ``generate`` samples from the cache the training-mode pass made.
     """
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    other_layers = sorted(
-        {kind for kind in getattr(text_config, "layer_types", None) or [] if kind != "full_attention"}
-    )
+    other_layers, sliding_window = _attention_kinds(model)
     if other_layers:
         return f"its {', '.join(other_layers)} layers keep a cache that is updated in place"
-    if getattr(text_config, "use_sliding_window", False):
+    if sliding_window:
         return "its sliding-window attention keeps a cache that is updated in place"
-    if (getattr(text_config, "attention_dropout", 0.0) or 0.0) > 0:
+    if (getattr(_text_config(model), "attention_dropout", 0.0) or 0.0) > 0:
         return "its attention dropout makes the training-mode forward differ from the one generate runs"
     dropout = next((m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0), None)
     if dropout is not None:
@@ -449,8 +456,7 @@ def head_bypass_refusal(model: torch.nn.Module) -> str | None:
         return f"the LM head is a {type(head).__name__}, not a plain Linear layer"
     if head.bias is not None:
         return "the LM head has a bias"
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text_config = _text_config(model)
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         value = getattr(text_config, name, None)
         if value not in (None, 1, 1.0):
