@@ -106,6 +106,55 @@ def _step_gradients(trainer: OPDTrainer) -> tuple[dict[str, float], dict[str, to
     return trainer.train_step(), gradients
 
 
+def uneven_step_trainer(folder: Path, dataset: Path, output: Path, runtime: dict, *, end_every: int) -> OPDTrainer:
+    """One step of 2 x 2 prompts x 3 rollouts whose responses end early and at different points (every
+    ``end_every``-th ordinary token ends one), with a teacher that differs from the student beyond its view, so that
+    the divergence is not a rounding residue: the step that padding, token budgets and packing must not change."""
+    config = make_config(
+        folder,
+        dataset,
+        output,
+        steps=1,
+        batch_size=2,
+        grad_accum=2,
+        collapse_guard={"enabled": False},
+        rollout={"num_rollouts": 3, "max_new_tokens": 8},
+        runtime={"device": "cpu", "dtype": "float32", **runtime},
+    )
+    trainer = OPDTrainer(config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in trainer.teacher.frozen_copy.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    vocab = trainer.student.get_output_embeddings().weight.shape[0]
+    suppressed = set(trainer.loaded.suppressed_token_ids)
+    trainer.loaded.eos_token_ids += [token for token in range(0, vocab, end_every) if token not in suppressed]
+    return trainer
+
+
+def budget_for_rows(trainer: OPDTrainer, rows: int) -> int:
+    """A token budget with room for ``rows`` of a micro-batch's rows at the longest prompt (either view) and the
+    longest response (8 tokens)."""
+    widest = max(
+        int(trainer._encode(trainer._conversations(trainer._samples_for(micro), view))["input_ids"].shape[1])
+        for micro in (0, 1)
+        for view in (student_view, teacher_view)
+    )
+    return rows * (widest + 8)
+
+
+def assert_same_step(
+    plain: tuple[dict[str, float], dict[str, torch.Tensor]], other: tuple[dict[str, float], dict[str, torch.Tensor]]
+) -> None:
+    """The same loss, metrics and gradient (fp32, 1e-5 relative)."""
+    (plain_metrics, plain_grads), (other_metrics, other_grads) = plain, other
+    for key in ("loss", "response_length", "divergence_mean", "argmax_agreement", "grad_norm"):
+        assert other_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-5), key
+    assert plain_grads.keys() == other_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(other_grads[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()) + 1e-12)
+
+
 @pytest.mark.parametrize("family", ["qwen2vl", "llava"])
 def test_a_token_budget_step_has_the_fixed_splits_gradient(family, tiny_model_dir, tiny_llava_dir, dataset, tmp_path):
     """The same step with one forward per micro-batch and with forwards of at most a few rows (responses of varied
@@ -113,34 +162,10 @@ def test_a_token_budget_step_has_the_fixed_splits_gradient(family, tiny_model_di
     folder = tiny_model_dir if family == "qwen2vl" else tiny_llava_dir
     results = {}
     for budget in (None, 1):
-        config = make_config(
-            folder,
-            dataset,
-            tmp_path / f"run-{budget}",
-            steps=1,
-            batch_size=2,
-            grad_accum=2,
-            collapse_guard={"enabled": False},
-            rollout={"num_rollouts": 3, "max_new_tokens": 8},
-            runtime={"device": "cpu", "dtype": "float32", "max_tokens_per_micro_batch": budget},
-        )
-        trainer = OPDTrainer(config)
-        # A teacher that differs from the student beyond its view, so that the divergence is not a rounding residue.
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for parameter in trainer.teacher.frozen_copy.parameters():
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
-        # Responses that end early and at different points: half of the ordinary tokens end a response.
-        vocab = trainer.student.get_output_embeddings().weight.shape[0]
-        suppressed = set(trainer.loaded.suppressed_token_ids)
-        trainer.loaded.eos_token_ids += [token for token in range(0, vocab, 2) if token not in suppressed]
+        runtime = {"max_tokens_per_micro_batch": budget}
+        trainer = uneven_step_trainer(folder, dataset, tmp_path / f"run-{budget}", runtime, end_every=2)
         if budget is not None:  # room for two of a micro-batch's rows at the longest response
-            widest = max(
-                int(trainer._encode(trainer._conversations(trainer._samples_for(micro), view))["input_ids"].shape[1])
-                for micro in (0, 1)
-                for view in (student_view, teacher_view)
-            )
-            budget = 2 * (widest + 8)
+            budget = budget_for_rows(trainer, 2)
             trainer.config.runtime.max_tokens_per_micro_batch = budget
         widths: list[int] = []
 
@@ -155,8 +180,4 @@ def test_a_token_budget_step_has_the_fixed_splits_gradient(family, tiny_model_di
     assert grouped["student_forwards"] > plain["student_forwards"] == 2
     assert grouped["padding_fraction"] < plain["padding_fraction"]
     assert max(widths) <= budget  # the student's and the teacher's forwards (sampling aside: it is not split)
-    for key in ("loss", "response_length", "divergence_mean", "argmax_agreement", "grad_norm"):
-        assert grouped[key] == pytest.approx(plain[key], rel=1e-5), key
-    assert plain_grads.keys() == grouped_grads.keys()
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()) + 1e-12)
+    assert_same_step((plain, plain_grads), (grouped, grouped_grads))

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.test_micro_batches import _step_gradients
+from tests.test_micro_batches import _step_gradients, assert_same_step, budget_for_rows, uneven_step_trainer
 from tests.test_trainer import make_config, write_dataset
 from vopd.config import RuntimeConfig, ViewConfig
 from vopd.data import load_dataset
 from vopd.models import load_model_and_processor, with_image_features
 from vopd.rollout import RolloutBatch, packing_refusal, response_logits
 from vopd.trainer import OPDTrainer
-from vopd.views import student_view, teacher_view, to_messages
+from vopd.views import student_view, to_messages
 
 
 @pytest.fixture(scope="module")
@@ -93,43 +93,16 @@ def test_a_packed_step_has_the_padded_steps_gradient(budget, tiny_model_dir, dat
     varied lengths, a teacher that differs): the same loss, metrics and gradient, and no padding computed."""
     results = {}
     for packed in (False, True):
-        config = make_config(
-            tiny_model_dir,
-            dataset,
-            tmp_path / f"run-{packed}",
-            steps=1,
-            batch_size=2,
-            grad_accum=2,
-            collapse_guard={"enabled": False},
-            rollout={"num_rollouts": 3, "max_new_tokens": 8},
-            runtime={"device": "cpu", "dtype": "float32", "pack_sequences": packed},
-        )
-        trainer = OPDTrainer(config)
+        runtime = {"pack_sequences": packed}
+        trainer = uneven_step_trainer(tiny_model_dir, dataset, tmp_path / f"run-{packed}", runtime, end_every=3)
         assert trainer.prompt_pass_refusal is not None  # the scoring forward is its own
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for parameter in trainer.teacher.frozen_copy.parameters():
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
-        vocab = trainer.student.get_output_embeddings().weight.shape[0]
-        suppressed = set(trainer.loaded.suppressed_token_ids)
-        # Responses that end early and at different points: a third of the ordinary tokens end a response.
-        trainer.loaded.eos_token_ids += [token for token in range(0, vocab, 3) if token not in suppressed]
         if budget is not None:  # room for three of a micro-batch's rows at the longest response
-            widest = max(
-                int(trainer._encode(trainer._conversations(trainer._samples_for(micro), view))["input_ids"].shape[1])
-                for micro in (0, 1)
-                for view in (student_view, teacher_view)
-            )
-            trainer.config.runtime.max_tokens_per_micro_batch = 3 * (widest + 8)
+            trainer.config.runtime.max_tokens_per_micro_batch = budget_for_rows(trainer, 3)
         results[packed] = _step_gradients(trainer)
     (plain, plain_grads), (packed, packed_grads) = results[False], results[True]
     assert plain["padding_fraction"] > 0 and packed["padding_fraction"] == 0
     assert packed["response_length"] < 8  # responses did end early, so the padded forwards held right padding
-    for key in ("loss", "response_length", "divergence_mean", "argmax_agreement", "grad_norm"):
-        assert packed[key] == pytest.approx(plain[key], rel=1e-5), key
-    assert plain_grads.keys() == packed_grads.keys()
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()) + 1e-12)
+    assert_same_step((plain, plain_grads), (packed, packed_grads))
 
 
 def test_a_qwen35_run_with_packing_is_refused_at_start(dataset, tmp_path) -> None:
